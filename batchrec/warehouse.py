@@ -1,0 +1,214 @@
+"""The DuckDB warehouse: where it lives, schema migration, the writer lock, atomic publishing.
+
+Every step reads tables and writes tables through here. Two rules keep the warehouse safe:
+
+* one logical writer at a time: `Warehouse.lock()` takes an exclusive `flock` on
+  `<warehouse>.lock` (released by the kernel even on kill -9) and records who holds it, so a
+  second writer fails at once with "warehouse is busy (held by ...)";
+* every replacement is atomic: rows are built under a staging name (or in a transaction) and
+  swapped in one transaction, so readers see the old contents or the new, never a mix, and a
+  failed or killed run leaves the previous contents in place.
+
+DuckDB itself allows one read-write process per file, so long computations (training, scoring)
+hold the logical lock but open the DuckDB file only for the short reads and the final publish.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import socket
+import sys
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator
+
+import duckdb
+import polars as pl
+
+from batchrec.errors import BatchrecError, WarehouseBusy
+
+DEFAULT_PATH = Path("warehouse") / "batchrec.duckdb"
+ENV_VAR = "BATCHREC_WAREHOUSE"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SQL_DIR = REPO_ROOT / "sql"
+SCHEMA_DIR = SQL_DIR / "schema"
+
+_MIGRATION_NAME = re.compile(r"^(\d+)_[\w-]+\.sql$")
+
+
+def resolve_path(path: str | os.PathLike | None = None) -> Path:
+    """Explicit path, else $BATCHREC_WAREHOUSE, else warehouse/batchrec.duckdb."""
+    return Path(path or os.environ.get(ENV_VAR) or DEFAULT_PATH)
+
+
+def migrations() -> list[tuple[int, Path]]:
+    """Schema files in run order, as (version, path)."""
+    found = []
+    for f in SCHEMA_DIR.glob("*.sql"):
+        m = _MIGRATION_NAME.match(f.name)
+        if m:
+            found.append((int(m.group(1)), f))
+    return sorted(found)
+
+
+def utcnow() -> datetime:
+    """Naive UTC timestamp: every TIMESTAMP in the warehouse is UTC without a zone."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def _translate(exc: duckdb.Error, path: Path) -> BatchrecError:
+    text = str(exc)
+    if "lock" in text.lower():
+        holder = re.search(r"held in (.*?)(?: See also|$)", text)
+        who = holder.group(1).strip().rstrip(".") if holder else "another process"
+        return WarehouseBusy(f"warehouse is busy (held by {who}): {path}")
+    return BatchrecError(f"cannot open warehouse {path}: {text.splitlines()[0]}")
+
+
+class Warehouse:
+    """A warehouse file plus the folders beside it (model artifacts, sharded outputs)."""
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        self.path = resolve_path(path)
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self.artifacts_dir = self.path.parent / "artifacts"
+        self.shards_dir = self.path.parent / "recommendations"
+
+    def __repr__(self) -> str:
+        return f"Warehouse({str(self.path)!r})"
+
+    # -- the logical writer lock ------------------------------------------------------------
+    @contextmanager
+    def lock(self, command: str) -> Iterator[None]:
+        """Hold the exclusive writer lock for the duration of one command."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+                raise WarehouseBusy(f"warehouse is busy (held by {holder}): {self.path}") from None
+            os.ftruncate(fd, 0)
+            stamp = utcnow().isoformat(timespec="seconds")
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}: batchrec {command} since {stamp}Z\n".encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the flock
+
+    # -- connections ------------------------------------------------------------------------
+    @contextmanager
+    def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        """Open the DuckDB file; read-write opens create and migrate it."""
+        if read_only and not self.path.exists():
+            raise BatchrecError(f"no warehouse at {self.path}: run `batchrec ingest` first")
+        if not read_only:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            con = duckdb.connect(str(self.path), read_only=read_only)
+        except duckdb.Error as exc:
+            raise _translate(exc, self.path) from None
+        try:
+            if read_only:
+                self._check_version(con)
+            else:
+                self.migrate(con)
+            yield con
+        finally:
+            con.close()
+
+    @contextmanager
+    def writer(self, command: str) -> Iterator[duckdb.DuckDBPyConnection]:
+        """The usual write path: writer lock plus a read-write connection."""
+        with self.lock(command), self.connect() as con:
+            yield con
+
+    # -- schema -----------------------------------------------------------------------------
+    def _applied_version(self, con: duckdb.DuckDBPyConnection) -> int:
+        exists = con.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_name = 'schema_version'"
+        ).fetchall()[0][0]
+        if not exists:
+            return 0
+        return con.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchall()[0][0]
+
+    def _check_version(self, con: duckdb.DuckDBPyConnection) -> int:
+        known = migrations()[-1][0]
+        have = self._applied_version(con)
+        if have > known:
+            raise BatchrecError(
+                f"warehouse {self.path} has schema version {have}, newer than this batchrec "
+                f"understands ({known}): upgrade batchrec before using it"
+            )
+        return have
+
+    def migrate(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Apply every schema file newer than the warehouse, each in its own transaction."""
+        have = self._check_version(con)
+        for version, path in migrations():
+            if version <= have:
+                continue
+            with transaction(con):
+                con.execute(path.read_text())
+                con.execute(
+                    "INSERT INTO schema_version VALUES (?, ?, ?)", [version, path.stem, utcnow()]
+                )
+
+
+# -- helpers every step uses ---------------------------------------------------------------
+@contextmanager
+def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
+    """BEGIN ... COMMIT, or ROLLBACK on any exception (including KeyboardInterrupt)."""
+    con.execute("BEGIN TRANSACTION")
+    try:
+        yield con
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("COMMIT")
+
+
+def publish_table(con: duckdb.DuckDBPyConnection, name: str, query: str, params: dict | None = None) -> int:
+    """Replace table `name` with the result of `query`, atomically.
+
+    The rows are built under `<name>__staging` outside the swap transaction (the slow part), then
+    one transaction drops the old table and renames the staging one. Returns the row count.
+    """
+    staging = f"{name}__staging"
+    con.execute(f"DROP TABLE IF EXISTS {staging}")
+    con.sql(f"CREATE TABLE {staging} AS {query}", params=params or {})
+    with transaction(con):
+        con.execute(f"DROP TABLE IF EXISTS {name}")
+        con.execute(f"ALTER TABLE {staging} RENAME TO {name}")
+    return scalar(con, f"SELECT count(*) FROM {name}")
+
+
+def scalar(con: duckdb.DuckDBPyConnection, sql: str, params: dict | list | None = None):
+    """First column of the first row (or None). Fetches everything, which DuckDB 2 requires
+    before the connection can run another statement."""
+    result = con.sql(sql, params=params) if isinstance(params, dict) else con.execute(sql, params or [])
+    rows = result.fetchall()
+    return rows[0][0] if rows else None
+
+
+def query_pl(con: duckdb.DuckDBPyConnection, sql: str, params: dict | None = None) -> pl.DataFrame:
+    """Run a query and return a Polars frame (zero-copy through Arrow)."""
+    return con.sql(sql, params=params or {}).pl()
+
+
+def table_exists(con: duckdb.DuckDBPyConnection, name: str) -> bool:
+    return bool(scalar(con, "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [name]))
+
+
+def run_sql_file(con: duckdb.DuckDBPyConnection, path: Path, params: dict | None = None) -> None:
+    """Run one SQL file; `$name` placeholders are bound from params (DuckDB named parameters)."""
+    text = path.read_text()
+    for statement in con.extract_statements(text):
+        con.sql(statement.query, params={k: v for k, v in (params or {}).items() if f"${k}" in statement.query})
+
+
+def command_line() -> str:
+    return " ".join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv))
