@@ -1,0 +1,171 @@
+"""Feature snapshot -> arrays and tensors for training, scoring and evaluation.
+
+Everything arrives column-wise through Arrow (DuckDB -> numpy, zero-copy where possible); no
+per-row Python. Dense ids (user_idx, item_idx) are the snapshot's; raw ids are only needed at the
+edges (scorer output, reports) and are kept here as lookup arrays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import duckdb
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from batchrec.errors import BatchrecError
+from batchrec.warehouse import scalar
+
+
+@dataclass
+class Interactions:
+    """Parallel arrays of one set of (user, item, rating, time) events in dense ids."""
+
+    user_idx: np.ndarray  # int64
+    item_idx: np.ndarray  # int64
+    rating: np.ndarray  # float32; NaN for implicit events
+    ts: np.ndarray  # int64 seconds since epoch (UTC)
+
+    def __len__(self) -> int:
+        return len(self.user_idx)
+
+    @property
+    def implicit(self) -> bool:
+        return len(self) > 0 and bool(np.isnan(self.rating).all())
+
+    def csr(self, n_users: int, n_items: int, values: str = "rating") -> sp.csr_matrix:
+        """User x item matrix of ratings ("rating") or of ones ("ones"), float32."""
+        data = np.ones(len(self), np.float32) if values == "ones" else np.nan_to_num(self.rating, nan=1.0)
+        m = sp.csr_matrix((data, (self.user_idx, self.item_idx)), shape=(n_users, n_items), dtype=np.float32)
+        m.sum_duplicates()
+        return m
+
+    def tensors(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(user_idx, item_idx, rating) as torch tensors on `device`."""
+        return (torch.from_numpy(self.user_idx).to(device), torch.from_numpy(self.item_idx).to(device),
+                torch.from_numpy(self.rating).to(device))
+
+    def concat(self, other: "Interactions") -> "Interactions":
+        return Interactions(*(np.concatenate([a, b]) for a, b in
+                              zip((self.user_idx, self.item_idx, self.rating, self.ts),
+                                  (other.user_idx, other.item_idx, other.rating, other.ts))))
+
+    def select(self, mask: np.ndarray) -> "Interactions":
+        return Interactions(self.user_idx[mask], self.item_idx[mask], self.rating[mask], self.ts[mask])
+
+    @staticmethod
+    def from_columns(cols: dict[str, np.ndarray]) -> "Interactions":
+        rating = cols["rating"]
+        if np.ma.isMaskedArray(rating):  # DuckDB returns NULLs as a masked array
+            rating = rating.astype(np.float32).filled(np.nan)
+        ts = cols["ts"]
+        return Interactions(
+            user_idx=np.asarray(cols["user_idx"], dtype=np.int64),
+            item_idx=np.asarray(cols["item_idx"], dtype=np.int64),
+            rating=np.asarray(rating, dtype=np.float32),
+            ts=np.asarray(ts.astype("datetime64[s]").astype(np.int64) if ts.dtype.kind == "M" else ts, dtype=np.int64),
+        )
+
+
+@dataclass
+class SnapshotData:
+    """What a model sees: a snapshot's train part (and valid/test when a protocol is chosen),
+    plus the item content features and id maps."""
+
+    snapshot_id: str
+    protocol: str | None
+    n_users: int
+    n_items: int
+    train: Interactions
+    valid: Interactions | None
+    test: Interactions | None
+    user_ids: np.ndarray  # raw user_id by user_idx
+    item_ids: np.ndarray  # raw item_id by item_idx
+    rating_scale: tuple[float, float] | None  # None for implicit-only data
+    item_genres: sp.csr_matrix = field(repr=False)  # n_items x n_genres, 0/1
+    genre_names: list[str] = field(repr=False)
+    item_tags: sp.csr_matrix = field(repr=False)  # n_items x n_terms, L2-normalised TF-IDF
+    tag_terms: list[str] = field(repr=False)
+
+    def train_csr(self, values: str = "rating") -> sp.csr_matrix:
+        return self.train.csr(self.n_users, self.n_items, values)
+
+    def seen_csr(self, include_valid: bool = False) -> sp.csr_matrix:
+        """Items each user has interacted with in the input history (ones)."""
+        events = self.train.concat(self.valid) if include_valid and self.valid is not None else self.train
+        return events.csr(self.n_users, self.n_items, "ones")
+
+
+def _interactions(con: duckdb.DuckDBPyConnection, sql: str, params: dict) -> Interactions:
+    return Interactions.from_columns(con.sql(sql, params=params).fetchnumpy())
+
+
+def load_interactions(con: duckdb.DuckDBPyConnection, snapshot_id: str, protocol: str | None = None,
+                      part: str = "train") -> Interactions:
+    """One part of a protocol (or, without a protocol, every interaction of the snapshot).
+
+    Sorted by (user_idx, ts, item_idx) so downstream order never depends on storage order.
+    """
+    cols = "i.user_idx, i.item_idx, i.rating, i.ts"
+    order = "ORDER BY 1, 4, 2"
+    if protocol is None:
+        return _interactions(con, f"SELECT {cols} FROM interactions i WHERE i.snapshot_id = $s {order}",
+                             {"s": snapshot_id})
+    if part == "train":
+        return _interactions(con, f"""
+            SELECT {cols} FROM interactions i
+            ANTI JOIN (SELECT user_idx, item_idx FROM split_holdout WHERE snapshot_id = $s AND protocol = $p) h
+              USING (user_idx, item_idx)
+            WHERE i.snapshot_id = $s {order}""", {"s": snapshot_id, "p": protocol})
+    return _interactions(con, f"""
+        SELECT {cols} FROM split_holdout i
+        WHERE i.snapshot_id = $s AND i.protocol = $p AND i.part = $part {order}""",
+                         {"s": snapshot_id, "p": protocol, "part": part})
+
+
+def _content_matrix(con: duckdb.DuckDBPyConnection, sql: str, snapshot_id: str, n_items: int
+                    ) -> tuple[sp.csr_matrix, list[str]]:
+    cols = con.sql(sql, params={"s": snapshot_id}).fetchnumpy()
+    names, codes = np.unique(cols["term"].astype(str), return_inverse=True) if len(cols["term"]) else (np.array([], str), np.array([], np.int64))
+    m = sp.csr_matrix((np.asarray(cols["weight"], np.float32), (np.asarray(cols["item_idx"], np.int64), codes)),
+                      shape=(n_items, len(names)), dtype=np.float32)
+    return m, names.tolist()
+
+
+def load_snapshot(con: duckdb.DuckDBPyConnection, snapshot_id: str, protocol: str | None = None) -> SnapshotData:
+    """Load a snapshot for training/scoring; with a protocol, its train/valid/test parts."""
+    if protocol is not None and not scalar(
+            con, "SELECT count(*) FROM split_protocols WHERE snapshot_id = ? AND protocol = ?", [snapshot_id, protocol]):
+        raise BatchrecError(f"snapshot {snapshot_id} has no split for protocol {protocol!r}; "
+                            f"rebuild it with `batchrec features --protocols {protocol}`")
+    user_ids = con.sql("SELECT user_id FROM user_index WHERE snapshot_id = $s ORDER BY user_idx",
+                       params={"s": snapshot_id}).fetchnumpy()["user_id"].astype(np.int64)
+    item_ids = con.sql("SELECT item_id FROM item_index WHERE snapshot_id = $s ORDER BY item_idx",
+                       params={"s": snapshot_id}).fetchnumpy()["item_id"].astype(np.int64)
+    train = load_interactions(con, snapshot_id, protocol, "train")
+    if len(train) == 0:
+        where = f"protocol {protocol!r} of snapshot {snapshot_id}" if protocol else f"snapshot {snapshot_id}"
+        raise BatchrecError(f"{where} has no training rows")
+    valid = load_interactions(con, snapshot_id, protocol, "valid") if protocol else None
+    test = load_interactions(con, snapshot_id, protocol, "test") if protocol else None
+    lo, hi = con.sql("SELECT min(rating), max(rating) FROM interactions WHERE snapshot_id = $s",
+                     params={"s": snapshot_id}).fetchall()[0]
+    genres, genre_names = _content_matrix(
+        con, "SELECT item_idx, genre AS term, 1.0 AS weight FROM item_genres WHERE snapshot_id = $s",
+        snapshot_id, len(item_ids))
+    tags, terms = _content_matrix(
+        con, "SELECT item_idx, term, weight FROM item_tag_tfidf WHERE snapshot_id = $s", snapshot_id, len(item_ids))
+    return SnapshotData(
+        snapshot_id=snapshot_id, protocol=protocol, n_users=len(user_ids), n_items=len(item_ids),
+        train=train, valid=valid, test=test, user_ids=user_ids, item_ids=item_ids,
+        rating_scale=None if lo is None else (float(lo), float(hi)),
+        item_genres=genres, genre_names=genre_names, item_tags=tags, tag_terms=terms,
+    )
+
+
+def csr_to_torch(m: sp.csr_matrix, device: torch.device | str = "cpu") -> torch.Tensor:
+    """scipy CSR -> torch sparse CSR (float32) on `device`."""
+    m = m.tocsr()
+    return torch.sparse_csr_tensor(torch.from_numpy(m.indptr.astype(np.int64)), torch.from_numpy(m.indices.astype(np.int64)),
+                                   torch.from_numpy(m.data.astype(np.float32)), size=m.shape).to(device)
