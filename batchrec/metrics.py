@@ -61,3 +61,45 @@ def ranking_metrics(topk: np.ndarray, relevant: sp.csr_matrix, ks: list[int]) ->
     first = np.where(hits.any(1), hits.argmax(1) + 1, np.inf)
     out["mrr"] = float(np.mean(1.0 / first))
     return out
+
+
+def evaluate_model(model, data, ks=(10,), threshold: float = 4.0, memory_budget: int = 1 << 30) -> dict[str, float]:
+    """Score `model` on `data.test` exactly as the protocols define it (see DESIGN.md):
+
+    * rating models: RMSE/MAE (predictions clipped to the rating scale) over test pairs whose user
+      and item appear in train; `rmse_unknown`/`n_unknown` for the others, scored by the model's
+      fallback;
+    * ranking: relevant = test rating >= threshold on items of the train catalogue; candidates =
+      train catalogue minus the user's train and validation items; users with >= 1 relevant item.
+    The input history of a user is their train part only (the model was fitted on it).
+    """
+    import torch
+
+    from batchrec.score import topn
+
+    train, test = data.train, data.test
+    out: dict[str, float] = {}
+    in_train_items = np.bincount(train.item_idx, minlength=data.n_items) > 0
+    if model.task == "rating" and not test.implicit:
+        known_users = np.bincount(train.user_idx, minlength=data.n_users) > 0
+        known = known_users[test.user_idx] & in_train_items[test.item_idx]
+        lo, hi = data.rating_scale
+        with torch.no_grad():
+            u = torch.from_numpy(test.user_idx).to(model.device)
+            i = torch.from_numpy(test.item_idx).to(model.device)
+            pred = model.score(u[known], i[known]).float().cpu().numpy()
+            fb = model.score_fallback(torch.where(torch.from_numpy(known_users[test.user_idx]).to(model.device), u, -1)[~known],
+                                      torch.where(torch.from_numpy(in_train_items[test.item_idx]).to(model.device), i, -1)[~known])
+        pred = np.clip(pred, lo, hi)
+        out |= {"rmse": rmse(pred, test.rating[known]), "mae": mae(pred, test.rating[known]), "n_known": float(known.sum())}
+        if (~known).any():
+            out |= {"rmse_unknown": rmse(np.clip(fb.float().cpu().numpy(), lo, hi), test.rating[~known]),
+                    "n_unknown": float((~known).sum())}
+    rel_mask = (test.rating >= threshold) if not test.implicit else np.ones(len(test), bool)
+    rel_mask &= in_train_items[test.item_idx]
+    relevant = test.select(rel_mask).csr(data.n_users, data.n_items, "ones")
+    users = np.flatnonzero(np.diff(relevant.indptr) > 0)
+    items, _ = topn(model, users, max(ks), exclude=data.seen_csr(include_valid=True), candidates=in_train_items,
+                    memory_budget=memory_budget)
+    out |= ranking_metrics(items, relevant[users], list(ks))
+    return out

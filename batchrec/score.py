@@ -72,7 +72,7 @@ def topn(
             rows = np.asarray(users[start:start + step], np.int64)
             idx = torch.from_numpy(rows).to(dev)
             s = U[idx] @ V.T if U is not None else model.score(idx)
-            s = s.float()
+            s = s.float().contiguous()  # masking writes in place: never into an expanded view
             if blocked is not None:
                 s[:, blocked] = -torch.inf
             if exclude is not None:
