@@ -36,6 +36,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SQL_DIR = REPO_ROOT / "sql"
 SCHEMA_DIR = SQL_DIR / "schema"
 
+_HELD_LOCKS: set[str] = set()  # warehouse files whose writer lock this process holds
 _MIGRATION_NAME = re.compile(r"^(\d+)_[\w-]+\.sql$")
 
 
@@ -83,7 +84,15 @@ class Warehouse:
     # -- the logical writer lock ------------------------------------------------------------
     @contextmanager
     def lock(self, command: str) -> Iterator[None]:
-        """Hold the exclusive writer lock for the duration of one command."""
+        """Hold the exclusive writer lock for the duration of one command.
+
+        Re-entrant within a process, so a job (`batchrec run`) can hold it across its steps while
+        each step takes it again as it would when run alone.
+        """
+        key = str(self.path.resolve())
+        if key in _HELD_LOCKS:
+            yield
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -95,7 +104,11 @@ class Warehouse:
             os.ftruncate(fd, 0)
             stamp = utcnow().isoformat(timespec="seconds")
             os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}: batchrec {command} since {stamp}Z\n".encode(), 0)
-            yield
+            _HELD_LOCKS.add(key)
+            try:
+                yield
+            finally:
+                _HELD_LOCKS.discard(key)
         finally:
             os.close(fd)  # closing the descriptor releases the flock
 
