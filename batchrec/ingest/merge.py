@@ -1,0 +1,93 @@
+"""Merge a staged file into the warehouse tables, set-wise in SQL.
+
+* ratings: one row per (user_id, item_id); the latest ts wins, and on a tie the later file wins
+  (within one file an exact tie keeps the higher rating, so the result never depends on row
+  order). Rows identical to what is stored are not rewritten, so re-ingesting changes nothing.
+* items, users: upsert by id; only new or changed rows are written.
+* tags: exact (user_id, item_id, tag, ts) duplicates are dropped.
+
+Each merge is a staging anti-join plus DELETE ... USING and INSERT; no primary-key index (slow
+and memory-hungry at 20M rows). Returns the rows written (new or changed).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from batchrec.ingest.read import Staged
+from batchrec.warehouse import scalar
+
+_KEY_LIMIT = 1 << 31  # ids below this pack two to an int64 for the duplicate check
+
+
+def merge(con, staged: Staged) -> int:
+    kind = staged.spec.kind
+    if kind == "ratings":
+        _keep_latest_per_pair(con, staged.table)
+        if staged.direct:  # read straight into the empty ratings table: nothing to merge with
+            return scalar(con, "SELECT count(*) FROM ratings")
+        wins = "s.ts > x.ts OR (s.ts = x.ts AND s.rating::FLOAT IS DISTINCT FROM x.rating)"
+        return _replace(con, "ratings", staged, ("user_id", "item_id"), ("rating", "ts"), wins)
+    if kind == "tags":
+        return _insert_new_tags(con, staged)
+    keys = ("item_id",) if kind == "items" else ("user_id",)
+    values = ("title", "year", "genres") if kind == "items" else ("gender", "age", "occupation", "zip")
+    _one_row_per_key(con, staged.table, keys, values)
+    wins = " OR ".join(f"s.{v} IS DISTINCT FROM x.{v}" for v in values)
+    return _replace(con, kind, staged, keys, values, wins)
+
+
+def _replace(con, target: str, staged: Staged, keys: tuple, values: tuple, wins: str) -> int:
+    """Insert staged rows whose key is new, and replace stored rows where `wins` holds."""
+    cols = ", ".join((*keys, *values))
+    source = {"source": staged.spec.label}
+    if not scalar(con, f"SELECT count(*) FROM (SELECT 1 FROM {target} LIMIT 1)"):  # first load: plain append
+        return con.execute(f"INSERT INTO {target} SELECT {cols}, $source FROM {staged.table}", source).fetchall()[0][0]
+    on = " AND ".join(f"s.{k} = x.{k}" for k in keys)
+    changed = f"{staged.table}_changed"
+    con.execute(f"""CREATE TEMP TABLE {changed} AS SELECT s.* FROM {staged.table} s LEFT JOIN {target} x ON {on}
+                    WHERE x.{keys[0]} IS NULL OR {wins}""")
+    con.execute(f"DELETE FROM {target} x USING {changed} s WHERE {on}").fetchall()
+    loaded = con.execute(f"INSERT INTO {target} SELECT {cols}, $source FROM {changed}", source).fetchall()[0][0]
+    con.execute(f"DROP TABLE {changed}")
+    return loaded
+
+
+def _keep_latest_per_pair(con, table: str) -> None:
+    """Collapse repeated (user_id, item_id) pairs of one file to the latest rating."""
+    if not _has_duplicate_pairs(con, table):
+        return
+    con.execute(f"""DELETE FROM {table} WHERE rowid IN (
+                        SELECT rowid FROM {table}
+                        QUALIFY row_number() OVER (PARTITION BY user_id, item_id
+                                                   ORDER BY ts DESC, rating DESC NULLS LAST) > 1)""").fetchall()
+
+
+def _has_duplicate_pairs(con, table: str) -> bool:
+    """Exact check on packed int64 keys in file order: a sorted file needs one pass, any other a
+    numpy sort (~5x faster than DuckDB's 20M-group hash aggregate)."""
+    lo_u, hi_u, lo_i, hi_i, n = con.execute(
+        f"SELECT min(user_id), max(user_id), min(item_id), max(item_id), count(*) FROM {table}").fetchall()[0]
+    if n < 2:
+        return False
+    if min(lo_u, lo_i) >= 0 and max(hi_u, hi_i) < _KEY_LIMIT:
+        keys = con.sql(f"SELECT (user_id << 32) | item_id AS k FROM {table}").fetchnumpy()["k"]
+        if np.all(keys[1:] > keys[:-1]):  # file order sorted by (user, item), as MovieLens ships it
+            return False
+        keys.sort()
+        return bool(np.any(keys[1:] == keys[:-1]))
+    return bool(scalar(con, f"SELECT count(*) FROM (SELECT 1 FROM {table} GROUP BY user_id, item_id HAVING count(*) > 1)"))
+
+
+def _one_row_per_key(con, table: str, keys: tuple, values: tuple) -> None:
+    """Items and users are small: keep one deterministic row per id."""
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE {table} AS SELECT * FROM {table}
+                    QUALIFY row_number() OVER (PARTITION BY {', '.join(keys)} ORDER BY {', '.join(values)}) = 1""")
+
+
+def _insert_new_tags(con, staged: Staged) -> int:
+    new = "" if not scalar(con, "SELECT count(*) FROM (SELECT 1 FROM tags LIMIT 1)") else """
+        WHERE NOT EXISTS (SELECT 1 FROM tags x WHERE x.user_id = s.user_id AND x.item_id = s.item_id
+                                                 AND x.tag = s.tag AND x.ts = s.ts)"""
+    return con.execute(f"INSERT INTO tags SELECT DISTINCT s.user_id, s.item_id, s.tag, s.ts, $source "
+                       f"FROM {staged.table} s {new}", {"source": staged.spec.label}).fetchall()[0][0]
