@@ -169,13 +169,14 @@ def score(wh: Warehouse, run_id, model, top_n, shard, publish_run, users_file, p
 @click.option("--report", "report_dir", type=click.Path(file_okay=False), default="reports", show_default=True)
 @click.option("--compare", is_flag=True, help="Highlight the best run per metric.")
 @click.option("--threshold", type=float, default=4.0, show_default=True, help="Relevant = test rating >= threshold.")
+@click.option("--metrics", default=None, help="Comma-separated metrics to keep, e.g. rmse,ndcg,recall@10 [default: all].")
 @pass_wh
-def evaluate(wh: Warehouse, runs, model_names, protocol, ks, report_dir, compare, threshold) -> None:
+def evaluate(wh: Warehouse, runs, model_names, protocol, ks, report_dir, compare, threshold, metrics) -> None:
     """Evaluate runs on a protocol's test part; write `evaluations` and an HTML report."""
     from batchrec.evaluate import evaluate_command
 
     click.echo(evaluate_command(wh, runs=runs, models=model_names, protocol=protocol, ks=ks,
-                                report_dir=report_dir, compare=compare, threshold=threshold))
+                                report_dir=report_dir, compare=compare, threshold=threshold, metrics=metrics))
 
 
 # -- operations --------------------------------------------------------------------------------

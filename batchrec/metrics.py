@@ -1,14 +1,43 @@
-"""Accuracy and ranking metrics, vectorised over users.
+"""Accuracy, ranking and beyond-accuracy metrics, vectorised over users.
 
 Ranking metrics take the recommended lists as an int matrix [n_users, K] (item indices, -1 where
 a user has fewer than K candidates) and the relevant items as a CSR matrix [n_users, n_items].
 Only users with at least one relevant item count (the others are dropped, as in the protocols).
+Ties in score are resolved by the scorer (`score.topn`); `canonical_order` then puts equal
+scores inside a list in ascending item order, so metrics never depend on the order in which
+the top-k kernel happens to return tied items.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import scipy.sparse as sp
+
+
+# Every metric name (without @k), in display order, and whether higher is better (None: a count
+# or a descriptive figure that is not better or worse, e.g. the popularity of what is recommended).
+METRICS: dict[str, bool | None] = {
+    "rmse": False, "mae": False, "rmse_unknown": False,
+    "precision": True, "recall": True, "ndcg": True, "hit_rate": True, "map": True, "mrr": True,
+    "coverage": True, "novelty": True, "avg_popularity": None,
+    "users": None, "events": None, "n_known": None, "n_unknown": None,
+}
+
+
+def higher_is_better(metric: str) -> bool | None:
+    """Direction of `name` or `name@k`; None for counts and descriptive figures."""
+    return METRICS.get(metric.split("@")[0])
+
+
+def metric_sort_key(metric: str) -> tuple:
+    """Display order: rating metrics, then by K the ranking and beyond-accuracy ones, then counts."""
+    name, _, k = metric.partition("@")
+    order = list(METRICS)
+    pos = order.index(name) if name in order else len(order)
+    group = 0 if name in ("rmse", "mae", "rmse_unknown") else 2 if METRICS.get(name, 0) is None and not k else 1
+    return (group, int(k) if k else 0, pos, name)
 
 
 def rmse(pred: np.ndarray, true: np.ndarray) -> float:
@@ -17,6 +46,14 @@ def rmse(pred: np.ndarray, true: np.ndarray) -> float:
 
 def mae(pred: np.ndarray, true: np.ndarray) -> float:
     return float(np.mean(np.abs(np.asarray(pred, np.float64) - true)))
+
+
+def canonical_order(items: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Re-order each row by (score descending, item ascending); padding (-1, NaN) stays last."""
+    key_score = np.where(np.isnan(scores), np.inf, -scores.astype(np.float64))
+    key_item = np.where(items < 0, np.iinfo(np.int64).max, items)
+    order = np.lexsort((key_item, key_score), axis=-1)
+    return np.take_along_axis(items, order, axis=1)
 
 
 def hit_matrix(topk: np.ndarray, relevant: sp.csr_matrix) -> np.ndarray:
@@ -31,11 +68,17 @@ def hit_matrix(topk: np.ndarray, relevant: sp.csr_matrix) -> np.ndarray:
     return hits & (topk >= 0)
 
 
+def _first_hit_rank(hits: np.ndarray) -> np.ndarray:
+    """1-based rank of the first True per row; inf where a row has none."""
+    return np.where(hits.any(1), hits.argmax(1) + 1, np.inf)
+
+
 def ranking_metrics(topk: np.ndarray, relevant: sp.csr_matrix, ks: list[int]) -> dict[str, float]:
-    """Precision/Recall/NDCG/HitRate/MAP@k for each k, and MRR over the whole list.
+    """Precision/Recall/NDCG/HitRate/MAP/MRR@k for each k, and MRR over the whole list.
 
     NDCG uses binary gain with the ideal DCG over min(k, #relevant). Recall divides by
-    #relevant (not min(k, #relevant)); MAP@k divides by min(k, #relevant).
+    #relevant (not min(k, #relevant)); MAP@k divides by min(k, #relevant). Precision divides by
+    k even when a user has fewer than k candidates (the empty slots recommend nothing relevant).
     """
     n_rel = np.diff(relevant.tocsr().indptr)
     users = n_rel > 0
@@ -46,6 +89,7 @@ def ranking_metrics(topk: np.ndarray, relevant: sp.csr_matrix, ks: list[int]) ->
         return out
     discount = 1.0 / np.log2(np.arange(2, hits.shape[1] + 2))
     ideal_cum = np.cumsum(discount)
+    first = _first_hit_rank(hits > 0)
     for k in ks:
         h = hits[:, :k]
         kk = h.shape[1]
@@ -58,29 +102,91 @@ def ranking_metrics(topk: np.ndarray, relevant: sp.csr_matrix, ks: list[int]) ->
         out[f"ndcg@{k}"] = float(np.mean(dcg / idcg))
         out[f"hit_rate@{k}"] = float(np.mean(n_hit > 0))
         out[f"map@{k}"] = float(np.mean((prec_at * h).sum(1) / np.minimum(n_rel, k)))
-    first = np.where(hits.any(1), hits.argmax(1) + 1, np.inf)
+        out[f"mrr@{k}"] = float(np.mean(np.where(first <= k, 1.0 / first, 0.0)))
     out["mrr"] = float(np.mean(1.0 / first))
     return out
 
 
-def evaluate_model(model, data, ks=(10,), threshold: float = 4.0, memory_budget: int = 1 << 30) -> dict[str, float]:
+def beyond_accuracy_metrics(topk: np.ndarray, item_count: np.ndarray, n_users: int, n_candidates: int,
+                            ks: list[int]) -> dict[str, float]:
+    """Catalogue coverage, popularity bias and novelty of the top-k lists, for each k.
+
+    * coverage@k: distinct recommended items / `n_candidates` (the candidate catalogue);
+    * avg_popularity@k: mean training count of the recommended items (higher = more biased
+      towards popular items);
+    * novelty@k: mean self-information -log2(p) of the recommended items, p = training count /
+      `n_users` (the share of users who interacted with the item).
+    Empty slots (-1) are ignored; a user with no list contributes nothing.
+    """
+    out: dict[str, float] = {}
+    count = np.asarray(item_count, np.float64)
+    for k in ks:
+        lists = topk[:, :k]
+        items = lists[lists >= 0]
+        if items.size == 0:
+            continue
+        c = count[items]
+        out[f"coverage@{k}"] = float(len(np.unique(items)) / max(n_candidates, 1))
+        out[f"avg_popularity@{k}"] = float(c.mean())
+        out[f"novelty@{k}"] = float(np.mean(-np.log2(np.maximum(c, 1.0) / max(n_users, 1))))
+    return out
+
+
+def eventwise_metrics(topk: np.ndarray, event_row: np.ndarray, event_item: np.ndarray, ks: list[int]
+                      ) -> dict[str, float]:
+    """One query per held-out positive event: the event's item is the single relevant item.
+
+    `topk[event_row[e]]` is the ranked list of the user of event e (computed once per user; the
+    user's other held-out items stay candidates). NDCG@k = 1/log2(rank+1) when the item is at
+    rank <= k, else 0 (the ideal DCG of one relevant item is 1); Recall@k = HitRate@k = share of
+    events whose item is in the top k; MRR@k likewise. All averaged over events.
+    """
+    out: dict[str, float] = {"events": float(len(event_item))}
+    if len(event_item) == 0:
+        return out
+    rank = _first_hit_rank(topk[event_row] == np.asarray(event_item)[:, None])
+    for k in ks:
+        hit = rank <= k
+        out[f"ndcg@{k}"] = float(np.mean(np.where(hit, 1.0 / np.log2(rank + 1), 0.0)))
+        out[f"recall@{k}"] = float(np.mean(hit))
+        out[f"mrr@{k}"] = float(np.mean(np.where(hit, 1.0 / rank, 0.0)))
+    return out
+
+
+@dataclass
+class Measurement:
+    """Everything one evaluation of one model produces: the metrics and, for the report, the
+    residuals of the rating predictions (clipped prediction - true, over train-known pairs)."""
+
+    metrics: dict[str, float]
+    residuals: np.ndarray | None = None
+
+
+def measure(model, data, ks=(10,), threshold: float = 4.0, memory_budget: int = 1 << 30,
+            eventwise: bool = False) -> Measurement:
     """Score `model` on `data.test` exactly as the protocols define it (see DESIGN.md):
 
     * rating models: RMSE/MAE (predictions clipped to the rating scale) over test pairs whose user
       and item appear in train; `rmse_unknown`/`n_unknown` for the others, scored by the model's
       fallback;
     * ranking: relevant = test rating >= threshold on items of the train catalogue; candidates =
-      train catalogue minus the user's train and validation items; users with >= 1 relevant item.
+      train catalogue minus the user's train and validation items; users with >= 1 relevant item;
+      plus coverage, popularity bias and novelty of those users' lists;
+    * `eventwise`: instead of one query per user, one query per relevant test event (see
+      `eventwise_metrics`), same candidates.
     The input history of a user is their train part only (the model was fitted on it).
     """
     import torch
 
     from batchrec.score import topn
 
+    ks = sorted(set(int(k) for k in ks))
     train, test = data.train, data.test
     out: dict[str, float] = {}
-    in_train_items = np.bincount(train.item_idx, minlength=data.n_items) > 0
-    if model.task == "rating" and not test.implicit:
+    residuals = None
+    item_count = np.bincount(train.item_idx, minlength=data.n_items)
+    in_train_items = item_count > 0
+    if model.task == "rating" and not test.implicit and data.rating_scale is not None:
         known_users = np.bincount(train.user_idx, minlength=data.n_users) > 0
         known = known_users[test.user_idx] & in_train_items[test.item_idx]
         lo, hi = data.rating_scale
@@ -91,7 +197,10 @@ def evaluate_model(model, data, ks=(10,), threshold: float = 4.0, memory_budget:
             fb = model.score_fallback(torch.where(torch.from_numpy(known_users[test.user_idx]).to(model.device), u, -1)[~known],
                                       torch.where(torch.from_numpy(in_train_items[test.item_idx]).to(model.device), i, -1)[~known])
         pred = np.clip(pred, lo, hi)
-        out |= {"rmse": rmse(pred, test.rating[known]), "mae": mae(pred, test.rating[known]), "n_known": float(known.sum())}
+        residuals = pred.astype(np.float64) - test.rating[known]
+        if known.any():
+            out |= {"rmse": rmse(pred, test.rating[known]), "mae": mae(pred, test.rating[known])}
+        out["n_known"] = float(known.sum())
         if (~known).any():
             out |= {"rmse_unknown": rmse(np.clip(fb.float().cpu().numpy(), lo, hi), test.rating[~known]),
                     "n_unknown": float((~known).sum())}
@@ -99,7 +208,22 @@ def evaluate_model(model, data, ks=(10,), threshold: float = 4.0, memory_budget:
     rel_mask &= in_train_items[test.item_idx]
     relevant = test.select(rel_mask).csr(data.n_users, data.n_items, "ones")
     users = np.flatnonzero(np.diff(relevant.indptr) > 0)
-    items, _ = topn(model, users, max(ks), exclude=data.seen_csr(include_valid=True), candidates=in_train_items,
-                    memory_budget=memory_budget)
-    out |= ranking_metrics(items, relevant[users], list(ks))
-    return out
+    if len(users) == 0:
+        return Measurement(out | {"users": 0.0}, residuals)
+    items, scores = topn(model, users, max(ks), exclude=data.seen_csr(include_valid=True), candidates=in_train_items,
+                         memory_budget=memory_budget)
+    items = canonical_order(items, scores)
+    if eventwise:
+        ev_user, ev_item = test.user_idx[rel_mask], test.item_idx[rel_mask]
+        out |= eventwise_metrics(items, np.searchsorted(users, ev_user), ev_item, ks)
+        out["users"] = float(len(users))
+    else:
+        out |= ranking_metrics(items, relevant[users], ks)
+    n_train_users = int((np.bincount(train.user_idx, minlength=data.n_users) > 0).sum())
+    out |= beyond_accuracy_metrics(items, item_count, n_train_users, int(in_train_items.sum()), ks)
+    return Measurement(out, residuals)
+
+
+def evaluate_model(model, data, ks=(10,), threshold: float = 4.0, memory_budget: int = 1 << 30) -> dict[str, float]:
+    """The like-for-like protocol measurement of `measure`, as a plain metrics dict."""
+    return measure(model, data, ks, threshold, memory_budget).metrics

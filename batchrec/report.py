@@ -1,0 +1,348 @@
+"""The evaluation report: `<reports>/<UTC timestamp>-<protocol>/index.html` and `report.md`.
+
+Fed with a results table (one `ReportRun` per evaluated run) and what produced it
+(`ReportInfo`): the table of every run x metric (best per metric highlighted with --compare),
+metric@K curves, the residual distribution of rating models, popularity bias against catalogue
+coverage, training curves from `model_runs.metrics`, the snapshot and split parameters, and for
+presets the published numbers next to ours. Plots are matplotlib PNGs (Agg, no display needed)
+beside the HTML, so the folder can be copied or served as it is.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from batchrec.metrics import higher_is_better, metric_sort_key
+
+# ranking metrics drawn as metric@K curves, in this order
+CURVE_METRICS = ("precision", "recall", "ndcg", "hit_rate", "map", "mrr", "coverage", "novelty")
+
+
+@dataclass
+class ReportRun:
+    """One evaluated run: its identity, metrics (name@k -> value) and what the plots need."""
+
+    run_id: str
+    model: str
+    params: dict
+    metrics: dict[str, float]
+    residuals: np.ndarray | None = None  # clipped prediction - true rating (rating models)
+    history: list[dict] = field(default_factory=list)  # training curve from model_runs.metrics
+    note: str = ""  # e.g. "trained now"
+
+
+@dataclass
+class Reference:
+    """A published number a preset reproduces, and our family that corresponds to it."""
+
+    approach: str
+    family: str  # our model family for that approach ("" when we have none)
+    metric: str  # name@k as in the metrics dicts
+    value: float
+    dataset: str
+    source: str
+    params: dict = field(default_factory=dict)  # our family's parameters closest to the approach
+
+
+@dataclass
+class ReportInfo:
+    """What produced the results: protocol (or preset), snapshot, split and evaluation settings."""
+
+    protocol: str
+    split_protocol: str
+    snapshot_id: str
+    as_of: str
+    split_params: dict
+    split_sizes: dict
+    ks: list[int]
+    threshold: float
+    evaluated_at: datetime
+    description: str = ""
+    references: list[Reference] = field(default_factory=list)
+
+
+def run_labels(runs: list[ReportRun]) -> list[str]:
+    """The family name, plus the run id where a family appears more than once."""
+    models = [r.model for r in runs]
+    return [r.model if models.count(r.model) == 1 else f"{r.model} {r.run_id}" for r in runs]
+
+
+def metric_columns(runs: list[ReportRun]) -> list[str]:
+    names = {m for r in runs for m in r.metrics}
+    return sorted(names, key=metric_sort_key)
+
+
+def best_values(runs: list[ReportRun], columns: list[str]) -> dict[str, float]:
+    """Best value per metric over the runs, for metrics with a direction (not counts)."""
+    best = {}
+    for col in columns:
+        direction = higher_is_better(col)
+        values = [r.metrics[col] for r in runs if col in r.metrics and np.isfinite(r.metrics[col])]
+        if direction is not None and len(values) > 1:
+            best[col] = max(values) if direction else min(values)
+    return best
+
+
+def format_value(name: str, value: float | None) -> str:
+    if value is None or not np.isfinite(value):
+        return "-"
+    if name.split("@")[0] in ("users", "events", "n_known", "n_unknown"):
+        return f"{value:.0f}"
+    if name.split("@")[0] == "avg_popularity":
+        return f"{value:.1f}"
+    return f"{value:.4f}"
+
+
+# -- plots ---------------------------------------------------------------------------------------
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _metric_at_k(runs, labels, ks, path: Path) -> bool:
+    present = [m for m in CURVE_METRICS if any(k.split("@")[0] == m and "@" in k for r in runs for k in r.metrics)]
+    if not present:
+        return False
+    plt = _plt()
+    cols = min(3, len(present))
+    rows = -(-len(present) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, metric in zip(axes.flat, present):
+        for run, label in zip(runs, labels):
+            pts = sorted((int(k.split("@")[1]), v) for k, v in run.metrics.items() if k.split("@")[0] == metric and "@" in k)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=label)
+        ax.set_title(f"{metric}@K")
+        ax.set_xlabel("K")
+        ax.set_xticks(ks)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(present):]:
+        ax.axis("off")
+    handles, names = axes.flat[0].get_legend_handles_labels()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (3.2 * rows)))
+    fig.legend(handles, names, loc="upper center", ncol=min(len(names), 6), fontsize=8, frameon=False)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def _residuals(runs, labels, path: Path) -> bool:
+    rated = [(r, lab) for r, lab in zip(runs, labels) if r.residuals is not None and len(r.residuals)]
+    if not rated:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    lim = max(float(np.abs(r.residuals).max()) for r, _ in rated)
+    bins = np.linspace(-lim, lim, 41)
+    for run, label in rated:
+        rmse = run.metrics.get("rmse", float("nan"))
+        ax.hist(run.residuals, bins=bins, histtype="step", linewidth=1.5, density=True, label=f"{label} (RMSE {rmse:.3f})")
+    ax.axvline(0, color="grey", linewidth=0.8)
+    ax.set_xlabel("prediction - rating (clipped prediction, test pairs known to train)")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def _popularity_coverage(runs, labels, k: int, path: Path) -> bool:
+    pts = [(r.metrics[f"coverage@{k}"], r.metrics[f"avg_popularity@{k}"], lab) for r, lab in zip(runs, labels)
+           if f"coverage@{k}" in r.metrics and f"avg_popularity@{k}" in r.metrics]
+    if not pts:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for x, y, label in pts:
+        ax.scatter(x, y, s=40)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel(f"catalogue coverage@{k} (distinct recommended / candidate items)")
+    ax.set_ylabel(f"mean training count of recommended items @{k}")
+    ax.set_title("popularity bias vs coverage (right and low: more diverse)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def _training_curves(runs, labels, path: Path) -> bool:
+    curves = [(r, lab) for r, lab in zip(runs, labels) if len([h for h in r.history if "epoch" in h]) > 1]
+    if not curves:
+        return False
+    plt = _plt()
+    cols = min(3, len(curves))
+    rows = -(-len(curves) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, (run, label) in zip(axes.flat, curves):
+        hist = [h for h in run.history if "epoch" in h]
+        epochs = [h["epoch"] for h in hist]
+        if any("loss" in h for h in hist):
+            ax.plot(epochs, [h.get("loss", np.nan) for h in hist], color="C0", label="train loss")
+            ax.set_ylabel("train loss", color="C0")
+        valid_keys = sorted({k for h in hist for k in h if k not in ("epoch", "loss", "lr", "seconds")})
+        if valid_keys:
+            ax2 = ax.twinx()
+            for j, key in enumerate(valid_keys):
+                ax2.plot(epochs, [h.get(key, np.nan) for h in hist], color=f"C{j + 1}", linestyle="--", label=key)
+            ax2.set_ylabel(", ".join(valid_keys), color="C1")
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("epoch")
+    for ax in list(axes.flat)[len(curves):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+# -- documents -----------------------------------------------------------------------------------
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
+
+
+def report_dir(root: str | Path, info: ReportInfo) -> Path:
+    """A new folder `<root>/<UTC timestamp>-<protocol>` (suffixed if that second is taken)."""
+    base = Path(root) / f"{info.evaluated_at:%Y%m%dT%H%M%SZ}-{_slug(info.protocol)}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    path.mkdir(parents=True)
+    return path
+
+
+def _setup_rows(info: ReportInfo) -> list[tuple[str, str]]:
+    rows = [("protocol", info.protocol if info.protocol == info.split_protocol
+             else f"{info.protocol} (split {info.split_protocol})"),
+            ("snapshot", f"{info.snapshot_id} (as of {info.as_of})"),
+            ("split parameters", json.dumps(info.split_params, sort_keys=True)),
+            ("split sizes train / valid / test", " / ".join(f"{info.split_sizes.get(p, 0):,}" for p in ("train", "valid", "test"))),
+            ("cut-offs K", ", ".join(map(str, info.ks))),
+            ("relevant", f"test rating >= {info.threshold:g}"),
+            ("evaluated at", f"{info.evaluated_at:%Y-%m-%d %H:%M:%S} UTC")]
+    if info.description:
+        rows.insert(1, ("measures", info.description))
+    return rows
+
+
+def compare_references(refs: list[Reference], runs: list[ReportRun]) -> list[tuple[Reference, float | None, str]]:
+    """Each published number with our best value for it: from the runs of the matching family
+    (and parameters), else from any run; (ref, None, "") when no run has that metric."""
+    labels = run_labels(runs)
+    out = []
+    for ref in refs:
+        ours = [(r.metrics[ref.metric], lab, r.model == ref.family and ref.params.items() <= r.params.items())
+                for r, lab in zip(runs, labels) if ref.metric in r.metrics]
+        pick = [o for o in ours if o[2]] or ours
+        best = (min if higher_is_better(ref.metric) is False else max)(pick) if pick else None
+        out.append((ref, best[0], best[1]) if best else (ref, None, ""))
+    return out
+
+
+def _reference_rows(info: ReportInfo, runs: list[ReportRun]) -> list[tuple[str, ...]]:
+    return [(ref.approach, ref.metric, f"{ref.value:g}", ref.dataset,
+             f"{value:.4f} ({label})" if value is not None else "not measured", ref.source)
+            for ref, value, label in compare_references(info.references, runs)]
+
+
+def write_report(root: str | Path, info: ReportInfo, runs: list[ReportRun], compare: bool = False) -> Path:
+    """Write the report folder; returns the path of index.html."""
+    out = report_dir(root, info)
+    labels = run_labels(runs)
+    columns = metric_columns(runs)
+    best = best_values(runs, columns) if compare else {}
+    k_pop = 10 if 10 in info.ks else max(info.ks)
+    figures = [(name, title) for name, title, made in (
+        ("metric_at_k.png", "Metric@K per model", _metric_at_k(runs, labels, info.ks, out / "metric_at_k.png")),
+        ("residuals.png", "Error distribution of rating models", _residuals(runs, labels, out / "residuals.png")),
+        ("popularity_coverage.png", f"Popularity bias vs catalogue coverage (K = {k_pop})",
+         _popularity_coverage(runs, labels, k_pop, out / "popularity_coverage.png")),
+        ("training_curves.png", "Training curves (model_runs.metrics)", _training_curves(runs, labels, out / "training_curves.png")),
+    ) if made]
+    setup = _setup_rows(info)
+    refs = _reference_rows(info, runs)
+    (out / "index.html").write_text(_html(info, runs, labels, columns, best, figures, setup, refs))
+    (out / "report.md").write_text(_markdown(info, runs, labels, columns, best, figures, setup, refs))
+    return out / "index.html"
+
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:13px}
+th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f3f3f3}
+td.name,th.name{text-align:left}td.best{background:#c8f0c8;font-weight:bold}
+img{max-width:100%;border:1px solid #eee;margin:0.5em 0}.note{color:#666;font-size:12px}"""
+
+
+def _html(info, runs, labels, columns, best, figures, setup, refs) -> str:
+    e = html.escape
+    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>batchrec evaluation: {e(info.protocol)}</title>"
+             f"<style>{_CSS}</style></head><body>",
+             f"<h1>Evaluation: {e(info.protocol)}</h1>",
+             "<h2>Setup</h2><table id='setup'>" + "".join(
+                 f"<tr><th class='name'>{e(k)}</th><td class='name'>{e(v)}</td></tr>" for k, v in setup) + "</table>",
+             "<h2>Runs</h2><table id='runs'><tr><th class='name'>model</th><th class='name'>run</th>"
+             "<th class='name'>parameters</th></tr>"]
+    for run, label in zip(runs, labels):
+        note = f" <span class='note'>({e(run.note)})</span>" if run.note else ""
+        parts.append(f"<tr><td class='name'>{e(label)}</td><td class='name'>{e(run.run_id)}{note}</td>"
+                     f"<td class='name note'>{e(json.dumps(run.params, sort_keys=True))}</td></tr>")
+    parts.append("</table><h2>Results</h2>")
+    if best:
+        parts.append("<p class='note'>Best run per metric highlighted (lower is better for RMSE and MAE; "
+                     "popularity and counts are not ranked).</p>")
+    parts.append("<table id='results'><tr><th class='name'>metric</th>"
+                 + "".join(f"<th>{e(label)}</th>" for label in labels) + "</tr>")
+    for c in columns:
+        cells = "".join(
+            f"<td{' class=best' if c in best and run.metrics.get(c) == best[c] else ''}>{format_value(c, run.metrics.get(c))}</td>"
+            for run in runs)
+        parts.append(f"<tr><th class='name'>{e(c)}</th>{cells}</tr>")
+    parts.append("</table>")
+    if refs:
+        parts.append("<h2>Published numbers</h2><p class='note'>Their figure on their dataset next to ours on this "
+                     "snapshot; datasets differ unless named the same.</p><table id='references'><tr>"
+                     + "".join(f"<th class='name'>{h}</th>" for h in ("approach", "metric", "theirs", "their dataset", "ours (run)", "source"))
+                     + "</tr>" + "".join("<tr>" + "".join(f"<td class='name'>{e(c)}</td>" for c in row) + "</tr>" for row in refs)
+                     + "</table>")
+    for name, title in figures:
+        parts.append(f"<h2>{e(title)}</h2><img src='{e(name)}' alt='{e(title)}'>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def _markdown(info, runs, labels, columns, best, figures, setup, refs) -> str:
+    def row(cells):
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    lines = [f"# Evaluation: {info.protocol}", "", "## Setup", "", row(("", "")), row(("---", "---"))]
+    lines += [row((f"**{k}**", v)) for k, v in setup]
+    lines += ["", "## Runs and results", ""]
+    if best:
+        lines += ["Best run per metric in **bold**.", ""]
+    lines += [row(("model", "run", "parameters")), row(("---",) * 3)]
+    lines += [row((label, run.run_id + (f" ({run.note})" if run.note else ""), json.dumps(run.params, sort_keys=True)))
+              for run, label in zip(runs, labels)]
+    lines += ["", row(("metric", *labels)), row(("---",) * (len(labels) + 1))]
+    for c in columns:
+        lines.append(row((c, *(f"**{format_value(c, r.metrics.get(c))}**" if c in best and r.metrics.get(c) == best[c]
+                              else format_value(c, r.metrics.get(c)) for r in runs))))
+    if refs:
+        lines += ["", "## Published numbers", "", "Their figure on their dataset next to ours on this snapshot.", "",
+                  row(("approach", "metric", "theirs", "their dataset", "ours (run)", "source")), row(("---",) * 6)]
+        lines += [row(r) for r in refs]
+    for name, title in figures:
+        lines += ["", f"## {title}", "", f"![{title}]({name})"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,152 @@
+"""The nightly job end to end on ml-latest-small, resume, failure injection, and the ops commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from batchrec.cli import main
+from batchrec.errors import BatchrecError
+from batchrec.jobs import load_job, run_job
+from batchrec.warehouse import Warehouse
+
+ROOT = Path(__file__).resolve().parent.parent
+PUBLISHED = ("ratings", "items", "tags", "feature_snapshots", "model_runs", "recommendations", "evaluations")
+
+SMALL_JOB = """
+[job]
+name = "t"
+
+[[steps]]
+step = "ingest"
+dataset = "ml-latest-small"
+
+[[steps]]
+step = "features"
+protocols = "user_temporal"
+
+[[steps]]
+step = "train"
+model = "popularity"
+
+[[steps]]
+step = "score"
+model = "popularity"
+top_n = 5
+
+[[steps]]
+step = "evaluate"
+models = "popularity"
+protocol = "user_temporal"
+k = "10"
+report = "{report}"
+"""
+
+
+def _contents(wh: Warehouse) -> dict[str, list]:
+    with wh.connect(read_only=True) as con:
+        return {t: sorted(map(repr, con.sql(f"SELECT * FROM {t}").fetchall())) for t in PUBLISHED}
+
+
+@pytest.fixture()
+def job(tmp_path) -> Path:
+    path = tmp_path / "t.toml"
+    path.write_text(SMALL_JOB.format(report=tmp_path / "reports"))
+    return path
+
+
+def test_nightly_job_file_is_valid():
+    name, steps = load_job(ROOT / "jobs" / "nightly.toml")
+    assert name == "nightly"
+    assert [s["kind"] for s in steps] == ["ingest", "features", "train", "score", "evaluate"]
+
+
+def test_bad_job_files_fail_with_one_line(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[steps]]\nstep = "teleport"\n')
+    with pytest.raises(BatchrecError, match=r"bad.toml: step 1 has step = 'teleport'"):
+        load_job(bad)
+    bad.write_text('[[steps]]\nstep = "train"\nmodel = "mf"\nepochz = 3\n')
+    with pytest.raises(BatchrecError, match="unknown option 'epochz'"):
+        load_job(bad)
+    bad.write_text("steps = [")
+    with pytest.raises(BatchrecError, match="not valid TOML"):
+        load_job(bad)
+
+
+@pytest.mark.slow
+def test_job_runs_end_to_end_then_resumes_incrementally(tmp_path, job):
+    wh = Warehouse(tmp_path / "w.duckdb")
+    out = run_job(wh, job)
+    assert "finished: 5 steps" in out
+    with wh.connect(read_only=True) as con:
+        n_users = con.sql("SELECT count(DISTINCT user_id) FROM ratings").fetchall()[0][0]
+        recs = con.sql("SELECT count(DISTINCT user_id), count(*) FROM recommendations").fetchall()[0]
+        statuses = con.sql("SELECT status, count(*) FROM job_runs GROUP BY 1").fetchall()
+        n_evals = con.sql("SELECT count(*) FROM evaluations").fetchall()[0][0]
+    assert recs == (n_users, 5 * n_users)
+    assert dict(statuses) == {"ok": 5}
+    assert n_evals > 0
+    before = _contents(wh)
+
+    # Second night, no new data: every step sees unchanged inputs and is skipped.
+    out = run_job(wh, job)
+    assert out.count("skipped") == 5
+    assert _contents(wh) == before
+
+    # New data lands: a new rating for an existing user -> ingest, features, ... run again.
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    (landing / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,2,4.5,1600000000\n")
+    job.write_text(job.read_text().replace('dataset = "ml-latest-small"', f'path = "{landing}"'))
+    out = run_job(wh, job)
+    assert "skipped" not in out
+    with wh.connect(read_only=True) as con:
+        assert con.sql("SELECT count(*) FROM feature_snapshots").fetchall()[0][0] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", ["ingest", "features", "train", "score", "evaluate"])
+def test_failure_in_any_step_leaves_published_tables_unchanged(tmp_path, job, step):
+    wh = Warehouse(tmp_path / "w.duckdb")
+    run_job(wh, job)
+    (tmp_path / "landing").mkdir()
+    (tmp_path / "landing" / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,2,4.5,1600000000\n")
+    job.write_text(job.read_text().replace('dataset = "ml-latest-small"', f'path = "{tmp_path / "landing"}"'))
+    before = _contents(wh)
+    with pytest.raises(BatchrecError, match=f"failed at step .*{step}"):
+        run_job(wh, job, fail_step=step)
+    after = _contents(wh)
+    # Steps before the failing one did their (atomic) work; the failing step and those after
+    # it changed nothing.
+    untouched = {"ingest": PUBLISHED, "features": PUBLISHED[3:], "train": PUBLISHED[4:],
+                 "score": PUBLISHED[5:], "evaluate": PUBLISHED[6:]}[step]
+    for table in untouched:
+        assert after[table] == before[table], table
+    with wh.connect(read_only=True) as con:
+        failed = con.sql("SELECT step, error FROM job_runs WHERE status = 'failed'").fetchall()
+    assert len(failed) == 1 and failed[0][0].endswith(step) and "injected failure" in failed[0][1]
+
+
+@pytest.mark.slow
+def test_ops_commands_on_a_scored_warehouse(tmp_path, job):
+    wh_path = tmp_path / "w.duckdb"
+    run_job(Warehouse(wh_path), job)
+    runner = CliRunner()
+    res = runner.invoke(main, ["--warehouse", str(wh_path), "recommend", "1"])
+    assert res.exit_code == 0, res.output
+    assert "recommendations from run popularity-" in res.output and "recent history" in res.output
+    res = runner.invoke(main, ["--warehouse", str(wh_path), "status"])
+    assert res.exit_code == 0, res.output
+    for needle in ("recommendations", "latest snapshot: s", "recent model runs", "last scoring: run",
+                   "last evaluation", "recent job failures"):
+        assert needle in res.output
+    res = runner.invoke(main, ["--warehouse", str(wh_path), "sql", "--format", "csv",
+                               "SELECT user_id, count(*) AS n FROM recommendations GROUP BY 1 ORDER BY 1 LIMIT 2"])
+    assert res.exit_code == 0 and res.output.splitlines() == ["user_id,n", "1,5", "2,5"]
+    res = runner.invoke(main, ["--warehouse", str(wh_path), "sql", "SELEC nonsense"])
+    assert res.exit_code != 0 and res.output.startswith("error: query failed")
+    res = runner.invoke(main, ["--warehouse", str(wh_path), "recommend", "987654321"])
+    assert res.exit_code != 0 and "no recommendations and no ratings" in res.output
