@@ -8,8 +8,12 @@ closed-form models (EASE, SVD, iALS, ...) only use its device, seed and logging.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
+import os
+import secrets
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from batchrec.errors import BatchrecError
+from batchrec.warehouse import utcnow
 
 log = logging.getLogger("batchrec.train")
 
@@ -96,8 +101,13 @@ class Trainer:
             opt = torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=0.9)
         elif optimizer == "adagrad":
             opt = torch.optim.Adagrad(params, lr=lr, weight_decay=weight_decay)
+        elif optimizer == "sparse_adam":
+            # For modules made only of nn.Embedding(sparse=True): each step updates just the rows
+            # of the batch (lazy Adam), instead of every row of every table. No weight decay:
+            # such models put their L2 on the batch rows in the loss.
+            opt = torch.optim.SparseAdam(params, lr=lr)
         else:
-            raise BatchrecError(f"unknown optimizer {optimizer!r}; valid: adam, adamw, sgd, adagrad")
+            raise BatchrecError(f"unknown optimizer {optimizer!r}; valid: adam, adamw, sgd, adagrad, sparse_adam")
         if lr_schedule == "cosine":
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
         elif lr_schedule == "plateau":
@@ -156,3 +166,150 @@ class Trainer:
             module.load_state_dict(best_state)
         module.eval()
         return self.history
+
+
+# -- `batchrec train`: fit a model on a snapshot and record a model run ------------------------
+RUN_COLUMNS = ("run_id", "model", "params", "snapshot_id", "protocol", "metrics", "artifact_path", "device",
+               "fit_seconds", "created_at")
+_PARTIAL = ".partial"
+
+
+def fit_model(model_name: str, data, params: dict | None = None, device: torch.device | str = "cpu",
+              progress: bool | None = None):
+    """Create, prepare and fit one model on `data` (a SnapshotData); returns (model, trainer).
+
+    The one place a model gets fitted (CLI, evaluation, benchmarks). A model whose scores come out
+    non-finite is rejected here, so a broken model is never saved.
+    """
+    from batchrec.models import create_model
+
+    model = create_model(model_name, params)
+    trainer = Trainer(device=torch.device(device), seed=model.params.get("seed", 0), progress=progress)
+    model.prepare(data, trainer.device)
+    model.fit(data, trainer)
+    with torch.no_grad():
+        probe = model.score(torch.arange(min(data.n_users, 64), device=trainer.device))
+    if not bool(torch.isfinite(probe).all()):
+        raise BatchrecError(f"{model_name}: training diverged (non-finite scores after fitting); "
+                            "lower the learning rate or raise regularisation")
+    return model, trainer
+
+
+def validation_metrics(model, data, ks: Sequence[int] = (10,)) -> dict[str, float]:
+    """The evaluation protocol applied to the valid part, with the train part as the user's history."""
+    from dataclasses import replace
+
+    from batchrec.metrics import evaluate_model
+
+    if data.valid is None or len(data.valid) == 0:
+        return {}
+    # valid=None: seen items (excluded from candidates) are the train part only.
+    return evaluate_model(model, replace(data, valid=None, test=data.valid), ks=ks)
+
+
+def new_run_id(model_name: str, created) -> str:
+    """Sortable by creation time; the random suffix keeps ids unique within a second."""
+    return f"{model_name}-{created:%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
+
+
+def save_artifact(model, artifacts_dir: Path, run_id: str) -> Path:
+    """Write the artifact under a temporary name, then rename: there is never a half artifact."""
+    final = artifacts_dir / run_id
+    tmp = artifacts_dir / f".{run_id}{_PARTIAL}"
+    try:
+        model.save(tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _fit_run(wh, model_name: str, snapshot: str, protocol: str | None, params: dict, device: str) -> dict:
+    from batchrec.data import load_snapshot
+    from batchrec.features import resolve_snapshot
+    from batchrec.models import create_model
+
+    dev = choose_device(device)
+    create_model(model_name, params)  # unknown model or bad parameter: fail before any work
+    with wh.lock("train"):
+        for stale in wh.artifacts_dir.glob(f".*{_PARTIAL}"):  # left by a killed run; no row points there
+            shutil.rmtree(stale, ignore_errors=True)
+        with wh.connect(read_only=True) as con:
+            snapshot_id = resolve_snapshot(con, snapshot)
+            data = load_snapshot(con, snapshot_id, protocol)
+        started = time.perf_counter()
+        model, trainer = fit_model(model_name, data, params, dev)
+        fit_seconds = time.perf_counter() - started
+        metrics = {"valid": validation_metrics(model, data), "n_train": len(data.train), "history": trainer.history}
+        created = utcnow()
+        run_id = new_run_id(model_name, created)
+        artifact = save_artifact(model, wh.artifacts_dir, run_id).resolve()
+        row = {"run_id": run_id, "model": model_name, "params": model.params, "snapshot_id": snapshot_id,
+               "protocol": protocol, "metrics": metrics, "artifact_path": str(artifact), "device": str(dev),
+               "fit_seconds": fit_seconds, "created_at": created}
+        try:
+            with wh.connect() as con:
+                con.execute(f"INSERT INTO model_runs ({', '.join(RUN_COLUMNS)}) VALUES ({', '.join('?' * len(RUN_COLUMNS))})",
+                            [json.dumps(v) if k in ("params", "metrics") else v for k, v in row.items()])
+        except BaseException:
+            shutil.rmtree(artifact, ignore_errors=True)
+            raise
+    return row
+
+
+def fit_run(wh, model_name: str, snapshot: str = "latest", protocol: str | None = None,
+            params: dict | None = None, device: str = "auto") -> str:
+    """Fit `model_name` on a snapshot (a protocol's train part, or every interaction), save the
+    artifact beside the warehouse and record a `model_runs` row; returns the run id. A failed fit
+    leaves neither a row nor an artifact."""
+    return _fit_run(wh, model_name, snapshot, protocol, dict(params or {}), device)["run_id"]
+
+
+def train_model(wh, model: str, snapshot: str = "latest", protocol: str | None = None,
+                params: Sequence[str] = (), device: str = "auto") -> str:
+    """`batchrec train`: parse KEY=VALUE parameters, fit, record; returns a one-line summary."""
+    from batchrec.models import parse_params
+
+    row = _fit_run(wh, model, snapshot, protocol, parse_params(model, tuple(params)), device)
+    valid = row["metrics"]["valid"]
+    shown = [f"{k}={valid[k]:.4f}" for k in ("rmse", "ndcg@10", "recall@10", "precision@10") if k in valid]
+    scope = f"protocol {protocol} train part" if protocol else "all interactions"
+    return (f"run {row['run_id']}: {model} on snapshot {row['snapshot_id']} ({scope}, "
+            f"{row['metrics']['n_train']} rows) fitted in {row['fit_seconds']:.1f} s on {row['device']}"
+            + (f"; valid {' '.join(shown)}" if shown else "") + f"; artifact {row['artifact_path']}")
+
+
+def resolve_run(con, run: str | None = None, model: str | None = None) -> dict:
+    """A `model_runs` row (params and metrics decoded) by run id, 'latest', or the latest run of
+    `model`; an unknown run is an error that lists the recent ones."""
+    cols = ", ".join(RUN_COLUMNS)
+    if run not in (None, "latest"):
+        rows = con.execute(f"SELECT {cols} FROM model_runs WHERE run_id = ?", [run]).fetchall()
+        if rows and model is not None and rows[0][1] != model:
+            raise BatchrecError(f"run {run!r} is a {rows[0][1]} model, not {model}")
+    else:
+        where = "WHERE model = ?" if model is not None else ""
+        rows = con.execute(f"SELECT {cols} FROM model_runs {where} ORDER BY created_at DESC, run_id DESC LIMIT 1",
+                           [model] if model is not None else []).fetchall()
+    if not rows:
+        recent = con.execute("SELECT run_id FROM model_runs ORDER BY created_at DESC, run_id DESC LIMIT 5").fetchall()
+        what = f"unknown run {run!r}" if run not in (None, "latest") else (
+            f"no runs of model {model!r}" if model is not None else "no model runs")
+        hint = f"recent runs: {', '.join(r[0] for r in recent)}" if recent else "run `batchrec train MODEL` first"
+        raise BatchrecError(f"{what}; {hint}")
+    row = dict(zip(RUN_COLUMNS, rows[0]))
+    row["params"], row["metrics"] = json.loads(row["params"]), json.loads(row["metrics"])
+    return row
+
+
+def load_run_model(run_row: dict, device: torch.device | str = "auto"):
+    """The fitted model of a `model_runs` row, on `device` ('auto'/'cpu'/'cuda' or a torch device)."""
+    from batchrec.models.base import ARTIFACT_META, ARTIFACT_STATE, Recommender
+
+    dev = device if isinstance(device, torch.device) else choose_device(device)
+    path = Path(run_row["artifact_path"])
+    if not ((path / ARTIFACT_META).exists() and (path / ARTIFACT_STATE).exists()):
+        raise BatchrecError(f"artifact of run {run_row['run_id']} is missing at {path} (deleted or moved?); "
+                            f"retrain with `batchrec train {run_row['model']}`")
+    return Recommender.load(path, dev)

@@ -1,0 +1,143 @@
+"""Pieces the neural families share: sparse rows as dense batches, item content features, the
+validation metrics their early stopping watches, and chunked all-item scoring for MLP models.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from batchrec.errors import BatchrecError
+
+# Elements of one [users x items x hidden] activation block in the all-item scoring of MLP models.
+PAIR_BLOCK_ELEMENTS = 1 << 25
+
+
+class SparseRows:
+    """A CSR matrix kept on the device as three tensors; batches of rows come out dense."""
+
+    def __init__(self, indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, n_cols: int):
+        self.indptr, self.indices, self.values, self.n_cols = indptr, indices, values, int(n_cols)
+
+    @classmethod
+    def from_scipy(cls, m: sp.spmatrix, device: torch.device | str) -> "SparseRows":
+        m = m.tocsr()
+        m.sum_duplicates()
+        return cls(torch.from_numpy(m.indptr.astype(np.int64)).to(device),
+                   torch.from_numpy(m.indices.astype(np.int64)).to(device),
+                   torch.from_numpy(m.data.astype(np.float32)).to(device), m.shape[1])
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.indptr) - 1
+
+    def state(self, prefix: str) -> dict:
+        return {f"{prefix}_indptr": self.indptr, f"{prefix}_indices": self.indices, f"{prefix}_values": self.values,
+                f"{prefix}_cols": self.n_cols}
+
+    @classmethod
+    def from_state(cls, state: dict, prefix: str) -> "SparseRows":
+        return cls(state[f"{prefix}_indptr"], state[f"{prefix}_indices"], state[f"{prefix}_values"],
+                   state[f"{prefix}_cols"])
+
+    def entries(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The stored entries of rows `rows`: (position in `rows`, column, value) per entry, ordered by
+        position, and the offset of each row's first entry (EmbeddingBag layout)."""
+        start = self.indptr[rows]
+        lens = self.indptr[rows + 1] - start
+        row_of = torch.repeat_interleave(torch.arange(len(rows), device=rows.device), lens)
+        first = torch.cumsum(lens, 0) - lens
+        pos = start[row_of] + torch.arange(len(row_of), device=rows.device) - first[row_of]
+        return row_of, self.indices[pos], self.values[pos], first
+
+    def dense(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows `rows` as a dense float32 [len(rows), n_cols] tensor (one scatter, no Python loop)."""
+        row_of, cols, vals, _ = self.entries(rows)
+        out = torch.zeros(len(rows), self.n_cols, device=self.values.device)
+        out[row_of, cols] = vals
+        return out
+
+    def torch_sparse(self) -> torch.Tensor:
+        """The whole matrix as a torch sparse COO tensor (for `torch.sparse.mm`)."""
+        rows = torch.repeat_interleave(torch.arange(self.n_rows, device=self.indptr.device), torch.diff(self.indptr))
+        return torch.sparse_coo_tensor(torch.stack([rows, self.indices]), self.values,
+                                       (self.n_rows, self.n_cols)).coalesce()
+
+
+def item_content(data, train_items: np.ndarray) -> sp.csr_matrix:
+    """[genre multi-hot | TF-IDF tags] per item, each column max-abs scaled over the items that
+    have training interactions (sparsity kept; columns never seen on a training item are zeroed:
+    nothing could be learned about them). Either block may be zero-width."""
+    x = sp.hstack([data.item_genres.astype(np.float32), data.item_tags.astype(np.float32)], format="csr")
+    x.sum_duplicates()
+    if x.shape[1] == 0:
+        return x
+    scale = np.asarray(abs(x[np.flatnonzero(train_items)]).max(axis=0).todense()).ravel()
+    inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale > 0).astype(np.float32)
+    x = (x @ sp.diags(inv)).tocsr()
+    x.eliminate_zeros()
+    return x
+
+
+def require_ratings(data, model: str) -> tuple[float, float]:
+    """Rating models need explicit ratings; returns the rating scale."""
+    if data.train.implicit or data.rating_scale is None:
+        raise BatchrecError(f"{model}: the training part has no explicit ratings (a rating model needs them; "
+                            f"use a ranking family such as two_tower or multvae)")
+    return data.rating_scale
+
+
+def rating_validator(model, data) -> Callable[[], float] | None:
+    """Validation RMSE (clipped to the scale) over valid pairs whose user and item are in train,
+    the rule the test protocol uses; None when there is no validation part."""
+    v = data.valid
+    if v is None or len(v) == 0 or v.implicit:
+        return None
+    known = (np.bincount(data.train.user_idx, minlength=data.n_users) > 0)[v.user_idx] & \
+            (np.bincount(data.train.item_idx, minlength=data.n_items) > 0)[v.item_idx]
+    u, i, r = (t[torch.from_numpy(known).to(model.device)] for t in v.tensors(model.device))
+    lo, hi = data.rating_scale
+
+    def valid_rmse() -> float:
+        pred = model.score(u, i).clamp(lo, hi)
+        return float(torch.sqrt(torch.mean((pred - r) ** 2)))
+
+    return valid_rmse
+
+
+def ranking_validator(model, data, k: int = 10, threshold: float = 4.0) -> Callable[[], float] | None:
+    """Validation NDCG@k: relevant = valid items rated >= threshold (all, when implicit) that are in
+    the train catalogue; candidates = that catalogue minus the user's train items. None without a
+    validation part."""
+    from batchrec.metrics import ranking_metrics
+    from batchrec.score import topn
+
+    v = data.valid
+    if v is None or len(v) == 0:
+        return None
+    in_train = np.bincount(data.train.item_idx, minlength=data.n_items) > 0
+    rel = (np.ones(len(v), bool) if v.implicit else v.rating >= threshold) & in_train[v.item_idx]
+    relevant = v.select(rel).csr(data.n_users, data.n_items, "ones")
+    users = np.flatnonzero(np.diff(relevant.indptr) > 0)
+    if len(users) == 0:
+        return None
+    seen = data.seen_csr()
+
+    def valid_ndcg() -> float:
+        items, _ = topn(model, users, k, exclude=seen, candidates=in_train)
+        return ranking_metrics(items, relevant[users], [k])[f"ndcg@{k}"]
+
+    return valid_ndcg
+
+
+def state_device(state: dict) -> torch.device:
+    """The device the tensors of a state dict live on (`Recommender.to` moves them before the model)."""
+    return next((v.device for v in state.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
+
+
+def pair_blocks(n_users: int, n_items: int, hidden: int) -> int:
+    """Users per chunk so one [users x items x hidden] activation stays within PAIR_BLOCK_ELEMENTS."""
+    return max(1, PAIR_BLOCK_ELEMENTS // max(1, n_items * hidden))

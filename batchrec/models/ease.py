@@ -1,0 +1,179 @@
+"""EASE (Steck 2019): a closed-form item-item model, B = I - P / diag(P) with P = (X'X + lam I)^-1.
+
+X is the user x item matrix of positives (see `positive_matrix`); B has a zero diagonal, so an
+item never recommends itself, and a user's scores are their query row times B. The inverse is
+exact and dense, computed on the model's device in float32 by one of two equivalent routes:
+
+* item route: Cholesky of the n_items x n_items Gram matrix and `cholesky_inverse`
+  (~n_items^3 flops, peak ~2 n_items^2 floats);
+* user route, when there are fewer users with positives than items (Woodbury):
+  P = (I - X'(lam I + X X')^-1 X) / lam, which needs only an n_users x n_users solve (in float64)
+  and one n_items x n_users x n_items product — ~10x less work on ml-latest-small.
+
+B itself is n_items^2 floats, so the fit refuses catalogues over the `max_memory_gb` budget.
+
+Two input choices matter on a per-user temporal split and are parameters:
+* which interactions are positives and how much each weighs (`min_rating`, `weighting`):
+  counting every rating as a positive ranks poorly (low ratings point away from what a user
+  wants); weighting by the rating's excess over `rating_offset` works best;
+* the query (the row multiplied by B at scoring time) weighs a user's recent positives more
+  (`recency_halflife`, `recency_floor`): the next items a user rates follow their latest taste.
+  B is fitted on the unweighted matrix; only the query is reweighted.
+
+Defaults tuned once on the validation part of ml-latest-small / user_temporal (see TUNING).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from batchrec.errors import BatchrecError
+from batchrec.models.base import Param, Recommender
+
+TUNING = """
+"""
+
+
+def events_from_end(events) -> np.ndarray:
+    """For each event, how many of the same user's events come after it (by ts, then item)."""
+    order = np.lexsort((events.item_idx, events.ts, events.user_idx))
+    users = events.user_idx[order]
+    n = np.bincount(users)
+    first = np.concatenate([[0], np.cumsum(n)[:-1]])
+    out = np.empty(len(events), np.int64)
+    out[order] = (n[users] - 1) - (np.arange(len(events)) - first[users])
+    return out
+
+
+def positive_weights(events, min_rating: float, weighting: str, rating_offset: float = 0.0) -> np.ndarray:
+    """Weight of each event as a positive (0 = not a positive).
+
+    Implicit events (NaN rating) always weigh 1. Explicit ones below `min_rating` weigh 0; the
+    others 1 (`binary`) or max(rating - rating_offset, 0.5) (`rating`)."""
+    r = events.rating
+    implicit = np.isnan(r)
+    if weighting == "binary":
+        w = np.ones(len(r), np.float32)
+    else:
+        w = np.maximum(np.nan_to_num(r, nan=1.0) - rating_offset, 0.5).astype(np.float32)
+    w[implicit] = 1.0
+    w[~implicit & (np.nan_to_num(r) < min_rating)] = 0.0
+    return w
+
+
+def positive_matrix(events, n_users: int, n_items: int, min_rating: float = 0.0, weighting: str = "binary",
+                    rating_offset: float = 0.0, extra: np.ndarray | None = None) -> sp.csr_matrix:
+    """User x item CSR (float32) of positive weights, optionally times a per-event factor."""
+    w = positive_weights(events, min_rating, weighting, rating_offset)
+    if extra is not None:
+        w = w * extra.astype(np.float32)
+    keep = w > 0
+    m = sp.csr_matrix((w[keep], (events.user_idx[keep], events.item_idx[keep])), shape=(n_users, n_items),
+                      dtype=np.float32)
+    m.sum_duplicates()
+    return m
+
+
+def csr_state(m: sp.csr_matrix) -> dict[str, torch.Tensor]:
+    return {"indptr": torch.from_numpy(m.indptr.astype(np.int64)), "indices": torch.from_numpy(m.indices.astype(np.int64)),
+            "data": torch.from_numpy(m.data.astype(np.float32))}
+
+
+def csr_from_state(s: dict[str, torch.Tensor], shape) -> sp.csr_matrix:
+    return sp.csr_matrix((s["data"].cpu().numpy(), s["indices"].cpu().numpy(), s["indptr"].cpu().numpy()), shape=shape)
+
+
+def query_scores(query: sp.csr_matrix, weights: torch.Tensor, user_idx: torch.Tensor,
+                 item_idx: torch.Tensor | None) -> torch.Tensor:
+    """Scores of item-item models: query[u] @ weights for all items, or for (u, i) pairs.
+
+    For pairs, each stored (u, j, q) of the users' query rows adds q * weights[j, i]."""
+    dev = weights.device
+    rows = query[user_idx.cpu().numpy()]
+    if item_idx is None:
+        block = torch.sparse_csr_tensor(torch.from_numpy(rows.indptr.astype(np.int64)), torch.from_numpy(rows.indices.astype(np.int64)),
+                                        torch.from_numpy(rows.data), size=rows.shape).to(dev)
+        return torch.sparse.mm(block, weights) if rows.nnz else torch.zeros(rows.shape[0], weights.shape[1], device=dev)
+    pair = torch.from_numpy(np.repeat(np.arange(rows.shape[0]), np.diff(rows.indptr))).to(dev)
+    j = torch.from_numpy(rows.indices.astype(np.int64)).to(dev)
+    q = torch.from_numpy(rows.data).to(dev)
+    out = torch.zeros(len(user_idx), device=dev)
+    return out.index_add_(0, pair, q * weights[j, item_idx.to(dev)[pair]])
+
+
+class EASE(Recommender):
+    """EASE: closed-form item-item autoencoder (Steck 2019), dense inverse on CPU/GPU."""
+
+    name = "ease"
+    task = "ranking"
+    seed_param = False
+    params_spec = (
+        Param("lam", float, 500.0, "L2 regularisation (added to the Gram matrix diagonal)", min=1e-6),
+        Param("min_rating", float, 0.0, "ratings below this are not positives (0: every interaction)", min=0.0),
+        Param("weighting", str, "rating", "weight of a positive: binary (1) or rating (max(r - rating_offset, 0.5))",
+              choices=("binary", "rating")),
+        Param("rating_offset", float, 2.0, "subtracted from the rating with weighting=rating"),
+        Param("recency_halflife", float, 5.0, "query weight halves every this many later events of the user "
+              "(0: no recency weighting)", min=0.0),
+        Param("recency_floor", float, 0.1, "query weight of a user's oldest events with recency weighting", min=0.0, max=1.0),
+        Param("max_memory_gb", float, 12.0, "refuse catalogues whose dense fit would need more memory", min=0.01),
+    )
+
+    def _query(self, events) -> sp.csr_matrix:
+        p = self.params
+        recency = None
+        if p["recency_halflife"] > 0:
+            decay = 0.5 ** (events_from_end(events) / p["recency_halflife"])
+            recency = p["recency_floor"] + (1.0 - p["recency_floor"]) * decay
+        return positive_matrix(events, self.n_users, self.n_items, p["min_rating"], p["weighting"], p["rating_offset"],
+                               recency)
+
+    def fit(self, data, trainer) -> "EASE":
+        p = self.params
+        n = data.n_items
+        need_gb = 3 * n * n * 4 / 2**30
+        if need_gb > p["max_memory_gb"]:
+            raise BatchrecError(f"ease: {n} items need about {need_gb:.1f} GB for the dense fit, over "
+                                f"max_memory_gb={p['max_memory_gb']:g}; raise max_memory_gb or use ials/itemknn")
+        X = positive_matrix(data.train, self.n_users, n, p["min_rating"], p["weighting"], p["rating_offset"])
+        self.B = self.closed_form(X, p["lam"], self.device)
+        self.query = self._query(data.train)
+        trainer.log_epoch(epoch=1, positives=int(X.nnz), items=n)
+        return self
+
+    @staticmethod
+    def closed_form(X: sp.csr_matrix, lam: float, device: torch.device) -> torch.Tensor:
+        """B = I - P / diag(P), P = (X'X + lam I)^-1, float32 [n_items, n_items] on `device`."""
+        n_items = X.shape[1]
+        active = X[np.diff(X.indptr) > 0]  # users without positives add nothing to X'X
+        if active.shape[0] < n_items:
+            Xd = torch.from_numpy(active.toarray()).to(device)
+            K = (Xd.double() @ Xd.double().T)
+            K.diagonal().add_(lam)
+            P = Xd.T @ torch.linalg.solve(K, Xd.double()).float()  # X'(lam I + X X')^-1 X
+            P.neg_().diagonal().add_(1.0)
+            P.div_(lam)
+        else:
+            G = gram(active, device)
+            G.diagonal().add_(lam)
+            L = torch.linalg.cholesky(G)
+            del G
+            P = torch.cholesky_inverse(L)
+            del L
+        P.div_(-P.diagonal().clone())
+        P.diagonal().zero_()
+        return P
+
+    def score(self, user_idx: torch.Tensor, item_idx: torch.Tensor | None = None) -> torch.Tensor:
+        return query_scores(self.query, self.B, user_idx, item_idx)
+
+    def state(self) -> dict[str, Any]:
+        return {"B": self.B, "query": csr_state(self.query)}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.B = state["B"]
+        self.query = csr_from_state(state["query"], (self.n_users, self.n_items))

@@ -1,0 +1,246 @@
+"""The core families (popularity, mf, svd, bpr) on real ml-latest-small data: the interface
+contract, determinism, parameter checking, family-specific behaviour, and (slow) the issue's
+quality targets under the like-for-like protocol."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from batchrec.errors import BatchrecError
+from batchrec.metrics import evaluate_model
+from batchrec.models import create_model, parse_params
+from batchrec.models.base import Recommender
+from batchrec.models.bpr import NegativeSampler
+from batchrec.train import Trainer, fit_model
+
+FAMILIES = ("popularity", "mf", "svd", "bpr")
+# Small settings so the interface tests stay fast; the quality tests use the defaults.
+FAST = {"popularity": {}, "mf": {"factors": 8, "epochs": 2}, "svd": {"factors": 8},
+        "bpr": {"factors": 8, "epochs": 2}}
+SEEDED = ("mf", "bpr")  # families whose result depends on the seed beyond sign/rounding
+
+
+@pytest.fixture(scope="module")
+def fitted(ml_small):
+    cache: dict[str, Recommender] = {}
+
+    def get(name: str) -> Recommender:
+        if name not in cache:
+            cache[name] = fit_model(name, ml_small, FAST[name])[0]
+        return cache[name]
+
+    return get
+
+
+def _users(data, n=50):
+    return torch.from_numpy(np.random.default_rng(7).choice(data.n_users, n, replace=False))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_save_load_gives_identical_scores(name, fitted, ml_small, tmp_path):
+    model = fitted(name)
+    loaded = Recommender.load(model.save(tmp_path / name))
+    users = _users(ml_small)
+    assert type(loaded) is type(model) and loaded.params == model.params
+    assert torch.equal(loaded.score(users), model.score(users))
+    assert torch.equal(loaded.user_vectors(), model.user_vectors())
+    assert torch.equal(loaded.item_vectors(), model.item_vectors())
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_same_seed_same_scores(name, fitted, ml_small):
+    again = fit_model(name, ml_small, FAST[name])[0]
+    users = _users(ml_small)
+    assert torch.equal(again.score(users), fitted(name).score(users))
+
+
+@pytest.mark.parametrize("name", SEEDED)
+def test_other_seed_other_scores(name, fitted, ml_small):
+    other = fit_model(name, ml_small, {**FAST[name], "seed": 1})[0]
+    users = _users(ml_small)
+    assert not torch.allclose(other.score(users), fitted(name).score(users))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_score_shapes_pairs_and_vectors_agree(name, fitted, ml_small):
+    model = fitted(name)
+    users = _users(ml_small)
+    full = model.score(users)
+    assert full.shape == (len(users), ml_small.n_items) and full.dtype == torch.float32
+    rng = np.random.default_rng(3)
+    rows = torch.from_numpy(rng.integers(0, len(users), 500))
+    cols = torch.from_numpy(rng.integers(0, ml_small.n_items, 500))
+    pairs = model.score(users[rows], cols)
+    assert pairs.shape == (500,)
+    torch.testing.assert_close(pairs, full[rows, cols], rtol=1e-5, atol=1e-5)
+    U, V = model.user_vectors(), model.item_vectors()
+    assert U.shape[0] == ml_small.n_users and V.shape[0] == ml_small.n_items
+    torch.testing.assert_close(U[users] @ V.T, full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_unknown_parameter_lists_the_valid_ones(name):
+    with pytest.raises(BatchrecError) as err:
+        parse_params(name, ["no_such_param=1"])
+    msg = str(err.value)
+    assert "no_such_param" in msg and "\n" not in msg
+    for p in create_model(name).all_params():
+        assert p.name in msg
+    with pytest.raises(BatchrecError, match="unknown parameter"):
+        create_model(name, {"no_such_param": 1})
+
+
+@pytest.mark.parametrize("name, pair, expected", [
+    ("mf", "factors=abc", "not a valid int"),
+    ("mf", "factors=0", "out of range"),
+    ("mf", "lr=-1", "out of range"),
+    ("mf", "biased=maybe", "not a valid bool"),
+    ("mf", "optimizer=rmsprop", "must be one of"),
+    ("svd", "centering=median", "must be one of"),
+    ("svd", "factors=2.5", "not a valid int"),
+    ("bpr", "negatives=0", "out of range"),
+    ("bpr", "neg_alpha=x", "not a valid float"),
+    ("popularity", "variant=median", "must be one of"),
+    ("popularity", "prior_weight=-1", "out of range"),
+])
+def test_bad_parameter_values(name, pair, expected):
+    with pytest.raises(BatchrecError, match=expected):
+        parse_params(name, [pair])
+
+
+def test_popularity_variants(ml_small):
+    tr = ml_small.train
+    counts = np.bincount(tr.item_idx, minlength=ml_small.n_items)
+    count_model = fit_model("popularity", ml_small)[0]
+    top = count_model.score(torch.tensor([0]))[0]
+    assert int(top.argmax()) == int(counts.argmax())
+    np.testing.assert_array_equal(top.numpy(), counts.astype(np.float32))
+    # Bayesian average without pseudo-ratings is the item's mean rating (plus a tiny tie-break).
+    raw = fit_model("popularity", ml_small, {"variant": "bayes", "prior_weight": 0.0})[0].score(torch.tensor([0]))[0]
+    means = np.bincount(tr.item_idx, weights=tr.rating, minlength=ml_small.n_items) / np.maximum(counts, 1)
+    np.testing.assert_allclose(raw.numpy()[counts > 0], means[counts > 0], atol=2e-3)
+    # Many pseudo-ratings pull every item towards the global mean.
+    damped = fit_model("popularity", ml_small, {"variant": "bayes", "prior_weight": 1e6})[0].score(torch.tensor([0]))[0]
+    np.testing.assert_allclose(damped.numpy(), tr.rating.mean(), atol=2e-3)
+
+
+def test_popularity_bayes_needs_ratings(ml_small):
+    implicit = _implicit(ml_small)
+    with pytest.raises(BatchrecError, match="variant=count"):
+        fit_model("popularity", implicit, {"variant": "bayes"})
+
+
+def _implicit(data):
+    def strip(part):
+        return None if part is None else dataclasses.replace(part, rating=np.full(len(part), np.nan, np.float32))
+
+    return dataclasses.replace(data, train=strip(data.train), valid=strip(data.valid), test=strip(data.test),
+                               rating_scale=None)
+
+
+@pytest.mark.parametrize("name", ("mf", "svd"))
+def test_rating_models_reject_implicit_data(name, ml_small):
+    with pytest.raises(BatchrecError, match="explicit ratings"):
+        fit_model(name, _implicit(ml_small), FAST[name])
+
+
+def test_bpr_trains_on_implicit_data(ml_small):
+    model = fit_model("bpr", _implicit(ml_small), FAST["bpr"])[0]
+    assert torch.isfinite(model.score(_users(ml_small))).all()
+
+
+def test_mf_early_stopping_keeps_the_best_epoch(ml_small):
+    model, trainer = fit_model("mf", ml_small, {"factors": 8, "epochs": 40, "patience": 2, "lr": 0.02})
+    curve = [row["valid_rmse"] for row in trainer.history]
+    assert len(curve) < 40  # it stopped early
+    best = min(curve)
+    assert curve.index(best) == len(curve) - 3  # stopped `patience` epochs after the best
+    valid = ml_small.valid
+    known = (np.bincount(ml_small.train.item_idx, minlength=ml_small.n_items) > 0)[valid.item_idx]
+    pred = model.score(torch.from_numpy(valid.user_idx[known]), torch.from_numpy(valid.item_idx[known]))
+    rmse = float(np.sqrt(np.mean((np.clip(pred.numpy(), 0.5, 5.0) - valid.rating[known]) ** 2)))
+    assert rmse == pytest.approx(best, abs=1e-4)  # the restored model is the best epoch's
+
+
+def test_funk_svd_has_no_biases(ml_small):
+    model = fit_model("mf", ml_small, {"biased": False, "factors": 8, "epochs": 2})[0]
+    assert model.user_vectors().shape[1] == 8 and model.item_vectors().shape[1] == 8
+    assert float(model.module.mu) == 0.0 and not model.module.bu.weight.any()
+
+
+@pytest.mark.parametrize("recency", [0.0, 20.0])
+def test_svd_user_centring_is_the_damped_recency_weighted_user_mean(ml_small, recency):
+    model = fit_model("svd", ml_small, {"centering": "user", "factors": 4, "alpha": 0.0, "user_shrinkage": 5.0,
+                                        "recency": recency})[0]
+    tr = ml_small.train
+    mu = tr.rating.mean()
+    # Weight of each rating: exp(-(number of the same user's later ratings) / recency).
+    later = np.zeros(len(tr))
+    if recency:
+        order = np.lexsort((tr.item_idx, tr.ts, tr.user_idx))
+        ranks = np.empty(len(tr))
+        ranks[order] = np.arange(len(tr))
+        last = np.zeros(ml_small.n_users)
+        np.maximum.at(last, tr.user_idx, ranks)
+        later = last[tr.user_idx] - ranks
+    w = np.exp(-later / recency) if recency else np.ones(len(tr))
+    expected = mu + (np.bincount(tr.user_idx, weights=w * (tr.rating - mu), minlength=ml_small.n_users)
+                     / (np.bincount(tr.user_idx, weights=w, minlength=ml_small.n_users) + 5.0))
+    got = model.score(torch.arange(ml_small.n_users))[:, 0]
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5)
+    if recency:  # it matters: users drift
+        plain = mu + np.bincount(tr.user_idx, weights=tr.rating - mu, minlength=ml_small.n_users) / (
+            np.bincount(tr.user_idx, minlength=ml_small.n_users) + 5.0)
+        assert np.abs(plain - expected).max() > 0.3
+
+
+def test_svd_rank_must_fit_the_matrix(ml_small):
+    with pytest.raises(BatchrecError, match="factors=611"):
+        fit_model("svd", ml_small, {"factors": 611})
+
+
+def test_negative_sampler_never_returns_a_seen_item(ml_small):
+    tr = ml_small.train
+    users, items = torch.from_numpy(tr.user_idx), torch.from_numpy(tr.item_idx)
+    sampler = NegativeSampler(users, items, ml_small.n_items, None, Trainer(seed=0).generator())
+    neg, ok = sampler.sample(users)
+    assert ok.float().mean() > 0.999
+    seen_keys = tr.user_idx * ml_small.n_items + tr.item_idx
+    drawn = tr.user_idx[ok.numpy()] * ml_small.n_items + neg[ok].numpy()
+    assert not np.isin(drawn, seen_keys).any()
+    # Uniform draws without rejection hit a seen item about 1% of the time: the test would notice.
+    raw = torch.randint(0, ml_small.n_items, (len(users),), generator=Trainer(seed=0).generator())
+    assert np.isin(tr.user_idx * ml_small.n_items + raw.numpy(), seen_keys).mean() > 0.005
+    # Popularity-weighted draws favour popular items.
+    weights = torch.bincount(items, minlength=ml_small.n_items).double()
+    pop_neg, _ = NegativeSampler(users, items, ml_small.n_items, weights, Trainer(seed=0).generator()).sample(users)
+    counts = weights.numpy()
+    assert counts[pop_neg.numpy()].mean() > 5 * counts[neg.numpy()].mean()
+
+
+# -- quality targets (issue 5), like for like: fit on train, early-stop on valid, measure on test ---
+@pytest.fixture(scope="module")
+def default_results(ml_small):
+    out = {}
+    for name in FAMILIES:
+        model = fit_model(name, ml_small)[0]
+        out[name] = evaluate_model(model, ml_small, ks=(10,))
+    return out
+
+
+@pytest.mark.slow
+def test_best_rating_model_reaches_rmse_target(default_results):
+    best = min(default_results[n]["rmse"] for n in ("mf", "svd"))
+    assert default_results["mf"]["n_known"] == 8886
+    assert best <= 0.870
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ("mf", "svd", "bpr"))
+def test_every_family_beats_popularity_on_ndcg(name, default_results):
+    assert default_results["popularity"]["ndcg@10"] == pytest.approx(0.0462, abs=5e-4)
+    assert default_results[name]["ndcg@10"] > default_results["popularity"]["ndcg@10"]
