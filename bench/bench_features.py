@@ -41,6 +41,7 @@ def load_raw(data: Path, target: Path) -> None:
                         CASE WHEN genres = '(no genres listed)' THEN []::VARCHAR[] ELSE string_split(genres, '|') END,
                         'movies.csv' FROM read_csv('{data / "movies.csv"}', quote = '"')""")
     staging.rename(target)
+    staging.with_name(staging.name + ".lock").unlink(missing_ok=True)
 
 
 def child(kind: str, path: str) -> None:
@@ -100,7 +101,8 @@ def main() -> None:
     floors = [measure("floor", raw, args.work) for _ in range(3)]
     floor = min(floors, key=lambda r: r["seconds"])
     features = measure("features", raw, args.work)
-    (args.work / "run.duckdb").unlink(missing_ok=True)
+    for leftover in ("run.duckdb", "run.duckdb.lock"):
+        (args.work / leftover).unlink(missing_ok=True)
     load = os.getloadavg()[0]
     print(f"floor  (bare GROUP BY user_id, best of 3): {floor['seconds']:6.2f} s  cpu {floor['cpu']:.1f} s  "
           f"({floor['summary']})")

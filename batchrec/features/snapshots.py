@@ -35,6 +35,7 @@ FEATURES_SQL = SQL_DIR / "features"
 SNAPSHOT_TABLES = ("user_index", "item_index", "interactions", "user_features", "item_features",
                    "item_genres", "item_tag_tfidf", "split_holdout", "split_protocols")
 _TEMP_TABLES = ("snap_user_index", "snap_item_index", "snap_interactions", "snap_tags")
+_TEMP_MACROS = ("time_key", "shuffle_key")
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,8 @@ def _build(con: duckdb.DuckDBPyConnection, snapshot_id: str, as_of: datetime, pr
             sizes[protocol] = build_split(con, split_sql[protocol], protocol, snapshot_id, as_of, values, n_interactions)
     for table in _TEMP_TABLES:
         con.execute(f"DROP TABLE {table}")
+    for macro in _TEMP_MACROS:
+        con.execute(f"DROP MACRO {macro}")
     return sizes
 
 

@@ -1,11 +1,10 @@
--- user_random: per user, a seeded random order of their n interactions (by a hash of
+-- user_random: per user, a seeded random order of their n interactions (shuffle_key: a hash of
 -- (user_idx, item_idx), ties by item_idx); the first floor(test_frac*n) are test (at least 1 when
 -- n >= 2 and test_frac > 0), the next floor(valid_frac*n) valid, capped so every user keeps a
 -- train row. Each user's sorted key list gives the boundary keys (cheaper than a window).
 INSERT INTO split_holdout
 WITH shuffled AS (
-    SELECT user_idx, count(*) AS n,
-           list_sort(list({'h': hash(user_idx, item_idx, $seed), 'item_idx': item_idx})) AS keys
+    SELECT user_idx, count(*) AS n, list_sort(list(shuffle_key(user_idx, item_idx, $seed))) AS keys
     FROM snap_interactions GROUP BY user_idx
 ), sized AS (
     SELECT *, CASE WHEN n >= 2 AND $test_frac > 0 THEN greatest(1, floor($test_frac * n)) ELSE 0 END::BIGINT AS n_test
@@ -18,6 +17,6 @@ WITH shuffled AS (
     FROM sized
 )
 SELECT $snapshot_id, 'user_random', user_idx, item_idx, rating, ts,
-       CASE WHEN {'h': hash(user_idx, item_idx, $seed), 'item_idx': item_idx} <= test_to THEN 'test' ELSE 'valid' END
+       CASE WHEN shuffle_key(user_idx, item_idx, $seed) <= test_to THEN 'test' ELSE 'valid' END
 FROM snap_interactions JOIN bounds USING (user_idx)
-WHERE {'h': hash(user_idx, item_idx, $seed), 'item_idx': item_idx} <= holdout_to;
+WHERE shuffle_key(user_idx, item_idx, $seed) <= holdout_to;

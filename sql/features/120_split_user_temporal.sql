@@ -4,7 +4,7 @@
 -- Each user's sorted key list gives the boundary keys (cheaper than a window).
 INSERT INTO split_holdout
 WITH histories AS (
-    SELECT user_idx, count(*) AS n, list_sort(list({'ts': ts, 'item_idx': item_idx})) AS keys
+    SELECT user_idx, count(*) AS n, list_sort(list(time_key(ts, item_idx))) AS keys
     FROM snap_interactions GROUP BY user_idx
 ), sized AS (
     SELECT *,
@@ -19,6 +19,6 @@ WITH histories AS (
     FROM sized WHERE n_test + n_valid > 0
 )
 SELECT $snapshot_id, 'user_temporal', user_idx, item_idx, rating, ts,
-       CASE WHEN {'ts': ts, 'item_idx': item_idx} >= test_from THEN 'test' ELSE 'valid' END
+       CASE WHEN time_key(ts, item_idx) >= test_from THEN 'test' ELSE 'valid' END
 FROM snap_interactions JOIN bounds USING (user_idx)
-WHERE {'ts': ts, 'item_idx': item_idx} >= holdout_from;
+WHERE time_key(ts, item_idx) >= holdout_from;

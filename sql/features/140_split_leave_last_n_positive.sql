@@ -6,7 +6,7 @@
 INSERT INTO split_holdout
 WITH last_positives AS (
     -- each user's last $n_last + $n_valid positives, latest first (a top-n aggregate, no sort)
-    SELECT user_idx, max({'ts': ts, 'item_idx': item_idx}, $n_last + $n_valid) AS keys
+    SELECT user_idx, max(time_key(ts, item_idx), $n_last + $n_valid) AS keys
     FROM snap_interactions
     WHERE rating IS NULL OR rating >= $positive_threshold
     GROUP BY user_idx
@@ -18,6 +18,6 @@ WITH last_positives AS (
     WHERE len(keys) >= $n_last
 )
 SELECT $snapshot_id, 'leave_last_n_positive', user_idx, item_idx, rating, ts,
-       CASE WHEN {'ts': ts, 'item_idx': item_idx} >= test_from THEN 'test' ELSE 'valid' END
+       CASE WHEN time_key(ts, item_idx) >= test_from THEN 'test' ELSE 'valid' END
 FROM snap_interactions JOIN bounds USING (user_idx)
-WHERE {'ts': ts, 'item_idx': item_idx} >= holdout_from;
+WHERE time_key(ts, item_idx) >= holdout_from;
