@@ -11,7 +11,8 @@ In one run, each side in its own process (so peak RSS is its own, read with wait
           checksums, validation, merge, ingest_log)
 Both are timed as whole processes (interpreter start, imports, close/checkpoint included) after
 the files are in the page cache; with --repeat N the best of N runs of each side is compared.
-Targets: ingest / floor <= 1.5, ingest peak RSS < 4 GB.
+CPU seconds (user + system, all threads) are printed too: on a shared machine they are steadier
+than wall time. Targets: ingest / floor <= 1.5, ingest peak RSS < 4 GB.
 """
 
 from __future__ import annotations

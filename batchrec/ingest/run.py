@@ -42,8 +42,7 @@ def ingest_path(wh: Warehouse, path: str | None = None, dataset: str | None = No
     ingest_id = utcnow().strftime("%Y%m%dT%H%M%S.%fZ")
     with wh.writer("ingest") as con, open_source(path, dataset) as source:
         con.execute("SET TimeZone = 'UTC'")  # ISO strings without an offset are UTC
-        # preserve_insertion_order stays on: measured, it costs less CPU for these inserts than
-        # off, and keeps ratings in file order, which makes the duplicate check of sorted files O(n).
+        con.execute("SET preserve_insertion_order = false")  # measured: less CPU and memory for big loads
         con.execute("SET enable_progress_bar = false")  # cron logs want the summary, not a bar
         layout = detect(con, source, fmt, mapping)
         # Checksums are computed on a thread (hashlib releases the GIL) while DuckDB reads.
