@@ -178,8 +178,18 @@ def _popularity_coverage(runs, labels, k: int, path: Path) -> bool:
     return True
 
 
+_NOT_CURVES = ("epoch", "lr", "seconds")
+
+
+def _curve_keys(history: list[dict]) -> list[str]:
+    """Numeric per-epoch series worth drawing (loss, validation metrics), not timings."""
+    return sorted({k for h in history for k, v in h.items()
+                   if k not in _NOT_CURVES and isinstance(v, (int, float)) and not isinstance(v, bool)})
+
+
 def _training_curves(runs, labels, path: Path) -> bool:
-    curves = [(r, lab) for r, lab in zip(runs, labels) if len([h for h in r.history if "epoch" in h]) > 1]
+    curves = [(r, lab) for r, lab in zip(runs, labels)
+              if len([h for h in r.history if "epoch" in h]) > 1 and _curve_keys(r.history)]
     if not curves:
         return False
     plt = _plt()
@@ -192,7 +202,7 @@ def _training_curves(runs, labels, path: Path) -> bool:
         if any("loss" in h for h in hist):
             ax.plot(epochs, [h.get("loss", np.nan) for h in hist], color="C0", label="train loss")
             ax.set_ylabel("train loss", color="C0")
-        valid_keys = sorted({k for h in hist for k in h if k not in ("epoch", "loss", "lr", "seconds")})
+        valid_keys = [k for k in _curve_keys(hist) if k != "loss"]
         if valid_keys:
             ax2 = ax.twinx()
             for j, key in enumerate(valid_keys):

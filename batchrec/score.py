@@ -55,6 +55,7 @@ EXPLAIN_ANCHORS = 32  # liked items per user that explanations consider (a fixed
 EXPLAIN_ENTRIES = 1 << 17  # padded (user, liked item) pairs per explanation batch
 EXPLAIN_DIMS = 32  # item vectors for explanations are reduced to this many dimensions
 CONTENT_WEIGHT = 0.7  # cold-start blend: profile similarity vs log popularity
+POOL_MARGIN = 8  # extra candidates per row rescored exactly before the final top-n
 PUBLISH_WAIT_S = 60.0  # how long the publish waits for other processes to close the DuckDB file
 
 # reason kinds (the `reason` text is built from these in one vectorised pass)
@@ -120,6 +121,7 @@ def blocked_topk(
     col_of: np.ndarray | None = None,
     memory_budget: int = 1 << 30,
     on_block: Callable[[slice, np.ndarray, torch.Tensor], None] | None = None,
+    rescore: Callable[[np.ndarray, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-`n` columns per row, scoring `block_size` rows at a time.
 
@@ -128,8 +130,14 @@ def blocked_topk(
     `col_of`, -1 = not a column). `on_block(span, rows, cols)` sees each block's top columns on
     the device. Returns (cols int64 [len(rows), n], scores float32), padded with -1 / NaN where
     a row has fewer than `n` finite scores.
+
+    A row's result never depends on which other rows share its block (so shards, `--users` runs
+    and any memory budget agree exactly): a BLAS matmul's rounding can, so when `rescore(rows,
+    cols)` is given the top n + POOL_MARGIN are scored again one (row, column) at a time, and the
+    final order is by score, then column, whatever order the top-k kernel returned ties in.
     """
     k = min(n, n_cols)
+    pool = min(n_cols, k + POOL_MARGIN)
     out_cols = np.full((len(rows), n), -1, np.int64)
     out_vals = np.full((len(rows), n), np.nan, np.float32)
     step = block_size(n_cols, memory_budget)
@@ -146,7 +154,12 @@ def blocked_topk(
                 if len(pos):  # flat index_fill: about twice as fast as a 2-D index_put
                     flat = torch.from_numpy(pos * n_cols + cols).to(s.device)
                     s.view(-1).index_fill_(0, flat, -torch.inf)
-            val, ind = (t.cpu().numpy() for t in torch.topk(s, k, dim=1))
+            val, ind = torch.topk(s, pool, dim=1)
+            if rescore is not None:
+                val = torch.where(torch.isfinite(val), rescore(block, ind), val)
+            val, ind = val.cpu().numpy(), ind.cpu().numpy()
+            order = np.lexsort((ind, -val), axis=1)[:, :k]
+            val, ind = np.take_along_axis(val, order, 1), np.take_along_axis(ind, order, 1)
             ok = np.isfinite(val)  # -inf: masked; fewer allowed items than k
             span = slice(start, start + len(block))
             out_cols[span, :k] = np.where(ok, ind, -1)
@@ -166,24 +179,32 @@ def _columns(candidates: np.ndarray | None, n_items: int) -> tuple[np.ndarray | 
     return cand, col_of
 
 
-def model_scorer(model: Recommender, cand: np.ndarray | None) -> Callable[[np.ndarray], torch.Tensor]:
-    """Scores of a block of users against the candidate items: one matmul for factor models."""
+Scorer = tuple[Callable[[np.ndarray], torch.Tensor], Callable[[np.ndarray, torch.Tensor], torch.Tensor] | None]
+
+
+def model_scorer(model: Recommender, cand: np.ndarray | None) -> Scorer:
+    """(scores of a block of users against the candidate items, rescore for `blocked_topk`):
+    one matmul per block for factor models, rescored as per-pair dot products."""
     dev = model.device
     cand_t = None if cand is None else torch.from_numpy(cand).to(dev)
     U, V = model.user_vectors(), model.item_vectors()
     if U is not None:
         U = U.float()
-        Vt = (V if cand_t is None else V.index_select(0, cand_t)).float().T
-        if dev.type == "cpu":  # numpy's BLAS (OpenBLAS) multiplies ~1.7x faster than torch's here (DESIGN)
-            U_np, Vt_np = U.numpy(), Vt.numpy()
-            return lambda rows: torch.from_numpy(U_np[rows] @ Vt_np)
-        return lambda rows: U[torch.from_numpy(rows).to(dev)] @ Vt
+        Vc = (V if cand_t is None else V.index_select(0, cand_t)).float()
 
-    def score(rows: np.ndarray) -> torch.Tensor:
+        def rescore(rows: np.ndarray, cols: torch.Tensor) -> torch.Tensor:
+            return (U[torch.from_numpy(rows).to(dev)][:, None, :] * Vc[cols]).sum(-1)
+
+        if dev.type == "cpu":  # numpy's BLAS (OpenBLAS) multiplies ~1.7x faster than torch's here (DESIGN)
+            U_np, Vt_np = U.numpy(), Vc.numpy().T
+            return (lambda rows: torch.from_numpy(U_np[rows] @ Vt_np)), rescore
+        return (lambda rows: U[torch.from_numpy(rows).to(dev)] @ Vc.T), rescore
+
+    def score(rows: np.ndarray) -> torch.Tensor:  # row by row for these models (a sparse row times a matrix)
         s = model.score(torch.from_numpy(rows).to(dev)).float()
         return (s if cand_t is None else s.index_select(1, cand_t)).contiguous()  # masking writes in place
 
-    return score
+    return score, None
 
 
 def topn(
@@ -203,10 +224,10 @@ def topn(
     are scored (factor models multiply by the candidates' vectors only).
     """
     cand, col_of = _columns(candidates, model.n_items)
-    cols, vals = blocked_topk(model_scorer(model, cand), np.asarray(users, np.int64), n,
-                              model.n_items if cand is None else len(cand),
+    score, rescore = model_scorer(model, cand)
+    cols, vals = blocked_topk(score, np.asarray(users, np.int64), n, model.n_items if cand is None else len(cand),
                               exclude=() if exclude is None else (exclude,), col_of=col_of,
-                              memory_budget=memory_budget)
+                              memory_budget=memory_budget, rescore=rescore)
     return _items_of(cols, cand), vals
 
 
@@ -216,20 +237,19 @@ def _items_of(cols: np.ndarray, cand: np.ndarray | None) -> np.ndarray:
     return np.where(cols >= 0, cand[np.maximum(cols, 0)], -1)
 
 
-def explain_anchors(space: torch.Tensor, recs: torch.Tensor, liked: sp.csr_matrix, rows: np.ndarray) -> torch.Tensor:
-    """For each recommended item recs[b, k] (-1: none), the item of liked[rows[b]] whose vector in
-    `space` has the highest dot product with it; -1 when the user liked nothing.
+Similarity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-    `space` is [n_items + 1, d + 1]: L2-normalised item vectors with a 0 column appended, and a
-    last sentinel row (0, ..., 0, -4) that pads short histories. Recommendations are looked up in
-    the same space with the last column set to 1, so a padding slot scores -4, below any cosine.
+
+def explain_anchors(similarity: Similarity, pad: int, recs: torch.Tensor, liked: sp.csr_matrix,
+                    rows: np.ndarray) -> torch.Tensor:
+    """For each recommended item recs[b, k] (-1: none), the item of liked[rows[b]] most similar to
+    it by `similarity(recs [g, k], liked items [g, w]) -> [g, k, w]`; -1 when the user liked
+    nothing. Short histories are padded with item `pad`, which `similarity` scores lowest.
+
     Users are sorted by history length and batched so padding stays small: per batch one gather
-    of their liked items' vectors and one bmm against the recommendations' vectors.
+    of their liked items and one batched similarity against their recommendations.
     """
-    sentinel = len(space) - 1
     anchors = torch.full_like(recs, -1)
-    rec_space = space.clone()
-    rec_space[:, -1] = 1.0
     starts = liked.indptr[rows]
     counts = liked.indptr[rows + 1] - starts
     order = np.argsort(counts, kind="stable")
@@ -241,15 +261,12 @@ def explain_anchors(space: torch.Tensor, recs: torch.Tensor, liked: sp.csr_matri
         g = max(1, int(np.searchsorted(np.arange(1, len(order) - i + 1) * lengths[i:], EXPLAIN_ENTRIES, "right")))
         us = order[i:i + g]
         width = int(lengths[i + g - 1])
-        offs = starts[us][:, None] + np.arange(width)
-        items = np.where(np.arange(width) < counts[us][:, None], liked.indices[np.minimum(offs, len(liked.indices) - 1)],
-                         sentinel)
-        items = torch.from_numpy(items.astype(np.int64)).to(space.device)
-        us_t = torch.from_numpy(us).to(space.device)
+        offs = np.minimum(starts[us][:, None] + np.arange(width), len(liked.indices) - 1)
+        items = np.where(np.arange(width) < counts[us][:, None], liked.indices[offs], pad)
+        items = torch.from_numpy(items.astype(np.int64)).to(recs.device)
+        us_t = torch.from_numpy(us).to(recs.device)
         rec = recs[us_t]
-        liked_vecs = space.index_select(0, items.ravel()).view(g, width, -1)
-        sim = torch.bmm(rec_space[rec.clamp(min=0)], liked_vecs.transpose(1, 2))  # [g, k, width]
-        best = items.gather(1, sim.argmax(2))
+        best = items.gather(1, similarity(rec.clamp(min=0), items).argmax(2))
         anchors[us_t] = torch.where(rec >= 0, best, -1)
         i += g
     return anchors
@@ -434,15 +451,28 @@ def _normalise(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True).clamp(min=1e-12)
 
 
-def explanation_space(model: Recommender, inputs: ScoringInputs) -> torch.Tensor | None:
-    """Item vectors for "because you rated", rows L2-normalised so a dot product is a cosine.
+def explanation_similarity(model: Recommender, inputs: ScoringInputs) -> tuple[Similarity, int] | None:
+    """How "because you rated" measures how close a liked item is to a recommended one, and the
+    padding item for `explain_anchors`:
 
-    The model's item vectors, centred (constant columns such as folded-in biases vanish) and
-    reduced to their top EXPLAIN_DIMS principal directions (exact at or below that width; the
-    gather of every liked item's vector is what explanations cost). Models without item vectors
-    use the items' genres + TF-IDF, randomly projected when wide. None for one-dimensional
-    vectors (popularity), which cannot say anything item-specific.
+    * a model exposing `item_item()` (an [n_items, n_items] tensor W where W[l, r] is how much
+      having item l raises item r's score, as EASE's B or item-kNN's weights): the liked item
+      contributing most to the recommendation, W[l, r];
+    * factor models: the cosine of the item vectors, centred (constant columns such as folded-in
+      biases vanish) and reduced to their top EXPLAIN_DIMS principal directions (exact at or below
+      that width; gathering every liked item's vector is what explanations cost);
+    * other models: the cosine of the items' genre + TF-IDF vectors (randomly projected when
+      wide). None for one-dimensional item vectors (popularity): nothing item-specific to say.
     """
+    item_item = getattr(model, "item_item", None)
+    if callable(item_item):
+        W, n = item_item(), model.n_items
+
+        def weight(rec: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+            w = W[items.clamp(max=n - 1)[:, None, :], rec[:, :, None]]
+            return w.masked_fill(items[:, None, :] == n, -torch.inf)
+
+        return weight, n
     V = model.item_vectors()
     if V is not None:
         if V.shape[1] < 2:
@@ -459,12 +489,21 @@ def explanation_space(model: Recommender, inputs: ScoringInputs) -> torch.Tensor
             g = np.random.default_rng(0).standard_normal((content.shape[1], EXPLAIN_DIMS)).astype(np.float32)
             content = content @ g
         V = torch.from_numpy(np.asarray(content.todense() if sp.issparse(content) else content)).to(model.device)
-    # the layout explain_anchors expects: a zero last column, and a sentinel row for padding
+    # Liked items are looked up with an extra 0 column and a padding row (0, ..., 0, -4);
+    # recommendations with that column set to 1: a padding slot scores -4, below any cosine.
     V = _normalise(V.float())
-    space = V.new_zeros(len(V) + 1, V.shape[1] + 1)
-    space[:-1, :-1] = V
-    space[-1, -1] = -4.0
-    return space
+    liked_space = V.new_zeros(len(V) + 1, V.shape[1] + 1)
+    liked_space[:-1, :-1] = V
+    liked_space[-1, -1] = -4.0
+    rec_space = liked_space.clone()
+    rec_space[:, -1] = 1.0
+
+    def cosine(rec: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        width = items.shape[1]
+        liked_vecs = liked_space.index_select(0, items.ravel()).view(len(items), width, -1)
+        return torch.bmm(rec_space[rec], liked_vecs.transpose(1, 2))
+
+    return cosine, len(V)
 
 
 def serve_model(model: Recommender, inputs: ScoringInputs, rows: np.ndarray, n: int, memory_budget: int,
@@ -472,17 +511,18 @@ def serve_model(model: Recommender, inputs: ScoringInputs, rows: np.ndarray, n: 
     """Model-served rows: blocked top-N over the model's items, seen items removed, and each row's
     anchor (the liked item most similar to the recommendation) from the same block."""
     cand, col_of = _columns(inputs.candidates, model.n_items)
-    space = explanation_space(model, inputs) if explain else None
+    how = explanation_similarity(model, inputs) if explain else None
     cand_t = None if cand is None else torch.from_numpy(cand).to(model.device)
     anchors = np.full((len(rows), n), -1, np.int64)
 
     def anchor(span: slice, block: np.ndarray, cols: torch.Tensor) -> None:
         recs = cols if cand_t is None else torch.where(cols >= 0, cand_t[cols.clamp(min=0)], -1)
-        anchors[span, :cols.shape[1]] = explain_anchors(space, recs, inputs.liked, block).cpu().numpy()
+        anchors[span, :cols.shape[1]] = explain_anchors(*how, recs, inputs.liked, block).cpu().numpy()
 
     n_cols = model.n_items if cand is None else len(cand)
-    cols, scores = blocked_topk(model_scorer(model, cand), rows, n, n_cols, exclude=(inputs.seen,), col_of=col_of,
-                                memory_budget=memory_budget, on_block=None if space is None else anchor)
+    score, rescore = model_scorer(model, cand)
+    cols, scores = blocked_topk(score, rows, n, n_cols, exclude=(inputs.seen,), col_of=col_of, memory_budget=memory_budget,
+                                on_block=None if how is None else anchor, rescore=rescore)
     if model.task == "rating" and inputs.rating_scale is not None:
         np.clip(scores, *inputs.rating_scale, out=scores)
     kind = np.where(anchors >= 0, BECAUSE, MODEL).astype(np.int8)
@@ -508,9 +548,8 @@ def serve_profile(inputs: ScoringInputs, rows: np.ndarray, n: int, memory_budget
     genres, _ = _row_normalise(inputs.genres)
     genre_profile, _ = _row_normalise(acts @ genres)
     tag_profile, tag_norms = _row_normalise(acts @ inputs.tags)
-    genre_profile = torch.from_numpy(genre_profile.toarray()).to(device)
     has_tags = torch.from_numpy(tag_norms > 0).to(device)
-    item_genres = torch.from_numpy(genres[cand].toarray()).to(device)
+    item_genres = sp.csr_matrix(genres[cand].T)  # sparse products: every score's rounding is its own row's
     item_terms = sp.csr_matrix(inputs.tags[cand].T)
     pop = torch.from_numpy(_log_popularity(inputs)[cand]).to(device)
     position = np.empty(len(inputs.user_ids), np.int64)
@@ -518,7 +557,7 @@ def serve_profile(inputs: ScoringInputs, rows: np.ndarray, n: int, memory_budget
 
     def score(block: np.ndarray) -> torch.Tensor:
         p = position[block]
-        by_genre = genre_profile[torch.from_numpy(p).to(device)] @ item_genres.T
+        by_genre = torch.from_numpy((genre_profile[p] @ item_genres).toarray()).to(device)
         by_tag = torch.from_numpy((tag_profile[p] @ item_terms).toarray()).to(device)
         content = torch.where(has_tags[torch.from_numpy(p).to(device)][:, None], (by_genre + by_tag) / 2, by_genre)
         return CONTENT_WEIGHT * content + (1 - CONTENT_WEIGHT) * pop
@@ -528,7 +567,7 @@ def serve_profile(inputs: ScoringInputs, rows: np.ndarray, n: int, memory_budget
     items = _items_of(cols, cand)
     flat = np.maximum(items, 0).ravel()
     # genres: the item's genres weighted by the user's profile; the top two with weight > 0
-    weight = inputs.genres[flat].toarray().reshape(*items.shape, -1) * genre_profile.cpu().numpy()[:, None, :]
+    weight = inputs.genres[flat].toarray().reshape(*items.shape, -1) * genre_profile.toarray()[:, None, :]
     weight = np.concatenate([weight, np.zeros((*items.shape, 2), weight.dtype)], axis=2)  # at least 2 columns
     top = np.argsort(-weight, axis=2, kind="stable")[..., :2]
     top = np.where(np.take_along_axis(weight, top, 2) > 0, top, -1)
@@ -720,7 +759,9 @@ def _int_column(df: pl.DataFrame, column: str, path: Path, csv: bool) -> np.ndar
     if bad.any():
         at = int(bad.arg_max())
         where = f"line {at + 2}" if csv else f"row {at + 1}"
-        raise BatchrecError(f"{path}, {where}, column {column}: {df[column][at]!r} is not an integer id")
+        value = df[column][at]
+        raise BatchrecError(f"{path}, {where}, column {column}: "
+                            f"{'an empty value' if value is None else repr(value)} is not an integer id")
     return values.to_numpy()
 
 
@@ -744,10 +785,11 @@ def read_users(path: str | Path) -> np.ndarray:
 
 def _lookup(ids: np.ndarray, query: np.ndarray) -> np.ndarray:
     """Dense index of each raw id in `query` (-1 where absent)."""
+    if not len(ids):
+        return np.full(len(query), -1)
     order = np.argsort(ids, kind="stable")
-    pos = np.searchsorted(ids[order], query).clip(max=max(len(ids) - 1, 0))
-    hit = (len(ids) > 0) & (ids[order][pos] == query) if len(ids) else np.zeros(len(query), bool)
-    return np.where(hit, order[pos], -1)
+    pos = np.searchsorted(ids[order], query).clip(max=len(ids) - 1)
+    return np.where(ids[order][pos] == query, order[pos], -1)
 
 
 def score_pairs(model: Recommender, run: dict, con, pairs: Path, out: Path) -> str:
@@ -772,12 +814,12 @@ def score_pairs(model: Recommender, run: dict, con, pairs: Path, out: Path) -> s
             ut = torch.from_numpy(uidx[a:a + step]).to(model.device)
             it = torch.from_numpy(iidx[a:a + step]).to(model.device)
             k = torch.from_numpy(known[a:a + step]).to(model.device)
-            s_ = torch.empty(len(ut), device=model.device)
+            chunk = torch.empty(len(ut), device=model.device)
             if k.any():
-                s_[k] = model.score(ut[k], it[k]).float()
+                chunk[k] = model.score(ut[k], it[k]).float()
             if (~k).any():
-                s_[~k] = model.score_fallback(ut[~k], it[~k]).float()
-            scores[a:a + step] = s_.cpu().numpy()
+                chunk[~k] = model.score_fallback(ut[~k], it[~k]).float()
+            scores[a:a + step] = chunk.cpu().numpy()
     if model.task == "rating" and lo is not None:
         np.clip(scores, lo, hi, out=scores)
     result = frame.with_columns(pl.Series("score", scores), pl.Series("fallback", ~known))

@@ -40,6 +40,39 @@ def choose_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+class LazyAdam(torch.optim.Optimizer):
+    """Adam for sparse embedding gradients: only the rows in the batch move (like
+    torch.optim.SparseAdam, same update), done with row gathers and scatters, which measured
+    about twice as fast per step as SparseAdam's sparse-tensor arithmetic on this CPU."""
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if not p.grad.is_sparse:
+                    raise BatchrecError("sparse_adam needs sparse gradients (nn.Embedding(sparse=True))")
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                grad = p.grad.coalesce()
+                rows, g = grad.indices()[0], grad.values()
+                m = state["exp_avg"].index_select(0, rows).lerp_(g, 1 - beta1)
+                v = state["exp_avg_sq"].index_select(0, rows).mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                state["exp_avg"].index_copy_(0, rows, m)
+                state["exp_avg_sq"].index_copy_(0, rows, v)
+                step_size = group["lr"] * math.sqrt(1 - beta2 ** state["step"]) / (1 - beta1 ** state["step"])
+                p.index_add_(0, rows, m.div_(v.sqrt_().add_(group["eps"])), alpha=-step_size)
+
+
 @dataclass
 class Trainer:
     """Runs epochs of mini-batch training with early stopping on a validation metric."""
@@ -82,14 +115,17 @@ class Trainer:
         lr_schedule: str = "none",
         grad_clip: float | None = None,
         metric_name: str = "valid",
+        name: str | None = None,
     ) -> list[dict]:
         """Train `module` by minimising `loss_fn(*batch)` over shuffled mini-batches.
 
         `data` is a tuple of equal-length tensors, or a function epoch -> tuple (for data that is
         resampled each epoch, e.g. BPR negatives). After each epoch `validate()` (if given) is
         called; the best state is kept and restored, and training stops after `patience` epochs
-        without improvement. A non-finite loss stops training with a clear error.
+        without improvement. A non-finite loss stops training with a clear error. `name` (the
+        model family) labels the progress bar and errors.
         """
+        name = name or type(module).__name__
         torch.manual_seed(self.seed)
         module.to(self.device)
         params = [p for p in module.parameters() if p.requires_grad]
@@ -105,7 +141,7 @@ class Trainer:
             # For modules made only of nn.Embedding(sparse=True): each step updates just the rows
             # of the batch (lazy Adam), instead of every row of every table. No weight decay:
             # such models put their L2 on the batch rows in the loss.
-            opt = torch.optim.SparseAdam(params, lr=lr)
+            opt = LazyAdam(params, lr=lr)
         else:
             raise BatchrecError(f"unknown optimizer {optimizer!r}; valid: adam, adamw, sgd, adagrad, sparse_adam")
         if lr_schedule == "cosine":
@@ -120,7 +156,7 @@ class Trainer:
 
         gen = self.generator()
         best, best_state, stale = -math.inf if higher_is_better else math.inf, None, 0
-        bar = tqdm(range(1, epochs + 1), desc=type(module).__name__, disable=not self.progress, leave=False)
+        bar = tqdm(range(1, epochs + 1), desc=name, disable=not self.progress, leave=False)
         for epoch in bar:
             t0 = time.perf_counter()
             tensors = data(epoch) if callable(data) else data
@@ -139,7 +175,7 @@ class Trainer:
                 total += loss.detach() * len(idx)
             mean_loss = float(total) / max(n, 1)
             if not math.isfinite(mean_loss):
-                raise BatchrecError(f"{type(module).__name__}: training diverged (loss is {mean_loss} at epoch "
+                raise BatchrecError(f"{name}: training diverged (loss is {mean_loss} at epoch "
                                     f"{epoch}); lower the learning rate (lr={lr}) or raise regularisation")
             row = {"epoch": epoch, "loss": mean_loss, "lr": opt.param_groups[0]["lr"]}
             if validate is not None:
@@ -207,6 +243,20 @@ def validation_metrics(model, data, ks: Sequence[int] = (10,)) -> dict[str, floa
     return evaluate_model(model, replace(data, valid=None, test=data.valid), ks=ks)
 
 
+def _to_json(value) -> str:
+    """JSON text with NaN/inf as null (JSON has no NaN; e.g. an RMSE over zero pairs)."""
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(value), allow_nan=False)
+
+
 def new_run_id(model_name: str, created) -> str:
     """Sortable by creation time; the random suffix keeps ids unique within a second."""
     return f"{model_name}-{created:%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
@@ -251,7 +301,7 @@ def _fit_run(wh, model_name: str, snapshot: str, protocol: str | None, params: d
         try:
             with wh.connect() as con:
                 con.execute(f"INSERT INTO model_runs ({', '.join(RUN_COLUMNS)}) VALUES ({', '.join('?' * len(RUN_COLUMNS))})",
-                            [json.dumps(v) if k in ("params", "metrics") else v for k, v in row.items()])
+                            [_to_json(v) if k in ("params", "metrics") else v for k, v in row.items()])
         except BaseException:
             shutil.rmtree(artifact, ignore_errors=True)
             raise

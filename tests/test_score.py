@@ -258,26 +258,30 @@ def test_topn_equals_brute_force_across_block_sizes():
     assert (items[7] == -1).all() and np.isnan(scores[7]).all()
 
 
-def test_explanation_anchor_is_the_most_similar_liked_item():
-    from batchrec.score import explain_anchors
+@pytest.mark.parametrize("kind", ["vectors", "item_item"])
+def test_explanation_anchor_is_the_most_similar_liked_item(kind):
+    from batchrec.score import explain_anchors, explanation_similarity
 
     rng = np.random.default_rng(5)
     vecs = rng.standard_normal((400, 6)).astype(np.float32)
-    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
-    space = torch.zeros(401, 7)
-    space[:-1, :-1], space[-1, -1] = torch.from_numpy(vecs), -4.0
+    W = rng.standard_normal((400, 400)).astype(np.float32)
+    model = _Factors(torch.zeros(50, 6), torch.from_numpy(vecs))
+    if kind == "item_item":
+        model.item_item = lambda: torch.from_numpy(W)
     counts = rng.integers(0, 60, 50)  # histories of very different lengths, some empty
     liked = sp.csr_matrix((np.ones(counts.sum()), np.concatenate([rng.choice(400, c, replace=False) for c in counts]),
                            np.concatenate([[0], np.cumsum(counts)])), shape=(50, 400))
     recs = torch.from_numpy(rng.integers(0, 400, (50, 10)))
     recs[3, 7:] = -1  # a short list
     rows = np.arange(50)[::-1].copy()  # not in index order
-    got = explain_anchors(space, recs, liked, rows).numpy()
+    got = explain_anchors(*explanation_similarity(model, None), recs, liked, rows).numpy()
+    centred = vecs - vecs.mean(0)
+    unit = centred / np.linalg.norm(centred, axis=1, keepdims=True)
     for b, r in enumerate(rows):
         mine = liked.indices[liked.indptr[r]:liked.indptr[r + 1]]
         for k, item in enumerate(recs[b].tolist()):
-            want = -1 if item < 0 or not len(mine) else mine[np.argmax(vecs[mine] @ vecs[item])]
-            assert got[b, k] == want
+            closeness = W[mine, item] if kind == "item_item" else unit[mine] @ unit[item]
+            assert got[b, k] == (-1 if item < 0 or not len(mine) else mine[np.argmax(closeness)])
 
 
 def test_anchor_sample_keeps_short_histories_whole_and_caps_long_ones():

@@ -73,7 +73,7 @@ class AutoRec(Recommender):
         Param("lr", float, 1e-2, "Adam learning rate", min=1e-6, max=1.0),
         Param("lr_schedule", str, "plateau", "learning-rate schedule (plateau: halve when validation stalls)",
               choices=("none", "cosine", "plateau")),
-        Param("batch_size", int, 64, "rows (items or users) per batch", min=1),
+        Param("batch_size", int, 256, "rows (items or users) per batch", min=1),
         Param("epochs", int, 200, "maximum epochs", min=1, max=100000),
         Param("patience", int, 5, "epochs without validation improvement before stopping", min=1),
     )

@@ -25,6 +25,7 @@ Defaults tuned once on the validation part of ml-latest-small / user_temporal (s
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -47,6 +48,13 @@ def events_from_end(events) -> np.ndarray:
     out = np.empty(len(events), np.int64)
     out[order] = (n[users] - 1) - (np.arange(len(events)) - first[users])
     return out
+
+
+def recency_weights(events, halflife: float, floor: float) -> np.ndarray | None:
+    """floor + (1 - floor) * 0.5 ** (k / halflife), k = the user's events after this one (None if halflife 0)."""
+    if halflife <= 0:
+        return None
+    return floor + (1.0 - floor) * 0.5 ** (events_from_end(events) / halflife)
 
 
 def positive_weights(events, min_rating: float, weighting: str, rating_offset: float = 0.0) -> np.ndarray:
@@ -76,6 +84,27 @@ def positive_matrix(events, n_users: int, n_items: int, min_rating: float = 0.0,
                       dtype=np.float32)
     m.sum_duplicates()
     return m
+
+
+def gram(X: sp.csr_matrix, max_block_products: int = 200_000_000) -> np.ndarray:
+    """X'X as a dense float32 array, by sparse row blocks of X' on torch's threads.
+
+    Work and memory per block are bounded by the number of products it takes (each stored
+    (u, i) of a block row i meets the n_u items of user u), so blocks are cut by that count;
+    each sparse block result is written straight into its rows of the dense output."""
+    Xt = X.T.tocsr()
+    n = X.shape[1]
+    G = np.empty((n, n), np.float32)
+    products = np.cumsum(Xt @ np.diff(X.indptr).astype(np.float64))
+    cuts = np.searchsorted(products, np.arange(1, products[-1] // max_block_products + 1) * max_block_products)
+    bounds = np.unique(np.concatenate([[0], cuts, [n]]))
+
+    def block(a: int, b: int) -> None:
+        (Xt[a:b] @ X).toarray(out=G[a:b])
+
+    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+        list(pool.map(block, bounds[:-1], bounds[1:]))
+    return G
 
 
 def csr_state(m: sp.csr_matrix) -> dict[str, torch.Tensor]:
@@ -125,12 +154,8 @@ class EASE(Recommender):
 
     def _query(self, events) -> sp.csr_matrix:
         p = self.params
-        recency = None
-        if p["recency_halflife"] > 0:
-            decay = 0.5 ** (events_from_end(events) / p["recency_halflife"])
-            recency = p["recency_floor"] + (1.0 - p["recency_floor"]) * decay
         return positive_matrix(events, self.n_users, self.n_items, p["min_rating"], p["weighting"], p["rating_offset"],
-                               recency)
+                               recency_weights(events, p["recency_halflife"], p["recency_floor"]))
 
     def fit(self, data, trainer) -> "EASE":
         p = self.params
@@ -150,15 +175,15 @@ class EASE(Recommender):
         """B = I - P / diag(P), P = (X'X + lam I)^-1, float32 [n_items, n_items] on `device`."""
         n_items = X.shape[1]
         active = X[np.diff(X.indptr) > 0]  # users without positives add nothing to X'X
-        if active.shape[0] < n_items:
+        if 2 * active.shape[0] <= n_items:  # user route: less work, and no more memory than the item route
             Xd = torch.from_numpy(active.toarray()).to(device)
-            K = (Xd.double() @ Xd.double().T)
+            K = torch.from_numpy((active @ active.T).toarray()).to(device, torch.float64)
             K.diagonal().add_(lam)
             P = Xd.T @ torch.linalg.solve(K, Xd.double()).float()  # X'(lam I + X X')^-1 X
             P.neg_().diagonal().add_(1.0)
             P.div_(lam)
         else:
-            G = gram(active, device)
+            G = torch.from_numpy(gram(active)).to(device)
             G.diagonal().add_(lam)
             L = torch.linalg.cholesky(G)
             del G

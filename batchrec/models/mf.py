@@ -113,7 +113,7 @@ class BiasedMF(Recommender):
         Param("missing_weight", float, 0.0, "weight of sampled unrated pairs pulled towards missing_rating "
               "(0: off)", min=0.0, max=1.0),
         Param("missing_rating", float, 1.0, "target rating of the sampled unrated pairs"),
-        Param("epochs", int, 60, "maximum epochs", min=1, max=10_000),
+        Param("epochs", int, 30, "maximum epochs (all of them when there is no validation part)", min=1, max=10_000),
         Param("batch_size", int, 1024, "interactions per mini-batch", min=1),
         Param("optimizer", str, "adam", "adam or sgd (momentum 0.9)", choices=("adam", "sgd")),
         Param("patience", int, 3, "epochs without validation improvement before stopping", min=1),
@@ -160,7 +160,7 @@ class BiasedMF(Recommender):
 
         validate = valid_rmse(data, self.module, self.device)
         trainer.fit(self.module, loss_fn, data_fn, epochs=p["epochs"], batch_size=p["batch_size"], lr=p["lr"],
-                    optimizer="sparse_adam" if p["optimizer"] == "adam" else "sgd", validate=validate, patience=p["patience"], metric_name="valid_rmse")
+                    optimizer="sparse_adam" if p["optimizer"] == "adam" else "sgd", validate=validate, patience=p["patience"], metric_name="valid_rmse", name=self.name)
         return self
 
     def score(self, user_idx: torch.Tensor, item_idx: torch.Tensor | None = None) -> torch.Tensor:

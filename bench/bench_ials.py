@@ -1,0 +1,144 @@
+"""iALS seconds per iteration at 128 factors: batchrec `ials` vs the `implicit` library, same matrix.
+
+The matrix has the ml-20m shape (138,493 users x 26,744 items, 20M interactions): read from
+/tmp/synth20m/ratings.csv when present (`batchrec synth` output), otherwise drawn here with
+Zipf-like item popularity. Both models get the same binary user x item matrix, the same factors,
+confidence (alpha), regularisation, 3 CG steps per half-step and the same number of threads.
+Prints both timings, the ratio (target <= 1.0) and the peak RSS of each fit (target < 8 GB; each
+runs in its own process so one does not count the other's memory).
+
+    .venv/bin/python bench/bench_ials.py [--iterations 3] [--threads 2] [--sample 1.0]
+Needs the bench extra: pip install 'batchrec[bench]' (implicit, psutil).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+SYNTH = Path("/tmp/synth20m/ratings.csv")
+N_USERS, N_ITEMS, N_EVENTS = 138_493, 26_744, 20_000_263
+
+
+def interactions(seed: int = 0, sample: float = 1.0) -> sp.csr_matrix:
+    """The binary user x item matrix (ml-20m shape)."""
+    if SYNTH.exists():
+        # Parsing 20M CSV rows takes a minute; the dense ids are cached beside it in /tmp.
+        stat = SYNTH.stat()
+        cache = Path(f"/tmp/bench_ials_{stat.st_size}_{int(stat.st_mtime)}.npz")
+        if not cache.exists():
+            import polars as pl
+
+            df = pl.read_csv(SYNTH, columns=["userId", "movieId"], schema_overrides={"userId": pl.Int64, "movieId": pl.Int64})
+            np.savez(cache, users=np.unique(df["userId"].to_numpy(), return_inverse=True)[1].astype(np.int32),
+                     items=np.unique(df["movieId"].to_numpy(), return_inverse=True)[1].astype(np.int32))
+        z = np.load(cache)
+        users, items = z["users"], z["items"]
+        n_users, n_items = users.max() + 1, items.max() + 1
+    else:
+        rng = np.random.default_rng(seed)
+        # Zipf-like item popularity, users with a long-tailed activity; duplicates merged below.
+        pop = 1.0 / np.arange(1, N_ITEMS + 1) ** 0.9
+        items = rng.choice(N_ITEMS, size=int(N_EVENTS * 1.15), p=pop / pop.sum())
+        act = rng.lognormal(0, 1.0, N_USERS)
+        users = rng.choice(N_USERS, size=len(items), p=act / act.sum())
+        n_users, n_items = N_USERS, N_ITEMS
+    if sample < 1.0:
+        keep = np.random.default_rng(seed).random(len(users)) < sample
+        users, items = users[keep], items[keep]
+    m = sp.csr_matrix((np.ones(len(users), np.float32), (users, items)), shape=(n_users, n_items))
+    m.sum_duplicates()
+    m.data[:] = 1.0
+    return m
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def run_batchrec(X: sp.csr_matrix, args, out) -> None:
+    import torch
+
+    from batchrec.data import Interactions, SnapshotData
+    from batchrec.models import create_model
+    from batchrec.train import Trainer
+
+    torch.set_num_threads(args.threads)
+    coo = X.tocoo()
+    events = Interactions(coo.row.astype(np.int64), coo.col.astype(np.int64), np.full(coo.nnz, np.nan, np.float32),
+                          np.zeros(coo.nnz, np.int64))
+    del coo
+    empty = sp.csr_matrix((X.shape[1], 0), dtype=np.float32)
+    data = SnapshotData("bench", None, X.shape[0], X.shape[1], events, None, None, np.arange(X.shape[0]),
+                        np.arange(X.shape[1]), None, empty, [], empty, [])
+    model = create_model("ials", {"factors": args.factors, "iterations": args.iterations, "reg": args.reg,
+                                  "alpha": args.alpha, "cg_steps": 3, "min_rating": 0.0, "recency_halflife": 0.0})
+    trainer = Trainer(device=torch.device("cpu"), seed=0, progress=False)
+    model.prepare(data, trainer.device)
+    model.fit(data, trainer)
+    per_iter = [h["seconds"] for h in trainer.history]
+    out.put(("batchrec", float(np.median(per_iter)), peak_rss_gb()))
+
+
+def run_implicit(X: sp.csr_matrix, args, out) -> None:
+    from threadpoolctl import threadpool_limits
+    from implicit.cpu.als import AlternatingLeastSquares
+
+    with threadpool_limits(1, "blas"):  # implicit parallelises itself; BLAS threads would oversubscribe
+        model = AlternatingLeastSquares(factors=args.factors, regularization=args.reg, alpha=args.alpha, use_cg=True,
+                                        iterations=args.iterations, num_threads=args.threads, random_state=0)
+        per_iter = []
+        last = [time.perf_counter()]
+
+        def tick(*_):
+            now = time.perf_counter()
+            per_iter.append(now - last[0])
+            last[0] = now
+
+        model.fit(X, show_progress=False, callback=tick)
+    out.put(("implicit", float(np.median(per_iter)), peak_rss_gb()))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--iterations", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--factors", type=int, default=128)
+    ap.add_argument("--reg", type=float, default=10.0)
+    ap.add_argument("--alpha", type=float, default=1.0)
+    ap.add_argument("--sample", type=float, default=1.0, help="fraction of interactions (quick runs)")
+    args = ap.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+
+    t0 = time.perf_counter()
+    X = interactions(sample=args.sample)
+    src = SYNTH if SYNTH.exists() else "random Zipf-like"
+    print(f"matrix: {X.shape[0]:,} users x {X.shape[1]:,} items, {X.nnz:,} interactions ({src}, "
+          f"{time.perf_counter() - t0:.1f} s to load); factors={args.factors} threads={args.threads} "
+          f"iterations={args.iterations}", flush=True)
+    ctx = mp.get_context("fork")
+    results = {}
+    for fn in (run_batchrec, run_implicit):
+        q = ctx.Queue()
+        p = ctx.Process(target=fn, args=(X, args, q))
+        p.start()
+        name, sec, rss = q.get()
+        p.join()
+        results[name] = (sec, rss)
+        print(f"{name:9s} {sec:7.2f} s/iteration   peak RSS {rss:5.2f} GB", flush=True)
+    ratio = results["batchrec"][0] / results["implicit"][0]
+    print(f"ratio batchrec/implicit seconds per iteration: {ratio:.2f} (target <= 1.0); "
+          f"batchrec peak RSS {results['batchrec'][1]:.2f} GB (target < 8 GB)")
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
