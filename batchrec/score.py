@@ -246,29 +246,25 @@ def explain_anchors(similarity: Similarity, pad: int, recs: torch.Tensor, liked:
     it by `similarity(recs [g, k], liked items [g, w]) -> [g, k, w]`; -1 when the user liked
     nothing. Short histories are padded with item `pad`, which `similarity` scores lowest.
 
-    Users are sorted by history length and batched so padding stays small: per batch one gather
-    of their liked items and one batched similarity against their recommendations.
+    Each user's history is padded to the next power of two of its own length (so at most twice
+    the work, and a user's similarities are computed the same way whoever shares the batch:
+    shards agree exactly), and users of equal padded width are batched: per batch one gather of
+    their liked items and one batched similarity against their recommendations.
     """
     anchors = torch.full_like(recs, -1)
     starts = liked.indptr[rows]
     counts = liked.indptr[rows + 1] - starts
-    order = np.argsort(counts, kind="stable")
-    order = order[counts[order] > 0]
-    lengths = counts[order]
-    i = 0
-    while i < len(order):
-        # the largest batch whose padded size (batch size x its longest history) fits
-        g = max(1, int(np.searchsorted(np.arange(1, len(order) - i + 1) * lengths[i:], EXPLAIN_ENTRIES, "right")))
-        us = order[i:i + g]
-        width = int(lengths[i + g - 1])
-        offs = np.minimum(starts[us][:, None] + np.arange(width), len(liked.indices) - 1)
-        items = np.where(np.arange(width) < counts[us][:, None], liked.indices[offs], pad)
-        items = torch.from_numpy(items.astype(np.int64)).to(recs.device)
-        us_t = torch.from_numpy(us).to(recs.device)
-        rec = recs[us_t]
-        best = items.gather(1, similarity(rec.clamp(min=0), items).argmax(2))
-        anchors[us_t] = torch.where(rec >= 0, best, -1)
-        i += g
+    widths = 1 << np.ceil(np.log2(np.maximum(counts, 1))).astype(np.int64)
+    for width in np.unique(widths[counts > 0]):
+        same = np.flatnonzero((widths == width) & (counts > 0))
+        for group in np.array_split(same, -(-len(same) * width // EXPLAIN_ENTRIES)):
+            offs = np.minimum(starts[group][:, None] + np.arange(width), len(liked.indices) - 1)
+            items = np.where(np.arange(width) < counts[group][:, None], liked.indices[offs], pad)
+            items = torch.from_numpy(items.astype(np.int64)).to(recs.device)
+            group_t = torch.from_numpy(group).to(recs.device)
+            rec = recs[group_t]
+            best = items.gather(1, similarity(rec.clamp(min=0), items).argmax(2))
+            anchors[group_t] = torch.where(rec >= 0, best, -1)
     return anchors
 
 

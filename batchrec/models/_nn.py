@@ -82,6 +82,35 @@ def item_content(data, train_items: np.ndarray) -> sp.csr_matrix:
     return x
 
 
+def events_from_end(events) -> np.ndarray:
+    """For each event, how many events of the same user come after it (by time, then item)."""
+    order = np.lexsort((events.item_idx, events.ts, events.user_idx))
+    users = events.user_idx[order]
+    counts = np.bincount(users)
+    first = np.cumsum(counts) - counts
+    out = np.empty(len(events), np.int64)
+    out[order] = counts[users] - 1 - (np.arange(len(events)) - first[users])
+    return out
+
+
+def history_weights(events, min_rating: float = 0.0, weighting: str = "binary", rating_offset: float = 2.0,
+                    recency_halflife: float = 0.0, recency_floor: float = 0.1) -> np.ndarray:
+    """Weight of each event in a user's history (0: left out), float32.
+
+    Explicit ratings below `min_rating` weigh 0; the others 1 (`binary`) or
+    max(rating - rating_offset, 0.5) (`rating`: a 5 says more than a 3); implicit events weigh 1.
+    Times a recency factor floor + (1 - floor) * 0.5 ** (k / halflife), k = the user's later
+    events: the next items a user picks follow their latest taste (halflife 0: off)."""
+    r = events.rating
+    implicit = np.isnan(r)
+    w = np.where(implicit | (np.nan_to_num(r) >= min_rating), 1.0, 0.0)
+    if weighting == "rating":
+        w *= np.where(implicit, 1.0, np.maximum(np.nan_to_num(r) - rating_offset, 0.5))
+    if recency_halflife > 0:
+        w *= recency_floor + (1.0 - recency_floor) * 0.5 ** (events_from_end(events) / recency_halflife)
+    return w.astype(np.float32)
+
+
 def require_ratings(data, model: str) -> tuple[float, float]:
     """Rating models need explicit ratings; returns the rating scale."""
     if data.train.implicit or data.rating_scale is None:

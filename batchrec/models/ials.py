@@ -15,8 +15,10 @@ Defaults tuned once on the validation part of ml-latest-small / user_temporal (s
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
+import scipy.sparse as sp
 import torch
 from torch.nn import functional as F
 
@@ -28,23 +30,42 @@ TUNING = """
 """
 
 
-def conjugate_gradient(x: torch.Tensor, Y: torch.Tensor, pattern: torch.Tensor, reg: float, steps: int) -> torch.Tensor:
+class ObservedPairs:
+    """The observed (user, item) pairs with e = c - 1 on each, in user-major and item-major order.
+
+    Products y_i . v_u on every pair always run on the user-major CSR: the item factors it reads
+    at random are the small table (they stay in cache), which makes the item half-step ~2x
+    faster than running it on the item-major CSR; the values are then permuted to item-major."""
+
+    def __init__(self, X: sp.csr_matrix, device: torch.device):
+        self.by_user = csr_to_torch(X, device)
+        pos = sp.csr_matrix((np.arange(X.nnz, dtype=np.int64), X.indices, X.indptr), shape=X.shape).T.tocsr()
+        self.item_major = torch.from_numpy(pos.data).to(device)  # user-major position of each item-major pair
+        self.user_layout = (self.by_user.crow_indices()[:-1], self.by_user.col_indices(), self.by_user.values())
+        self.item_layout = (torch.from_numpy(pos.indptr[:-1].astype(np.int64)).to(device),
+                            torch.from_numpy(pos.indices.astype(np.int64)).to(device),
+                            self.by_user.values()[self.item_major])
+
+    def dots(self, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+        """U[u] . V[i] on every pair, user-major order."""
+        return torch.sparse.sampled_addmm(self.by_user, U, V.T, beta=0.0).values()
+
+
+def conjugate_gradient(x: torch.Tensor, Y: torch.Tensor, layout: tuple, dots: Callable[[torch.Tensor], torch.Tensor],
+                       reg: float, steps: int) -> torch.Tensor:
     """A few CG steps on every row's system A_u x_u = b_u at once, from `x` (updated in place).
 
-    `pattern` is the CSR [rows, len(Y)] of observed pairs with values e = c - 1, so that
-    A_u = Y'Y + reg I + Y' diag(e_u) Y and b_u = Y'(1 + e_u) (preference 1 on observed pairs).
-    Sparse @ dense products go through `embedding_bag` (per-sample weights), several times
-    faster on CPU than `torch.sparse.mm`; the sampled products y_i . v_u through `sampled_addmm`.
+    `layout` = (offsets, col, e): the observed pairs of each row of x (CSR order) and their
+    e = c - 1, so A_u = Y'Y + reg I + Y' diag(e_u) Y and b_u = Y'(1 + e_u) (preference 1 on
+    observed pairs); `dots(v)` gives y_i . v_u on the pairs in that order. Sums of weighted rows
+    of Y go through `embedding_bag`, several times faster on CPU than `torch.sparse.mm`.
     """
-    offsets, col, e = pattern.crow_indices()[:-1], pattern.col_indices(), pattern.values()
+    offsets, col, e = layout
     gram = Y.T @ Y
     gram.diagonal().add_(reg)
 
     def sparse_rows(weights: torch.Tensor) -> torch.Tensor:  # sum_i weights_ui y_i for every row u
         return F.embedding_bag(col, Y, offsets, mode="sum", per_sample_weights=weights)
-
-    def dots(v: torch.Tensor) -> torch.Tensor:  # y_i . v_u on the observed pairs
-        return torch.sparse.sampled_addmm(pattern, v, Y.T, beta=0.0).values()
 
     r = sparse_rows(1.0 + e - e * dots(x)).sub_(x @ gram)  # b - A x in one pass over the pairs
     p = r.clone()
@@ -87,16 +108,16 @@ class ImplicitALS(Recommender):
         X = positive_matrix(data.train, data.n_users, data.n_items, p["min_rating"], p["weighting"], p["rating_offset"],
                             recency_weights(data.train, p["recency_halflife"], p["recency_floor"]))
         X.data *= p["alpha"]  # e = c - 1 = alpha * w
-        by_user = csr_to_torch(X, self.device)
-        by_item = csr_to_torch(X.T.tocsr(), self.device)
+        pairs = ObservedPairs(X, self.device)
         g = trainer.generator()
         d = p["factors"]
         self.U = torch.randn(data.n_users, d, generator=g, device=self.device) * p["init_std"]
         self.V = torch.randn(data.n_items, d, generator=g, device=self.device) * p["init_std"]
         for it in range(1, p["iterations"] + 1):
             t0 = time.perf_counter()
-            conjugate_gradient(self.U, self.V, by_user, p["reg"], p["cg_steps"])
-            conjugate_gradient(self.V, self.U, by_item, p["reg"], p["cg_steps"])
+            conjugate_gradient(self.U, self.V, pairs.user_layout, lambda v: pairs.dots(v, self.V), p["reg"], p["cg_steps"])
+            conjugate_gradient(self.V, self.U, pairs.item_layout, lambda v: pairs.dots(self.U, v)[pairs.item_major],
+                               p["reg"], p["cg_steps"])
             trainer.log_epoch(epoch=it, seconds=time.perf_counter() - t0)
         return self
 

@@ -1,7 +1,7 @@
 """Mult-VAE (Liang et al. 2018): a variational autoencoder of users' interaction rows with a
 multinomial likelihood.
 
-Input: a user's binary TRAINING row, L2-normalised, with dropout on its entries (read sparsely
+Input: a user's TRAINING row (binary, or weighted by rating and recency), L2-normalised, with dropout on its entries (read sparsely
 through an EmbeddingBag, so the input layer costs nnz x hidden). Encoder n_items -> hidden ->
 2 x latent (tanh), decoder latent -> hidden -> n_items; loss = multinomial NLL
 -sum_i x_i log softmax(logits)_i + beta * KL(q(z|x) || N(0, I)), with beta annealed linearly
@@ -11,10 +11,11 @@ encodes the user's training row and decodes the mean of q (no sampling); the sco
 
 from __future__ import annotations
 
+import scipy.sparse as sp
 import torch
 from torch import nn
 
-from batchrec.models._nn import SparseRows, ranking_validator, state_device
+from batchrec.models._nn import SparseRows, history_weights, ranking_validator, state_device
 from batchrec.models.base import Param, Recommender
 
 
@@ -34,9 +35,9 @@ class _MultVAENet(nn.Module):
     def encode(self, rows: SparseRows, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple]:
         """(mean, log-variance) of q(z | x) for the given users' rows, and the rows' entries."""
         entries = rows.entries(users)
-        row_of, cols, _, offsets = entries
-        counts = torch.bincount(row_of, minlength=len(users)).clamp(min=1)
-        x = counts[row_of].float().rsqrt()  # binary row, L2-normalised
+        row_of, cols, vals, offsets = entries
+        norm = torch.zeros(len(users), device=vals.device).index_add_(0, row_of, vals ** 2).sqrt().clamp(min=1e-12)
+        x = vals / norm[row_of]  # the row, L2-normalised
         if self.training and self.dropout > 0:
             x = x * (torch.rand_like(x) >= self.dropout) / (1.0 - self.dropout)
         h = torch.tanh(self.encoder_in(cols, offsets, per_sample_weights=x) + self.encoder_bias)
@@ -47,10 +48,10 @@ class _MultVAENet(nn.Module):
         return torch.tanh(self.decoder_in(z))
 
     def loss(self, rows: SparseRows, users: torch.Tensor, beta: float) -> torch.Tensor:
-        mean, logvar, (row_of, cols, _, _) = self.encode(rows, users)
+        mean, logvar, (row_of, cols, weight, _) = self.encode(rows, users)
         z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)
         log_p = torch.log_softmax(self.decoder_out(self.decode_hidden(z)), dim=1)
-        nll = -log_p[row_of, cols].sum() / len(users)
+        nll = -(log_p[row_of, cols] * weight).sum() / len(users)
         kl = -0.5 * torch.sum(1 + logvar - mean ** 2 - logvar.exp()) / len(users)
         return nll + beta * kl
 
@@ -71,6 +72,15 @@ class MultVAE(Recommender):
         Param("beta_max", float, 0.2, "final weight of the KL term", min=0.0, max=10.0),
         Param("anneal_steps", int, 0, "optimiser steps to anneal beta from 0 to beta_max (0: the whole run)",
               min=0),
+        Param("min_rating", float, 0.0, "ratings below this are left out of the rows (0: every interaction)",
+              min=0.0),
+        Param("weighting", str, "binary", "row entries: binary (1) or rating (max(rating - rating_offset, 0.5))",
+              choices=("binary", "rating")),
+        Param("rating_offset", float, 2.0, "subtracted from the rating with weighting=rating"),
+        Param("recency_halflife", float, 0.0, "an entry's weight halves every this many later events of the "
+              "user (0: no recency weighting)", min=0.0),
+        Param("recency_floor", float, 0.1, "weight factor of a user's oldest events with recency weighting",
+              min=0.0, max=1.0),
         Param("lr", float, 1e-3, "Adam learning rate", min=1e-6, max=1.0),
         Param("batch_size", int, 128, "users per batch", min=1),
         Param("epochs", int, 200, "maximum epochs", min=1, max=100000),
@@ -80,7 +90,12 @@ class MultVAE(Recommender):
     def fit(self, data, trainer) -> "MultVAE":
         p = self.params
         torch.manual_seed(p["seed"])
-        self.rows = SparseRows.from_scipy(data.train_csr("ones"), self.device)
+        tr = data.train
+        w = history_weights(tr, p["min_rating"], p["weighting"], p["rating_offset"], p["recency_halflife"],
+                            p["recency_floor"])
+        keep = w > 0
+        self.rows = SparseRows.from_scipy(sp.csr_matrix((w[keep], (tr.user_idx[keep], tr.item_idx[keep])),
+                                                        shape=(self.n_users, self.n_items)), self.device)
         self.net = _MultVAENet(self.n_items, p["hidden"], p["latent"], p["dropout"]).to(self.device)
         users = torch.nonzero(torch.diff(self.rows.indptr) > 0)[:, 0]
         total = p["anneal_steps"] or p["epochs"] * -(-len(users) // p["batch_size"])
