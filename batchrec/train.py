@@ -300,7 +300,8 @@ def _fit_run(wh, model_name: str, snapshot: str, protocol: str | None, params: d
                "fit_seconds": fit_seconds, "created_at": created}
         try:
             with wh.connect() as con:
-                con.execute(f"INSERT INTO model_runs ({', '.join(RUN_COLUMNS)}) VALUES ({', '.join('?' * len(RUN_COLUMNS))})",
+                con.execute(f"INSERT INTO model_runs ({', '.join(RUN_COLUMNS)}) "
+                            f"VALUES ({', '.join('?' * len(RUN_COLUMNS))})",
                             [_to_json(v) if k in ("params", "metrics") else v for k, v in row.items()])
         except BaseException:
             shutil.rmtree(artifact, ignore_errors=True)

@@ -92,7 +92,8 @@ def main() -> None:
     data = synthetic(args.rows)
     print(f"synthetic ml-20m shape: {N_USERS:,} users x {N_ITEMS:,} items, {args.rows:,} rows "
           f"(generated in {time.perf_counter() - t0:.1f} s); torch threads {torch.get_num_threads()}")
-    print(f"{'model':<6}{'batch':>7}{'factors':>8}{'examples':>12}{'ours s/epoch':>14}{'ours rows/s':>13}{'bare s/epoch':>14}"
+    print(f"{'model':<6}{'batch':>7}{'factors':>8}{'examples':>12}{'ours s/epoch':>14}{'ours rows/s':>13}"
+          f"{'bare s/epoch':>14}"
           f"{'bare rows/s':>13}{'ratio':>7}{'peak RSS GB':>13}")
     for name in args.models.split(","):
         params = {"epochs": 1}

@@ -162,7 +162,8 @@ class BiasedMF(Recommender):
 
         validate = valid_rmse(data, self.module, self.device)
         trainer.fit(self.module, loss_fn, data_fn, epochs=p["epochs"], batch_size=p["batch_size"], lr=p["lr"],
-                    optimizer="sparse_adam" if p["optimizer"] == "adam" else "sgd", validate=validate, patience=p["patience"], metric_name="valid_rmse", name=self.name)
+                    optimizer="sparse_adam" if p["optimizer"] == "adam" else "sgd", validate=validate,
+                    patience=p["patience"], metric_name="valid_rmse", name=self.name)
         return self
 
     def score(self, user_idx: torch.Tensor, item_idx: torch.Tensor | None = None) -> torch.Tensor:

@@ -91,18 +91,23 @@ class MultVAE(Recommender):
         p = self.params
         torch.manual_seed(p["seed"])
         tr = data.train
-        w = history_weights(tr, p["min_rating"], p["weighting"], p["rating_offset"], p["recency_halflife"],
-                            p["recency_floor"])
-        keep = w > 0
-        self.rows = SparseRows.from_scipy(sp.csr_matrix((w[keep], (tr.user_idx[keep], tr.item_idx[keep])),
-                                                        shape=(self.n_users, self.n_items)), self.device)
+
+        def rows(recency_halflife: float) -> SparseRows:
+            w = history_weights(tr, p["min_rating"], p["weighting"], p["rating_offset"], recency_halflife,
+                                p["recency_floor"])
+            keep = w > 0
+            return SparseRows.from_scipy(sp.csr_matrix((w[keep], (tr.user_idx[keep], tr.item_idx[keep])),
+                                                       shape=(self.n_users, self.n_items)), self.device)
+
+        # The network learns from the plain rows; recency only reweighs the query at scoring time.
+        train_rows, self.rows = rows(0.0), rows(p["recency_halflife"])
         self.net = _MultVAENet(self.n_items, p["hidden"], p["latent"], p["dropout"]).to(self.device)
-        users = torch.nonzero(torch.diff(self.rows.indptr) > 0)[:, 0]
+        users = torch.nonzero(torch.diff(train_rows.indptr) > 0)[:, 0]
         total = p["anneal_steps"] or p["epochs"] * -(-len(users) // p["batch_size"])
 
         def loss(batch: torch.Tensor) -> torch.Tensor:
             self.net.steps += 1
-            return self.net.loss(self.rows, batch, p["beta_max"] * min(1.0, self.net.steps / total))
+            return self.net.loss(train_rows, batch, p["beta_max"] * min(1.0, self.net.steps / total))
 
         trainer.fit(self.net, loss, (users,), epochs=p["epochs"], batch_size=p["batch_size"], lr=p["lr"],
                     validate=ranking_validator(self, data), higher_is_better=True, patience=p["patience"],

@@ -106,7 +106,8 @@ class TruncatedSVD(Recommender):
 
     def score(self, user_idx: torch.Tensor, item_idx: torch.Tensor | None = None) -> torch.Tensor:
         if item_idx is None:
-            return self.user_base[user_idx, None] + self.item_base[None, :] + self.user_factors[user_idx] @ self.item_factors.T
+            return (self.user_base[user_idx, None] + self.item_base[None, :]
+                    + self.user_factors[user_idx] @ self.item_factors.T)
         return (self.user_base[user_idx] + self.item_base[item_idx]
                 + (self.user_factors[user_idx] * self.item_factors[item_idx]).sum(-1))
 

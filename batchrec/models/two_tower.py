@@ -10,34 +10,51 @@
   without training interactions have no id embedding (zero) and are scored by content alone.
 
 score(u, i) = user_u . item_i, so the model exports user_vectors / item_vectors for the scorer.
-Positives are every training interaction; BPR negatives are drawn uniformly from the training
+Positives are the training interactions rated >= `min_rating`, weighted by rating and recency
+when asked (see the parameters); BPR negatives are drawn uniformly from the training
 catalogue, re-drawing (vectorised) those that hit one of the user's positives.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from batchrec.models._nn import SparseRows, item_content, ranking_validator
+from batchrec.errors import BatchrecError
+from batchrec.models._nn import SparseRows, events_from_end, history_weights, item_content, ranking_validator
 from batchrec.models.base import Param, Recommender
 
 
 class _TwoTowerNet(nn.Module):
-    def __init__(self, n_users: int, n_items: int, n_features: int, dim: int, hidden: int):
+    def __init__(self, n_users: int, n_items: int, n_features: int, dim: int, hidden: int, history: bool):
         super().__init__()
         self.user_id = nn.Embedding(n_users, dim)
+        self.history = nn.EmbeddingBag(n_items, dim, mode="sum") if history else None
         self.item_id = nn.Embedding(n_items, dim + 1)  # + bias column
         self.content_in = nn.EmbeddingBag(max(n_features, 1), hidden, mode="sum")
         self.content_bias = nn.Parameter(torch.zeros(hidden))
         self.content_out = nn.Linear(hidden, dim + 1)
-        for e in (self.user_id, self.item_id):
+        for e in (self.user_id, self.item_id) + ((self.history,) if history else ()):
             nn.init.normal_(e.weight, std=0.05)
 
-    def users(self, u: torch.Tensor) -> torch.Tensor:
+    def users(self, u: torch.Tensor, rows: SparseRows | None, leave_out: torch.Tensor | None = None,
+              leave_out_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """User vectors [len(u), dim + 1]: id embedding (+ the weighted mean of the history item
+        embeddings of the user's row in `rows`, without `leave_out` — a training positive must
+        not predict itself)."""
         e = self.user_id(u)
+        if self.history is not None:
+            users, inverse = torch.unique(u, return_inverse=True)
+            row_of, cols, vals, offsets = rows.entries(users)
+            total = self.history(cols, offsets, per_sample_weights=vals)[inverse]
+            weight = torch.zeros(len(users), device=u.device).index_add_(0, row_of, vals)[inverse]
+            if leave_out is not None:
+                total = total - leave_out_weight[:, None] * self.history(leave_out[:, None])
+                weight = weight - leave_out_weight
+            e = e + total / weight.clamp(min=1e-6)[:, None] * (weight > 1e-6)[:, None]
         return torch.cat([e, torch.ones_like(e[:, :1])], 1)
 
     def items(self, content: SparseRows, i: torch.Tensor, keep_id: torch.Tensor) -> torch.Tensor:
@@ -48,10 +65,11 @@ class _TwoTowerNet(nn.Module):
 
 
 class TwoTower(Recommender):
-    """Two-tower model: user id tower, item id + genre/tag content tower; BPR or sampled softmax.
+    """Two-tower model: user id (+ history) tower, item id + genre/tag content tower; BPR or softmax.
 
     Defaults tuned once on the validation part of ml-latest-small user_temporal (valid NDCG@10
-    over dim, id_dropout, reg, lr and loss; early stopping picks the epoch).
+    over dim, history, positives and their weights, id_dropout, reg, lr and loss; early stopping
+    picks the epoch).
     """
 
     name = "two_tower"
@@ -63,6 +81,17 @@ class TwoTower(Recommender):
         Param("hidden", int, 128, "hidden width of the item content MLP", min=1, max=8192),
         Param("id_dropout", float, 0.3, "probability of dropping an item's id embedding in training", min=0.0,
               max=1.0),
+        Param("history", bool, True, "the user tower adds the weighted mean of embeddings of the user's "
+              "training positives"),
+        Param("history_max", int, 200, "most recent positives of a user that the history reads", min=1),
+        Param("min_rating", float, 0.0, "ratings below this are not positives (0: every interaction)", min=0.0),
+        Param("weighting", str, "binary", "weight of a positive (in the loss and the history): binary (1) or "
+              "rating (max(rating - rating_offset, 0.5))", choices=("binary", "rating")),
+        Param("rating_offset", float, 2.0, "subtracted from the rating with weighting=rating"),
+        Param("recency_halflife", float, 0.0, "at scoring time a history entry's weight halves every this many "
+              "later events of the user (0: no recency weighting)", min=0.0),
+        Param("recency_floor", float, 0.1, "weight factor of a user's oldest events with recency weighting",
+              min=0.0, max=1.0),
         Param("reg", float, 1e-4, "L2 on the embedding rows of each batch", min=0.0),
         Param("lr", float, 3e-3, "Adam learning rate", min=1e-6, max=1.0),
         Param("batch_size", int, 1024, "positive interactions per batch", min=2),
@@ -77,12 +106,33 @@ class TwoTower(Recommender):
         counts = np.bincount(tr.item_idx, minlength=self.n_items)
         self.content = SparseRows.from_scipy(item_content(data, counts > 0), self.device)
         self.warm = torch.from_numpy(counts > 0).to(self.device)
-        net = _TwoTowerNet(self.n_users, self.n_items, self.content.n_cols, p["dim"], p["hidden"]).to(self.device)
-        u, i = (torch.from_numpy(a).to(self.device) for a in (tr.user_idx, tr.item_idx))
+        net = _TwoTowerNet(self.n_users, self.n_items, self.content.n_cols, p["dim"], p["hidden"],
+                           p["history"]).to(self.device)
+        w = history_weights(tr, p["min_rating"], p["weighting"], p["rating_offset"])
+        keep = w > 0
+        if not keep.any():
+            raise BatchrecError(f"two_tower: no training interaction has rating >= min_rating={p['min_rating']}")
+        u, i, w = (torch.from_numpy(a[keep]).to(self.device) for a in (tr.user_idx, tr.item_idx, w))
+        recent = events_from_end(tr) < p["history_max"]
+
+        def history_rows(recency_halflife: float) -> SparseRows:
+            hw = history_weights(tr, p["min_rating"], p["weighting"], p["rating_offset"], recency_halflife,
+                                 p["recency_floor"]) * recent
+            on = hw > 0
+            return SparseRows.from_scipy(sp.csr_matrix((hw[on], (tr.user_idx[on], tr.item_idx[on])),
+                                                       shape=(self.n_users, self.n_items)), self.device)
+
+        train_rows = history_rows(0.0)
+        self.query = history_rows(p["recency_halflife"])
+        in_history = torch.from_numpy(recent[keep]).to(self.device)
+        loss_w = w / w.mean()
 
         def item_vectors(items: torch.Tensor) -> torch.Tensor:
-            keep = torch.rand(items.shape, device=items.device) >= p["id_dropout"]
-            return net.items(self.content, items, keep)
+            keep_id = torch.rand(items.shape, device=items.device) >= p["id_dropout"]
+            return net.items(self.content, items, keep_id)
+
+        def user_vectors(bu: torch.Tensor, bi: torch.Tensor, bw: torch.Tensor, bh: torch.Tensor) -> torch.Tensor:
+            return net.users(bu, train_rows, bi, bw * bh)
 
         def l2(*rows: torch.Tensor) -> torch.Tensor:
             return p["reg"] * sum((r ** 2).sum() for r in rows) / len(rows[0])
@@ -92,28 +142,30 @@ class TwoTower(Recommender):
             pos_keys = torch.unique(u * self.n_items + i)  # sorted
 
             def batches(epoch: int) -> tuple[torch.Tensor, ...]:
-                return u, i, _negatives(u, catalogue, pos_keys, self.n_items, trainer.generator(offset=epoch))
+                neg = _negatives(u, catalogue, pos_keys, self.n_items, trainer.generator(offset=epoch))
+                return u, i, w, in_history, loss_w, neg
 
-            def loss(bu: torch.Tensor, bi: torch.Tensor, bj: torch.Tensor) -> torch.Tensor:
-                uv, vi, vj = net.users(bu), item_vectors(bi), item_vectors(bj)
+            def loss(bu, bi, bw, bh, lw, bj) -> torch.Tensor:
+                uv, vi, vj = user_vectors(bu, bi, bw, bh), item_vectors(bi), item_vectors(bj)
                 diff = (uv * (vi - vj)).sum(1)
-                return -F.logsigmoid(diff).mean() + l2(net.user_id(bu), net.item_id(bi), net.item_id(bj))
+                return -(lw * F.logsigmoid(diff)).mean() + l2(net.user_id(bu), net.item_id(bi), net.item_id(bj))
 
             data_fn = batches
         else:
-            log_q = torch.log(torch.from_numpy(counts / counts.sum()).float().to(self.device).clamp(min=1e-12))
+            pos_counts = torch.bincount(i, minlength=self.n_items).float()
+            log_q = torch.log((pos_counts / pos_counts.sum()).clamp(min=1e-12))
 
-            def loss(bu: torch.Tensor, bi: torch.Tensor) -> torch.Tensor:
-                uv, vi = net.users(bu), item_vectors(bi)
+            def loss(bu, bi, bw, bh, lw) -> torch.Tensor:
+                uv, vi = user_vectors(bu, bi, bw, bh), item_vectors(bi)
                 # Every other positive of the batch is a negative; subtracting log q(item) undoes
                 # the popularity bias of in-batch sampling.
                 logits = uv @ vi.T - log_q[bi][None, :]
                 same = bi[None, :] == bi[:, None]
                 logits = logits.masked_fill(same & ~torch.eye(len(bi), dtype=torch.bool, device=bi.device), -torch.inf)
-                target = torch.arange(len(bu), device=bu.device)
-                return F.cross_entropy(logits, target) + l2(net.user_id(bu), net.item_id(bi))
+                ce = F.cross_entropy(logits, torch.arange(len(bu), device=bu.device), reduction="none")
+                return (lw * ce).mean() + l2(net.user_id(bu), net.item_id(bi))
 
-            data_fn = (u, i)
+            data_fn = (u, i, w, in_history, loss_w)
 
         validate = ranking_validator(self, data)
 
@@ -128,9 +180,11 @@ class TwoTower(Recommender):
         return self
 
     def _export(self, net: _TwoTowerNet) -> None:
+        """User vectors from the scoring-time history (training positives only), item vectors
+        with the id embedding of items without training interactions left out."""
         with torch.no_grad():
             net.eval()
-            self.U = net.users(torch.arange(self.n_users, device=self.device))
+            self.U = net.users(torch.arange(self.n_users, device=self.device), self.query)
             self.V = net.items(self.content, torch.arange(self.n_items, device=self.device), self.warm)
 
     def score(self, user_idx: torch.Tensor, item_idx: torch.Tensor | None = None) -> torch.Tensor:
