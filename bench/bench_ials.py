@@ -4,11 +4,13 @@ The matrix has the ml-20m shape (138,493 users x 26,744 items, 20M interactions)
 /tmp/synth20m/ratings.csv when present (`batchrec synth` output), otherwise drawn here with
 Zipf-like item popularity. Both models get the same binary user x item matrix, the same factors,
 confidence (alpha), regularisation, 3 CG steps per half-step and the same number of threads.
+batchrec runs its CPU default, the fused numba CG kernel (`--cg-kernel torch`: the torch path); its
+one-off JIT compile (cached in __pycache__ after the first run) falls in the dropped first iteration.
 Prints both timings (wall and CPU seconds per iteration, the first iteration dropped), their
 ratios (target <= 1.0) and the peak RSS of each fit (target < 8 GB; each runs in its own process
 so one does not count the other's memory).
 
-    .venv/bin/python bench/bench_ials.py [--iterations 3] [--threads 2] [--sample 1.0]
+    .venv/bin/python bench/bench_ials.py [--iterations 3] [--threads 2] [--sample 1.0] [--cg-kernel auto]
 Needs the bench extra: pip install 'batchrec[bench]' (implicit, psutil).
 """
 
@@ -89,7 +91,8 @@ def run_batchrec(X: sp.csr_matrix, args, out) -> None:
     data = SnapshotData("bench", None, X.shape[0], X.shape[1], events, None, None, np.arange(X.shape[0]),
                         np.arange(X.shape[1]), None, empty, [], empty, [])
     model = create_model("ials", {"factors": args.factors, "iterations": args.iterations, "reg": args.reg,
-                                  "alpha": args.alpha, "cg_steps": 3, "min_rating": 0.0, "recency_halflife": 0.0})
+                                  "alpha": args.alpha, "cg_steps": 3, "min_rating": 0.0, "recency_halflife": 0.0,
+                                  "cg_kernel": args.cg_kernel})
     class Clocked(Trainer):  # stamps wall and CPU clocks at the end of each iteration
         def log_epoch(self, **fields):
             super().log_epoch(**fields, wall=time.perf_counter(), cpu=time.process_time())
@@ -122,6 +125,8 @@ def main() -> None:
     ap.add_argument("--reg", type=float, default=10.0)
     ap.add_argument("--alpha", type=float, default=1.0)
     ap.add_argument("--sample", type=float, default=1.0, help="fraction of interactions (quick runs)")
+    ap.add_argument("--cg-kernel", default="auto", choices=("auto", "numba", "torch"),
+                    help="batchrec's CG implementation (auto: the fused numba kernel on CPU)")
     args = ap.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
 
@@ -130,7 +135,7 @@ def main() -> None:
     src = SYNTH if SYNTH.exists() else "random Zipf-like"
     print(f"matrix: {X.shape[0]:,} users x {X.shape[1]:,} items, {X.nnz:,} interactions ({src}, "
           f"{time.perf_counter() - t0:.1f} s to load); factors={args.factors} threads={args.threads} "
-          f"iterations={args.iterations}", flush=True)
+          f"iterations={args.iterations} cg_kernel={args.cg_kernel}", flush=True)
     ctx = mp.get_context("fork")
     results = {}
     for fn in (run_batchrec, run_implicit):

@@ -15,7 +15,7 @@ from batchrec.metrics import evaluate_model
 from batchrec.models import create_model, parse_params
 from batchrec.models.base import Recommender
 from batchrec.models.ease import EASE, events_from_end, positive_weights
-from batchrec.models.ials import ObservedPairs, conjugate_gradient
+from batchrec.models.ials import ObservedPairs, conjugate_gradient, conjugate_gradient_fused
 from batchrec.models.itemknn import cosine_topk
 from batchrec.train import fit_model
 
@@ -91,6 +91,7 @@ def test_ials_vectors_reproduce_scores(fitted, ml_small):
 @pytest.mark.parametrize("name, bad", [
     ("ease", "lam=0"), ("ease", "lam=abc"), ("ease", "weighting=log"), ("ease", "recency_floor=2"),
     ("ials", "factors=0"), ("ials", "iterations=1.5"), ("ials", "alpha=-1"), ("ials", "cg_steps=0"),
+    ("ials", "cg_kernel=cuda"),
     ("itemknn", "k=0"), ("itemknn", "shrink=-1"), ("itemknn", "neighbours=5"), ("ease", "seed=1"),
 ])
 def test_bad_parameters_are_one_line_errors(name, bad):
@@ -142,7 +143,8 @@ def test_itemknn_similarity_by_hand():
     np.testing.assert_allclose(shrunk[2, 0], 2 / (np.sqrt(6) + 1), rtol=1e-6)
 
 
-def test_ials_conjugate_gradient_solves_the_normal_equations():
+@pytest.mark.parametrize("kernel", ["torch", "numba"])
+def test_ials_conjugate_gradient_solves_the_normal_equations(kernel):
     rng = np.random.default_rng(0)
     X = sp.random(40, 25, density=0.2, random_state=1, format="csr", dtype=np.float32)
     X.data[:] = rng.random(X.nnz).astype(np.float32) * 3  # e = c - 1 on observed pairs
@@ -157,12 +159,43 @@ def test_ials_conjugate_gradient_solves_the_normal_equations():
             rows.append(np.linalg.solve(A, Y.T @ ((e > 0) * (1 + e))))
         return np.array(rows)
 
-    x = torch.zeros(40, 6)
-    conjugate_gradient(x, V, pairs.user_layout, lambda v: pairs.dots(v, V), 0.5, 30)
+    x, y = torch.zeros(40, 6), torch.zeros(25, 6)
+    if kernel == "torch":
+        conjugate_gradient(x, V, pairs.user_layout, lambda v: pairs.dots(v, V), 0.5, 30)
+        conjugate_gradient(y, U, pairs.item_layout, lambda v: pairs.dots(U, v)[pairs.item_major], 0.5, 30)
+    else:
+        conjugate_gradient_fused(x, V, X, 0.5, 30)
+        conjugate_gradient_fused(y, U, X.T.tocsr(), 0.5, 30)
     np.testing.assert_allclose(x.numpy(), exact(V.numpy().astype(np.float64), X.toarray(), 0.5), atol=1e-4)
-    y = torch.zeros(25, 6)
-    conjugate_gradient(y, U, pairs.item_layout, lambda v: pairs.dots(U, v)[pairs.item_major], 0.5, 30)
     np.testing.assert_allclose(y.numpy(), exact(U.numpy().astype(np.float64), X.toarray().T, 0.5), atol=1e-4)
+
+
+def test_ials_fused_kernel_matches_the_torch_path(fitted, ml_small):
+    # `fitted` ran the CPU default (the fused numba kernel); the torch path must land on the same
+    # factors up to float rounding (3 iterations of 3 CG steps from the same random start).
+    assert fitted("ials").params["cg_kernel"] == "auto"
+    torch_path = fit_model("ials", ml_small, {**FAST["ials"], "cg_kernel": "torch"})[0]
+    users = _users(ml_small)
+    torch.testing.assert_close(fitted("ials").score(users), torch_path.score(users), rtol=1e-3, atol=1e-4)
+    assert not torch.equal(fitted("ials").user_vectors(), torch_path.user_vectors())  # really two code paths
+
+
+def test_ials_factors_do_not_depend_on_the_thread_count(fitted, ml_small):
+    threads = torch.get_num_threads()
+    if threads == 1:
+        pytest.skip("torch runs one thread only here")
+    try:
+        torch.set_num_threads(1)  # the fused kernel follows torch's thread count
+        single = fit_model("ials", ml_small, FAST["ials"])[0]
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(single.user_vectors(), fitted("ials").user_vectors())
+    assert torch.equal(single.item_vectors(), fitted("ials").item_vectors())
+
+
+def test_ials_numba_kernel_refuses_a_non_cpu_device(ml_small):
+    with pytest.raises(BatchrecError, match="cg_kernel=numba runs on the CPU only"):
+        fit_model("ials", ml_small, {**FAST["ials"], "cg_kernel": "numba"}, device="meta")
 
 
 def test_positive_weights_and_recency_order():
