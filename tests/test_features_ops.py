@@ -17,7 +17,6 @@ from features_support import (SNAPSHOT_COLUMNS, add_rows, day, latest, load_ml_s
 SMALL = [(1, 10, 4.0, day(1)), (1, 20, 3.0, day(2)), (2, 10, 5.0, day(3)), (2, 30, 2.0, day(4))]
 
 
-@pytest.mark.slow  # three ml-latest-small snapshots
 def test_no_leakage_and_determinism(tmp_path):
     wh = make_warehouse(tmp_path)
     load_ml_small(wh)

@@ -76,7 +76,6 @@ def test_bad_job_files_fail_with_one_line(tmp_path):
         load_job(bad)
 
 
-@pytest.mark.slow
 def test_job_runs_end_to_end_then_resumes_incrementally(tmp_path, job):
     wh = Warehouse(tmp_path / "w.duckdb")
     out = run_job(wh, job)
@@ -107,7 +106,6 @@ def test_job_runs_end_to_end_then_resumes_incrementally(tmp_path, job):
         assert con.sql("SELECT count(*) FROM feature_snapshots").fetchall()[0][0] == 2
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("step", ["ingest", "features", "train", "score", "evaluate"])
 def test_failure_in_any_step_leaves_published_tables_unchanged(tmp_path, job, step):
     wh = Warehouse(tmp_path / "w.duckdb")
@@ -130,7 +128,6 @@ def test_failure_in_any_step_leaves_published_tables_unchanged(tmp_path, job, st
     assert len(failed) == 1 and failed[0][0].endswith(step) and "injected failure" in failed[0][1]
 
 
-@pytest.mark.slow
 def test_ops_commands_on_a_scored_warehouse(tmp_path, job):
     wh_path = tmp_path / "w.duckdb"
     run_job(Warehouse(wh_path), job)
