@@ -30,7 +30,7 @@ import duckdb
 
 from batchrec.errors import BatchrecError
 from batchrec.features.params import PROTOCOLS as SPLIT_PROTOCOLS
-from batchrec.metrics import METRICS, measure, metric_sort_key
+from batchrec.metrics import METRICS, base_metric_name, measure, metric_sort_key
 from batchrec.report import Reference, ReportInfo, ReportRun, compare_references, write_report
 from batchrec.warehouse import Warehouse, query_pl, transaction, utcnow
 
@@ -43,7 +43,7 @@ PROTOCOLS: dict[str, str] = {p: p for p in SPLIT_PROTOCOLS} | {EVENTWISE: "leave
 COUNTS = ("users", "events", "n_known", "n_unknown")
 DEFAULT_THRESHOLD = 4.0
 # metrics shown in the terminal summary (the report has them all)
-SUMMARY = ("rmse", "mae", "precision", "recall", "ndcg", "map", "mrr", "coverage", "users", "events")
+SUMMARY = ("rmse", "mae", "precision", "recall", "ndcg", "hit_rate", "map", "mrr", "coverage", "users", "events")
 
 
 @dataclass(frozen=True)
@@ -235,7 +235,7 @@ def _select_metrics(metrics: dict[str, float], spec: Spec, wanted: set[str] | No
     def chosen(name: str) -> bool:
         if name == "mrr":  # the whole-list MRR duplicates mrr@max(K)
             return False
-        return keep is None or name in keep or name.split("@")[0] in keep
+        return keep is None or name in keep or base_metric_name(name) in keep
 
     out = {k: v for k, v in metrics.items() if k not in COUNTS and chosen(k) and math.isfinite(v)}
     ranking, rating = any("@" in k for k in out), any(k in ("rmse", "mae") for k in out)

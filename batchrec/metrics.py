@@ -22,22 +22,35 @@ METRICS: dict[str, bool | None] = {
     "rmse": False, "mae": False, "rmse_unknown": False,
     "precision": True, "recall": True, "ndcg": True, "hit_rate": True, "map": True, "mrr": True,
     "coverage": True, "novelty": True, "avg_popularity": None,
-    "users": None, "events": None, "n_known": None, "n_unknown": None,
+    "users": None, "events": None, "n_known": None, "n_unknown": None, "n": None,
 }
+
+
+# RMSE of the pairs whose item has a given number of training ratings: `rmse_items_<lo>-<hi>` or
+# `rmse_items_<lo>+`, with `n_items_...` the pairs in that bucket (see `rmse_by_item_count`).
+ITEM_COUNT_BUCKETS = (1, 5, 20, 100)
+
+
+def base_metric_name(metric: str) -> str:
+    """`rmse_items_5-19` -> `rmse`; `ndcg@10` -> `ndcg`."""
+    return metric.split("@")[0].split("_items_")[0]
 
 
 def higher_is_better(metric: str) -> bool | None:
     """Direction of `name` or `name@k`; None for counts and descriptive figures."""
-    return METRICS.get(metric.split("@")[0])
+    return METRICS.get(base_metric_name(metric))
 
 
 def metric_sort_key(metric: str) -> tuple:
     """Display order: rating metrics, then by K the ranking and beyond-accuracy ones, then counts."""
     name, _, k = metric.partition("@")
+    base, _, bucket = name.partition("_items_")
     order = list(METRICS)
-    pos = order.index(name) if name in order else len(order)
-    group = 0 if name in ("rmse", "mae", "rmse_unknown") else 2 if METRICS.get(name, 0) is None and not k else 1
-    return (group, int(k) if k else 0, pos, name)
+    pos = order.index(base) if base in order else len(order)
+    group = (0 if base in ("rmse", "mae", "rmse_unknown") else 2 if METRICS.get(base, 0) is None and not k
+             else 1)
+    lower_edge = int(bucket.split("-")[0].rstrip("+")) if bucket[:1].isdigit() else -1
+    return (group, int(k) if k else 0, pos, lower_edge, name)
 
 
 def rmse(pred: np.ndarray, true: np.ndarray) -> float:
@@ -46,6 +59,25 @@ def rmse(pred: np.ndarray, true: np.ndarray) -> float:
 
 def mae(pred: np.ndarray, true: np.ndarray) -> float:
     return float(np.mean(np.abs(np.asarray(pred, np.float64) - true)))
+
+
+def rmse_by_item_count(pred: np.ndarray, true: np.ndarray, item_train_count: np.ndarray,
+                       edges: tuple[int, ...] = (1, 5, 20, 100)) -> dict[str, dict[str, float]]:
+    """RMSE of rating predictions bucketed by how many training ratings the pair's item has.
+
+    `item_train_count[k]` is the training count of pair k's item. Buckets are [edges[j],
+    edges[j+1]) labelled "lo-hi" (inclusive), the last "lo+", and "<edges[0]" for counts below the
+    first edge (only present when such pairs exist). Returns {label: {"n", "rmse"}} in bucket order;
+    an empty bucket has rmse NaN.
+    """
+    edges = np.asarray(edges, np.int64)
+    bucket = np.searchsorted(edges, np.asarray(item_train_count), side="right")  # 0: below edges[0]
+    sq = (np.asarray(pred, np.float64) - true) ** 2
+    n = np.bincount(bucket, minlength=len(edges) + 1)
+    total = np.bincount(bucket, weights=sq, minlength=len(edges) + 1)
+    labels = [f"<{edges[0]}"] + [f"{lo}-{hi - 1}" for lo, hi in zip(edges[:-1], edges[1:])] + [f"{edges[-1]}+"]
+    return {label: {"n": int(n[b]), "rmse": float(np.sqrt(total[b] / n[b])) if n[b] else float("nan")}
+            for b, label in enumerate(labels) if b > 0 or n[0]}
 
 
 def canonical_order(items: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -200,6 +232,11 @@ def measure(model, data, ks=(10,), threshold: float = 4.0, memory_budget: int = 
         residuals = pred.astype(np.float64) - test.rating[known]
         if known.any():
             out |= {"rmse": rmse(pred, test.rating[known]), "mae": mae(pred, test.rating[known])}
+            by_count = rmse_by_item_count(pred, test.rating[known], item_count[test.item_idx[known]],
+                                          ITEM_COUNT_BUCKETS)
+            for label, bucket in by_count.items():
+                if bucket["n"]:
+                    out |= {f"rmse_items_{label}": bucket["rmse"], f"n_items_{label}": float(bucket["n"])}
         out["n_known"] = float(known.sum())
         if (~known).any():
             out |= {"rmse_unknown": rmse(np.clip(fb.float().cpu().numpy(), lo, hi), test.rating[~known]),

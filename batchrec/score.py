@@ -506,8 +506,11 @@ def explanation_similarity(model: Recommender, inputs: ScoringInputs) -> tuple[S
 def serve_model(model: Recommender, inputs: ScoringInputs, rows: np.ndarray, n: int, memory_budget: int,
                 explain: bool = True) -> Ranked:
     """Model-served rows: blocked top-N over the model's items, seen items removed, and each row's
-    anchor (the liked item most similar to the recommendation) from the same block."""
-    cand, col_of = _columns(inputs.candidates, model.n_items)
+    anchor (the liked item most similar to the recommendation) from the same block. Candidates
+    are the items the model was trained on, plus those it scores from content alone."""
+    from_content = model.content_scored_items()
+    cand, col_of = _columns(inputs.candidates if from_content is None else inputs.candidates | from_content,
+                            model.n_items)
     how = explanation_similarity(model, inputs) if explain else None
     anchors = np.full((len(rows), n), -1, np.int64)
 

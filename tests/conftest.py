@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -78,3 +79,20 @@ def load_ml_small(protocol: str | None = "user_temporal") -> SnapshotData:
 def ml_small() -> SnapshotData:
     """ml-latest-small, protocol user_temporal (81,200 / 9,818 / 9,819 rows)."""
     return load_ml_small("user_temporal")
+
+
+@pytest.fixture(scope="session")
+def fit_once(ml_small):
+    """fit_once(name, params) -> (model, trainer): `fit_model` on `ml_small`, run once per session for
+    each family and parameter set, so the interface tests of a family share their fits."""
+    from batchrec.train import fit_model
+
+    cache: dict[tuple[str, str], tuple] = {}
+
+    def get(name: str, params: dict | None = None) -> tuple:
+        key = (name, json.dumps(params or {}, sort_keys=True))
+        if key not in cache:
+            cache[key] = fit_model(name, ml_small, params)
+        return cache[key]
+
+    return get

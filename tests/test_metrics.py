@@ -12,7 +12,7 @@ import torch
 
 from batchrec.data import Interactions, SnapshotData
 from batchrec.metrics import (beyond_accuracy_metrics, canonical_order, evaluate_model, eventwise_metrics, mae,
-                              measure, ranking_metrics, rmse)
+                              measure, ranking_metrics, rmse, rmse_by_item_count)
 from batchrec.models.base import Recommender
 
 L2, L3 = math.log2(3), 2.0  # log2(3), log2(4): discounts of ranks 2 and 3
@@ -138,6 +138,9 @@ def test_measure_tiny_snapshot_by_hand():
     assert m["rmse"] == pytest.approx(math.sqrt((1.5 ** 2 + 3 ** 2 + 0 + 0.5 ** 2 + 1) / 5))
     assert m["mae"] == pytest.approx((1.5 + 3 + 0 + 0.5 + 1) / 5)
     assert sorted(np.abs(res.residuals).tolist()) == pytest.approx([0, 0.5, 1, 1.5, 3])
+    # every known test item has 1 or 2 training ratings: one bucket, holding every known pair
+    assert [k for k in m if "_items_" in k] == ["rmse_items_1-4", "n_items_1-4"]
+    assert m["rmse_items_1-4"] == pytest.approx(m["rmse"]) and m["n_items_1-4"] == 5
     # ranking part: user 0 list [4, 3] (short), relevant {3}; user 1 list [1, 3, 4] (tie -> lower
     # item first), relevant {1}; user 2 has no relevant item; item 5 is outside the catalogue.
     assert m["users"] == 2
@@ -149,6 +152,17 @@ def test_measure_tiny_snapshot_by_hand():
     assert m["coverage@3"] == pytest.approx(3 / 5)  # {1, 3, 4} of the 5 catalogue items
     assert m["coverage@1"] == pytest.approx(2 / 5)  # {4, 1}
     assert evaluate_model(_fixed_model(data), data, ks=[1, 3]) == m
+
+
+def test_rmse_by_item_count_by_hand():
+    pred, true = np.array([3.0, 4.0, 2.0, 5.0, 1.0]), np.array([4.0, 4.0, 4.0, 3.0, 1.0])
+    counts = np.array([0, 3, 7, 7, 150])
+    got = rmse_by_item_count(pred, true, counts, edges=(1, 5, 100))
+    assert list(got) == ["<1", "1-4", "5-99", "100+"]
+    assert got["<1"] == {"n": 1, "rmse": 1.0} and got["1-4"] == {"n": 1, "rmse": 0.0}
+    assert got["5-99"]["n"] == 2 and got["5-99"]["rmse"] == pytest.approx(2.0)  # errors 2 and 2
+    assert got["100+"] == {"n": 1, "rmse": 0.0}
+    assert "<1" not in rmse_by_item_count(pred[1:], true[1:], counts[1:], edges=(1, 5, 100))
 
 
 def test_measure_eventwise_tiny_snapshot_by_hand():

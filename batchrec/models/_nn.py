@@ -69,15 +69,16 @@ class SparseRows:
 
 def item_content(data, train_items: np.ndarray) -> sp.csr_matrix:
     """[genre multi-hot | TF-IDF tags] per item, each column max-abs scaled over the items that
-    have training interactions (sparsity kept; columns never seen on a training item are zeroed:
-    nothing could be learned about them). Either block may be zero-width."""
+    have training interactions (sparsity kept). Columns no training item has are dropped: nothing
+    could be learned about them, and so what only non-training items carry never changes the
+    model. Either block may be zero-width."""
     x = sp.hstack([data.item_genres.astype(np.float32), data.item_tags.astype(np.float32)], format="csr")
     x.sum_duplicates()
     if x.shape[1] == 0:
         return x
     scale = np.asarray(abs(x[np.flatnonzero(train_items)]).max(axis=0).todense()).ravel()
-    inv = np.divide(1.0, scale, out=np.zeros_like(scale), where=scale > 0).astype(np.float32)
-    x = (x @ sp.diags(inv)).tocsr()
+    used = np.flatnonzero(scale > 0)
+    x = (x[:, used] @ sp.diags((1.0 / scale[used]).astype(np.float32))).tocsr()
     x.eliminate_zeros()
     return x
 
@@ -109,6 +110,23 @@ def history_weights(events, min_rating: float = 0.0, weighting: str = "binary", 
     if recency_halflife > 0:
         w *= recency_floor + (1.0 - recency_floor) * 0.5 ** (events_from_end(events) / recency_halflife)
     return w.astype(np.float32)
+
+
+def recency_user_weights(events, recency: float) -> np.ndarray:
+    """Per training rating, exp(-k / recency) with k = the same user's later ratings (all 1 when
+    recency is 0): the weight with which the user's own parameters learn from it. Tastes drift,
+    and what is predicted is each user's next ratings; item parameters learn from every rating."""
+    if recency <= 0:
+        return np.ones(len(events), np.float32)
+    return np.exp(-events_from_end(events) / recency).astype(np.float32)
+
+
+def scale_grad(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    """x unchanged in the forward pass; its gradient multiplied by w (rows) in the backward."""
+    if w is None:
+        return x
+    w = w.reshape(-1, *([1] * (x.dim() - 1)))
+    return w * x + (1 - w) * x.detach()
 
 
 def require_ratings(data, model: str) -> tuple[float, float]:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from batchrec.models._nn import SparseRows, rating_validator, require_ratings
-from batchrec.models.base import Param, Recommender
+from batchrec.models.base import FactorModel, Param
 
 ACTIVATIONS = {"sigmoid": torch.sigmoid, "relu": torch.relu, "identity": lambda x: x}
 
@@ -48,12 +48,14 @@ class _AutoRecNet(nn.Module):
 
     def loss(self, rows: SparseRows, batch: torch.Tensor, reg_scale: float) -> torch.Tensor:
         h, row_of, cols, target = self.encode(rows, batch)
-        pred = (self.decoder(cols) * h[row_of]).sum(1) + self.dec_bias(cols)[:, 0]
+        # index_select, not h[row_of]: the backward of advanced indexing accumulates with atomic
+        # adds on CPU (run-to-run noise); index_select's index_add is deterministic.
+        pred = (self.decoder(cols) * h.index_select(0, row_of)).sum(1) + self.dec_bias(cols)[:, 0]
         l2 = (self.encoder.weight ** 2).sum() + (self.decoder.weight ** 2).sum()
         return (torch.sum((pred - target) ** 2) + reg_scale * l2) / max(len(target), 1)
 
 
-class AutoRec(Recommender):
+class AutoRec(FactorModel):
     """AutoRec: masked-MSE autoencoder of item (I-AutoRec) or user rating vectors.
 
     Defaults tuned once on the validation part of ml-latest-small user_temporal (valid RMSE over
@@ -102,7 +104,7 @@ class AutoRec(Recommender):
 
         trainer.fit(net, lambda batch: net.loss(rows, batch, reg_scale), (present,), epochs=p["epochs"],
                     batch_size=p["batch_size"], lr=p["lr"], validate=validate and export_and_validate,
-                    patience=p["patience"], lr_schedule=p["lr_schedule"], metric_name="valid_rmse")
+                    patience=p["patience"], lr_schedule=p["lr_schedule"], metric_name="valid_rmse", name=self.name)
         self._export(net, rows, item_based)
         return self
 
@@ -121,20 +123,3 @@ class AutoRec(Recommender):
             else:  # mu + b_u + h_u . V_i + c_i + b_i
                 self.U = torch.cat([codes, mu + b_user, torch.ones_like(b_user)], 1)
                 self.V = torch.cat([dec, torch.ones_like(b_item), b_item + dec_bias], 1)
-
-    def score(self, user_idx: torch.Tensor, item_idx: torch.Tensor | None = None) -> torch.Tensor:
-        if item_idx is None:
-            return self.U[user_idx] @ self.V.T
-        return (self.U[user_idx] * self.V[item_idx]).sum(1)
-
-    def user_vectors(self) -> torch.Tensor:
-        return self.U
-
-    def item_vectors(self) -> torch.Tensor:
-        return self.V
-
-    def state(self) -> dict:
-        return {"user_vectors": self.U, "item_vectors": self.V}
-
-    def load_state(self, state: dict) -> None:
-        self.U, self.V = state["user_vectors"], state["item_vectors"]

@@ -126,6 +126,12 @@ class Recommender:
     def item_vectors(self) -> torch.Tensor | None:
         return None
 
+    def content_scored_items(self) -> np.ndarray | None:
+        """Bool [n_items]: items without training interactions that this model scores from their
+        content (genres, tags), which the nightly scorer may then recommend; None: the model
+        knows only the items it was trained on."""
+        return None
+
     # -- shared machinery -------------------------------------------------------------------
     def prepare(self, data: "SnapshotData", device: torch.device) -> None:
         """Called by the trainer before `fit`: sizes, device and the fallback priors."""
@@ -191,3 +197,30 @@ class Recommender:
     def score_blocks(self, user_idx: torch.Tensor, block: int = 1024) -> torch.Tensor:
         """All-item scores for many users, computed in blocks (for small data and tests)."""
         return torch.cat([self.score(user_idx[i:i + block]) for i in range(0, len(user_idx), block)])
+
+
+class FactorModel(Recommender):
+    """A family whose fitted model is two matrices: score(u, i) = U[u] . V[i].
+
+    `fit` sets `self.U` [n_users, d] and `self.V` [n_items, d] (biases and means folded in as
+    columns); scoring, the scorer's vectors and the artifact come from here."""
+
+    U: torch.Tensor
+    V: torch.Tensor
+
+    def score(self, user_idx: torch.Tensor, item_idx: torch.Tensor | None = None) -> torch.Tensor:
+        if item_idx is None:
+            return self.U[user_idx] @ self.V.T
+        return (self.U[user_idx] * self.V[item_idx]).sum(1)
+
+    def user_vectors(self) -> torch.Tensor:
+        return self.U
+
+    def item_vectors(self) -> torch.Tensor:
+        return self.V
+
+    def state(self) -> dict[str, Any]:
+        return {"U": self.U, "V": self.V}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.U, self.V = state["U"], state["V"]

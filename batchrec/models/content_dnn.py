@@ -17,9 +17,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from batchrec.models._nn import SparseRows, item_content, pair_blocks, rating_validator, require_ratings, \
-    state_device
+from batchrec.models._nn import SparseRows, item_content, pair_blocks, rating_validator, recency_user_weights, \
+    require_ratings, scale_grad, state_device
 from batchrec.models.base import Param, Recommender
+
+TUNING = """
+Grid on the validation part of ml-latest-small / user_temporal (valid RMSE of the early-stopped
+epoch; the test part never looked at). Before: factors 32, lr 1e-3, no recency: 0.8635.
+User-row recency (the user's parameters learn from a rating with weight exp(-k/recency)):
+25 / 50 / 100 / 200 / 400: 0.8629 / 0.8583 / 0.8553 / 0.8561 / 0.8581 (the same weights on the
+whole loss instead: 0.8682 at 100). At recency 100: reg 0.02 / 0.1: 0.8551 / 0.8553; dropout 0.4:
+0.8680 (at lr 1e-3); id_dropout 0.3: 0.8603; factors 64: 0.8536; lr 2e-3: 0.8520, lr 4e-3:
+0.8497; lr 2e-3 + factors 64: 0.8494, + reg 0.02: 0.8509, + dropout 0.3: 0.8526; lr 4e-3 +
+factors 64: 0.8495, + reg 0.1: 0.8506. From the defaults below: hidden 128: 0.8499, dropout 0.3:
+0.8502, reg 0.1: 0.8501, batch 2048: 0.8522.
+Defaults: recency=100, lr=2e-3, factors=64 (hidden 64, dropout 0.2, id_dropout 0.1, reg 0.05).
+"""
 
 
 class _ContentNet(nn.Module):
@@ -47,10 +60,12 @@ class _ContentNet(nn.Module):
     def rating(self, logit: torch.Tensor) -> torch.Tensor:
         return self.scale[0] + self.scale[1] * torch.sigmoid(logit)
 
-    def forward(self, content: SparseRows, u: torch.Tensor, i: torch.Tensor, keep_id: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(predicted ratings, summed squares of the embedding rows used, for L2)."""
-        pu, bu, bi = self.user(u), self.user_bias(u)[:, 0], self.item_bias(i)[:, 0]
+    def forward(self, content: SparseRows, u: torch.Tensor, i: torch.Tensor, keep_id: torch.Tensor | None = None,
+                user_grad: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(predicted ratings, summed squares of the embedding rows used, for L2); `user_grad` scales
+        the gradient reaching each example's user rows."""
+        pu, bu = scale_grad(self.user(u), user_grad), scale_grad(self.user_bias(u)[:, 0], user_grad)
+        bi = self.item_bias(i)[:, 0]
         h = self.first_user(pu) + self.item_part(content, i, keep_id)
         sq = (pu ** 2).sum() + (self.item(i) ** 2).sum() + (bu ** 2).sum() + (bi ** 2).sum()
         return self.rating(self.tail(h)[:, 0] + bu + bi), sq
@@ -67,19 +82,21 @@ class ContentDNN(Recommender):
     """Content DNN: MLP over user/item embeddings + genre/tag features, sigmoid to the rating scale.
 
     Defaults tuned once on the validation part of ml-latest-small user_temporal (valid RMSE over
-    factors, hidden, dropout, reg, id_dropout and lr; early stopping picks the epoch).
+    recency, factors, dropout, reg, id_dropout and lr, see TUNING; early stopping picks the epoch).
     """
 
     name = "content_dnn"
     task = "rating"
     params_spec = (
-        Param("factors", int, 32, "user and item embedding size", min=1, max=4096),
+        Param("factors", int, 64, "user and item embedding size", min=1, max=4096),
         Param("hidden", int, 64, "width of the first MLP layer (the second is half)", min=2, max=8192),
         Param("dropout", float, 0.2, "dropout in the MLP", min=0.0, max=0.95),
         Param("id_dropout", float, 0.1, "probability of dropping the item id embedding of a training example",
               min=0.0, max=1.0),
         Param("reg", float, 0.05, "L2 on the embeddings and biases of each batch (per example)", min=0.0),
-        Param("lr", float, 1e-3, "Adam learning rate", min=1e-6, max=1.0),
+        Param("recency", float, 100.0, "user parameters learn from a rating with weight exp(-k/recency), k = the "
+              "user's later ratings (0: all alike)", min=0.0),
+        Param("lr", float, 2e-3, "Adam learning rate", min=1e-6, max=1.0),
         Param("batch_size", int, 1024, "ratings per batch", min=1),
         Param("epochs", int, 30, "maximum epochs", min=1, max=10000),
         Param("patience", int, 3, "epochs without validation improvement before stopping", min=1),
@@ -97,18 +114,20 @@ class ContentDNN(Recommender):
         self.content = SparseRows.from_scipy(item_content(data, in_train), self.device)
         self.net = self._net(self.content.n_cols, self.device)
         u, i, r = data.train.tensors(self.device)
+        w = torch.from_numpy(recency_user_weights(data.train, p["recency"])).to(self.device)
         with torch.no_grad():  # the output starts at the training mean
             self.net.scale.copy_(torch.tensor([lo, hi - lo]))
             mean = (float(self.priors["global_mean"]) - lo) / (hi - lo)
             self.net.tail[-1].bias.fill_(float(np.log(mean / (1 - mean))))
 
-        def loss(u: torch.Tensor, i: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        def loss(u: torch.Tensor, i: torch.Tensor, r: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
             keep = torch.rand(i.shape, device=i.device) >= p["id_dropout"]
-            pred, sq = self.net(self.content, u, i, keep)
+            pred, sq = self.net(self.content, u, i, keep, w)
             return torch.mean((pred - r) ** 2) + p["reg"] * sq / len(u)
 
-        trainer.fit(self.net, loss, (u, i, r), epochs=p["epochs"], batch_size=p["batch_size"], lr=p["lr"],
-                    validate=rating_validator(self, data), patience=p["patience"], metric_name="valid_rmse")
+        trainer.fit(self.net, loss, (u, i, r, w), epochs=p["epochs"], batch_size=p["batch_size"], lr=p["lr"],
+                    validate=rating_validator(self, data), patience=p["patience"], metric_name="valid_rmse",
+                    name=self.name)
         return self
 
     def score(self, user_idx: torch.Tensor, item_idx: torch.Tensor | None = None) -> torch.Tensor:

@@ -21,7 +21,7 @@ Defaults tuned once on the validation part of ml-latest-small / user_temporal (s
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import numba
 import numpy as np
@@ -34,7 +34,7 @@ from torch.nn import functional as F
 
 from batchrec.data import csr_to_torch
 from batchrec.errors import BatchrecError
-from batchrec.models.base import Param, Recommender
+from batchrec.models.base import FactorModel, Param
 from batchrec.models.ease import positive_matrix, recency_weights
 
 TUNING = """
@@ -202,7 +202,7 @@ def _cg_rows(x, Y, indptr, indices, e, gram, steps):
             rs = rs_new
 
 
-class ImplicitALS(Recommender):
+class ImplicitALS(FactorModel):
     """Implicit-feedback ALS: confidence-weighted factors, batched conjugate-gradient solves."""
 
     name = "ials"
@@ -256,20 +256,3 @@ class ImplicitALS(Recommender):
             iterate()
             trainer.log_epoch(epoch=it, seconds=time.perf_counter() - t0)
         return self
-
-    def score(self, user_idx: torch.Tensor, item_idx: torch.Tensor | None = None) -> torch.Tensor:
-        if item_idx is None:
-            return self.U[user_idx] @ self.V.T
-        return (self.U[user_idx] * self.V[item_idx]).sum(1)
-
-    def user_vectors(self) -> torch.Tensor:
-        return self.U
-
-    def item_vectors(self) -> torch.Tensor:
-        return self.V
-
-    def state(self) -> dict[str, Any]:
-        return {"U": self.U, "V": self.V}
-
-    def load_state(self, state: dict[str, Any]) -> None:
-        self.U, self.V = state["U"], state["V"]
