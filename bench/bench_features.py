@@ -33,13 +33,13 @@ def load_raw(data: Path, target: Path) -> None:
     staging.unlink(missing_ok=True)
     with Warehouse(staging).writer("bench") as con:
         con.execute(f"""INSERT INTO ratings SELECT userId, movieId, rating, make_timestamp(timestamp * 1000000),
-                        'ratings.csv' FROM read_csv('{data / "ratings.csv"}')""")
+                        0 FROM read_csv('{data / "ratings.csv"}')""")
         con.execute(f"""INSERT INTO tags SELECT userId, movieId, tag, make_timestamp(timestamp * 1000000),
-                        'tags.csv' FROM read_csv('{data / "tags.csv"}', quote = '"')""")
+                        0 FROM read_csv('{data / "tags.csv"}', quote = '"')""")
         con.execute(f"""INSERT INTO items SELECT movieId, title,
                         try_cast(regexp_extract(title, '\\((\\d{{4}})\\)\\s*$', 1) AS INTEGER),
                         CASE WHEN genres = '(no genres listed)' THEN []::VARCHAR[] ELSE string_split(genres, '|') END,
-                        'movies.csv' FROM read_csv('{data / "movies.csv"}', quote = '"')""")
+                        0 FROM read_csv('{data / "movies.csv"}', quote = '"')""")
     staging.rename(target)
     staging.with_name(staging.name + ".lock").unlink(missing_ok=True)
 

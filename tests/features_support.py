@@ -37,11 +37,11 @@ def add_rows(wh: Warehouse, ratings=(), tags=(), items=()) -> None:
     items: (item_id, title, year, genres)."""
     with wh.writer("test") as con:
         if ratings:
-            con.executemany("INSERT INTO ratings VALUES (?, ?, ?, ?, 'test')", [list(r) for r in ratings])
+            con.executemany("INSERT INTO ratings VALUES (?, ?, ?, ?, 0)", [list(r) for r in ratings])
         if tags:
-            con.executemany("INSERT INTO tags VALUES (?, ?, ?, ?, 'test')", [list(t) for t in tags])
+            con.executemany("INSERT INTO tags VALUES (?, ?, ?, ?, 0)", [list(t) for t in tags])
         if items:
-            con.executemany("INSERT INTO items VALUES (?, ?, ?, ?, 'test')", [list(i) for i in items])
+            con.executemany("INSERT INTO items VALUES (?, ?, ?, ?, 0)", [list(i) for i in items])
 
 
 def make_warehouse(tmp_path: Path, ratings=(), tags=(), items=()) -> Warehouse:
@@ -54,15 +54,15 @@ def load_ml_small(wh: Warehouse) -> None:
     """ml-latest-small's ratings, tags and movies into the raw tables (unix seconds -> UTC)."""
     with wh.writer("test") as con:
         con.execute(f"""INSERT INTO ratings
-            SELECT userId, movieId, rating, make_timestamp(timestamp * 1000000), 'ratings.csv'
+            SELECT userId, movieId, rating, make_timestamp(timestamp * 1000000), 0
             FROM read_csv('{ML_SMALL / "ratings.csv"}')""")
         con.execute(f"""INSERT INTO tags
-            SELECT userId, movieId, tag, make_timestamp(timestamp * 1000000), 'tags.csv'
+            SELECT userId, movieId, tag, make_timestamp(timestamp * 1000000), 0
             FROM read_csv('{ML_SMALL / "tags.csv"}', quote = '"')""")
         con.execute(f"""INSERT INTO items
             SELECT movieId, title, try_cast(regexp_extract(title, '\\((\\d{{4}})\\)\\s*$', 1) AS INTEGER),
                    CASE WHEN genres = '(no genres listed)' THEN []::VARCHAR[] ELSE string_split(genres, '|') END,
-                   'movies.csv'
+                   0
             FROM read_csv('{ML_SMALL / "movies.csv"}', quote = '"')""")
 
 

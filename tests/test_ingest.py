@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
@@ -17,7 +18,7 @@ from batchrec.cli import main
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 ML_SMALL = Path(__file__).resolve().parent.parent / "batchrec" / "datasets" / "ml-latest-small"
-RAW_TABLES = ("ratings", "items", "tags", "users", "ingest_log", "quarantine")
+RAW_TABLES = ("ratings", "items", "tags", "users", "sources", "ingest_log", "quarantine")
 
 
 # -- helpers (test_ingest_errors.py uses them too) ---------------------------------------------
@@ -179,7 +180,7 @@ def test_zip_with_top_folder(tmp_path):
     wh = tmp_path / "w.duckdb"
     ingest_ok(wh, str(archive))
     assert (count(wh, "ratings"), count(wh, "items"), count(wh, "users")) == (20, 19, 6)
-    assert rows(wh, "SELECT DISTINCT source FROM ratings") == [(f"{archive}/ml-1m/ratings.dat",)]
+    assert rows(wh, "SELECT DISTINCT source FROM ratings_with_source") == [(f"{archive}/ml-1m/ratings.dat",)]
     assert rows(wh, "SELECT title FROM items WHERE item_id = 3579") == [("Eréndira (1983)",)]
 
 
@@ -245,7 +246,7 @@ def test_incremental_append_and_latest_rating_wins(tmp_path):
                                          "3,12,5.0,1000\n"     # identical: untouched
                                          "4,13,2.5,3000\n")))  # new: appended
     assert "5 read, 3 new or changed" in out
-    assert rows(wh, "SELECT user_id, item_id, rating, ts, source FROM ratings ORDER BY ALL") == [
+    assert rows(wh, "SELECT user_id, item_id, rating, ts, source FROM ratings_with_source ORDER BY ALL") == [
         (1, 10, 4.5, utc(2000), f"{tmp_path}/day2/ratings.csv"),
         (1, 11, 4.0, utc(1000), f"{tmp_path}/day1/ratings.csv"),
         (2, 10, 3.5, utc(1000), f"{tmp_path}/day2/ratings.csv"),
@@ -276,3 +277,34 @@ def test_items_upsert_and_tags_dedupe(tmp_path):
     assert count(wh, "items") == 19
     assert rows(wh, "SELECT count(*) FROM tags WHERE user_id = 65 AND item_id = 208") == [(1,)]
     assert count(wh, "tags") == 10
+
+
+def test_repeated_tags_in_a_first_load_are_dropped(tmp_path):
+    """A first load reads tags straight into the empty table; exact repeats still go, near ones stay."""
+    d = copy_fixture("ml-20m", tmp_path)
+    (d / "tags.csv").write_text((d / "tags.csv").read_text() + "65,208,dark hero,1368150078\n"  # repeats line 3
+                                "65,208,Dark hero,1368150078\n65,208,dark hero,1368150090\n121,1,\"\"\"pixar\"\"\",1300000000\n")
+    wh = tmp_path / "w.duckdb"
+    assert "13 read, 11 new or changed" in ingest_ok(wh, str(d))
+    assert rows(wh, "SELECT user_id, tag, ts FROM tags WHERE item_id IN (1, 208) ORDER BY ALL") == [
+        (65, "Dark hero", utc(1368150078)), (65, "dark hero", utc(1368150078)), (65, "dark hero", utc(1368150090)),
+        (121, '"pixar"', utc(1300000000))]
+
+
+@pytest.mark.parametrize("layout", ["sorted", "two_runs", "swapped_halves", "shuffled"])
+@pytest.mark.parametrize("repeat", [False, True])
+def test_repeat_check_agrees_with_unique(layout, repeat):
+    """The in-file duplicate check (merge._repeats) on the key orders a read can leave: the file's
+    (sorted) order, its chunks dealt to two threads, halves swapped, no order at all."""
+    from batchrec.ingest.merge import _repeats
+
+    rng = np.random.default_rng(len(layout) + repeat)
+    keys = np.unique(rng.integers(0, 1 << 40, 20_000))
+    if repeat:
+        keys = np.sort(np.r_[keys, keys[rng.integers(len(keys))]])
+    chunks = np.array_split(keys, 16)
+    keys = {"sorted": keys, "two_runs": np.concatenate(chunks[0::2] + chunks[1::2]),
+            "swapped_halves": np.concatenate(chunks[8:] + chunks[:8]), "shuffled": rng.permutation(keys)}[layout]
+    expected = len(np.unique(keys)) < len(keys)
+    assert expected == repeat
+    assert _repeats(keys.copy()) == expected

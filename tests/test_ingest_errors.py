@@ -165,7 +165,7 @@ def test_error_in_a_later_file_rolls_back_the_earlier_ones(tmp_path, loaded):
     _edit_line(d / "tags.csv", 10, "121,1,pixar,1300000000")
     ingest_ok(loaded, str(d))
     assert count(loaded, "ratings") == 16 + 18 - 1  # the pair (2, 110) is in both; ml-20m's later rating wins
-    assert rows(loaded, "SELECT source FROM ratings WHERE user_id = 2 AND item_id = 110") == [(f"{d}/ratings.csv",)]
+    assert rows(loaded, "SELECT source FROM ratings_with_source WHERE user_id = 2 AND item_id = 110") == [(f"{d}/ratings.csv",)]
 
 
 def test_failed_first_ingest_leaves_an_empty_warehouse(tmp_path):

@@ -160,14 +160,14 @@ def _dialect(delim: str, encoding: str = "utf-8", header: bool = False, quoted: 
 
 def _ml_spec(fmt: str, kind: str, path: Path, label: str) -> FileSpec:
     """The spec of one MovieLens file; column names are the READMEs' (or the header's)."""
-    legacy_encoding = "utf-8" if kind == "ratings" or is_utf8(path) else "latin-1"
     scale = WHOLE_STARS if fmt in ("ml-100k", "ml-1m") else HALF_STARS
     rating_expected = f"a rating {scale}"
     if fmt == "ml-csv":
         header = ML_CSV_HEADERS[kind]
         dialect = _dialect(",", header=True, quoted=True)
-    else:
+    else:  # the older releases' metadata may be latin-1 (ml-csv is UTF-8: no need to decode it all first)
         header = ()
+        legacy_encoding = "utf-8" if kind == "ratings" or is_utf8(path) else "latin-1"
         dialect = _dialect("\t" if path.name == "u.data" else "|" if fmt == "ml-100k" else "::", legacy_encoding)
 
     if kind == "ratings":

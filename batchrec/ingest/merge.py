@@ -4,7 +4,7 @@
   (within one file an exact tie keeps the higher rating, so the result never depends on row
   order). Rows identical to what is stored are not rewritten, so re-ingesting changes nothing.
 * items, users: upsert by id; only new or changed rows are written.
-* tags: exact (user_id, item_id, tag, ts) duplicates are dropped.
+* tags: exact (user_id, item_id, tag, ts) repeats are dropped.
 
 Each merge is a staging anti-join plus DELETE ... USING and INSERT; no primary-key index (slow
 and memory-hungry at 20M rows). Returns the rows written (new or changed).
@@ -29,6 +29,9 @@ def merge(con, staged: Staged) -> int:
         wins = "s.ts > x.ts OR (s.ts = x.ts AND s.rating::FLOAT IS DISTINCT FROM x.rating)"
         return _replace(con, "ratings", staged, ("user_id", "item_id"), ("rating", "ts"), wins)
     if kind == "tags":
+        _drop_repeated_tags(con, staged.table)
+        if staged.direct:  # read straight into the empty tags table
+            return scalar(con, "SELECT count(*) FROM tags")
         return _insert_new_tags(con, staged)
     keys = ("item_id",) if kind == "items" else ("user_id",)
     values = ("title", "year", "genres") if kind == "items" else ("gender", "age", "occupation", "zip")
@@ -40,15 +43,15 @@ def merge(con, staged: Staged) -> int:
 def _replace(con, target: str, staged: Staged, keys: tuple, values: tuple, wins: str) -> int:
     """Insert staged rows whose key is new, and replace stored rows where `wins` holds."""
     cols = ", ".join((*keys, *values))
-    source = {"source": staged.spec.label}
+    source = {"source_id": staged.source_id}
     if not scalar(con, f"SELECT count(*) FROM (SELECT 1 FROM {target} LIMIT 1)"):  # first load: plain append
-        return con.execute(f"INSERT INTO {target} SELECT {cols}, $source FROM {staged.table}", source).fetchall()[0][0]
+        return con.execute(f"INSERT INTO {target} SELECT {cols}, $source_id FROM {staged.table}", source).fetchall()[0][0]
     on = " AND ".join(f"s.{k} = x.{k}" for k in keys)
     changed = f"{staged.table}_changed"
     con.execute(f"""CREATE TEMP TABLE {changed} AS SELECT s.* FROM {staged.table} s LEFT JOIN {target} x ON {on}
                     WHERE x.{keys[0]} IS NULL OR {wins}""")
     con.execute(f"DELETE FROM {target} x USING {changed} s WHERE {on}").fetchall()
-    loaded = con.execute(f"INSERT INTO {target} SELECT {cols}, $source FROM {changed}", source).fetchall()[0][0]
+    loaded = con.execute(f"INSERT INTO {target} SELECT {cols}, $source_id FROM {changed}", source).fetchall()[0][0]
     con.execute(f"DROP TABLE {changed}")
     return loaded
 
@@ -64,22 +67,28 @@ def _keep_latest_per_pair(con, table: str) -> None:
 
 
 def _has_duplicate_pairs(con, table: str) -> bool:
-    """Exact check on packed int64 keys sorted in numpy (~5x faster than DuckDB's 20M-group hash
+    """Exact check on packed int64 keys in numpy (~5x faster than DuckDB's 20M-group hash
     aggregate; much more for files that come sorted)."""
     lo_u, hi_u, lo_i, hi_i, n = con.execute(
         f"SELECT min(user_id), max(user_id), min(item_id), max(item_id), count(*) FROM {table}").fetchall()[0]
     if n < 2:
         return False
     if min(lo_u, lo_i) >= 0 and max(hi_u, hi_i) < _KEY_LIMIT:
-        keys = con.sql(f"SELECT (user_id << 32) | item_id AS k FROM {table}").fetchnumpy()["k"]
-        steps_down = np.count_nonzero(keys[1:] <= keys[:-1])
-        if steps_down == 0:
-            return False
-        # MovieLens files are sorted by (user, item), and parallel inserts keep long sorted runs:
-        # timsort ('stable') merges a few runs in a fraction of a quicksort; random order is the reverse.
-        keys.sort(kind="stable" if steps_down * 1000 < len(keys) else "quicksort")
-        return bool(np.any(keys[1:] == keys[:-1]))
+        return _repeats(con.sql(f"SELECT (user_id << 32) | item_id AS k FROM {table}").fetchnumpy()["k"])
     return bool(scalar(con, f"SELECT count(*) FROM (SELECT 1 FROM {table} GROUP BY user_id, item_id HAVING count(*) > 1)"))
+
+
+def _repeats(keys: np.ndarray) -> bool:
+    """Whether some value occurs twice in `keys` (sorted in place when need be).
+
+    MovieLens files are sorted by (user, item), and a parallel read keeps long sorted runs (each
+    thread's chunks in file order): timsort ('stable') merges a few runs in a fraction of a
+    quicksort; random order is the reverse."""
+    steps_down = np.count_nonzero(keys[1:] <= keys[:-1])
+    if steps_down == 0:
+        return False
+    keys.sort(kind="stable" if steps_down * 1000 < len(keys) else "quicksort")
+    return bool(np.any(keys[1:] == keys[:-1]))
 
 
 def _one_row_per_key(con, table: str, keys: tuple, values: tuple) -> None:
@@ -88,9 +97,20 @@ def _one_row_per_key(con, table: str, keys: tuple, values: tuple) -> None:
                     QUALIFY row_number() OVER (PARTITION BY {', '.join(keys)} ORDER BY {', '.join(values)}) = 1""")
 
 
+def _drop_repeated_tags(con, table: str) -> None:
+    """Delete exact repeats of a tag application within one file. Equal 64-bit hashes are only a
+    hint (found in numpy, far cheaper than a DISTINCT over the tag text); the delete is exact."""
+    hashes = con.sql(f"SELECT hash(user_id, item_id, tag, ts) AS h FROM {table}").fetchnumpy()["h"]
+    if not _repeats(hashes):
+        return
+    con.execute(f"""DELETE FROM {table} WHERE rowid IN (
+                        SELECT rowid FROM {table}
+                        QUALIFY row_number() OVER (PARTITION BY user_id, item_id, tag, ts) > 1)""").fetchall()
+
+
 def _insert_new_tags(con, staged: Staged) -> int:
     new = "" if not scalar(con, "SELECT count(*) FROM (SELECT 1 FROM tags LIMIT 1)") else """
         WHERE NOT EXISTS (SELECT 1 FROM tags x WHERE x.user_id = s.user_id AND x.item_id = s.item_id
                                                  AND x.tag = s.tag AND x.ts = s.ts)"""
-    return con.execute(f"INSERT INTO tags SELECT DISTINCT s.user_id, s.item_id, s.tag, s.ts, $source "
-                       f"FROM {staged.table} s {new}", {"source": staged.spec.label}).fetchall()[0][0]
+    return con.execute(f"INSERT INTO tags SELECT s.user_id, s.item_id, s.tag, s.ts, $source_id "
+                       f"FROM {staged.table} s {new}", {"source_id": staged.source_id}).fetchall()[0][0]

@@ -29,6 +29,7 @@ class Staged:
     spec: FileSpec
     table: str       # where the good rows are: a temp table (STAGE_COLUMNS[kind]) or the target itself
     direct: bool     # True: the rows were appended straight to the (empty) warehouse table
+    source_id: int   # the file's id in `sources`, which every row it adds carries
     bad: str         # temp table (line, reason, raw) of the rejected lines
     rows_read: int   # data lines (or rows) in the file
     n_bad: int
@@ -40,11 +41,11 @@ class _Destination:
 
     table: str
     direct: bool
-    label: str
+    source_id: int
 
     def fill(self, con, select: str, source: str) -> None:
         if self.direct:
-            con.execute(f"INSERT INTO {self.table} BY NAME SELECT {select}, {lit(self.label)} AS source "
+            con.execute(f"INSERT INTO {self.table} BY NAME SELECT {select}, {self.source_id:d} AS source_id "
                         f"FROM {source}").fetchall()
         else:
             con.execute(f"CREATE TEMP TABLE {self.table} AS SELECT {select} FROM {source}")
@@ -53,12 +54,12 @@ class _Destination:
         con.execute(f"DELETE FROM {self.table}" if self.direct else f"DROP TABLE IF EXISTS {self.table}").fetchall()
 
 
-def stage(con: duckdb.DuckDBPyConnection, spec: FileSpec, n: int, into: str | None = None) -> Staged:
+def stage(con: duckdb.DuckDBPyConnection, spec: FileSpec, n: int, source_id: int, into: str | None = None) -> Staged:
     """Read `spec` into temp table stage_<n> (or, with `into`, straight into that empty warehouse
-    table, which saves a copy of a big first load) and its rejected lines into bad_<n>."""
+    table with `source_id`, which saves a copy of a big first load) and its rejected lines into bad_<n>."""
     if spec.path.stat().st_size == 0:
         raise BatchrecError(f"{spec.label}: empty file, expected {spec.kind} rows")
-    dest = _Destination(into or f"stage_{n}", into is not None, spec.label)
+    dest = _Destination(into or f"stage_{n}", into is not None, source_id)
     bad = f"bad_{n}"
     try:
         if spec.csv is None:
@@ -73,7 +74,7 @@ def stage(con: duckdb.DuckDBPyConnection, spec: FileSpec, n: int, into: str | No
     if good + n_bad == 0:
         raise BatchrecError(f"{spec.label}: no data rows, expected {spec.kind} rows"
                             + (" after the header" if spec.csv and spec.csv["header"] else ""))
-    return Staged(spec, dest.table, dest.direct, bad, good + n_bad, n_bad)
+    return Staged(spec, dest.table, dest.direct, source_id, bad, good + n_bad, n_bad)
 
 
 # -- CSV and friends: the native reader does the validation -----------------------------------

@@ -67,9 +67,11 @@ def _ingest_file(con, spec: FileSpec, n: int, ingest_id: str, quarantine: bool, 
     if seen:
         result = FileResult(spec, 0, 0, 0, skipped=True)
     else:
-        # A first load of ratings (the big file) is read straight into the empty table: no copy.
-        direct = spec.kind == "ratings" and not scalar(con, "SELECT count(*) FROM (SELECT 1 FROM ratings LIMIT 1)")
-        staged = stage(con, spec, n, into="ratings" if direct else None)
+        source_id = _source_id(con, spec.label)
+        # A first load of ratings or tags (the big files) is read straight into the empty table: no copy.
+        direct = spec.kind in ("ratings", "tags") and not scalar(
+            con, f"SELECT count(*) FROM (SELECT 1 FROM {spec.kind} LIMIT 1)")
+        staged = stage(con, spec, n, source_id, into=spec.kind if direct else None)
         if staged.n_bad and not quarantine:
             line, reason = con.execute(f"SELECT line, reason FROM {staged.bad} ORDER BY line LIMIT 1").fetchall()[0]
             others = staged.n_bad - 1
@@ -90,6 +92,14 @@ def _ingest_file(con, spec: FileSpec, n: int, ingest_id: str, quarantine: bool, 
     log.info("%s %s: %d read, %d loaded, %d rejected%s", spec.kind, spec.label, result.rows_read,
              result.rows_loaded, result.rows_rejected, " (unchanged, skipped)" if result.skipped else "")
     return result
+
+
+def _source_id(con, file: str) -> int:
+    """The id of `file` in `sources` (what the raw tables' source_id refers to); a file seen for the
+    first time gets the next one."""
+    con.execute("INSERT INTO sources SELECT (SELECT coalesce(max(source_id), 0) + 1 FROM sources), $file "
+                "WHERE NOT EXISTS (SELECT 1 FROM sources WHERE file = $file)", {"file": file}).fetchall()
+    return scalar(con, "SELECT source_id FROM sources WHERE file = ?", [file])
 
 
 def _summary(ingest_id: str, fmt: str, label: str, results: list[FileResult]) -> str:

@@ -1,7 +1,7 @@
 """Where the files come from: a directory, a .zip archive, a single file, or an embedded dataset.
 
 `open_source` yields a `Source`: a directory to look in plus the label that error messages,
-`ingest_log.file` and the `source` columns use for each file (the path as the user gave it, so
+`ingest_log.file` and `sources.file` use for each file (the path as the user gave it, so
 `ml-1m.zip/ml-1m/ratings.dat:17: ...` points at the right place). A zip is extracted to a
 temporary directory that is removed afterwards.
 """
