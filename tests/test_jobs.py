@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
+import batchrec.evaluate
+import batchrec.features.snapshots
+import batchrec.ingest.run
+import batchrec.score
+import batchrec.warehouse
 from batchrec.cli import main
 from batchrec.errors import BatchrecError
 from batchrec.jobs import load_job, run_job
+from batchrec.models.base import Recommender
 from batchrec.warehouse import Warehouse
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,6 +133,60 @@ def test_failure_in_any_step_leaves_published_tables_unchanged(tmp_path, job, st
     with wh.connect(read_only=True) as con:
         failed = con.sql("SELECT step, error FROM job_runs WHERE status = 'failed'").fetchall()
     assert len(failed) == 1 and failed[0][0].endswith(step) and "injected failure" in failed[0][1]
+
+
+def _fail_at_commit(monkeypatch, module) -> None:
+    """The step does all its work, then its final transaction fails just before COMMIT."""
+    real = batchrec.warehouse.transaction
+
+    @contextmanager
+    def failing(con):
+        with real(con):
+            yield con
+            raise OSError("injected: disk full at commit")
+
+    monkeypatch.setattr(module, "transaction", failing)
+
+
+def _fail_while_saving(monkeypatch) -> None:
+    def save(self, path):
+        Path(path).mkdir(parents=True, exist_ok=True)
+        (Path(path) / "half-written").write_text("x")
+        raise OSError("injected: disk full while saving the artifact")
+
+    monkeypatch.setattr(Recommender, "save", save)
+
+
+MID_STEP = {"ingest": lambda mp: _fail_at_commit(mp, batchrec.ingest.run),
+            "features": lambda mp: _fail_at_commit(mp, batchrec.features.snapshots),
+            "train": _fail_while_saving,
+            "score": lambda mp: _fail_at_commit(mp, batchrec.score),
+            "evaluate": lambda mp: _fail_at_commit(mp, batchrec.evaluate)}
+
+
+@pytest.mark.parametrize("step", list(MID_STEP))
+def test_failure_inside_a_step_after_its_work_leaves_published_tables_unchanged(tmp_path, job, step, monkeypatch):
+    wh = Warehouse(tmp_path / "w.duckdb")
+    run_job(wh, job)
+    (tmp_path / "landing").mkdir()
+    (tmp_path / "landing" / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,2,4.5,1600000000\n")
+    job.write_text(job.read_text().replace('dataset = "ml-latest-small"', f'path = "{tmp_path / "landing"}"'))
+    before = _contents(wh)
+    artifacts = sorted(p.name for p in wh.artifacts_dir.iterdir())
+    MID_STEP[step](monkeypatch)
+    with pytest.raises(OSError, match="injected"):
+        run_job(wh, job)
+    after = _contents(wh)
+    for table in {"ingest": PUBLISHED, "features": PUBLISHED[3:], "train": PUBLISHED[4:],
+                  "score": PUBLISHED[5:], "evaluate": PUBLISHED[6:]}[step]:
+        assert after[table] == before[table], table
+    if step == "train":  # the half-written artifact is gone too
+        assert sorted(p.name for p in wh.artifacts_dir.iterdir()) == artifacts
+    monkeypatch.undo()
+    run_job(wh, job)  # and the rerun resumes at the failed step
+    with wh.connect(read_only=True) as con:
+        statuses = dict(con.sql("SELECT step, status FROM job_runs ORDER BY started").fetchall())
+    assert all(v in ("ok", "skipped") for v in statuses.values())
 
 
 def test_ops_commands_on_a_scored_warehouse(tmp_path, job):
