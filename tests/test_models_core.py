@@ -25,15 +25,8 @@ SEEDED = ("mf", "bpr")  # families whose result depends on the seed beyond sign/
 
 
 @pytest.fixture(scope="module")
-def fitted(ml_small):
-    cache: dict[str, Recommender] = {}
-
-    def get(name: str) -> Recommender:
-        if name not in cache:
-            cache[name] = fit_model(name, ml_small, FAST[name])[0]
-        return cache[name]
-
-    return get
+def fitted(fit_once):
+    return lambda name: fit_once(name, FAST[name])[0]
 
 
 def _users(data, n=50):

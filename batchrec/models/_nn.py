@@ -11,6 +11,7 @@ import scipy.sparse as sp
 import torch
 
 from batchrec.errors import BatchrecError
+from batchrec.models.ease import events_from_end, positive_weights, recency_weights
 
 # Elements of one [users x items x hidden] activation block in the all-item scoring of MLP models.
 PAIR_BLOCK_ELEMENTS = 1 << 25
@@ -83,17 +84,6 @@ def item_content(data, train_items: np.ndarray) -> sp.csr_matrix:
     return x
 
 
-def events_from_end(events) -> np.ndarray:
-    """For each event, how many events of the same user come after it (by time, then item)."""
-    order = np.lexsort((events.item_idx, events.ts, events.user_idx))
-    users = events.user_idx[order]
-    counts = np.bincount(users)
-    first = np.cumsum(counts) - counts
-    out = np.empty(len(events), np.int64)
-    out[order] = counts[users] - 1 - (np.arange(len(events)) - first[users])
-    return out
-
-
 def history_weights(events, min_rating: float = 0.0, weighting: str = "binary", rating_offset: float = 2.0,
                     recency_halflife: float = 0.0, recency_floor: float = 0.1) -> np.ndarray:
     """Weight of each event in a user's history (0: left out), float32.
@@ -102,14 +92,9 @@ def history_weights(events, min_rating: float = 0.0, weighting: str = "binary", 
     max(rating - rating_offset, 0.5) (`rating`: a 5 says more than a 3); implicit events weigh 1.
     Times a recency factor floor + (1 - floor) * 0.5 ** (k / halflife), k = the user's later
     events: the next items a user picks follow their latest taste (halflife 0: off)."""
-    r = events.rating
-    implicit = np.isnan(r)
-    w = np.where(implicit | (np.nan_to_num(r) >= min_rating), 1.0, 0.0)
-    if weighting == "rating":
-        w *= np.where(implicit, 1.0, np.maximum(np.nan_to_num(r) - rating_offset, 0.5))
-    if recency_halflife > 0:
-        w *= recency_floor + (1.0 - recency_floor) * 0.5 ** (events_from_end(events) / recency_halflife)
-    return w.astype(np.float32)
+    w = positive_weights(events, min_rating, weighting, rating_offset).astype(np.float64)
+    recency = recency_weights(events, recency_halflife, recency_floor)
+    return (w if recency is None else w * recency).astype(np.float32)
 
 
 def recency_user_weights(events, recency: float) -> np.ndarray:

@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from batchrec.errors import BatchrecError
-from batchrec.models._nn import SparseRows, events_from_end, history_weights, item_content, ranking_validator
+from batchrec.models._nn import SparseRows, history_weights, item_content, ranking_validator
 from batchrec.models.base import FactorModel, Param
+from batchrec.models.ease import events_from_end
 
 TUNING = """
 Grid on the validation part of ml-latest-small / user_temporal (NDCG@10 of the early-stopped
