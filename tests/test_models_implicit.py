@@ -14,7 +14,7 @@ from batchrec.errors import BatchrecError
 from batchrec.metrics import evaluate_model
 from batchrec.models import create_model, parse_params
 from batchrec.models.base import Recommender
-from batchrec.models.ease import EASE, events_from_end, positive_weights
+from batchrec.models.ease import EASE, events_from_end, positive_weights, query_weights
 from batchrec.models.ials import ObservedPairs, conjugate_gradient, conjugate_gradient_fused
 from batchrec.models.itemknn import cosine_topk
 from batchrec.train import fit_model
@@ -204,8 +204,8 @@ def test_positive_weights_and_recency_order():
 # -- quality targets (like-for-like protocol: fit on train, history = train, tune on valid only)
 # The issue's reference figures on this split (popular libraries, same protocol): EASE 0.0802,
 # implicit-ALS library 0.0707, item-kNN 0.0511; every family must also beat most-popular. The
-# issue's 0.085 target is for the best of ease / ials / bpr together (not met by ease/ials alone:
-# test 0.0843 / 0.0841 with defaults tuned on valid; see the families' TUNING notes).
+# issue's 0.085 target is for the best of ease / ials / bpr (defaults tuned on valid only; see
+# the families' TUNING notes).
 REFERENCE = {"ease": 0.0802, "ials": 0.0707, "itemknn": 0.0511}
 
 
@@ -220,4 +220,20 @@ def test_ndcg(ml_small):
 def test_defaults_beat_the_reference_library_and_popularity(name, test_ndcg):
     assert test_ndcg[name] > REFERENCE[name], test_ndcg
     assert test_ndcg[name] > test_ndcg["popularity"], test_ndcg
+
+
+@pytest.mark.slow
+def test_the_best_ranking_family_reaches_the_target(test_ndcg):
+    assert max(test_ndcg[n] for n in ("ease", "ials")) >= 0.085, test_ndcg
+
+
+def test_ease_query_is_signed_around_the_offset():
+    ev = Interactions(user_idx=np.array([0, 0, 0, 1]), item_idx=np.array([0, 1, 2, 0]),
+                      rating=np.array([5.0, 1.5, 2.5, np.nan], np.float32), ts=np.array([1, 2, 3, 4]))
+    np.testing.assert_allclose(query_weights(ev, 2.5, 0.5), [2.5, -0.5, 0.0, 1.0])
+    model = EASE(recency_halflife=0.0)
+    model.n_users, model.n_items = 2, 3
+    q = model._query(ev).toarray()
+    np.testing.assert_allclose(q, [[2.5, -0.5, 0.0], [1.0, 0.0, 0.0]])
+    assert model._query(ev).nnz == 3  # a rating at the offset says nothing: not stored
 
