@@ -291,12 +291,15 @@ def test_repeated_tags_in_a_first_load_are_dropped(tmp_path):
         (121, '"pixar"', utc(1300000000))]
 
 
-@pytest.mark.parametrize("layout", ["sorted", "two_runs", "swapped_halves", "shuffled"])
+@pytest.mark.parametrize("layout", ["sorted", "two_runs", "swapped_halves", "chunks_dealt", "shuffled"])
 @pytest.mark.parametrize("repeat", [False, True])
-def test_repeat_check_agrees_with_unique(layout, repeat):
+@pytest.mark.parametrize("jump", [None, 2 << 32])
+def test_repeat_check_agrees_with_unique(layout, repeat, jump):
     """The in-file duplicate check (merge._repeats) on the key orders a read can leave: the file's
-    (sorted) order, its chunks dealt to two threads, halves swapped, no order at all."""
-    from batchrec.ingest.merge import _repeats
+    (sorted) order, its chunks dealt to two threads, halves swapped, many chunks in any order, no
+    order at all. File chunks in any order are decided without sorting when pieces are cut at
+    jumps; a repeat or a shuffle needs the sort."""
+    from batchrec.ingest.merge import _disjoint_pieces, _repeats
 
     rng = np.random.default_rng(len(layout) + repeat)
     keys = np.unique(rng.integers(0, 1 << 40, 20_000))
@@ -304,7 +307,12 @@ def test_repeat_check_agrees_with_unique(layout, repeat):
         keys = np.sort(np.r_[keys, keys[rng.integers(len(keys))]])
     chunks = np.array_split(keys, 16)
     keys = {"sorted": keys, "two_runs": np.concatenate(chunks[0::2] + chunks[1::2]),
-            "swapped_halves": np.concatenate(chunks[8:] + chunks[:8]), "shuffled": rng.permutation(keys)}[layout]
+            "swapped_halves": np.concatenate(chunks[8:] + chunks[:8]),
+            "chunks_dealt": np.concatenate([chunks[i] for i in rng.permutation(16)]),
+            "shuffled": rng.permutation(keys)}[layout]
     expected = len(np.unique(keys)) < len(keys)
     assert expected == repeat
-    assert _repeats(keys.copy()) == expected
+    as_read = [keys[:7000], keys[7000:]]  # in chunks, as a read hands them over
+    assert _repeats(as_read, jump) == expected
+    fast = not repeat and layout != "shuffled" and (jump is not None or layout in ("sorted", "swapped_halves"))
+    assert _disjoint_pieces(as_read, jump) == fast  # decided in one pass, without a sort

@@ -18,6 +18,7 @@ from batchrec.ingest.read import Staged
 from batchrec.warehouse import scalar
 
 _KEY_LIMIT = 1 << 31  # ids below this pack two to an int64 for the duplicate check
+_BLOCK = 1 << 18  # keys per block of the repeat scan
 
 
 def merge(con, staged: Staged) -> int:
@@ -74,21 +75,49 @@ def _has_duplicate_pairs(con, table: str) -> bool:
     if n < 2:
         return False
     if min(lo_u, lo_i) >= 0 and max(hi_u, hi_i) < _KEY_LIMIT:
-        return _repeats(con.sql(f"SELECT (user_id << 32) | item_id AS k FROM {table}").fetchnumpy()["k"])
+        keys = con.sql(f"SELECT (user_id << 32) | item_id AS k FROM {table}").to_arrow_table().column("k")
+        return _repeats([chunk.to_numpy() for chunk in keys.chunks], jump=2 << 32)  # zero-copy views
     return bool(scalar(con, f"SELECT count(*) FROM (SELECT 1 FROM {table} GROUP BY user_id, item_id HAVING count(*) > 1)"))
 
 
-def _repeats(keys: np.ndarray) -> bool:
-    """Whether some value occurs twice in `keys` (sorted in place when need be).
-
-    MovieLens files are sorted by (user, item), and a parallel read keeps long sorted runs (each
-    thread's chunks in file order): timsort ('stable') merges a few runs in a fraction of a
-    quicksort; random order is the reverse."""
-    steps_down = np.count_nonzero(keys[1:] <= keys[:-1])
-    if steps_down == 0:
+def _repeats(chunks: list[np.ndarray], jump: int | None = None) -> bool:
+    """Whether some value occurs twice in the concatenation of `chunks`: decided in one pass when
+    `_disjoint_pieces` proves there is none, else by sorting a copy (timsort, 'stable', merges a
+    few long runs in a fraction of a quicksort)."""
+    n = sum(len(c) for c in chunks)
+    if n < 2 or _disjoint_pieces(chunks, jump):
         return False
-    keys.sort(kind="stable" if steps_down * 1000 < len(keys) else "quicksort")
+    keys = np.concatenate(chunks)
+    falls = np.count_nonzero(keys[1:] <= keys[:-1])
+    keys.sort(kind="stable" if falls * 1000 < n else "quicksort")
     return bool(np.any(keys[1:] == keys[:-1]))
+
+
+def _disjoint_pieces(chunks: list[np.ndarray], jump: int | None) -> bool:
+    """True when the keys split into strictly increasing pieces whose value ranges do not overlap,
+    which proves no key repeats (False: unknown).
+
+    MovieLens files are sorted by (user, item) and a parallel read appends them as a few thousand
+    file chunks in some order, so pieces are cut where the key falls, or rises by more than
+    `jump` (for packed (user, item) keys: where the user id skips one, i.e. where one file chunk
+    ends and another begins), and at block ends. Any cuts are sound; these make sorted files pass."""
+    firsts, lasts, n = [], [], 0
+    for chunk in chunks:
+        for a in range(0, len(chunk), _BLOCK):  # cache-sized blocks: no long temporaries
+            block = chunk[a:a + _BLOCK]
+            step = np.diff(block)
+            cut = step <= 0
+            if jump is not None:
+                cut |= step > jump
+            starts = np.flatnonzero(cut) + 1
+            firsts.append(block[np.concatenate([[0], starts])])
+            lasts.append(block[np.concatenate([starts, [len(block)]]) - 1])
+            n += len(block)
+    firsts, lasts = np.concatenate(firsts), np.concatenate(lasts)
+    if len(firsts) * 16 > n:  # short pieces: not a sorted file; the sort decides
+        return False
+    order = np.argsort(firsts, kind="stable")
+    return bool((lasts[order][:-1] < firsts[order][1:]).all())
 
 
 def _one_row_per_key(con, table: str, keys: tuple, values: tuple) -> None:
@@ -101,7 +130,7 @@ def _drop_repeated_tags(con, table: str) -> None:
     """Delete exact repeats of a tag application within one file. Equal 64-bit hashes are only a
     hint (found in numpy, far cheaper than a DISTINCT over the tag text); the delete is exact."""
     hashes = con.sql(f"SELECT hash(user_id, item_id, tag, ts) AS h FROM {table}").fetchnumpy()["h"]
-    if not _repeats(hashes):
+    if not _repeats([hashes]):
         return
     con.execute(f"""DELETE FROM {table} WHERE rowid IN (
                         SELECT rowid FROM {table}
