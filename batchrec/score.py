@@ -10,10 +10,11 @@
    to -inf, `torch.topk` on the model's device, and the "because you rated <title>" anchor found
    in the same pass (`explain_anchors`). Users the model cannot serve get a genre/tag profile
    ranking, or popularity when nothing is known about them. No per-row Python anywhere.
-3. Publish: rows go to a staging Parquet file first; one transaction then moves the current
-   `recommendations` to `recommendation_history`, expires old history and inserts the new run.
-   The DuckDB file is not held while scoring, so readers see the old run until the commit and
-   the new one after; a crash or kill -9 before the commit leaves the old run in place.
+3. Publish: the new rows wait in memory (an Arrow table; shards: their Parquet files) while
+   one transaction moves the current `recommendations` to `recommendation_history`, expires old
+   history and inserts the new run. The DuckDB file is not held while scoring, so readers see
+   the old run until the commit and the new one after; a crash or kill -9 before the commit
+   leaves the old run in place.
 
 `--shard i/N` scores a fixed hash partition of users to a Parquet file (no lock, read-only
 warehouse) and `--publish RUN` swaps in the union of a run's N shards the same way.
@@ -48,7 +49,7 @@ log = logging.getLogger("batchrec.score")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*$", re.I)
 _SHARD = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 
-# Test hook: seconds to sleep between staging and publishing (lets tests kill -9 or read there).
+# Test hook: seconds to sleep between scoring and publishing (lets tests kill -9 or read there).
 PAUSE_ENV = "BATCHREC_SCORE_PAUSE_BEFORE_PUBLISH"
 
 EXPLAIN_ANCHORS = 32  # liked items per user that explanations consider (a fixed sample beyond that)
@@ -195,8 +196,10 @@ def model_scorer(model: Recommender, cand: np.ndarray | None) -> Scorer:
         if dev.type == "cpu":  # numpy's BLAS (OpenBLAS) multiplies ~1.7x faster than torch's here (DESIGN)
             U_np, V_np = U.numpy(), Vc.numpy()
             # einsum without `optimize` is a plain loop per (row, column): no BLAS, 3x cheaper than torch here
-            return ((lambda rows: torch.from_numpy(U_np[rows] @ V_np.T)),
-                    lambda rows, cols: torch.from_numpy(np.einsum("bd,bkd->bk", U_np[rows], V_np[cols.numpy()])))
+            # np.take gathers rows ~1.5x faster than fancy indexing
+            return ((lambda rows: torch.from_numpy(np.take(U_np, rows, 0) @ V_np.T)),
+                    lambda rows, cols: torch.from_numpy(np.einsum("bd,bkd->bk", np.take(U_np, rows, 0),
+                                                                  np.take(V_np, cols.numpy(), 0))))
 
         def rescore(rows: np.ndarray, cols: torch.Tensor) -> torch.Tensor:  # equal-shaped matrices per row
             return torch.bmm(U[torch.from_numpy(rows).to(dev)][:, None, :], Vc[cols].transpose(1, 2))[:, 0]
@@ -307,22 +310,31 @@ class ScoringInputs:
 
 
 def _pattern(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
-    """Row-grouped CSR of (rows, cols) by an O(nnz) counting sort. Entries stay in input order
-    within a row (no per-row sort: nothing downstream needs sorted columns)."""
-    coo = sp.coo_matrix((np.ones(len(rows), bool), (rows, cols)), shape=shape)
-    coo.has_canonical_format = True  # skip sum_duplicates' per-row sort; duplicates are harmless here
-    return coo.tocsr()
+    """Row-grouped CSR of (rows, cols). Entries stay in input order within a row (no per-row sort:
+    nothing downstream needs sorted columns). Snapshots store interactions by user, so the usual
+    input is already grouped and becomes a CSR as is; otherwise an O(nnz) counting sort."""
+    if len(rows) and not (rows[1:] >= rows[:-1]).all():
+        coo = sp.coo_matrix((np.ones(len(rows), bool), (rows, cols)), shape=shape)
+        coo.has_canonical_format = True  # skip sum_duplicates' per-row sort; duplicates are harmless here
+        return coo.tocsr()
+    index = np.int32 if len(rows) < 2**31 else np.int64  # one dtype for both, or scipy converts them
+    indptr = np.zeros(shape[0] + 1, index)
+    np.cumsum(np.bincount(rows, minlength=shape[0]), out=indptr[1:])
+    return sp.csr_matrix((np.ones(len(rows), bool), cols.astype(index, copy=False), indptr), shape=shape)
 
 
 def _sample_rows(m: sp.csr_matrix, cap: int) -> sp.csr_matrix:
-    """Rows with more than `cap` entries keep each entry with probability cap / row length, by a
-    fixed hash of (row, column): about `cap` per row, the same entries on every run and machine."""
+    """Rows with more than `cap` entries keep `cap` of them, evenly spaced in the row's order (a
+    user's history in time order: a sample spanning it). The same entries on every run."""
     counts = np.diff(m.indptr)
-    rows = np.repeat(np.arange(m.shape[0]), counts)
-    draw = (mix64(rows * m.shape[1] + m.indices) >> np.uint64(11)).astype(np.float64) / 2.0 ** 53  # uniform [0, 1)
-    keep = draw * counts[rows] < cap
-    kept = np.concatenate([[0], np.cumsum(keep)])
-    return sp.csr_matrix((m.data[keep], m.indices[keep], kept[m.indptr]), shape=m.shape)
+    long = np.flatnonzero(counts > cap)
+    if not len(long):
+        return m
+    keep = ~np.repeat(counts > cap, counts)
+    keep[(m.indptr[long][:, None] + (np.arange(cap) * counts[long][:, None]) // cap).ravel()] = True
+    indptr = np.zeros(len(counts) + 1, np.int64)
+    np.cumsum(np.minimum(counts, cap), out=indptr[1:])
+    return sp.csr_matrix((m.data[keep], m.indices[keep], indptr), shape=m.shape)
 
 
 def _np(con, sql: str, params: dict) -> dict[str, np.ndarray]:
@@ -498,7 +510,7 @@ def explanation_similarity(model: Recommender, inputs: ScoringInputs) -> tuple[S
     rec_space[:, -1] = 1.0
 
     def cosine(rec: np.ndarray, items: np.ndarray) -> np.ndarray:  # one equal-shaped matmul per user
-        return np.matmul(rec_space[rec], liked_space[items].transpose(0, 2, 1))
+        return np.matmul(np.take(rec_space, rec, 0), np.take(liked_space, items, 0).transpose(0, 2, 1))
 
     return cosine, len(V)
 
@@ -667,10 +679,6 @@ def write_parquet(frame: pl.DataFrame, path: Path, metadata: dict | None = None)
     return path
 
 
-def staging_dir(wh: Warehouse) -> Path:
-    return wh.path.parent / "staging"
-
-
 def _open_for_publish(wh: Warehouse, stack: ExitStack, wait_s: float = PUBLISH_WAIT_S):
     """A read-write connection; while another process has the file open (a reader's session),
     retry for up to `wait_s` before giving up as busy."""
@@ -684,32 +692,37 @@ def _open_for_publish(wh: Warehouse, stack: ExitStack, wait_s: float = PUBLISH_W
             time.sleep(0.5)
 
 
-def publish(wh: Warehouse, files: list[Path], retention_days: int, scope_users: np.ndarray | None = None
-            ) -> tuple[int, int, int]:
-    """Swap the rows in `files` into `recommendations` in ONE transaction (the caller holds the
-    writer lock): current rows (of `scope_users` only, when given) move to
-    `recommendation_history` with run_date = date(scored_at), history older than
-    `retention_days` before the new run's date expires, the new rows go in.
-    Returns (published, moved to history, expired)."""
-    sources = [str(f) for f in files]
+def publish(wh: Warehouse, rows: pl.DataFrame | list[Path], retention_days: int,
+            scope_users: np.ndarray | None = None) -> tuple[int, int, int]:
+    """Swap `rows` (a frame in the `recommendations` layout, or Parquet files of them) into
+    `recommendations` in ONE transaction (the caller holds the writer lock): current rows (of
+    `scope_users` only, when given) move to `recommendation_history` with run_date =
+    date(scored_at), history older than `retention_days` before the new run's date expires, the
+    new rows go in. Returns (published, moved to history, expired).
+
+    A frame is read by DuckDB straight from its Arrow buffers: no staging file to write and read
+    back (a Parquet round trip cost a third of the publish at ML-20M shape)."""
     cols = "user_id, rank, item_id, score, run_id, scored_at, reason"
     scope = "" if scope_users is None else "WHERE user_id IN (SELECT user_id FROM publish_scope)"
     users = np.zeros(0, np.int64) if scope_users is None else np.asarray(scope_users, np.int64)
     with ExitStack() as stack:
         con = _open_for_publish(wh, stack)
         con.register("publish_scope", pl.DataFrame({"user_id": users}).to_arrow())
+        if isinstance(rows, pl.DataFrame):
+            con.register("publish_rows", rows.to_arrow())
+            source, params = "publish_rows", []
+        else:
+            source, params = "read_parquet(?)", [[str(f) for f in rows]]
         with transaction(con):
             moved = con.execute(f"INSERT INTO recommendation_history SELECT {cols}, CAST(scored_at AS DATE) "
                                 f"FROM recommendations {scope}").fetchall()[0][0]
             con.execute(f"DELETE FROM recommendations {scope}").fetchall()
-            published = con.execute(f"INSERT INTO recommendations SELECT {cols} FROM read_parquet(?)",
-                                    [sources]).fetchall()[0][0]
-            newest = con.execute("SELECT CAST(max(scored_at) AS DATE) FROM read_parquet(?)", [sources]).fetchall()[0][0]
+            published = con.execute(f"INSERT INTO recommendations SELECT {cols} FROM {source}", params).fetchall()[0][0]
+            newest = con.execute(f"SELECT CAST(max(scored_at) AS DATE) FROM {source}", params).fetchall()[0][0]
             expired = 0
             if newest is not None:
                 expired = con.execute("DELETE FROM recommendation_history WHERE run_date < ?",
                                       [newest - timedelta(days=retention_days)]).fetchall()[0][0]
-        con.unregister("publish_scope")
     return published, moved, expired
 
 
@@ -872,21 +885,15 @@ def score_run(wh: Warehouse, run: dict, model: Recommender, top_n: int, memory_b
 def score_and_publish(wh: Warehouse, run: dict, model: Recommender, top_n: int = 10, memory_budget: int = 1 << 30,
                       retention_days: int = 30, users: np.ndarray | None = None, min_history: int = 1,
                       explain: bool = True) -> dict:
-    """Score, stage, publish: the body of `batchrec score` (the caller holds `wh.lock`)."""
-    for stale in staging_dir(wh).glob("recommendations-*.parquet"):
-        stale.unlink()  # left by a killed run (only the lock holder writes here)
+    """Score, then publish: the body of `batchrec score` (the caller holds `wh.lock`)."""
     frame, info = score_run(wh, run, model, top_n, memory_budget, users=users, min_history=min_history,
                             explain=explain)
-    t0 = time.perf_counter()
-    staged = write_parquet(frame, staging_dir(wh) / f"recommendations-{run['run_id']}-{os.getpid()}.parquet")
-    log.info("staged %d rows at %s in %.2f s", len(frame), staged, time.perf_counter() - t0)
     pause = float(os.environ.get(PAUSE_ENV) or 0)
     if pause:
         log.info("pausing %.1f s before publishing (%s)", pause, PAUSE_ENV)
         time.sleep(pause)
     t0 = time.perf_counter()
-    published, moved, expired = publish(wh, [staged], retention_days, scope_users=users)
-    staged.unlink()
+    published, moved, expired = publish(wh, frame, retention_days, scope_users=users)
     log.info("published %d rows in %.2f s", published, time.perf_counter() - t0)
     return info | {"published": published, "moved": moved, "expired": expired}
 

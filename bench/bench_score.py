@@ -12,8 +12,9 @@ lacks), item features, titles and genres; plus random 128-wide user/item factors
   is shared and its load drifts;
 * score: `score_and_publish`, the body of `batchrec score` after it loads the model, with a bare
   factor model object: reading the snapshot (20M interactions) and raw users, blocked scoring
-  with seen masking, cold start, "because you rated" explanations, the Parquet staging file and
-  the one-transaction DuckDB publish, timed end to end (explanation time measured inside).
+  with seen masking, cold start, "because you rated" explanations, and
+  the one-transaction DuckDB publish, timed end to end (explanation time measured inside);
+  `--repeat N` alternates N score runs with N + 1 floor runs and reports the median ratio.
 
 `--ease`: a non-factor model (sparse user rows x a dense item-item matrix: how EASE scores) on a
 smaller catalogue through the same path; users per second vs its own bare loop.
@@ -191,11 +192,12 @@ def implicit_recommend_all(workdir: Path, model, top_n: int) -> float | None:
     return time.perf_counter() - t0
 
 
-def measure(workdir: Path, budget: str, top_n: int) -> None:
-    """Child: floor, then what `batchrec score` runs after loading the model (`score_and_publish`:
-    read the warehouse, score, explain, stage to Parquet, publish in DuckDB) timed end to end with
-    the time in explanations measured inside it, then the floor again (the machine is shared:
-    the floor is the mean of the runs either side), then the torch-matmul floor for reference."""
+def measure(workdir: Path, budget: str, top_n: int, repeat: int) -> None:
+    """Child: `repeat` times the floor, then what `batchrec score` runs after loading the model
+    (`score_and_publish`: read the warehouse, score, explain, publish in DuckDB) timed end to end
+    with the time in explanations measured inside it; then the floor once more (the machine is
+    shared: each score run is compared with the mean of the floors either side of it), then the
+    torch-matmul floor for reference."""
     import batchrec.score as scoring
     from batchrec.train import resolve_run
     from batchrec.warehouse import Warehouse, scalar
@@ -213,22 +215,25 @@ def measure(workdir: Path, budget: str, top_n: int) -> None:
     scoring.explain_anchors = timed
     wh = Warehouse(workdir / "batchrec.duckdb")
     model = factors(workdir)
-    with wh.connect() as con:  # untimed: like a nightly run, a previous run to move and a short history
-        con.execute("DELETE FROM recommendation_history")
-        if not scalar(con, "SELECT count(*) FROM recommendations"):
-            con.execute("""INSERT INTO recommendations SELECT u.range + 1, r.range + 1, (u.range * 7 + r.range) % ? + 1,
-                               0, 'previous', now()::TIMESTAMP - INTERVAL 1 DAY, 'popular'
-                           FROM range(?) u, range(?) r""", [model.n_items, model.n_users, top_n])
-    before = floor(model, budget, top_n, "numpy")
-    t0, c0 = time.perf_counter(), time.process_time()
-    with wh.lock("bench"):
-        with wh.connect(read_only=True) as con:
-            run = resolve_run(con, RUN_ID)
-        info = scoring.score_and_publish(wh, run, model, top_n, scoring.parse_memory_budget(budget), 30)
-    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-    after = floor(model, budget, top_n, "numpy")
-    print(json.dumps({"seconds": seconds, "cpu": cpu, "explain": spent[0], "rows": info["published"],
-                      "floor_before": before, "floor_after": after, "floor_torch": floor(model, budget, top_n, "torch")}))
+    floors, runs = [], []
+    for _ in range(repeat):
+        with wh.connect() as con:  # untimed: like a nightly run, a previous run to move and a short history
+            con.execute("DELETE FROM recommendation_history")
+            if not scalar(con, "SELECT count(*) FROM recommendations"):
+                con.execute("""INSERT INTO recommendations SELECT u.range + 1, r.range + 1, (u.range * 7 + r.range) % ? + 1,
+                                   0, 'previous', now()::TIMESTAMP - INTERVAL 1 DAY, 'popular'
+                               FROM range(?) u, range(?) r""", [model.n_items, model.n_users, top_n])
+        floors.append(floor(model, budget, top_n, "numpy"))
+        spent[0] = 0.0
+        t0, c0 = time.perf_counter(), time.process_time()
+        with wh.lock("bench"):
+            with wh.connect(read_only=True) as con:
+                run = resolve_run(con, RUN_ID)
+            info = scoring.score_and_publish(wh, run, model, top_n, scoring.parse_memory_budget(budget), 30)
+        runs.append({"seconds": time.perf_counter() - t0, "cpu": time.process_time() - c0, "explain": spent[0],
+                     "rows": info["published"]})
+    floors.append(floor(model, budget, top_n, "numpy"))
+    print(json.dumps({"runs": runs, "floors": floors, "floor_torch": floor(model, budget, top_n, "torch")}))
 
 
 def ease(workdir: Path, n_users: int, n_items: int, budget: str, top_n: int) -> None:
@@ -296,12 +301,14 @@ def main() -> None:
     p.add_argument("--ease-items", type=int, default=8_000)
     p.add_argument("--threads", type=int, default=None,
                    help="threads for numpy's and torch's pools in the measured process [default: theirs]")
+    p.add_argument("--repeat", type=int, default=1, help="score runs, each between two floor runs; the median "
+                   "ratio is reported (the machine's speed drifts)")
     p.add_argument("--setup-only", action="store_true", help="build the cached warehouse and stop")
     p.add_argument("--child", choices=["measure", "implicit"], help=argparse.SUPPRESS)
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="  %(message)s", stream=sys.stderr)
     if a.child == "measure":
-        return measure(a.workdir, a.memory_budget, a.top_n)
+        return measure(a.workdir, a.memory_budget, a.top_n, a.repeat)
     if a.child == "implicit":  # its own process, so the scorer's peak RSS is the scorer's alone
         return print(json.dumps(implicit_recommend_all(a.workdir, factors(a.workdir), a.top_n)))
 
@@ -313,28 +320,32 @@ def main() -> None:
         build_warehouse(workdir / "batchrec.duckdb", a.users, a.items, a.nnz, a.factors)
     if a.setup_only:
         return
-    me = [sys.executable, __file__, "--workdir", str(workdir), "--memory-budget", a.memory_budget, "--top-n", str(a.top_n)]
+    me = [sys.executable, __file__, "--workdir", str(workdir), "--memory-budget", a.memory_budget, "--top-n", str(a.top_n),
+          "--repeat", str(a.repeat)]
     _, rss, out = run_child(me + ["--child", "measure"], a.threads)
-    run = json.loads(out)
-    run["implicit"] = json.loads(run_child(me + ["--child", "implicit"], a.threads)[2])
-    score_s = run["seconds"]
-    floor_s, floor_cpu = ((b + a) / 2 for b, a in zip(run["floor_before"], run["floor_after"]))
+    got = json.loads(out)
+    implicit_s = json.loads(run_child(me + ["--child", "implicit"], a.threads)[2])
     print(f"shape {a.users:,} users x {a.items:,} items, {a.factors} dims, top-{a.top_n}, seen filtering on, "
           f"--memory-budget {a.memory_budget}, {os.cpu_count()} CPUs, threads {a.threads or 'default'}; "
-          f"{run['rows']:,} rows published; load average {os.getloadavg()[0]:.1f} at the end")
-    print(f"floor  bare blocked U @ V.T (numpy) + torch.topk           {floor_s:7.1f} s   CPU {floor_cpu:6.1f} s   "
-          f"(wall before {run['floor_before'][0]:.1f} s, after {run['floor_after'][0]:.1f} s; "
-          f"with torch's matmul {run['floor_torch'][0]:.1f} s)")
-    print(f"score  read + score + seen mask + explain + stage + publish {score_s:7.1f} s   CPU {run['cpu']:6.1f} s   "
-          f"peak RSS {rss:.2f} GB")
-    print(f"ratio  score / floor: wall {score_s / floor_s:.2f}, CPU time {run['cpu'] / floor_cpu:.2f}   (target <= 1.3)")
-    print(f"explanations (\"because you rated\") inside the run          {run['explain']:7.1f} s   "
-          f"({run['explain'] / score_s:.0%} of it)")
-    if run["implicit"] is None:
+          f"{got['runs'][0]['rows']:,} rows published; load average {os.getloadavg()[0]:.1f} at the end")
+    walls, cpus = [], []
+    for i, run in enumerate(got["runs"]):
+        floor_s, floor_cpu = ((b + f) / 2 for b, f in zip(got["floors"][i], got["floors"][i + 1]))
+        walls.append(run["seconds"] / floor_s)
+        cpus.append(run["cpu"] / floor_cpu)
+        print(f"floor  bare blocked U @ V.T (numpy) + torch.topk           {floor_s:7.1f} s   CPU {floor_cpu:6.1f} s   "
+              f"(wall before {got['floors'][i][0]:.1f} s, after {got['floors'][i + 1][0]:.1f} s)")
+        print(f"score  read + score + seen mask + explain + publish        {run['seconds']:7.1f} s   CPU {run['cpu']:6.1f} s   "
+              f"explanations {run['explain']:.1f} s; ratio wall {walls[-1]:.2f}, CPU {cpus[-1]:.2f}")
+    print(f"floor with torch's matmul instead of numpy's: {got['floor_torch'][0]:.1f} s")
+    print(f"ratio  score / floor: wall {np.median(walls):.2f}, CPU time {np.median(cpus):.2f}"
+          f"{f' (median of {len(walls)})' if len(walls) > 1 else ''}   (target <= 1.3); peak RSS {rss:.2f} GB")
+    score_s = float(np.median([r["seconds"] for r in got["runs"]]))
+    if implicit_s is None:
         print("implicit not installed (pip install -e '.[bench]'): the issue quotes 22.9 s for its recommend-all here")
     else:
-        print(f"implicit recommend-all, same factors, seen filtered: {run['implicit']:7.1f} s   "
-              f"score / implicit {score_s / run['implicit']:.2f}   (target < 1)")
+        print(f"implicit recommend-all, same factors, seen filtered: {implicit_s:7.1f} s   "
+              f"score / implicit {score_s / implicit_s:.2f}   (target < 1)")
     if a.ease:
         ease(a.workdir, a.ease_users, a.ease_items, a.memory_budget, a.top_n)
 
