@@ -7,7 +7,7 @@
    but not in the snapshot are appended as cold rows.
 2. Score in user blocks sized by `--memory-budget` (`blocked_topk`): one matmul per block for
    factor models (`model.score` for the rest) against the items the model knows, seen items set
-   to -inf, `torch.topk` on the model's device, and the "because you rated <title>" anchor found
+   to -inf, a top-k per row (`batchrec.topk`), and the "because you rated <title>" anchor found
    in the same pass (`explain_anchors`). Users the model cannot serve get a genre/tag profile
    ranking, or popularity when nothing is known about them. No per-row Python anywhere.
 3. Publish: the new rows wait in memory (an Arrow table; shards: their Parquet files) while
@@ -42,6 +42,7 @@ import torch
 
 from batchrec.errors import BatchrecError, WarehouseBusy
 from batchrec.models.base import Recommender
+from batchrec.topk import row_topk
 from batchrec.warehouse import Warehouse, scalar, transaction, utcnow
 
 log = logging.getLogger("batchrec.score")
@@ -155,7 +156,7 @@ def blocked_topk(
                 if len(pos):  # flat index_fill: about twice as fast as a 2-D index_put
                     flat = torch.from_numpy(pos * n_cols + cols).to(s.device)
                     s.view(-1).index_fill_(0, flat, -torch.inf)
-            val, ind = torch.topk(s, pool, dim=1)
+            val, ind = row_topk(s, pool)
             if rescore is not None:
                 val = torch.where(torch.isfinite(val), rescore(block, ind), val)
             val, ind = val.cpu().numpy(), ind.cpu().numpy()

@@ -9,7 +9,8 @@ lacks), item features, titles and genres; plus random 128-wide user/item factors
 * floor: a bare blocked `U @ V.T` (numpy's matmul, the faster library here; torch's is timed
   too) + `torch.topk(10)` over the factors with the scorer's block size: no seen filtering, no
   reading, no writing; timed before and after the scoring run and averaged, because the machine
-  is shared and its load drifts;
+  is shared and its load drifts. For reference also with batchrec's own top-k kernel (what the
+  scorer selects with) in place of torch.topk;
 * score: `score_and_publish`, the body of `batchrec score` after it loads the model, with a bare
   factor model object: reading the snapshot (20M interactions) and raw users, blocked scoring
   with seen masking, cold start, "because you rated" explanations, and
@@ -152,12 +153,16 @@ def factors(workdir: Path):
     return Factors(torch.from_numpy(np.load(workdir / "U.npy")), torch.from_numpy(np.load(workdir / "V.npy")))
 
 
-def floor(model, budget: str, top_n: int, library: str) -> tuple[float, float]:
+def floor(model, budget: str, top_n: int, library: str, select: str = "torch") -> tuple[float, float]:
     """(wall, CPU) seconds of a bare blocked U @ V.T + torch.topk over the model's factors with the scorer's
-    block size; the matmul by numpy (OpenBLAS) or torch (from_numpy shares memory, no copy)."""
+    block size; the matmul by numpy (OpenBLAS) or torch (from_numpy shares memory, no copy); with
+    select="batchrec" the top-k is batchrec's own kernel (what the scorer uses) instead of torch.topk."""
     import torch
 
     from batchrec.score import block_size, parse_memory_budget
+    from batchrec.topk import row_topk
+
+    topk = (lambda s: torch.topk(s, top_n, dim=1)) if select == "torch" else (lambda s: row_topk(s, top_n))
 
     U, V = model.user_vectors(), model.item_vectors()
     U_np, Vt_np = U.numpy(), V.numpy().T
@@ -166,7 +171,7 @@ def floor(model, budget: str, top_n: int, library: str) -> tuple[float, float]:
     with torch.no_grad():
         for a in range(0, len(U), step):
             s = torch.from_numpy(U_np[a:a + step] @ Vt_np) if library == "numpy" else U[a:a + step] @ V.T
-            torch.topk(s, top_n, dim=1)
+            topk(s)
     return time.perf_counter() - t0, time.process_time() - c0
 
 
@@ -233,7 +238,8 @@ def measure(workdir: Path, budget: str, top_n: int, repeat: int) -> None:
         runs.append({"seconds": time.perf_counter() - t0, "cpu": time.process_time() - c0, "explain": spent[0],
                      "rows": info["published"]})
     floors.append(floor(model, budget, top_n, "numpy"))
-    print(json.dumps({"runs": runs, "floors": floors, "floor_torch": floor(model, budget, top_n, "torch")}))
+    print(json.dumps({"runs": runs, "floors": floors, "floor_torch": floor(model, budget, top_n, "torch"),
+                      "floor_own_topk": floor(model, budget, top_n, "numpy", "batchrec")}))
 
 
 def ease(workdir: Path, n_users: int, n_items: int, budget: str, top_n: int) -> None:
@@ -337,7 +343,8 @@ def main() -> None:
               f"(wall before {got['floors'][i][0]:.1f} s, after {got['floors'][i + 1][0]:.1f} s)")
         print(f"score  read + score + seen mask + explain + publish        {run['seconds']:7.1f} s   CPU {run['cpu']:6.1f} s   "
               f"explanations {run['explain']:.1f} s; ratio wall {walls[-1]:.2f}, CPU {cpus[-1]:.2f}")
-    print(f"floor with torch's matmul instead of numpy's: {got['floor_torch'][0]:.1f} s")
+    print(f"floor with torch's matmul instead of numpy's: {got['floor_torch'][0]:.1f} s; with batchrec's top-k "
+          f"kernel instead of torch.topk: {got['floor_own_topk'][0]:.1f} s (the scorer's own bare loop)")
     print(f"ratio  score / floor: wall {np.median(walls):.2f}, CPU time {np.median(cpus):.2f}"
           f"{f' (median of {len(walls)})' if len(walls) > 1 else ''}   (target <= 1.3); peak RSS {rss:.2f} GB")
     score_s = float(np.median([r["seconds"] for r in got["runs"]]))

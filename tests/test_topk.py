@@ -1,0 +1,46 @@
+"""The CPU top-k kernel every scorer selects with (batchrec.topk.row_topk)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from batchrec.topk import row_topk
+
+
+@pytest.mark.parametrize("k", [1, 10, 14, 300])
+def test_matches_torch_topk_on_distinct_scores(k):
+    scores = torch.from_numpy(np.random.default_rng(k).standard_normal((257, 3001)).astype(np.float32))
+    val, idx = row_topk(scores, k)
+    want_val, want_idx = torch.topk(scores, k, dim=1)
+    assert torch.equal(val, want_val) and torch.equal(idx, want_idx)
+
+
+def test_ties_go_to_the_lower_column_and_masked_items_only_fill_up():
+    inf = float("inf")
+    scores = torch.tensor([[1.0, 3.0, 3.0, -inf, 2.0, 3.0],
+                           [-inf, 0.5, -inf, -inf, 5.0, 0.5],
+                           [-inf, -inf, 7.0, -inf, -inf, -inf]])
+    val, idx = row_topk(scores, 3)
+    assert idx.tolist() == [[1, 2, 5], [4, 1, 5], [2, 0, 1]]
+    assert val.tolist() == [[3.0, 3.0, 3.0], [5.0, 0.5, 0.5], [7.0, -inf, -inf]]
+
+
+def test_nan_is_never_selected():
+    scores = torch.tensor([[float("nan"), 1.0, float("nan"), 2.0]])
+    val, idx = row_topk(scores, 3)
+    assert idx[0, :2].tolist() == [3, 1]
+    assert val[0, 2] == -float("inf")  # padding: fewer than k real scores
+
+
+def test_a_rows_result_does_not_depend_on_its_block():
+    rng = np.random.default_rng(0)
+    scores = torch.from_numpy(rng.integers(0, 50, (64, 500)).astype(np.float32))  # many ties
+    val, idx = row_topk(scores, 20)
+    for rows in (slice(0, 1), slice(5, 9), slice(30, 64)):
+        v, i = row_topk(scores[rows], 20)
+        assert torch.equal(v, val[rows]) and torch.equal(i, idx[rows])
+    # best first, and among equal scores the lower column first
+    key = -val.double() * 1000 + idx.double()
+    assert (key[:, 1:] > key[:, :-1]).all()
