@@ -82,6 +82,22 @@ def ml_small() -> SnapshotData:
 
 
 @pytest.fixture(scope="session")
+def ml_small_store(tmp_path_factory) -> SnapshotData:
+    """ml-latest-small through the real pipeline (`batchrec ingest`, the feature store), protocol
+    user_temporal: what `batchrec evaluate` measures on, TF-IDF tag vectors included."""
+    from batchrec.data import load_snapshot
+    from batchrec.features import build_snapshot, latest_snapshot_id
+    from batchrec.ingest.run import ingest_path
+    from batchrec.warehouse import Warehouse
+
+    wh = Warehouse(tmp_path_factory.mktemp("store") / "batchrec.duckdb")
+    ingest_path(wh, dataset="ml-latest-small")
+    build_snapshot(wh, protocols="user_temporal")
+    with wh.connect(read_only=True) as con:
+        return load_snapshot(con, latest_snapshot_id(con), "user_temporal")
+
+
+@pytest.fixture(scope="session")
 def fit_once(ml_small):
     """fit_once(name, params) -> (model, trainer): `fit_model` on `ml_small`, run once per session for
     each family and parameter set, so the interface tests of a family share their fits."""
