@@ -36,6 +36,7 @@ from torch import nn
 from batchrec.errors import BatchrecError
 from batchrec.models._nn import ranking_validator
 from batchrec.models.base import Param, Recommender
+from batchrec.models.ease import events_from_end
 
 TUNING = """Tuned once on the validation part of ml-latest-small / user_temporal (fit on train, early stop
 and choose on valid RMSE; test never looked at while choosing). Valid RMSE / valid NDCG@10:
@@ -231,11 +232,5 @@ def recency_weights(events, tau: float) -> np.ndarray:
     """exp(-k / tau) for each event, k = how many of the same user's events come after it.
 
     Users drift: their latest ratings predict their next ones better than their first ones, and
-    a per-user temporal split asks exactly for the next ones. Vectorised: one lexsort."""
-    order = np.lexsort((events.item_idx, events.ts, events.user_idx))
-    users = events.user_idx[order]
-    n = np.bincount(users)
-    first = np.concatenate([[0], np.cumsum(n)[:-1]])
-    from_end = np.empty(len(events), np.float64)
-    from_end[order] = (n[users] - 1) - (np.arange(len(events)) - first[users])
-    return np.exp(-from_end / tau)
+    a per-user temporal split asks exactly for the next ones."""
+    return np.exp(-events_from_end(events) / tau)
