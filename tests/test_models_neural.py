@@ -361,7 +361,7 @@ def test_content_dnn_beats_neumf_on_items_with_few_ratings(default_results):
 
 RANKING_MISS = {
     "two_tower": "test NDCG@10 0.0529 with the defaults tuned on valid (valid 0.0813; see two_tower.TUNING)",
-    "multvae": "test NDCG@10 0.0751 with the defaults tuned on valid (valid 0.0854; see multvae.TUNING)",
+    "multvae": "test NDCG@10 0.0782 with the defaults tuned on valid (valid 0.0903; see multvae.TUNING)",
 }
 
 
