@@ -4,8 +4,9 @@ trained on the same data in the same run (the ratio column).
 Two datasets go through the real pipeline (ingest -> features -> load_snapshot, every
 interaction as training data): ml-latest-small, and a synthetic MovieLens-format set from
 `batchrec synth` (default 1M ratings, 7,000 users x 5,000 items, with genres and tags, a few
-minutes in all; the ML-20M shape, `--ratings 20000263 --users 138493 --items 26744 --epochs 1`,
-takes about half an hour on 2 cores, one epoch of each family). Each (dataset, family) fit runs
+minutes in all). One epoch of every family fits in ten minutes on one thread up to about 5M
+ratings (`--ratings 5000000 --users 35000 --items 13000 --epochs 1`, about 15 minutes in all); at
+10M and at the ML-20M shape neumf's single epoch took longer than that. Each (dataset, family) fit runs
 in its own process, so its peak RSS is its own, with the family's defaults except `--epochs`
 epochs and no validation part (an epoch is training only). Seconds per epoch is the mean over
 the epochs, from the trainer's log. One torch thread per fit by default: on the shared 2-core
