@@ -113,22 +113,30 @@ def test_job_runs_end_to_end_then_resumes_incrementally(tmp_path, job):
         assert con.sql("SELECT count(*) FROM feature_snapshots").fetchall()[0][0] == 2
 
 
-@pytest.mark.parametrize("step", ["ingest", "features", "train", "score", "evaluate"])
-def test_failure_in_any_step_leaves_published_tables_unchanged(tmp_path, job, step):
+# Published tables that a failure at each step (or later) must leave as they were: the steps
+# before it did their own atomic work.
+UNTOUCHED = {"ingest": PUBLISHED, "features": PUBLISHED[3:], "train": PUBLISHED[4:], "score": PUBLISHED[5:],
+             "evaluate": PUBLISHED[6:]}
+
+
+def _second_run(tmp_path, job) -> tuple[Warehouse, dict]:
+    """A warehouse after one full job run, the job pointed at a new ratings file (so every step
+    has work to do again), and the contents of its published tables."""
     wh = Warehouse(tmp_path / "w.duckdb")
     run_job(wh, job)
     (tmp_path / "landing").mkdir()
     (tmp_path / "landing" / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,2,4.5,1600000000\n")
     job.write_text(job.read_text().replace('dataset = "ml-latest-small"', f'path = "{tmp_path / "landing"}"'))
-    before = _contents(wh)
+    return wh, _contents(wh)
+
+
+@pytest.mark.parametrize("step", ["ingest", "features", "train", "score", "evaluate"])
+def test_failure_in_any_step_leaves_published_tables_unchanged(tmp_path, job, step):
+    wh, before = _second_run(tmp_path, job)
     with pytest.raises(BatchrecError, match=f"failed at step .*{step}"):
         run_job(wh, job, fail_step=step)
     after = _contents(wh)
-    # Steps before the failing one did their (atomic) work; the failing step and those after
-    # it changed nothing.
-    untouched = {"ingest": PUBLISHED, "features": PUBLISHED[3:], "train": PUBLISHED[4:],
-                 "score": PUBLISHED[5:], "evaluate": PUBLISHED[6:]}[step]
-    for table in untouched:
+    for table in UNTOUCHED[step]:
         assert after[table] == before[table], table
     with wh.connect(read_only=True) as con:
         failed = con.sql("SELECT step, error FROM job_runs WHERE status = 'failed'").fetchall()
@@ -166,19 +174,13 @@ MID_STEP = {"ingest": lambda mp: _fail_at_commit(mp, batchrec.ingest.run),
 
 @pytest.mark.parametrize("step", list(MID_STEP))
 def test_failure_inside_a_step_after_its_work_leaves_published_tables_unchanged(tmp_path, job, step, monkeypatch):
-    wh = Warehouse(tmp_path / "w.duckdb")
-    run_job(wh, job)
-    (tmp_path / "landing").mkdir()
-    (tmp_path / "landing" / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,2,4.5,1600000000\n")
-    job.write_text(job.read_text().replace('dataset = "ml-latest-small"', f'path = "{tmp_path / "landing"}"'))
-    before = _contents(wh)
+    wh, before = _second_run(tmp_path, job)
     artifacts = sorted(p.name for p in wh.artifacts_dir.iterdir())
     MID_STEP[step](monkeypatch)
     with pytest.raises(OSError, match="injected"):
         run_job(wh, job)
     after = _contents(wh)
-    for table in {"ingest": PUBLISHED, "features": PUBLISHED[3:], "train": PUBLISHED[4:],
-                  "score": PUBLISHED[5:], "evaluate": PUBLISHED[6:]}[step]:
+    for table in UNTOUCHED[step]:
         assert after[table] == before[table], table
     if step == "train":  # the half-written artifact is gone too
         assert sorted(p.name for p in wh.artifacts_dir.iterdir()) == artifacts

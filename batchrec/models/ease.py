@@ -90,11 +90,15 @@ def positive_weights(events, min_rating: float, weighting: str, rating_offset: f
     return w
 
 
-def query_weights(events, query_offset: float, dislike_weight: float) -> np.ndarray:
-    """Signed query weight of each event: rating - query_offset, times `dislike_weight` where
-    negative (a disliked item); implicit events (NaN rating) weigh 1."""
+def query_weights(events, query_offset: float, dislike_weight: float, recency_halflife: float = 0.0,
+                  recency_floor: float = 0.1) -> np.ndarray:
+    """Signed query weight of each event (float32): rating - query_offset, times `dislike_weight`
+    where negative (a disliked item); implicit events (NaN rating) weigh 1; times the recency
+    factor of `recency_weights` (halflife 0: none)."""
     w = np.nan_to_num(events.rating, nan=query_offset + 1.0).astype(np.float32) - np.float32(query_offset)
-    return np.where(w < 0, w * np.float32(dislike_weight), w)
+    w = np.where(w < 0, w * np.float32(dislike_weight), w)
+    recency = recency_weights(events, recency_halflife, recency_floor)
+    return w if recency is None else w * recency.astype(np.float32)
 
 
 def positive_matrix(events, n_users: int, n_items: int, min_rating: float = 0.0, weighting: str = "binary",
@@ -181,10 +185,7 @@ class EASE(Recommender):
 
     def _query(self, events) -> sp.csr_matrix:
         p = self.params
-        w = query_weights(events, p["query_offset"], p["dislike_weight"])
-        recency = recency_weights(events, p["recency_halflife"], p["recency_floor"])
-        if recency is not None:
-            w = w * recency.astype(np.float32)
+        w = query_weights(events, p["query_offset"], p["dislike_weight"], p["recency_halflife"], p["recency_floor"])
         m = sp.csr_matrix((w, (events.user_idx, events.item_idx)), shape=(self.n_users, self.n_items), dtype=np.float32)
         m.sum_duplicates()
         m.eliminate_zeros()  # ratings at the offset say nothing

@@ -20,7 +20,7 @@ from torch import nn
 
 from batchrec.models._nn import SparseRows, history_weights, ranking_validator, state_device
 from batchrec.models.base import Param, Recommender
-from batchrec.models.ease import query_weights, recency_weights
+from batchrec.models.ease import query_weights
 
 TUNING = """
 Grid on the validation part of ml-latest-small / user_temporal (NDCG@10 of the early-stopped
@@ -121,9 +121,7 @@ class MultVAE(Recommender):
         # The network learns from the plain rows; the query at scoring time is centred at
         # query_offset and recency-weighted.
         train_rows = rows(history_weights(tr, p["min_rating"], p["weighting"], p["rating_offset"]))
-        recency = recency_weights(tr, p["recency_halflife"], p["recency_floor"])
-        query = query_weights(tr, p["query_offset"], 0.0)
-        self.rows = rows((query if recency is None else query * recency).astype(np.float32))
+        self.rows = rows(query_weights(tr, p["query_offset"], 0.0, p["recency_halflife"], p["recency_floor"]))
         self.net = _MultVAENet(self.n_items, p["hidden"], p["latent"], p["dropout"]).to(self.device)
         users = torch.nonzero(torch.diff(train_rows.indptr) > 0)[:, 0]
         total = p["anneal_steps"] or p["epochs"] * -(-len(users) // p["batch_size"])
