@@ -12,7 +12,7 @@ epochs and no validation part (an epoch is training only). Seconds per epoch is 
 the epochs, from the trainer's log. One torch thread per fit by default: on the shared 2-core
 machine two threads ran every family about 3x slower (threads spinning against other jobs).
 
-    .venv/bin/python bench/bench_neural.py [--ratings 1000000] [--users 7000] [--items 5000] [--epochs 2] [--threads 1]
+    .venv/bin/python bench/bench_neural.py [--ratings 1000000] [--users 7000] [--items 5000] [--epochs 2] [--threads 1] [--families two_tower]
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=5_000)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--families", default=",".join(FAMILIES), help="comma-separated; mf always runs (the baseline)")
     ap.add_argument("--one", nargs=2, metavar=("WAREHOUSE", "FAMILY"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -82,7 +83,7 @@ def main() -> None:
         for name in ("ml-latest-small", f"synth-{args.ratings // 1000}k"):
             wh = build_warehouse(Path(tmp), name, args)
             baseline = None
-            for family in FAMILIES:
+            for family in ["mf"] + [f for f in args.families.split(",") if f != "mf"]:
                 out = subprocess.run([sys.executable, __file__, "--one", str(wh), family, "--epochs", str(args.epochs),
                                       "--threads", str(args.threads)], check=True, capture_output=True, text=True)
                 r = json.loads(out.stdout.strip().splitlines()[-1])
