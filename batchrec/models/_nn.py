@@ -31,6 +31,13 @@ class SparseRows:
                    torch.from_numpy(m.indices.astype(np.int64)).to(device),
                    torch.from_numpy(m.data.astype(np.float32)).to(device), m.shape[1])
 
+    @classmethod
+    def from_events(cls, events, values: np.ndarray, keep: np.ndarray, n_users: int, n_items: int,
+                    device: torch.device | str) -> "SparseRows":
+        """The user x item rows of the `keep` events, valued by `values` (repeated pairs summed)."""
+        return cls.from_scipy(sp.csr_matrix((values[keep], (events.user_idx[keep], events.item_idx[keep])),
+                                            shape=(n_users, n_items)), device)
+
     @property
     def n_rows(self) -> int:
         return len(self.indptr) - 1

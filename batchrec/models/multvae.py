@@ -1,11 +1,12 @@
 """Mult-VAE (Liang et al. 2018): a variational autoencoder of users' interaction rows with a
 multinomial likelihood.
 
-Input: a user's TRAINING row (binary, or weighted by rating and recency), L2-normalised, with dropout on its entries (read sparsely
-through an EmbeddingBag, so the input layer costs nnz x hidden). Encoder n_items -> hidden ->
-2 x latent (tanh), decoder latent -> hidden -> n_items; loss = multinomial NLL
--sum_i x_i log softmax(logits)_i + beta * KL(q(z|x) || N(0, I)), with beta annealed linearly
-from 0 to `beta_max` over `anneal_steps` optimiser steps (0: all steps of the run). Scoring
+Input: a user's TRAINING row (binary, or weighted by rating and recency), L2-normalised, with
+dropout on its entries (read sparsely through an EmbeddingBag, so the input layer costs
+nnz x hidden). Encoder n_items -> hidden -> 2 x latent (tanh), decoder latent -> hidden ->
+n_items; loss = multinomial NLL -sum_i x_i log softmax(logits)_i + beta * KL(q(z|x) || N(0, I)),
+with beta annealed linearly from 0 to `beta_max` over `anneal_steps` optimiser steps (0: all
+steps of the run). Scoring
 encodes the user's training row and decodes the mean of q (no sampling); the scores are logits.
 The row encoded at scoring time (the query) is weighted like EASE's: rating - `query_offset`,
 items rated at or below the offset left out, recent events weighing more.
@@ -14,7 +15,6 @@ items rated at or below the offset left out, recent events weighing more.
 from __future__ import annotations
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 from torch import nn
 
@@ -126,9 +126,8 @@ class MultVAE(Recommender):
         tr = data.train
 
         def rows(w: np.ndarray, keep: np.ndarray | None = None) -> SparseRows:
-            keep = w > 0 if keep is None else keep
-            return SparseRows.from_scipy(sp.csr_matrix((w[keep], (tr.user_idx[keep], tr.item_idx[keep])),
-                                                       shape=(self.n_users, self.n_items)), self.device)
+            return SparseRows.from_events(tr, w, w > 0 if keep is None else keep, self.n_users, self.n_items,
+                                          self.device)
 
         # The network learns from the plain rows; the query at scoring time is centred at
         # query_offset and recency-weighted.

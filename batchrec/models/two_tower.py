@@ -26,7 +26,6 @@ when asked (see the parameters). Losses:
 from __future__ import annotations
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -63,6 +62,9 @@ class _TwoTowerNet(nn.Module):
                  user_id: bool = True):
         super().__init__()
         self.user_id = nn.Embedding(n_users, dim)
+        # Off: frozen and unread (the optimiser skips it); still created, so that a seed draws the
+        # same initial weights for the other layers either way.
+        self.user_id.weight.requires_grad_(user_id)
         self.use_user_id = user_id
         self.history = nn.EmbeddingBag(n_items, dim, mode="sum") if history else None
         self.item_id = nn.Embedding(n_items, dim + 1)  # + bias column
@@ -77,7 +79,7 @@ class _TwoTowerNet(nn.Module):
         """User vectors [len(u), dim + 1]: id embedding (+ the weighted mean of the history item
         embeddings of the user's row in `rows`, without `leave_out` — a training positive must
         not predict itself — and with each entry dropped with probability `drop`)."""
-        e = self.user_id(u) * self.use_user_id
+        e = self.user_id(u) if self.use_user_id else torch.zeros(len(u), self.user_id.embedding_dim, device=u.device)
         if self.history is not None:
             users, inverse = torch.unique(u, return_inverse=True)
             row_of, cols, vals, offsets = rows.entries(users)
@@ -152,19 +154,17 @@ class TwoTower(FactorModel):
         self.cold = (torch.diff(self.content.indptr) > 0) & ~self.warm
         net = _TwoTowerNet(self.n_users, self.n_items, self.content.n_cols, p["dim"], p["hidden"],
                            p["history"], p["user_id"]).to(self.device)
-        w = history_weights(tr, p["min_rating"], p["weighting"], p["rating_offset"])
-        keep = w > 0
+        weights = history_weights(tr, p["min_rating"], p["weighting"], p["rating_offset"])
+        keep = weights > 0
         if not keep.any():
             raise BatchrecError(f"two_tower: no training interaction has rating >= min_rating={p['min_rating']}")
-        u, i, w = (torch.from_numpy(a[keep]).to(self.device) for a in (tr.user_idx, tr.item_idx, w))
+        u, i, w = (torch.from_numpy(a[keep]).to(self.device) for a in (tr.user_idx, tr.item_idx, weights))
         recent = events_from_end(tr) < p["history_max"]
 
         def history_rows(recency_halflife: float) -> SparseRows:
             hw = history_weights(tr, p["min_rating"], p["weighting"], p["rating_offset"], recency_halflife,
                                  p["recency_floor"]) * recent
-            on = hw > 0
-            return SparseRows.from_scipy(sp.csr_matrix((hw[on], (tr.user_idx[on], tr.item_idx[on])),
-                                                       shape=(self.n_users, self.n_items)), self.device)
+            return SparseRows.from_events(tr, hw, hw > 0, self.n_users, self.n_items, self.device)
 
         train_rows = history_rows(0.0)
         self.query = history_rows(p["recency_halflife"])
@@ -182,8 +182,8 @@ class TwoTower(FactorModel):
             return p["reg"] * sum((r ** 2).sum() for r in rows) / len(rows[0])
 
         batch_size = p["batch_size"]
+        catalogue = torch.nonzero(self.warm)[:, 0]  # the items with training interactions
         if p["loss"] == "bpr":
-            catalogue = torch.nonzero(self.warm)[:, 0]
             pos_keys = torch.unique(u * self.n_items + i)  # sorted
 
             def batches(epoch: int) -> tuple[torch.Tensor, ...]:
@@ -200,10 +200,8 @@ class TwoTower(FactorModel):
             # Per user: log-likelihood of all their positives under one softmax over the catalogue
             # (Mult-DAE's loss), the history input denoised by entry dropout. Costs users x items
             # per epoch, not positives x items.
-            catalogue = torch.nonzero(self.warm)[:, 0]
             position = torch.cumsum(self.warm.long(), 0) - 1  # item -> its column in the catalogue
-            targets = SparseRows.from_scipy(sp.csr_matrix((w.cpu().numpy(), (u.cpu().numpy(), i.cpu().numpy())),
-                                                          shape=(self.n_users, self.n_items)), self.device)
+            targets = SparseRows.from_events(tr, weights, keep, self.n_users, self.n_items, self.device)
             users = torch.unique(u)
 
             def loss(bu) -> torch.Tensor:
