@@ -97,6 +97,34 @@ class SnapshotData:
         return events.csr(self.n_users, self.n_items, "ones")
 
 
+def events_from_end(events: Interactions) -> np.ndarray:
+    """For each event, how many of the same user's events come after it (by ts, then item)."""
+    order = np.lexsort((events.item_idx, events.ts, events.user_idx))
+    users = events.user_idx[order]
+    n = np.bincount(users)
+    first = np.concatenate([[0], np.cumsum(n)[:-1]])
+    out = np.empty(len(events), np.int64)
+    out[order] = (n[users] - 1) - (np.arange(len(events)) - first[users])
+    return out
+
+
+def shifted_back(data: SnapshotData) -> SnapshotData:
+    """The protocol moved back one window, for choosing parameters without the test part: each
+    user's last |valid_u| train events become valid', the rest train', and valid becomes test'.
+
+    On a per-user temporal split the test window does not follow train directly (valid lies
+    between), so a setting chosen on valid favours the items right after train; measured on
+    test' after valid' it meets the same gap the test does (fit on train', stop early on
+    valid', score test' with train' as history and valid' excluded)."""
+    from dataclasses import replace
+
+    if data.valid is None or data.test is None:
+        raise BatchrecError("shifted_back needs a protocol with valid and test parts")
+    valid_count = np.bincount(data.valid.user_idx, minlength=data.n_users)
+    last = events_from_end(data.train) < valid_count[data.train.user_idx]
+    return replace(data, train=data.train.select(~last), valid=data.train.select(last), test=data.valid)
+
+
 def _interactions(con: duckdb.DuckDBPyConnection, sql: str, params: dict) -> Interactions:
     return Interactions.from_columns(con.sql(sql, params=params).fetchnumpy())
 

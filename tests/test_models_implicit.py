@@ -9,12 +9,12 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from batchrec.data import Interactions
+from batchrec.data import Interactions, events_from_end
 from batchrec.errors import BatchrecError
 from batchrec.metrics import evaluate_model
 from batchrec.models import create_model, parse_params
 from batchrec.models.base import Recommender
-from batchrec.models.ease import EASE, events_from_end, positive_weights, query_weights
+from batchrec.models.ease import EASE, positive_weights, query_weights
 from batchrec.models.ials import ObservedPairs, conjugate_gradient, conjugate_gradient_fused
 from batchrec.models.itemknn import cosine_topk
 from batchrec.train import fit_model

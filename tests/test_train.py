@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 from click.testing import CliRunner
 
 from batchrec.cli import main
-from batchrec.data import load_snapshot
+from batchrec.data import load_snapshot, shifted_back
 from batchrec.errors import BatchrecError
 from batchrec.features import build_snapshot
 from batchrec.ingest import ingest_path
@@ -180,3 +181,24 @@ def test_cli_train_and_models(wh):
     for family in ("popularity", "mf", "svd", "bpr"):
         assert f"\n{family} [" in f"\n{listing}"
     assert "variant (str, default 'count' one of {count, bayes})" in listing
+
+
+def test_shifted_back_moves_the_protocol_one_window_back(ml_small):
+    """Tuning split: each user's last |valid| train events become valid', valid becomes test'."""
+    shifted = shifted_back(ml_small)
+    train, n_users = ml_small.train, ml_small.n_users
+    assert shifted.test is ml_small.valid
+    assert len(shifted.train) + len(shifted.valid) == len(train)
+    pairs = lambda e: np.sort(e.user_idx.astype(np.int64) * ml_small.n_items + e.item_idx)  # noqa: E731
+    np.testing.assert_array_equal(pairs(shifted.train.concat(shifted.valid)), pairs(train))
+    count = lambda e: np.bincount(e.user_idx, minlength=n_users)  # noqa: E731
+    want = np.minimum(count(ml_small.valid), count(train))
+    np.testing.assert_array_equal(count(shifted.valid), want)
+    # valid' is each user's latest train events: nothing in train' comes after any of them
+    last_train = np.full(n_users, np.iinfo(np.int64).min)
+    np.maximum.at(last_train, shifted.train.user_idx, shifted.train.ts)
+    first_valid = np.full(n_users, np.iinfo(np.int64).max)
+    np.minimum.at(first_valid, shifted.valid.user_idx, shifted.valid.ts)
+    assert (last_train <= first_valid).all()
+    with pytest.raises(BatchrecError, match="needs a protocol"):
+        shifted_back(replace(ml_small, valid=None, test=None))

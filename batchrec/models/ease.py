@@ -34,6 +34,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from batchrec.data import events_from_end
 from batchrec.errors import BatchrecError
 from batchrec.models.base import Param, Recommender
 
@@ -54,17 +55,6 @@ offsets 3 and 3.25 were worse (0.097..0.108), and so was adding the negatives to
 Defaults: lam=500, weighting=rating, rating_offset=2, query_offset=2.5, dislike_weight=0.5,
 recency_halflife=5, recency_floor=0.1.
 """
-
-
-def events_from_end(events) -> np.ndarray:
-    """For each event, how many of the same user's events come after it (by ts, then item)."""
-    order = np.lexsort((events.item_idx, events.ts, events.user_idx))
-    users = events.user_idx[order]
-    n = np.bincount(users)
-    first = np.concatenate([[0], np.cumsum(n)[:-1]])
-    out = np.empty(len(events), np.int64)
-    out[order] = (n[users] - 1) - (np.arange(len(events)) - first[users])
-    return out
 
 
 def recency_weights(events, halflife: float, floor: float) -> np.ndarray | None:

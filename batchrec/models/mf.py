@@ -36,7 +36,7 @@ from torch import nn
 from batchrec.errors import BatchrecError
 from batchrec.models._nn import ranking_validator
 from batchrec.models.base import Param, Recommender
-from batchrec.models.ease import events_from_end
+from batchrec.data import events_from_end
 
 TUNING = """Tuned once on the validation part of ml-latest-small / user_temporal (fit on train, early stop
 and choose on valid RMSE; test never looked at while choosing). Valid RMSE / valid NDCG@10:
