@@ -69,7 +69,7 @@ def _ref(approach, family, metric, value, dataset, source, **params) -> Referenc
 
 # two_tower with the BPR set-up of the published two-tower BPR (its defaults are a softmax now)
 TWO_TOWER_BPR = dict(loss="bpr", user_id=True, dim=64, id_dropout=0.3, min_rating=4.0, weighting="binary",
-                     recency_halflife=0.0, batch_size=1024)
+                     recency_halflife=0.0, batch_size=1024, ensemble=1)  # one model, like the published one
 
 # The published numbers (sources: the seed projects in DESIGN.md's protocol table).
 PRESETS: dict[str, Preset] = {p.name: p for p in (

@@ -16,10 +16,11 @@ import secrets
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -82,10 +83,17 @@ class Trainer:
     progress: bool | None = None  # None: a bar only when stderr is a terminal (quiet under cron)
     checkpoint_dir: Path | None = None
     history: list[dict] = field(default_factory=list)
+    member: int = 0  # the member of an ensemble this trainer fits (see `for_member`)
 
     def __post_init__(self) -> None:
         if self.progress is None:
             self.progress = sys.stderr.isatty()
+
+    def for_member(self, k: int) -> "Trainer":
+        """The trainer of member k of an ensemble: its own seed (member 0's is this trainer's),
+        the same device and history (its epochs logged with member=k)."""
+        seed = self.seed if k == 0 else int(np.random.SeedSequence([self.seed, k]).generate_state(1)[0])
+        return replace(self, seed=seed, member=k)
 
     def generator(self, offset: int = 0) -> torch.Generator:
         """A seeded generator on the training device (offset separates independent streams)."""
@@ -177,7 +185,8 @@ class Trainer:
             if not math.isfinite(mean_loss):
                 raise BatchrecError(f"{name}: training diverged (loss is {mean_loss} at epoch "
                                     f"{epoch}); lower the learning rate (lr={lr}) or raise regularisation")
-            row = {"epoch": epoch, "loss": mean_loss, "lr": opt.param_groups[0]["lr"]}
+            row = {"epoch": epoch, "loss": mean_loss, "lr": opt.param_groups[0]["lr"]} | \
+                ({"member": self.member} if self.member else {})
             if validate is not None:
                 module.eval()
                 with torch.no_grad():

@@ -31,8 +31,11 @@ RATING_FAMILIES = ("neumf", "autorec", "content_dnn")
 FAST = {
     "neumf": {"factors": 8, "hidden": 16, "blocks": 1, "epochs": 2, "batch_size": 4096},
     "autorec": {"hidden": 16, "epochs": 2, "batch_size": 512},
-    "two_tower": {"dim": 8, "hidden": 16, "epochs": 2, "batch_size": 4096, "history_max": 50},
-    "multvae": {"hidden": 32, "latent": 8, "epochs": 2, "batch_size": 256},
+    "two_tower": {"dim": 8, "hidden": 16, "epochs": 2, "batch_size": 4096, "history_max": 50, "ensemble": 1},
+    # beta at its final value from the first step, so that epochs' losses compare; a brisk lr and
+    # 3 epochs, as the future term's random cuts make each epoch's loss noisy
+    "multvae": {"hidden": 32, "latent": 8, "epochs": 3, "batch_size": 256, "ensemble": 1, "anneal_steps": 1,
+                "lr": 1e-2},
     "content_dnn": {"factors": 8, "hidden": 16, "epochs": 2, "batch_size": 4096},
 }
 # Every family with its default variant, plus the other variant of the families that have one.
@@ -42,7 +45,9 @@ CASES = {
     "two_tower": ("two_tower", {}),
     "two_tower-bpr": ("two_tower", {"loss": "bpr", "batch_size": 1024, "user_id": True}),
     "two_tower-softmax": ("two_tower", {"loss": "softmax", "batch_size": 1024, "history": False, "user_id": True}),
-    "multvae": ("multvae", {}), "content_dnn": ("content_dnn", {}),
+    "two_tower-ensemble": ("two_tower", {"ensemble": 2}),
+    "multvae": ("multvae", {}), "multvae-ensemble": ("multvae", {"ensemble": 2}),
+    "content_dnn": ("content_dnn", {}),
 }
 
 
@@ -115,7 +120,8 @@ def test_score_shapes_pairs_and_vectors_agree(case, fitted, ml_small):
     ("neumf", "blocks=1.5", "not a valid int"), ("autorec", "variant=both", "must be one of"),
     ("autorec", "activation=tanh", "must be one of"), ("autorec", "reg=-1", "out of range"),
     ("two_tower", "loss=warp", "must be one of"), ("two_tower", "id_dropout=1.5", "out of range"),
-    ("two_tower", "history=maybe", "not a valid bool"), ("multvae", "beta_max=-1", "out of range"),
+    ("two_tower", "history=maybe", "not a valid bool"), ("two_tower", "ensemble=0", "out of range"),
+    ("multvae", "beta_max=-1", "out of range"), ("multvae", "future_cut_min=1", "out of range"),
     ("multvae", "latent=0", "out of range"), ("content_dnn", "dropout=-0.5", "out of range"),
     ("content_dnn", "hidden=1", "out of range"), ("content_dnn", "lr=2", "out of range"),
     ("content_dnn", "no_such_param=1", "unknown parameter"),
@@ -165,8 +171,11 @@ def test_an_overflowing_loss_stops_training_with_a_clear_error(name, ml_small):
 # -- the variants ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("case", CASES)
 def test_training_lowers_the_loss(case, fitted):
-    losses = [row["loss"] for row in fitted(case)[1].history]
-    assert len(losses) == 2 and losses[1] < losses[0]
+    model, trainer = fitted(case)
+    history, epochs = trainer.history, model.params["epochs"]
+    members = {row.get("member", 0) for row in history}
+    losses = [sum(row["loss"] for row in history if row["epoch"] == epoch) / len(members) for epoch in (1, epochs)]
+    assert len(history) == epochs * len(members) and losses[1] < losses[0]  # of an ensemble: the members' mean
 
 
 def test_neumf_variants(fitted):
@@ -202,6 +211,62 @@ def test_two_tower_losses(fitted, ml_small):
 def test_two_tower_user_tower_must_not_be_empty(ml_small):
     with pytest.raises(BatchrecError, match="^two_tower: history=false with user_id=false"):
         fit_model("two_tower", ml_small, FAST["two_tower"] | {"history": False, "user_id": False})
+
+
+def test_a_random_cut_splits_each_history_into_a_past_and_a_future(ml_small):
+    """The future term's input: rows in time order, cut once each, the prefix recency-weighted."""
+    from batchrec.data import events_from_end
+    from batchrec.models._nn import SparseRows
+
+    train = ml_small.train
+    later = events_from_end(train).astype(np.float32)  # strictly falls along a user's time line
+    rows = SparseRows.in_time_order(train, later, np.ones(len(train), bool), ml_small.n_users, ml_small.n_items, "cpu")
+    users = torch.arange(ml_small.n_users)
+    torch.manual_seed(0)
+    row_of, cols, vals, offsets, before, recency = rows.cut_at_random(users, 0.3, 5.0, 0.1)
+    same_row = row_of[1:] == row_of[:-1]
+    assert bool((vals[1:] < vals[:-1])[same_row].all())  # time order within each row
+    assert not bool((before[1:] & ~before[:-1])[same_row].any())  # the past is a prefix
+    lens = torch.bincount(row_of, minlength=len(users))
+    n_past = torch.zeros_like(lens).index_add_(0, row_of, before.long())
+    many = lens >= 4
+    assert bool((n_past[many] >= (0.3 * lens[many]).long()).all()) and bool((n_past[many] < lens[many]).all())
+    assert bool((n_past[lens > 0] >= 1).all())
+    # the last event before the cut weighs 1, one halflife earlier 0.1 + 0.9 / 2
+    k = (n_past[row_of] - 1) - (torch.arange(len(cols)) - offsets[row_of])
+    torch.testing.assert_close(recency[before], 0.1 + 0.9 * 0.5 ** (k[before] / 5.0))
+    assert bool((recency[k == 0] == 1).all())
+    torch.manual_seed(1)
+    assert not torch.equal(rows.cut_at_random(users, 0.3, 5.0, 0.1)[4], before)  # a new cut each draw
+
+
+@pytest.mark.parametrize("name", ["two_tower", "multvae"])
+def test_an_ensemble_averages_its_members_and_its_first_member_is_the_single_fit(name, fitted, ml_small):
+    single, (ensemble, trainer) = fitted(name)[0], fitted(f"{name}-ensemble")
+    users = _users(ml_small)
+    with torch.no_grad():
+        if name == "two_tower":  # the members' vectors side by side, user halves scaled by 1/2
+            d = single.U.shape[1]
+            assert ensemble.U.shape[1] == ensemble.V.shape[1] == 2 * d
+            torch.testing.assert_close(2 * ensemble.U[:, :d], single.U)
+            torch.testing.assert_close(ensemble.V[:, :d], single.V)
+            members = [ensemble.U[users, m * d:(m + 1) * d] @ ensemble.V[:, m * d:(m + 1) * d].T * 2 for m in (0, 1)]
+        else:
+            assert len(ensemble.nets) == 2
+            for a, b in zip(ensemble.nets[0].state_dict().values(), single.nets[0].state_dict().values()):
+                torch.testing.assert_close(a, b)
+            members = [type(single).score(_with_nets(ensemble, [net]), users) for net in ensemble.nets]
+        assert not torch.allclose(members[0], members[1], atol=1e-3)  # the second member has its own seed
+        torch.testing.assert_close(ensemble.score(users), (members[0] + members[1]) / 2, rtol=1e-4, atol=1e-4)
+    assert {row.get("member", 0) for row in trainer.history} == {0, 1}
+
+
+def _with_nets(model, nets):
+    import copy
+
+    clone = copy.copy(model)
+    clone.nets = nets
+    return clone
 
 
 def test_multvae_reconstruction_is_weighed_by_the_targets(ml_small):
@@ -386,13 +451,12 @@ def test_content_dnn_beats_neumf_on_items_with_few_ratings(default_results):
 
 
 RANKING_MISS = {
-    "two_tower": "test NDCG@10 0.0726 with the defaults tuned on valid (valid 0.0915; see two_tower.TUNING)",
-    "multvae": "test NDCG@10 0.0782 with the defaults tuned on valid (valid 0.0903; see multvae.TUNING)",
+    "multvae": "test NDCG@10 0.0758 with the defaults (an ensemble of 4; seed 1: 0.0784; see multvae.TUNING)",
 }
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=why))
-                                  for n, why in RANKING_MISS.items()])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=RANKING_MISS[n]))
+                                  if n in RANKING_MISS else n for n in ("two_tower", "multvae")])
 def test_ranking_families_reach_ninety_percent_of_ease(name, default_results):
     assert default_results[name]["ndcg@10"] >= 0.9 * EASE_TEST_NDCG, default_results[name]
