@@ -7,7 +7,7 @@ edges (scorer output, reports) and are kept here as lookup arrays.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import duckdb
 import numpy as np
@@ -97,9 +97,14 @@ class SnapshotData:
         return events.csr(self.n_users, self.n_items, "ones")
 
 
+def time_order(events: Interactions) -> np.ndarray:
+    """Indices that sort the events by user, then time (ts, then item)."""
+    return np.lexsort((events.item_idx, events.ts, events.user_idx))
+
+
 def events_from_end(events: Interactions) -> np.ndarray:
     """For each event, how many of the same user's events come after it (by ts, then item)."""
-    order = np.lexsort((events.item_idx, events.ts, events.user_idx))
+    order = time_order(events)
     users = events.user_idx[order]
     n = np.bincount(users)
     first = np.concatenate([[0], np.cumsum(n)[:-1]])
@@ -116,8 +121,6 @@ def shifted_back(data: SnapshotData) -> SnapshotData:
     between), so a setting chosen on valid favours the items right after train; measured on
     test' after valid' it meets the same gap the test does (fit on train', stop early on
     valid', score test' with train' as history and valid' excluded)."""
-    from dataclasses import replace
-
     if data.valid is None or data.test is None:
         raise BatchrecError("shifted_back needs a protocol with valid and test parts")
     valid_count = np.bincount(data.valid.user_idx, minlength=data.n_users)

@@ -10,8 +10,9 @@ ratings (`--ratings 5000000 --users 35000 --items 13000 --epochs 1`, about 15 mi
 in its own process, so its peak RSS is its own, with the family's defaults except `--epochs`
 epochs and no validation part (an epoch is training only). Seconds per epoch is the mean over
 the epochs, from the trainer's log; for the families that fit an ensemble (two_tower, multvae:
-`ensemble`, default 4) it is one member's epoch, and a fit costs ensemble x epochs of them. One torch thread per fit by default: on the shared 2-core
-machine two threads ran every family about 3x slower (threads spinning against other jobs).
+`ensemble`, default 4) it is one member's epoch, and a fit costs ensemble x epochs of them. One
+torch thread per fit by default: on the shared 2-core machine two threads ran every family about
+3x slower (threads spinning against other jobs).
 
     .venv/bin/python bench/bench_neural.py [--ratings 1000000] [--users 7000] [--items 5000] [--epochs 2] [--threads 1] [--families two_tower]
 """

@@ -77,10 +77,11 @@ def main() -> None:
     rows = []
     for name in names:
         given = parse_params(name, params.get(name, []))
+        seeded = get_model_class(name).seed_param
         runs = []
         t0 = time.perf_counter()
-        for seed in seeds if get_model_class(name).seed_param else seeds[:1]:
-            model, _ = fit_model(name, data, given | ({"seed": seed} if get_model_class(name).seed_param else {}))
+        for seed in seeds if seeded else seeds[:1]:
+            model, _ = fit_model(name, data, given | ({"seed": seed} if seeded else {}))
             runs.append(evaluate_model(model, data, ks=(10,)))
         fit_s = (time.perf_counter() - t0) / len(runs)
         rows.append((name, {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}, fit_s))

@@ -10,9 +10,9 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from batchrec.data import events_from_end, time_order
 from batchrec.errors import BatchrecError
 from batchrec.models.base import Param
-from batchrec.data import events_from_end
 from batchrec.models.ease import positive_weights, recency_weights
 
 # The ranking families average independently seeded fits: on ml-latest-small one seed's NDCG@10
@@ -50,8 +50,8 @@ class SparseRows:
                       device: torch.device | str) -> "SparseRows":
         """The user x item rows of the `keep` events, each row's entries in time order (by ts, then
         item), valued by `values`; repeated pairs stay separate entries."""
-        idx = np.flatnonzero(keep)
-        idx = idx[np.lexsort((events.item_idx[idx], events.ts[idx], events.user_idx[idx]))]
+        idx = time_order(events)
+        idx = idx[keep[idx]]
         indptr = np.concatenate([[0], np.cumsum(np.bincount(events.user_idx[idx], minlength=n_users))])
         return cls(torch.from_numpy(indptr.astype(np.int64)).to(device),
                    torch.from_numpy(events.item_idx[idx].astype(np.int64)).to(device),

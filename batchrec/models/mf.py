@@ -33,10 +33,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from batchrec.data import events_from_end
 from batchrec.errors import BatchrecError
 from batchrec.models._nn import ranking_validator
 from batchrec.models.base import Param, Recommender
-from batchrec.data import events_from_end
 
 TUNING = """Tuned once on the validation part of ml-latest-small / user_temporal (fit on train, early stop
 and choose on valid RMSE; test never looked at while choosing). Valid RMSE / valid NDCG@10:
