@@ -15,31 +15,41 @@ import numpy as np
 import torch
 
 
-@numba.njit(parallel=True, cache=True)
-def _topk_rows(scores: np.ndarray, k: int, out_val: np.ndarray, out_idx: np.ndarray) -> None:
-    for r in numba.prange(scores.shape[0]):
-        vals, idx = out_val[r], out_idx[r]
-        filled = 0
-        for j in range(scores.shape[1]):
-            v = scores[r, j]
-            if filled == k:
-                if not v > vals[k - 1]:  # the common case (NaN also stays out)
-                    continue
-                pos = k - 1
-            elif v != v:  # NaN
+@numba.njit(cache=True)
+def _topk_row(row: np.ndarray, k: int, vals: np.ndarray, idx: np.ndarray) -> None:
+    filled = 0
+    for j in range(row.shape[0]):
+        v = row[j]
+        if filled == k:
+            if not v > vals[k - 1]:  # the common case (NaN also stays out)
                 continue
-            else:
-                pos = filled
-                filled += 1
-            while pos > 0 and vals[pos - 1] < v:  # strict: an equal score keeps its earlier column first
-                vals[pos] = vals[pos - 1]
-                idx[pos] = idx[pos - 1]
-                pos -= 1
-            vals[pos] = v
-            idx[pos] = j
-        for p in range(filled, k):  # fewer than k scores that are not NaN
-            vals[p] = -np.inf
-            idx[p] = 0
+            pos = k - 1
+        elif v != v:  # NaN
+            continue
+        else:
+            pos = filled
+            filled += 1
+        while pos > 0 and vals[pos - 1] < v:  # strict: an equal score keeps its earlier column first
+            vals[pos] = vals[pos - 1]
+            idx[pos] = idx[pos - 1]
+            pos -= 1
+        vals[pos] = v
+        idx[pos] = j
+    for p in range(filled, k):  # fewer than k scores that are not NaN
+        vals[p] = -np.inf
+        idx[p] = 0
+
+
+@numba.njit(parallel=True, cache=True)
+def _topk_rows_parallel(scores: np.ndarray, k: int, out_val: np.ndarray, out_idx: np.ndarray) -> None:
+    for r in numba.prange(scores.shape[0]):
+        _topk_row(scores[r], k, out_val[r], out_idx[r])
+
+
+@numba.njit(cache=True)
+def _topk_rows_serial(scores: np.ndarray, k: int, out_val: np.ndarray, out_idx: np.ndarray) -> None:
+    for r in range(scores.shape[0]):
+        _topk_row(scores[r], k, out_val[r], out_idx[r])
 
 
 def row_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,6 +62,13 @@ def row_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     s = scores.contiguous().numpy()
     val = np.empty((s.shape[0], k), np.float32)
     idx = np.empty((s.shape[0], k), np.int64)
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-    _topk_rows(s, k, val, idx)
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if threads == 1:
+        # No OpenMP pool at all: its idle workers spin, and beside another busy process (two
+        # single-threaded fits on two cores) they slowed a training loop that validates each
+        # epoch about tenfold
+        _topk_rows_serial(s, k, val, idx)
+    else:
+        numba.set_num_threads(threads)
+        _topk_rows_parallel(s, k, val, idx)
     return torch.from_numpy(val), torch.from_numpy(idx)

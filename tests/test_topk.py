@@ -44,3 +44,19 @@ def test_a_rows_result_does_not_depend_on_its_block():
     # best first, and among equal scores the lower column first
     key = -val.double() * 1000 + idx.double()
     assert (key[:, 1:] > key[:, :-1]).all()
+
+
+def test_one_thread_runs_the_serial_kernel_with_the_same_result():
+    """With one torch thread no OpenMP pool is started (see row_topk); the result is the same."""
+    rng = np.random.default_rng(1)
+    scores = torch.from_numpy(rng.integers(0, 30, (200, 700)).astype(np.float32))  # many ties
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = row_topk(scores, 15)
+        torch.set_num_threads(2)
+        parallel = row_topk(scores, 15)
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(serial, parallel))
+    assert torch.equal(serial[1], torch.topk(scores - torch.arange(700) * 1e-4, 15, dim=1)[1])
