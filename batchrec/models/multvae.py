@@ -271,7 +271,8 @@ class MultVAE(Recommender):
         train_rows = rows(plain)
         self.rows = rows(query)
         users = torch.nonzero(torch.diff(train_rows.indptr) > 0)[:, 0]
-        total = p["anneal_steps"] or p["epochs"] * -(-len(users) // p["batch_size"])
+        batches, cycle = -(-len(users) // p["batch_size"]), p["alternate"] + 1  # optimiser steps per epoch
+        total, per_mass = p["anneal_steps"] or p["epochs"] * batches, p["kl_gamma"] > 0
 
         if p["future_weight"] > 0:
             query_base = np.maximum(query_weights(tr, p["query_offset"], 0.0), 0.0)
@@ -279,15 +280,12 @@ class MultVAE(Recommender):
             timeline = SparseRows.in_time_order(tr, plain, in_line, self.n_users, self.n_items, self.device)
             query_line = SparseRows.in_time_order(tr, query_base, in_line, self.n_users, self.n_items, self.device)
 
-        batches, cycle = -(-len(users) // p["batch_size"]), p["alternate"] + 1
-        per_mass = p["kl_gamma"] > 0
-
         def loss(batch: torch.Tensor) -> torch.Tensor:  # of the member being fitted, `net`
             # RecVAE's schedule: a cycle is `alternate` epochs of encoder updates, then one of
             # decoder updates on undropped rows (a parameter without a gradient is not stepped);
             # the composite prior's posterior is the encoder as it was when the cycle began.
-            epoch, first_batch = divmod(net.steps, batches)
-            if prior_net is not None and first_batch == 0 and epoch % cycle == 0:
+            epoch, step_in_epoch = divmod(net.steps, batches)
+            if prior_net is not None and step_in_epoch == 0 and epoch % cycle == 0:
                 prior_net.load_state_dict(net.state_dict())
             decoder_phase = p["alternate"] > 0 and epoch % cycle == p["alternate"]
             if p["alternate"] > 0:
