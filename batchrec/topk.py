@@ -52,6 +52,11 @@ def _topk_rows_serial(scores: np.ndarray, k: int, out_val: np.ndarray, out_idx: 
         _topk_row(scores[r], k, out_val[r], out_idx[r])
 
 
+def numba_threads() -> int:
+    """Threads for a numba parallel kernel: as many as torch uses, within numba's pool."""
+    return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+
+
 def row_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, columns) of each row's k largest scores, best first (ties: lower column first).
 
@@ -62,7 +67,7 @@ def row_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     s = scores.contiguous().numpy()
     val = np.empty((s.shape[0], k), np.float32)
     idx = np.empty((s.shape[0], k), np.int64)
-    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    threads = numba_threads()
     if threads == 1:
         # No OpenMP pool at all: its idle workers spin, and beside another busy process (two
         # single-threaded fits on two cores) they slowed a training loop that validates each

@@ -36,6 +36,7 @@ from batchrec.data import csr_to_torch
 from batchrec.errors import BatchrecError
 from batchrec.models.base import FactorModel, Param
 from batchrec.models.ease import positive_matrix, recency_weights
+from batchrec.topk import numba_threads
 
 TUNING = """
 Grids on the validation part of ml-latest-small / user_temporal (NDCG@10, train part as history;
@@ -114,7 +115,7 @@ def conjugate_gradient_fused(x: torch.Tensor, Y: torch.Tensor, pairs: sp.csr_mat
     `pairs` is the CSR of e = c - 1 with one row per row of x (user-major for the user half-step,
     item-major for the item one): rows are split among numba's threads (as many as torch's), each
     row solved whole by one thread, so the result does not depend on the thread count."""
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    numba.set_num_threads(numba_threads())
     with numba.parallel_chunksize(16):  # rows handed out 16 at a time: item rows' lengths are very skewed
         _cg_rows(x.numpy(), Y.numpy(), pairs.indptr.astype(np.int64, copy=False),  # one compiled signature
                  pairs.indices.astype(np.int32, copy=False), pairs.data.astype(np.float32, copy=False),

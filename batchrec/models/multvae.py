@@ -99,12 +99,12 @@ class _MultVAENet(nn.Module):
         self.latent, self.dropout = latent, dropout
         self.steps = 0  # optimiser steps taken (for the KL annealing)
 
-    def encoder_parameters(self) -> list[nn.Parameter]:
-        return [self.encoder_in.weight, self.encoder_bias, *self.encoder_dense.parameters(),
-                *self.encoder_norms.parameters(), *self.encoder_out.parameters()]
-
     def decoder_parameters(self) -> list[nn.Parameter]:
         return [*(self.decoder_in.parameters() if self.decoder_in is not None else ()), *self.decoder_out.parameters()]
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        decoder = {id(param) for param in self.decoder_parameters()}
+        return [param for param in self.parameters() if id(param) not in decoder]
 
     def encode(self, rows: SparseRows, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple]:
         """(mean, log-variance) of q(z | x) for the given users' rows, and the rows' entries."""
@@ -164,10 +164,9 @@ class _MultVAENet(nn.Module):
 
         `per_mass`: each user's KL weighs beta x their target mass (sum of `weight`), as in RecVAE,
         so the prior pulls as hard against a long row as against a short one. `prior` None:
-        N(0, I), KL in closed form; else (mean, log-variance) of the
-        previous encoder's q on the same rows, and the prior is RecVAE's composite one
-        (3/20 N(0, I) + 15/20 that posterior + 2/20 N(0, e^10 I), per dimension), its KL
-        estimated from the sample."""
+        N(0, I), KL in closed form; else (mean, log-variance) of the previous encoder's q on the
+        same rows, and the prior is RecVAE's composite one (3/20 N(0, I) + 15/20 that posterior
+        + 2/20 N(0, e^10 I), per dimension), its KL estimated from the sample."""
         z = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)
         log_p = torch.log_softmax(self.decoder_out(self.decode_hidden(z)), dim=1)
         nll = -(log_p[row_of, cols] * weight).sum() / len(mean)
