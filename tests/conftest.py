@@ -40,8 +40,8 @@ def load_ml_small(protocol: str | None = "user_temporal") -> SnapshotData:
     ratings = pl.read_csv(ML_SMALL / "ratings.csv")
     movies = pl.read_csv(ML_SMALL / "movies.csv")
     user_ids = np.sort(ratings["userId"].unique().to_numpy())
-    # The catalogue plus items that are only rated: ml-latest-small as shipped here has one
-    # rating (user 999, item 999999) for an item missing from movies.csv.
+    # The catalogue plus items that are only rated (none in ml-latest-small, but the rule is the
+    # feature store's).
     item_ids = np.union1d(movies["movieId"].to_numpy(), ratings["movieId"].to_numpy())
     df = ratings.select(
         user_idx=pl.Series(np.searchsorted(user_ids, ratings["userId"].to_numpy())),

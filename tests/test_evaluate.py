@@ -200,7 +200,7 @@ def test_preset_needs_its_split_then_runs(tmp_path):
     with wh.connect(read_only=True) as con:
         test_rows = con.execute("""SELECT n_test FROM split_protocols p JOIN feature_snapshots s USING (snapshot_id)
                                    WHERE protocol = 'random' ORDER BY s.created_at DESC LIMIT 1""").fetchall()[0][0]
-    assert test_rows == pytest.approx(0.2 * 100_837, rel=0.02)
+    assert test_rows == pytest.approx(0.2 * 100_836, rel=0.02)
 
 
 def test_bad_input_is_one_line_and_a_nonzero_exit(tmp_path):

@@ -163,23 +163,23 @@ def ml_small(tmp_path_factory):
 
 def test_ml_latest_small_snapshot(ml_small):
     wh, sid, summary = ml_small
-    assert sid in summary and "100837 interactions" in summary
+    assert sid in summary and "100836 interactions" in summary
     counts = json.loads(query(wh, "SELECT row_counts FROM feature_snapshots WHERE snapshot_id = ?", [sid])[0][0])
     n_users, n_items = query(wh, "SELECT count(DISTINCT user_id), count(DISTINCT item_id) FROM ratings")[0]
     n_catalogue_or_rated = query(wh, "SELECT count(*) FROM (SELECT item_id FROM items UNION SELECT item_id FROM ratings)")[0][0]
-    assert counts["user_index"] == n_users == 611
-    assert counts["item_index"] == n_catalogue_or_rated == 9743
-    assert counts["interactions"] == 100837
+    assert counts["user_index"] == n_users == 610
+    assert counts["item_index"] == n_catalogue_or_rated == 9742
+    assert counts["interactions"] == 100836
     assert counts["item_features"] == counts["item_index"] and counts["user_features"] == counts["user_index"]
     assert counts["item_tag_tfidf"] > 1000
     # the exact user_temporal rule on ml-latest-small
     assert query(wh, "SELECT n_train, n_valid, n_test FROM split_protocols WHERE snapshot_id = ? AND protocol = 'user_temporal'",
-                 [sid]) == [(81200, 9818, 9819)]
+                 [sid]) == [(81200, 9818, 9818)]
     # the splits view labels every interaction once per protocol, consistently with the counts
     assert query(wh, """SELECT protocol, count(*) FILTER (part = 'train'), count(*) FILTER (part = 'valid'),
                                count(*) FILTER (part = 'test'), count(*)
                         FROM splits WHERE snapshot_id = ? GROUP BY protocol ORDER BY protocol""", [sid]) == [
-        (p, tr, va, te, 100837) for p, tr, va, te in
+        (p, tr, va, te, 100836) for p, tr, va, te in
         query(wh, "SELECT protocol, n_train, n_valid, n_test FROM split_protocols WHERE snapshot_id = ? ORDER BY protocol", [sid])]
 
 

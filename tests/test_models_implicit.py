@@ -94,7 +94,7 @@ def test_bad_parameters_are_one_line_errors(name, bad):
 
 
 def test_ease_refuses_a_catalogue_over_the_memory_budget(ml_small):
-    with pytest.raises(BatchrecError, match=r"9743 items need about 1\.1 GB.*max_memory_gb=0\.5"):
+    with pytest.raises(BatchrecError, match=r"9742 items need about 1\.1 GB.*max_memory_gb=0\.5"):
         fit_model("ease", ml_small, {"max_memory_gb": 0.5})
 
 
