@@ -14,7 +14,7 @@ import click
 
 from batchrec.errors import BatchrecError
 from batchrec.ingest.sources import ZIP_MAX_RATIO, ZIP_MAX_SIZE
-from batchrec.ingest.spec import MAX_FUTURE
+from batchrec.ingest.spec import HALF_STARS, MAX_FUTURE
 from batchrec.warehouse import Warehouse
 
 
@@ -62,8 +62,8 @@ pass_wh = click.make_pass_decorator(Warehouse)
 @click.option("--columns", default=None,
               help="Generic reader column mapping, e.g. 'user_id=UserID,item_id=MovieID,rating=Rating,ts=Timestamp'.")
 @click.option("--rating-scale", default=None, metavar="MIN..MAX[:STEP]",
-              help="Scale of generic ratings, e.g. 1..10 or 0.5..5:0.5 [default: the warehouse's, set by its first "
-                   "load; half stars 0.5..5 in a new warehouse].")
+              help=f"Scale of generic ratings, e.g. 1..10 or 0.5..5:0.5 [default: the warehouse's, set by its first "
+                   f"load; {HALF_STARS} in a new warehouse].")
 @click.option("--max-future", default=MAX_FUTURE, show_default=True, metavar="DURATION",
               help="Timestamps later than the ingest time plus this are bad rows (e.g. 0s, 12h, 2d).")
 @click.option("--zip-max-size", default=ZIP_MAX_SIZE, show_default=True, metavar="SIZE",

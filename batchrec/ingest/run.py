@@ -31,7 +31,7 @@ from batchrec.ingest.formats import detect
 from batchrec.ingest.generic import parse_columns
 from batchrec.ingest.merge import merge
 from batchrec.ingest.read import NO_SPACE, stage
-from batchrec.ingest.sources import ZIP_MAX_RATIO, ZIP_MAX_SIZE, ZipLimits, open_source, sha256_of
+from batchrec.ingest.sources import ZIP_MAX_RATIO, ZIP_MAX_SIZE, ZipLimits, no_space, open_source, sha256_of
 from batchrec.ingest.spec import HALF_STARS, MAX_FUTURE, FileSpec, Limits, Scale, parse_duration
 from batchrec.warehouse import Warehouse, scalar, transaction, utcnow
 
@@ -82,21 +82,15 @@ def ingest_path(wh: Warehouse, path: str | None = None, dataset: str | None = No
             finally:
                 hasher.shutdown(cancel_futures=True)
     except duckdb.Error as exc:
-        raise _disk_full(str(exc), str(wh.path)) or exc
+        if NO_SPACE not in str(exc):
+            raise
+        written = re.search(r'file "([^"]+)"', str(exc))  # DuckDB names the file it could not write
+        raise no_space(written[1] if written else wh.path) from None
     except OSError as exc:
         if exc.errno != errno.ENOSPC:
             raise
-        raise _disk_full(NO_SPACE, exc.filename or str(wh.path)) from None
+        raise no_space(exc.filename or wh.path) from None
     return _summary(ingest_id, fmt, source.label, results)
-
-
-def _disk_full(message: str, default_path: str) -> BatchrecError | None:
-    """The one-line error for a write that found the disk full (DuckDB names the file)."""
-    if NO_SPACE not in message:
-        return None
-    written = re.search(r'file "([^"]+)"', message)
-    return BatchrecError(f"no space left on device while writing {written[1] if written else default_path}: "
-                         f"free space and rerun")
 
 
 def _stored_scale(con) -> Scale | None:

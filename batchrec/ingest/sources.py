@@ -13,6 +13,7 @@ sizes the archive claims, so a zip bomb stops at the limit.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import re
 import tempfile
@@ -139,9 +140,19 @@ def _extract(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, label: str,
     except (zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError) as exc:  # RuntimeError: encrypted
         dest.unlink(missing_ok=True)
         raise BatchrecError(f"{label}: unreadable zip member ({exc}) (expected an intact .zip file)") from None
+    except OSError as exc:
+        dest.unlink(missing_ok=True)
+        if exc.errno == errno.ENOSPC:
+            raise no_space(dest) from None
+        raise
     except BaseException:
         dest.unlink(missing_ok=True)
         raise
+
+
+def no_space(path: Path | str) -> BatchrecError:
+    """The one-line error for a write that found the disk full."""
+    return BatchrecError(f"no space left on device while writing {path}: free space and rerun")
 
 
 def sha256_of(path: Path) -> str:
