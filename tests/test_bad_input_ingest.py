@@ -186,6 +186,10 @@ CASES = {
         {"ratings.csv": RATINGS_HEADER + GOOD, "tags.csv": 'userId,movieId,tag,timestamp\n65,208,"two\nlines",1368150078\n'
                                                            '\n65,353,dark hero,x\n'},
         r"{d}/tags.csv:4: timestamp 'x' is not valid \(expected unix seconds\)$"),
+    "bad row after a quote inside a tag": Case(
+        {"ratings.csv": RATINGS_HEADER + GOOD, "tags.csv": 'userId,movieId,tag,timestamp\n65,208,dark "hero,1368150078\n'
+                                                           '\n65,353,dark hero,x\n'},
+        r"{d}/tags.csv:4: timestamp 'x' is not valid \(expected unix seconds\)$"),
     # 10. zip input: members are streamed under a size and a ratio limit
     "zip bomb": Case({"ml.zip": zip_of({"ml/ratings.csv": BOMB})},
                      r"{d}/ml\.zip/ml/ratings\.csv: unzips to more than 1\.0 MiB from 0\.0 MiB compressed \(expected at most "

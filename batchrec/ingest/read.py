@@ -106,16 +106,22 @@ def _locate_bad_csv_rows(con, spec: FileSpec, bad: str, emitted: int) -> None:
     con.execute("SET preserve_insertion_order = true")  # ordinals in file order
     _find_bad_rows(con, spec, f"{_read_csv(spec, rejects)} WITH ORDINALITY", "ordinality", found)
     con.execute(f"SET preserve_insertion_order = {str(keep_order).lower()}")
-    empty, n_lines = empty_lines(spec.path, spec.csv["quote"])
     header = [1] if spec.csv["header"] else []
+    accounted = emitted + len(header) + scalar(con, f"SELECT count(DISTINCT line) FROM {rejects}")
+    # Lines as the file has them, unless quoted fields span lines (then only the numbering that
+    # honours the quotes accounts for every line; a quote inside a field, which DuckDB reads as
+    # text, would mislead it, so it comes second).
+    for quote in dict.fromkeys(("", spec.csv["quote"])):
+        empty, n_lines = empty_lines(spec.path, quote)
+        if accounted + len(empty) == n_lines:
+            break
+    else:
+        raise BatchrecError(f"{spec.label}: has bad rows but its lines cannot be numbered ({n_lines:,} lines, "
+                            f"{accounted:,} of them read or rejected) (expected a CSV file whose quotes are "
+                            f"RFC 4180's)")
     con.execute(f"CREATE TEMP TABLE {skipped} AS SELECT s, row_number() OVER (ORDER BY s) AS j "
                 f"FROM (SELECT DISTINCT line AS s FROM {rejects} UNION SELECT unnest($others::BIGINT[]))",
                 {"others": [*header, *empty.tolist()]})
-    n_skipped = scalar(con, f"SELECT count(*) FROM {skipped}")
-    if n_skipped + emitted != n_lines:  # the numbering's premise (lines.py) does not hold for this file
-        raise BatchrecError(f"{spec.label}: has bad rows but its lines cannot be numbered ({n_lines:,} lines, "
-                            f"{emitted:,} read as rows and {n_skipped:,} skipped) (expected a CSV file whose "
-                            f"quotes are RFC 4180's)")
     # The k-th row is on the k-th line not skipped: k plus the skipped lines before it, which are
     # those whose count of unskipped lines before them (s - j) is below k.
     con.execute(f"""
