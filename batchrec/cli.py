@@ -74,7 +74,7 @@ pass_wh = click.make_pass_decorator(Warehouse)
 def ingest(wh: Warehouse, path, dataset, fmt, quarantine, columns, rating_scale, max_future, zip_max_size,
            zip_max_ratio) -> None:
     """Load raw MovieLens (any release) or generic CSV/Parquet files into the warehouse."""
-    from batchrec.ingest.run import ingest_path
+    from batchrec.ingest import ingest_path
 
     if (path is None) == (dataset is None):
         raise BatchrecError("give exactly one of PATH or --dataset")

@@ -124,7 +124,7 @@ def _fingerprint(wh: Warehouse, step: dict) -> str:
 
 # -- step runners ------------------------------------------------------------------------------
 def _run_ingest(wh: Warehouse, s: dict) -> StepResult:
-    from batchrec.ingest.run import ingest_path
+    from batchrec.ingest import ingest_path
 
     return StepResult(ingest_path(wh, path=s["path"], dataset=s["dataset"], fmt=s["format"],
                                   quarantine=s["quarantine"], columns=s["columns"]))

@@ -21,8 +21,7 @@ from batchrec.errors import BatchrecError
 from batchrec.ingest import generic
 from batchrec.ingest.sources import Source, first_line, is_utf8
 from batchrec.ingest.spec import (
-    HALF_STARS, KINDS, WHOLE_STARS, Column, FileSpec, Integer, Limits, NonBlank, OneOf, Rating, Timestamp, dialect,
-    lit, q, select_sql,
+    HALF_STARS, KINDS, WHOLE_STARS, Column, FileSpec, Limits, OneOf, dialect, lit, q, role_checks, select_sql,
 )
 
 FORMATS = ("ml-100k", "ml-1m", "ml-10m", "ml-csv", "generic")
@@ -77,12 +76,14 @@ def _ml_spec(fmt: str, kind: str, path: Path, label: str, limits: Limits) -> Fil
         encoding = "utf-8" if kind == "ratings" or is_utf8(path) else "latin-1"
         read_as = dialect("\t" if path.name == "u.data" else "|" if fmt == "ml-100k" else "::", encoding)
 
+    checks = role_checks(limits.latest, scale)
+
     def spec(columns: tuple[Column, ...], select: str, scale=None) -> FileSpec:
         return FileSpec(kind, path, label, fmt, columns, select, read_as, header, scale)
 
     if fmt == "ml-100k" and kind == "items":  # u.item: genres as 19 flags
         flag = OneOf(("0", "1"), "a genre flag 0 or 1")
-        columns = (Column("movie id", Integer()), Column("movie title"), Column("release date"),
+        columns = (Column("movie id", checks["item_id"]), Column("movie title"), Column("release date"),
                    Column("video release date"), Column("IMDb URL"), *(Column(g, flag) for g in ML100K_GENRES))
         names = ", ".join(lit(g) for g in ML100K_GENRES[1:])  # the 'unknown' flag is the empty list
         flags = ", ".join(f"{q(g)} = '1'" for g in ML100K_GENRES[1:])
@@ -92,20 +93,18 @@ def _ml_spec(fmt: str, kind: str, path: Path, label: str, limits: Limits) -> Fil
     if kind in ROLES:
         names = header or (ML100K_RATINGS if fmt == "ml-100k" else ML_DAT_NAMES[kind])
         roles = dict(zip(ROLES[kind], names))
-        checks = {"user_id": Integer(), "item_id": Integer(), "rating": Rating(scale), "ts": Timestamp(limits.latest),
-                  "tag": NonBlank("a tag")}
         columns = tuple(Column(name, checks[role]) if role in checks else Column(name)
                         for role, name in roles.items())
         return spec(columns, select_sql(kind, roles), scale if kind == "ratings" else None)
 
     if fmt == "ml-100k":  # users
-        columns = (Column("user id", Integer()), Column("age", Integer("an integer age", "INTEGER")),
+        columns = (Column("user id", checks["user_id"]), Column("age", checks["age"]),
                    Column("gender", GENDER), Column("occupation", OneOf(ML100K_OCCUPATIONS, "an occupation of "
                                                                         "u.occupation")), Column("zip code"))
         roles = {"user_id": "user id", "age": "age", "gender": "gender", "occupation": "occupation", "zip": "zip code"}
         return spec(columns, select_sql(kind, roles))
 
-    columns = (Column("UserID", Integer()), Column("Gender", GENDER),
+    columns = (Column("UserID", checks["user_id"]), Column("Gender", GENDER),
                Column("Age", OneOf(ML1M_AGES, "an age group (1, 18, 25, 35, 45, 50 or 56)", "INTEGER")),
                Column("Occupation", OneOf(tuple(map(str, range(21))), "an occupation code 0..20", "INTEGER")),
                Column("Zip-code"))

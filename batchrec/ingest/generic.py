@@ -25,7 +25,7 @@ import duckdb
 from batchrec.errors import BatchrecError
 from batchrec.ingest.sources import Source
 from batchrec.ingest.spec import (
-    KINDS, TEXT, Column, FileSpec, Integer, Limits, NonBlank, Rating, Text, Timestamp, dialect, lit, select_sql,
+    KINDS, TEXT, Column, FileSpec, Limits, Text, dialect, lit, role_checks, select_sql,
 )
 from batchrec.warehouse import query_pl
 
@@ -124,8 +124,7 @@ STORED = {  # the roles each kind stores; other recognised columns are kept as t
 
 def _spec(path: Path, label: str, read_as: dict | None, described: list[tuple[str, str]], roles: dict[str, str],
           kind: str, limits: Limits) -> FileSpec:
-    checks = {"user_id": Integer(), "item_id": Integer(), "rating": Rating(limits.scale),
-              "ts": Timestamp(limits.latest, iso=True), "tag": NonBlank("a tag"), "age": Integer("an integer age", "INTEGER")}
+    checks = role_checks(limits.latest, limits.scale, iso=True)
     stored = {role: column for role, column in roles.items() if role in STORED[kind]}
     check_of = {column: checks[role] for role, column in stored.items() if role in checks}
     columns = tuple(Column(name, check_of.get(name, Text()), sql_type) for name, sql_type in described)

@@ -260,6 +260,13 @@ class NonBlank(Check):
         return f"CASE WHEN trim({x}::VARCHAR) <> '' THEN {x}::VARCHAR END"
 
 
+def role_checks(latest: datetime, scale: Scale, iso: bool = False) -> dict[str, Check]:
+    """The check of each role's column (e.g. 'user_id' -> Integer); roles not named are text.
+    `iso`: timestamps may be ISO date-times too (generic files)."""
+    return {"user_id": Integer(), "item_id": Integer(), "rating": Rating(scale), "ts": Timestamp(latest, iso),
+            "tag": NonBlank("a tag"), "age": Integer("an integer age", "INTEGER")}
+
+
 # -- what one file is ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Column:
