@@ -68,7 +68,7 @@ pass_wh = click.make_pass_decorator(Warehouse)
               help="Timestamps later than the ingest time plus this are bad rows (e.g. 0s, 12h, 2d).")
 @click.option("--zip-max-size", default=ZIP_MAX_SIZE, show_default=True, metavar="SIZE",
               help="Largest size a zip member may unzip to.")
-@click.option("--zip-max-ratio", default=ZIP_MAX_RATIO, show_default=True, type=float,
+@click.option("--zip-max-ratio", default=ZIP_MAX_RATIO, show_default=True, type=str, metavar="N",
               help="Most a zip member may expand, in times its compressed size (members under 1 MiB excepted).")
 @pass_wh
 def ingest(wh: Warehouse, path, dataset, fmt, quarantine, columns, rating_scale, max_future, zip_max_size,

@@ -192,12 +192,14 @@ CASES = {
         r"{d}/tags.csv:4: timestamp 'x' is not valid \(expected unix seconds\)$"),
     # 10. zip input: members are streamed under a size and a ratio limit
     "zip bomb": Case({"ml.zip": zip_of({"ml/ratings.csv": BOMB})},
-                     r"{d}/ml\.zip/ml/ratings\.csv: unzips to more than 1\.0 MiB from 0\.0 MiB compressed \(expected at most "
-                     r"--zip-max-size 8,192 MiB and --zip-max-ratio 100x; raise them to load it on purpose\)$",
+                     r"{d}/ml\.zip/ml/ratings\.csv: unzips to more than 1\.0 MiB from \d+\.\d KiB compressed \(expected at "
+                     r"most --zip-max-size 8\.0 GiB and --zip-max-ratio 100x; raise them to load it on purpose\)$",
                      ("{d}/ml.zip",)),
     "zip member over --zip-max-size": Case({"ml.zip": zip_of({"ml/ratings.csv": (RATINGS_HEADER + GOOD).encode()})},
-                                           r"{d}/ml\.zip/ml/ratings\.csv: unzips to more than 0\.0 MiB",
+                                           r"{d}/ml\.zip/ml/ratings\.csv: unzips to more than 10 B from \d+ B compressed",
                                            ("{d}/ml.zip", "--zip-max-size", "10B")),
+    "--zip-max-ratio not a number": Case(ratings_csv(), r"--zip-max-ratio 'lots' is not a number above 1",
+                                         ("{d}", "--zip-max-ratio", "lots")),
 }
 
 

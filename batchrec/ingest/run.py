@@ -51,7 +51,7 @@ class FileResult:
 def ingest_path(wh: Warehouse, path: str | None = None, dataset: str | None = None, fmt: str = "auto",
                 quarantine: bool = False, columns: str | None = None, rating_scale: str | None = None,
                 max_future: str = MAX_FUTURE, zip_max_size: str = ZIP_MAX_SIZE,
-                zip_max_ratio: float = ZIP_MAX_RATIO) -> str:
+                zip_max_ratio: str | float = ZIP_MAX_RATIO) -> str:
     """Ingest a directory, zip or file (or an embedded dataset); returns a short summary."""
     mapping = parse_columns(columns)
     given_scale = Scale.parse(rating_scale) if rating_scale else None

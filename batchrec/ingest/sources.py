@@ -123,9 +123,9 @@ def _member_path(name: str) -> Path:
 def _extract(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, label: str, limits: ZipLimits) -> None:
     """Stream one member to `dest`, stopping at the limits; a CRC mismatch raises BadZipFile."""
     allowed = min(limits.max_size, max(limits.max_ratio * info.compress_size, _RATIO_FLOOR))
-    too_big = (f"{label}: unzips to more than {allowed / 2**20:,.1f} MiB from {info.compress_size / 2**20:,.1f} MiB "
-               f"compressed (expected at most --zip-max-size {limits.max_size / 2**20:,.0f} MiB and "
-               f"--zip-max-ratio {limits.max_ratio:g}x; raise them to load it on purpose)")
+    too_big = (f"{label}: unzips to more than {_size(allowed)} from {_size(info.compress_size)} compressed "
+               f"(expected at most --zip-max-size {_size(limits.max_size)} and --zip-max-ratio "
+               f"{limits.max_ratio:g}x; raise them to load it on purpose)")
     if info.file_size > allowed:
         raise BatchrecError(too_big)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -148,6 +148,12 @@ def _extract(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, label: str,
     except BaseException:
         dest.unlink(missing_ok=True)
         raise
+
+
+def _size(n: float) -> str:
+    """Bytes for people: '812 B', '6.1 KiB', '8.0 GiB'."""
+    unit = next(u for u in range(4) if n < 1024 ** (u + 1) or u == 3)
+    return f"{n:.0f} B" if unit == 0 else f"{n / 1024 ** unit:.1f} {'KMG'[unit - 1]}iB"
 
 
 def no_space(path: Path | str) -> BatchrecError:
