@@ -13,6 +13,8 @@ import sys
 import click
 
 from batchrec.errors import BatchrecError
+from batchrec.ingest.sources import ZIP_MAX_RATIO, ZIP_MAX_SIZE
+from batchrec.ingest.spec import HALF_STARS, MAX_FUTURE
 from batchrec.warehouse import Warehouse
 
 
@@ -59,14 +61,26 @@ pass_wh = click.make_pass_decorator(Warehouse)
               help="Load the good rows and keep every bad row in the `quarantine` table instead of failing.")
 @click.option("--columns", default=None,
               help="Generic reader column mapping, e.g. 'user_id=UserID,item_id=MovieID,rating=Rating,ts=Timestamp'.")
+@click.option("--rating-scale", default=None, metavar="MIN..MAX[:STEP]",
+              help=f"Scale of generic ratings, e.g. 1..10 or 0.5..5:0.5 [default: the warehouse's, set by its first "
+                   f"load; {HALF_STARS} in a new warehouse].")
+@click.option("--max-future", default=MAX_FUTURE, show_default=True, metavar="DURATION",
+              help="Timestamps later than the ingest time plus this are bad rows (e.g. 0s, 12h, 2d).")
+@click.option("--zip-max-size", default=ZIP_MAX_SIZE, show_default=True, metavar="SIZE",
+              help="Largest size a zip member may unzip to.")
+@click.option("--zip-max-ratio", default=ZIP_MAX_RATIO, show_default=True, type=str, metavar="N",
+              help="Most a zip member may expand, in times its compressed size (members under 1 MiB excepted).")
 @pass_wh
-def ingest(wh: Warehouse, path, dataset, fmt, quarantine, columns) -> None:
+def ingest(wh: Warehouse, path, dataset, fmt, quarantine, columns, rating_scale, max_future, zip_max_size,
+           zip_max_ratio) -> None:
     """Load raw MovieLens (any release) or generic CSV/Parquet files into the warehouse."""
     from batchrec.ingest import ingest_path
 
     if (path is None) == (dataset is None):
         raise BatchrecError("give exactly one of PATH or --dataset")
-    summary = ingest_path(wh, path=path, dataset=dataset, fmt=fmt, quarantine=quarantine, columns=columns)
+    summary = ingest_path(wh, path=path, dataset=dataset, fmt=fmt, quarantine=quarantine, columns=columns,
+                          rating_scale=rating_scale, max_future=max_future, zip_max_size=zip_max_size,
+                          zip_max_ratio=zip_max_ratio)
     click.echo(summary)
 
 

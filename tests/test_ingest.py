@@ -132,8 +132,9 @@ def test_ml_csv_layout(tmp_path):
 
 
 def test_generic_csv_with_users(tmp_path):
+    """Its ratings.csv header is not ml-csv's (UserID, not userId): generic on purpose only."""
     wh = tmp_path / "w.duckdb"
-    ingest_ok(wh, str(FIXTURES / "generic"))
+    ingest_ok(wh, str(FIXTURES / "generic"), "--format", "generic")
     assert (count(wh, "ratings"), count(wh, "items"), count(wh, "users")) == (6, 4, 3)
     assert rows(wh, "SELECT rating, ts FROM ratings WHERE user_id = 10 AND item_id = 101") == [(2.5, utc(1262390400))]
     assert rows(wh, "SELECT gender, age, occupation, zip FROM users WHERE user_id = 10") == [("F", 34, "engineer", "10001")]

@@ -7,11 +7,12 @@ explicitly. A file's columns decide its kind: user + item + tag -> tags, user + 
 item + title/genres -> items, user + demographics -> users; other files (e.g. links.csv) are
 ignored.
 
-Choices, documented: generic ratings have no published scale, so any finite number is accepted
-(parsed as DECIMAL, which rejects 'nan' and 'inf'); without a rating column the interactions are
-implicit (rating NULL); a timestamp column is required and may hold unix seconds or ISO date-times
-(without an offset they are UTC). CSV dialects come from DuckDB's sniffer. Parquet has no lines:
-its errors name the 1-based row instead.
+Choices, documented: generic ratings are checked against the warehouse's rating scale (set by its
+first load, or `--rating-scale`; see run.py); without a rating column the interactions are
+implicit (rating NULL); a timestamp column is required and each of its values may be unix
+seconds or an ISO date-time (without an offset, UTC); an age must be a whole number; gender,
+occupation and zip are free text. CSV dialects come from DuckDB's sniffer, and every field is
+read as text and checked (spec.py). Parquet has no lines: its errors name the 1-based row.
 """
 
 from __future__ import annotations
@@ -22,11 +23,10 @@ from pathlib import Path
 import duckdb
 
 from batchrec.errors import BatchrecError
-from batchrec.ingest.formats import (
-    ID, KINDS, NEVER_NULL, UNIX_SECONDS, Column, FileSpec, Layout, genres_sql, items_select, lit, q, ratings_select,
-    tags_select, unix_ts,
-)
 from batchrec.ingest.sources import Source
+from batchrec.ingest.spec import (
+    KINDS, TEXT, Column, FileSpec, Limits, Text, dialect, lit, role_checks, select_sql,
+)
 from batchrec.warehouse import query_pl
 
 ROLES = {
@@ -43,9 +43,7 @@ ROLES = {
     "zip": ("zip", "zipcode", "postcode", "postalcode"),
 }
 DEMOGRAPHICS = ("gender", "age", "occupation", "zip")
-INTEGER_TYPES = {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT"}
 SUFFIXES = {".csv", ".tsv", ".txt", ".dat", ".parquet"}
-TS_EXPECTED = "unix seconds or an ISO date-time"
 
 
 def parse_columns(text: str | None) -> dict[str, str]:
@@ -57,10 +55,10 @@ def parse_columns(text: str | None) -> dict[str, str]:
         role, sep, name = part.partition("=")
         role, name = role.strip(), name.strip()
         if not sep or not name:
-            raise BatchrecError(f"--columns: {part.strip()!r} is not FIELD=COLUMN, expected e.g. "
-                                f"'user_id=UserID,item_id=MovieID,rating=Rating,ts=Timestamp'")
+            raise BatchrecError(f"--columns: {part.strip()!r} is not FIELD=COLUMN (expected e.g. "
+                                f"'user_id=UserID,item_id=MovieID,rating=Rating,ts=Timestamp')")
         if role not in ROLES:
-            raise BatchrecError(f"--columns: unknown field {role!r}, expected some of {', '.join(ROLES)}")
+            raise BatchrecError(f"--columns: unknown field {role!r} (expected some of {', '.join(ROLES)})")
         mapping[role] = name
     return mapping
 
@@ -94,79 +92,76 @@ def _kind(roles: dict[str, str]) -> str | None:
     return None
 
 
-def _describe(con, path: Path) -> tuple[dict | None, list[tuple[str, str]]]:
-    """(CSV dialect or None for Parquet, [(column, sniffed type)])."""
-    if path.suffix.lower() == ".parquet":
-        rows = con.execute(f"DESCRIBE SELECT * FROM read_parquet({lit(str(path))})").fetchall()
+def _is_parquet(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return path.suffix.lower() == ".parquet" or fh.read(4) == b"PAR1"
+
+
+def _describe(con, path: Path, label: str) -> tuple[dict | None, list[tuple[str, str]]]:
+    """(CSV dialect or None for Parquet, [(column, type the reader hands it over as)])."""
+    if _is_parquet(path):
+        try:
+            rows = con.execute(f"DESCRIBE SELECT * FROM read_parquet({lit(str(path))})").fetchall()
+        except duckdb.Error as exc:
+            raise BatchrecError(f"{label}: not a readable Parquet file ({str(exc).splitlines()[0]}) (expected an "
+                                f"intact Parquet file)") from None
         return None, [(r[0], r[1]) for r in rows]
     sniff = query_pl(con, f"SELECT Delimiter, Quote, Escape, HasHeader, Columns FROM sniff_csv({lit(str(path))})").row(0, named=True)
     if not sniff["HasHeader"]:
         return {}, []
     unquote = lambda s: "" if s == "(empty)" else s  # noqa: E731 - sniff_csv spells "none" this way
-    dialect = {"delim": sniff["Delimiter"], "header": True, "quote": unquote(sniff["Quote"]),
-               "escape": unquote(sniff["Escape"]), "encoding": "utf-8"}
-    return dialect, [(c["name"], c["type"]) for c in sniff["Columns"]]
+    read_as = dialect(sniff["Delimiter"], header=True, quote=unquote(sniff["Quote"]), escape=unquote(sniff["Escape"]))
+    return read_as, [(c["name"], TEXT) for c in sniff["Columns"]]
 
 
-def _spec(path: Path, label: str, dialect: dict | None, described: list[tuple[str, str]], roles: dict[str, str],
-          kind: str) -> FileSpec:
-    ts = roles.get("ts")
-    ts_numeric = ts is not None and dict(described)[ts] in INTEGER_TYPES
-    types = {roles.get("user_id"): ("BIGINT", ID), roles.get("item_id"): ("BIGINT", ID),
-             roles.get("rating"): ("DECIMAL(18,6)", "a finite number"),
-             ts: ("UINTEGER", UNIX_SECONDS) if ts_numeric else ("TIMESTAMPTZ", TS_EXPECTED)}
-    columns = tuple(Column(name, *types.get(name, ("VARCHAR", "text"))) for name, _ in described)
-    ts_sql = (unix_ts(ts) if ts_numeric else f"timezone('UTC', {q(ts)})") if ts else None
-    r = roles
-    if kind == "ratings":
-        select = ratings_select(r["user_id"], r["item_id"], r.get("rating"), ts_sql)
-    elif kind == "tags":
-        select = tags_select(r["user_id"], r["item_id"], r["tag"], ts_sql)
-    elif kind == "items":
-        genres = genres_sql(r["genres"]) if "genres" in r else "[]::VARCHAR[]"
-        select = items_select(r["item_id"], r.get("title"), genres)
-    else:
-        col = lambda role: q(r[role]) if role in r else "NULL"  # noqa: E731
-        select = (f"{q(r['user_id'])} AS user_id, {col('gender')}::VARCHAR AS gender, "
-                  f"TRY_CAST({col('age')} AS INTEGER) AS age, {col('occupation')}::VARCHAR AS occupation, "
-                  f"{col('zip')}::VARCHAR AS zip")
-    if dialect is None:  # Parquet: columns keep their own types; read.py validates with TRY_CAST
-        columns = tuple(Column(name, types.get(name, (t, ""))[0], types.get(name, (t, "a value"))[1])
-                        for name, t in described)
-    return FileSpec(kind, path, label, "generic", columns, select, dialect)
+STORED = {  # the roles each kind stores; other recognised columns are kept as text, unchecked
+    "ratings": ("user_id", "item_id", "rating", "ts"),
+    "tags": ("user_id", "item_id", "tag", "ts"),
+    "items": ("item_id", "title", "genres"),
+    "users": ("user_id", *DEMOGRAPHICS),
+}
 
 
-def layout(con, source: Source, mapping: dict[str, str]) -> Layout | None:
-    """Every recognisable CSV/Parquet file of `source`, or None when there is none."""
+def _spec(path: Path, label: str, read_as: dict | None, described: list[tuple[str, str]], roles: dict[str, str],
+          kind: str, limits: Limits) -> FileSpec:
+    checks = role_checks(limits.latest, limits.scale, iso=True)
+    stored = {role: column for role, column in roles.items() if role in STORED[kind]}
+    check_of = {column: checks[role] for role, column in stored.items() if role in checks}
+    columns = tuple(Column(name, check_of.get(name, Text()), sql_type) for name, sql_type in described)
+    scale = limits.scale if "rating" in stored else None
+    return FileSpec(kind, path, label, "generic", columns, select_sql(kind, stored), read_as, scale=scale)
+
+
+def layout(con, source: Source, mapping: dict[str, str], limits: Limits) -> tuple[FileSpec, ...]:
+    """Every recognisable CSV/Parquet file of `source` (none: an empty tuple)."""
     specs: list[FileSpec] = []
     used: set[str] = set()
     for rel in source.files():
-        path = source.root / rel
-        if path.suffix.lower() not in SUFFIXES or path.stat().st_size == 0:
+        if rel.suffix.lower() not in SUFFIXES:
             continue
+        path = source.path(rel)
+        if path.stat().st_size == 0:
+            continue
+        label = source.label_of(rel)
         try:
-            dialect, described = _describe(con, path)
-        except duckdb.Error:  # not a CSV/Parquet DuckDB can make sense of: not one of ours
+            read_as, described = _describe(con, path, label)
+        except duckdb.Error:  # not a CSV DuckDB can make sense of: not one of ours
             continue
         roles = _roles([c for c, _ in described], mapping)
         kind = _kind(roles)
         if kind is None:
             continue
-        label = source.label_of(rel)
         if kind in ("ratings", "tags") and "ts" not in roles:
-            raise BatchrecError(f"{label}:1: no timestamp column among {', '.join(c for c, _ in described)}, expected "
-                                f"one named timestamp/ts/time/datetime or --columns ts=NAME")
+            raise BatchrecError(f"{label}:1: no timestamp column among {', '.join(c for c, _ in described)} (expected "
+                                f"one named timestamp/ts/time/datetime or --columns ts=NAME)")
         used.update(roles.values())
-        specs.append(_spec(path, label, dialect, described, roles, kind))
+        specs.append(_spec(path, label, read_as, described, roles, kind, limits))
     unmatched = [f"{role}={name}" for role, name in mapping.items() if name not in used]
     if unmatched:
-        raise BatchrecError(f"--columns: {', '.join(unmatched)} matches no column of the files in {source.label}, "
-                            f"expected column names from their headers")
-    if not specs:
-        return None
-    if not any(s.kind == "ratings" for s in specs):
+        raise BatchrecError(f"--columns: {', '.join(unmatched)} matches no column of the files in {source.label} "
+                            f"(expected column names from their headers)")
+    if specs and not any(s.kind == "ratings" for s in specs):
         found = ", ".join(f"{s.label} ({s.kind})" for s in specs)
-        raise BatchrecError(f"{source.label}: found {found} but no ratings file, expected a CSV/Parquet file "
-                            f"with user, item and timestamp columns")
-    specs.sort(key=lambda s: (KINDS.index(s.kind), s.label))
-    return Layout("generic", specs)
+        raise BatchrecError(f"{source.label}: found {found} but no ratings file (expected a CSV/Parquet file "
+                            f"with user, item and timestamp columns)")
+    return tuple(sorted(specs, key=lambda s: (KINDS.index(s.kind), s.label)))

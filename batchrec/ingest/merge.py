@@ -25,14 +25,10 @@ def merge(con, staged: Staged) -> int:
     kind = staged.spec.kind
     if kind == "ratings":
         _keep_latest_per_pair(con, staged.table)
-        if staged.direct:  # read straight into the empty ratings table: nothing to merge with
-            return scalar(con, "SELECT count(*) FROM ratings")
         wins = "s.ts > x.ts OR (s.ts = x.ts AND s.rating::FLOAT IS DISTINCT FROM x.rating)"
         return _replace(con, "ratings", staged, ("user_id", "item_id"), ("rating", "ts"), wins)
     if kind == "tags":
         _drop_repeated_tags(con, staged.table)
-        if staged.direct:  # read straight into the empty tags table
-            return scalar(con, "SELECT count(*) FROM tags")
         return _insert_new_tags(con, staged)
     keys = ("item_id",) if kind == "items" else ("user_id",)
     values = ("title", "year", "genres") if kind == "items" else ("gender", "age", "occupation", "zip")

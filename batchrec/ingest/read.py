@@ -1,16 +1,15 @@
 """Read one file into a staging table and find its bad lines, all inside DuckDB.
 
-CSV-like files are read once by DuckDB's native reader with every column typed (see
-formats.py): a line whose fields do not parse, or that has too few or too many fields, is
-rejected by the reader itself, which records its line number and raw text (`store_rejects`).
-The only check that is not a parse is the rating scale; it is counted on the staged rows, and
-only when some rating is off the scale is the file read a second time with the rating typed as
-an ENUM of the spellings that are on it, so that the reader rejects those lines too, with their
-line numbers. Valid files therefore cost one native read.
+One native read per file: DuckDB's CSV reader hands every field over as text (Parquet: in its
+own type) and rejects, with their line numbers, the lines it cannot split into the spec's fields
+(too few or too many, bytes that are not UTF-8: `store_rejects`); the spec's checks (spec.py)
+type the fields and flag the bad ones in the same pass, and the staging table keeps the typed
+rows with a `_valid` flag. A valid file costs that one read.
 
-Line numbers are DuckDB's: 1-based lines of the file (the header is line 1), which are physical
-lines unless a quoted field spans several (MovieLens files have none). Parquet has no lines; its
-rows are validated with TRY_CAST and numbered from 1.
+Only when some row is bad is the file read a second time, to say which lines and why: the bad
+rows with their reasons and their ordinal in file order (lines.py turns ordinals into line
+numbers). Line numbers are DuckDB's: 1-based lines of the file (the header is line 1), where a
+quoted field that spans lines counts once. Parquet has no lines: its rows are numbered from 1.
 """
 
 from __future__ import annotations
@@ -20,184 +19,146 @@ from dataclasses import dataclass
 import duckdb
 
 from batchrec.errors import BatchrecError
-from batchrec.ingest.formats import NEVER_NULL, FileSpec, lit, q
+from batchrec.ingest.lines import empty_lines
+from batchrec.ingest.spec import NEVER_NULL, TEXT, FileSpec, lit, raw_sql, reason_sql, typed_sql, valid_sql
 from batchrec.warehouse import scalar
+
+NO_SPACE = "No space left on device"
 
 
 @dataclass(frozen=True)
 class Staged:
     spec: FileSpec
-    table: str       # where the good rows are: a temp table (STAGE_COLUMNS[kind]) or the target itself
-    direct: bool     # True: the rows were appended straight to the (empty) warehouse table
+    table: str       # temp table of the good rows (STAGE_COLUMNS[kind], plus _valid)
     source_id: int   # the file's id in `sources`, which every row it adds carries
-    bad: str         # temp table (line, reason, raw) of the rejected lines
+    bad: str         # temp table (line, reason, raw) of the bad lines
     rows_read: int   # data lines (or rows) in the file
     n_bad: int
 
 
-@dataclass(frozen=True)
-class _Destination:
-    """A new temp table, or (direct) an empty warehouse table the rows are appended to."""
-
-    table: str
-    direct: bool
-    source_id: int
-
-    def fill(self, con, select: str, source: str) -> None:
-        if self.direct:
-            con.execute(f"INSERT INTO {self.table} BY NAME SELECT {select}, {self.source_id:d} AS source_id "
-                        f"FROM {source}").fetchall()
-        else:
-            con.execute(f"CREATE TEMP TABLE {self.table} AS SELECT {select} FROM {source}")
-
-    def clear(self, con) -> None:
-        con.execute(f"DELETE FROM {self.table}" if self.direct else f"DROP TABLE IF EXISTS {self.table}").fetchall()
-
-
-def stage(con: duckdb.DuckDBPyConnection, spec: FileSpec, n: int, source_id: int, into: str | None = None) -> Staged:
-    """Read `spec` into temp table stage_<n> (or, with `into`, straight into that empty warehouse
-    table with `source_id`, which saves a copy of a big first load) and its rejected lines into bad_<n>."""
+def stage(con: duckdb.DuckDBPyConnection, spec: FileSpec, n: int, source_id: int) -> Staged:
+    """Read `spec` into temp table stage_<n> (its good rows) and bad_<n> (its bad lines)."""
     if spec.path.stat().st_size == 0:
-        raise BatchrecError(f"{spec.label}: empty file, expected {spec.kind} rows")
-    dest = _Destination(into or f"stage_{n}", into is not None, source_id)
-    bad = f"bad_{n}"
+        raise BatchrecError(f"{spec.label}: empty file (expected {spec.kind} rows)")
+    table, bad = f"stage_{n}", f"bad_{n}"
+    # DuckDB pushes a TRY_CAST of a CSV column into its reader as the column's type, where a
+    # value that does not convert rejects the whole line instead of giving NULL; the checks
+    # need TRY_CAST's meaning.
+    con.execute("SET disabled_optimizers = 'type_pushdown'")
     try:
         if spec.csv is None:
-            _stage_parquet(con, spec, dest, bad)
+            _stage_parquet(con, spec, table, bad)
         else:
-            _stage_csv(con, spec, dest, bad)
-    except duckdb.Error as exc:  # a file the reader cannot even start on (I/O, encoding setup)
-        raise BatchrecError(f"{spec.label}: cannot read ({str(exc).splitlines()[0]}), expected a "
-                            f"{spec.format} {spec.kind} file") from None
-    good = scalar(con, f"SELECT count(*) FROM {dest.table}")
+            _stage_csv(con, spec, table, bad)
+    except duckdb.Error as exc:  # a file the reader cannot even start on (I/O, encoding setup, corrupt Parquet)
+        if NO_SPACE in str(exc):
+            raise
+        raise BatchrecError(f"{spec.label}: cannot read ({str(exc).splitlines()[0]}) (expected a {spec.format} "
+                            f"{spec.kind} file)") from None
+    good = scalar(con, f"SELECT count(*) FROM {table}")
     n_bad = scalar(con, f"SELECT count(*) FROM {bad}")
     if good + n_bad == 0:
-        raise BatchrecError(f"{spec.label}: no data rows, expected {spec.kind} rows"
-                            + (" after the header" if spec.csv and spec.csv["header"] else ""))
-    return Staged(spec, dest.table, dest.direct, source_id, bad, good + n_bad, n_bad)
+        after = " after the header" if spec.csv and spec.csv["header"] else ""
+        raise BatchrecError(f"{spec.label}: no data rows (expected {spec.kind} rows{after})")
+    return Staged(spec, table, source_id, bad, good + n_bad, n_bad)
 
 
-# -- CSV and friends: the native reader does the validation -----------------------------------
-def _read_csv(spec: FileSpec, rejects: str | None, types: dict[str, str] | None = None) -> str:
-    """The read_csv call: explicit dialect and types; bad lines go to table `rejects` (or are skipped)."""
-    types = types or {}
-    columns = ", ".join(f"{lit(c.name)}: {lit(types.get(c.name, c.type))}" for c in spec.columns)
+def _typed_into(con, spec: FileSpec, table: str, source: str) -> int:
+    """Stage the typed rows of `source`; returns how many are bad."""
+    con.execute(f"CREATE TEMP TABLE {table} AS SELECT {spec.select}, {valid_sql(spec)} AS _valid "
+                f"FROM (SELECT {typed_sql(spec)} FROM {source})")
+    return scalar(con, f"SELECT count(*) FROM {table} WHERE NOT _valid")
+
+
+def _find_bad_rows(con, spec: FileSpec, numbered: str, number: str, found: str) -> None:
+    """Temp table `found` (n, reason, raw): the bad rows of `numbered`, n being column `number`."""
+    con.execute(f"CREATE TEMP TABLE {found} AS SELECT n, reason, {raw_sql(spec)} AS raw "
+                f"FROM (SELECT {number} AS n, *, {reason_sql(spec)} AS reason FROM {numbered}) WHERE reason <> ''")
+
+
+# -- CSV and friends -----------------------------------------------------------------------------
+def _read_csv(spec: FileSpec, rejects: str) -> str:
+    """The read_csv call: explicit dialect, every field as text; bad lines go to table `rejects`."""
+    columns = ", ".join(f"{lit(c.name)}: {lit(TEXT)}" for c in spec.columns)
     d = spec.csv
-    on_error = (f"store_rejects=true, rejects_table={lit(rejects)}, rejects_scan={lit(rejects + '_scan')}"
-                if rejects else "ignore_errors=true")
     return (f"read_csv({lit(str(spec.path))}, auto_detect=false, delim={lit(d['delim'])}, quote={lit(d['quote'])}, "
             f"escape={lit(d['escape'])}, header={str(d['header']).lower()}, encoding={lit(d['encoding'])}, "
-            f"nullstr={lit(NEVER_NULL)}, columns={{{columns}}}, {on_error})")
+            f"nullstr={lit(NEVER_NULL)}, columns={{{columns}}}, store_rejects=true, rejects_table={lit(rejects)}, "
+            f"rejects_scan={lit(rejects + '_scan')})")
 
 
-def _stage_csv(con, spec: FileSpec, dest: _Destination, bad: str) -> None:
+def _stage_csv(con, spec: FileSpec, table: str, bad: str) -> None:
     rejects = f"{bad}_rejects"
-    _read_into(con, spec, dest, rejects)
-    off_scale = 0
-    if spec.scale is not None:
-        off_scale = scalar(con, f"SELECT count(*) FROM {dest.table} WHERE NOT {spec.scale.ok('rating')}")
-    if off_scale:
-        _reread_with_scale(con, spec, dest, rejects, off_scale)
-    _bad_lines(con, spec, rejects, bad)
-
-
-def _read_into(con, spec: FileSpec, dest: _Destination, rejects: str, rating_type: str | None = None) -> None:
-    """The file's rows through `spec.select` into `dest`; bad lines into `rejects`."""
-    source = _read_csv(spec, rejects, {spec.rating: rating_type} if rating_type else None)
-    whole = f"{rejects}_whole"
-    if not all(q(c.name) in spec.select for c in spec.columns):
-        # DuckDB's reader names the wrong column in its rejects when the scan skips columns the
-        # query does not use, so files with unused columns (small ones) are read whole first.
-        con.execute(f"CREATE TEMP TABLE {whole} AS SELECT * FROM {source}")
-        source = whole
-    if rating_type:
-        source = f"(SELECT * REPLACE ({q(spec.rating)}::VARCHAR::DOUBLE AS {q(spec.rating)}) FROM {source})"
-    dest.fill(con, spec.select, source)
-    con.execute(f"DROP TABLE IF EXISTS {whole}")
-
-
-def _reread_with_scale(con, spec: FileSpec, dest: _Destination, rejects: str, off_scale: int) -> None:
-    """Read again with the rating typed as an ENUM of its valid spellings in this file, so the
-    reader rejects the off-scale lines with their line numbers like any other bad field."""
-    parse_errors = scalar(con, f"SELECT count(DISTINCT line) FROM {rejects}")
-    as_text = _read_csv(spec, None, {spec.rating: "VARCHAR"})
-    spellings = con.execute(
-        f"SELECT DISTINCT r FROM (SELECT {q(spec.rating)} AS r FROM {as_text}) "
-        f"WHERE {spec.scale.ok('TRY_CAST(r AS FLOAT)')}").fetchall()
-    members = ", ".join(lit(s) for (s,) in spellings) or lit(NEVER_NULL)
-    dest.clear(con)
+    if not _typed_into(con, spec, table, _read_csv(spec, rejects)):
+        con.execute(f"CREATE TEMP TABLE {bad} AS {_rejected_lines(spec, rejects)}")
+    else:
+        emitted = scalar(con, f"SELECT count(*) FROM {table}")
+        _locate_bad_csv_rows(con, spec, bad, emitted)
+        con.execute(f"DELETE FROM {table} WHERE NOT _valid")
     con.execute(f"DROP TABLE {rejects}")
     con.execute(f"DROP TABLE {rejects}_scan")
-    _read_into(con, spec, dest, rejects, f"ENUM({members})")
-    found = scalar(con, f"SELECT count(DISTINCT line) FROM {rejects}")
-    if found != parse_errors + off_scale:  # both passes use one parser; a mismatch is a bug here
-        raise RuntimeError(f"{spec.label}: {off_scale} ratings off the scale but {found - parse_errors} located")
 
 
-def _bad_lines(con, spec: FileSpec, rejects: str, bad: str) -> None:
-    """One row per rejected line: its number, every reason ('; '-joined) and the raw text."""
-    names = [c.name for c in spec.columns]
-    params = {
-        "names": names,
-        "expected": [c.expected for c in spec.columns],
-        "rating": spec.rating or "",
-        "scale": str(spec.scale) if spec.scale else "",
-        "layout": f"{len(names)} ({','.join(names)})",
-    }
+def _locate_bad_csv_rows(con, spec: FileSpec, bad: str, emitted: int) -> None:
+    """Read the file again, in order, for its bad rows and their line numbers (see lines.py)."""
+    rejects, found, skipped = f"{bad}_rejects2", f"{bad}_found", f"{bad}_skipped"
+    keep_order = scalar(con, "SELECT current_setting('preserve_insertion_order')")
+    con.execute("SET preserve_insertion_order = true")  # ordinals in file order
+    _find_bad_rows(con, spec, f"{_read_csv(spec, rejects)} WITH ORDINALITY", "ordinality", found)
+    con.execute(f"SET preserve_insertion_order = {str(keep_order).lower()}")
+    header = [1] if spec.csv["header"] else []
+    accounted = emitted + len(header) + scalar(con, f"SELECT count(DISTINCT line) FROM {rejects}")
+    # Lines as the file has them, unless quoted fields span lines (then only the numbering that
+    # honours the quotes accounts for every line; a quote inside a field, which DuckDB reads as
+    # text, would mislead it, so it comes second).
+    for quote in dict.fromkeys(("", spec.csv["quote"])):
+        empty, n_lines = empty_lines(spec.path, quote)
+        if accounted + len(empty) == n_lines:
+            break
+    else:
+        raise BatchrecError(f"{spec.label}: has bad rows but its lines cannot be numbered ({n_lines:,} lines, "
+                            f"{accounted:,} of them read or rejected) (expected a CSV file whose quotes are "
+                            f"RFC 4180's)")
+    con.execute(f"CREATE TEMP TABLE {skipped} AS SELECT s, row_number() OVER (ORDER BY s) AS j "
+                f"FROM (SELECT DISTINCT line AS s FROM {rejects} UNION SELECT unnest($others::BIGINT[]))",
+                {"others": [*header, *empty.tolist()]})
+    # The k-th row is on the k-th line not skipped: k plus the skipped lines before it, which are
+    # those whose count of unskipped lines before them (s - j) is below k.
     con.execute(f"""
         CREATE TEMP TABLE {bad} AS
-        WITH e AS (
-            SELECT line, column_idx, column_name AS col, error_type, error_message,
-                   trim(csv_line, chr(10) || chr(13)) AS raw,
-                   regexp_extract(error_message, 'Could not convert string "(.*?)" to ', 1) AS val,
-                   $expected[list_position($names, column_name)] AS expected
-            FROM {rejects}
-        )
-        SELECT line::BIGINT AS line, string_agg(reason, '; ' ORDER BY column_idx) AS reason, any_value(raw) AS raw
-        FROM (
-            -- a line with the wrong number of fields says only that (its fields are misaligned)
-            SELECT line, column_idx, raw, error_type IN ('MISSING COLUMNS', 'TOO MANY COLUMNS') AS count_error,
-                   bool_or(count_error) OVER (PARTITION BY line) AS line_has_count_error, CASE
-                WHEN error_type = 'CAST' AND col = $rating AND TRY_CAST(val AS DOUBLE) IS NOT NULL
-                    THEN col || ' ''' || val || ''' outside the scale, expected ' || $scale
-                WHEN error_type = 'CAST' AND val = ''
-                    THEN col || ' is empty, expected ' || expected
-                WHEN error_type = 'CAST'
-                    THEN col || ' ''' || val || ''' is not valid, expected ' || expected
-                WHEN error_type IN ('MISSING COLUMNS', 'TOO MANY COLUMNS')
-                    THEN regexp_extract(error_message, 'Found: (\\d+)', 1) || ' fields, expected ' || $layout
-                WHEN error_type IN ('INVALID ENCODING', 'INVALID UNICODE')
-                    THEN 'invalid UTF-8 byte sequence, expected UTF-8 text'
-                ELSE lower(error_type) || ' (' || split_part(error_message, chr(10), 1) || '), expected ' || $layout
-            END AS reason
-            FROM e
-        )
-        WHERE count_error OR NOT line_has_count_error
-        GROUP BY line
-    """, params)
-
-
-# -- Parquet: typed already; validate the role columns with TRY_CAST ---------------------------
-def _stage_parquet(con, spec: FileSpec, dest: _Destination, bad: str) -> None:
-    typed, reasons = [], []
-    for c in spec.columns:
-        if c.expected in ("", "a value", "text"):
-            typed.append(q(c.name))
-            continue
-        cast = f"TRY_CAST({q(c.name)} AS {c.type})"
-        typed.append(f"{cast} AS {q(c.name)}")
-        reasons.append(f"CASE WHEN {q(c.name)} IS NULL THEN {lit(c.name + ' is empty, expected ' + c.expected)} "
-                       f"WHEN {cast} IS NULL THEN {lit(c.name + ' ')} || '''' || {q(c.name)}::VARCHAR || '''' || "
-                       f"{lit(' is not valid, expected ' + c.expected)} END")
-    raw = "concat_ws(',', " + ", ".join(f"{q(c.name)}::VARCHAR" for c in spec.columns) + ")"
-    checked = f"{bad}_checked"
-    con.execute(f"""
-        CREATE TEMP TABLE {checked} AS
-        SELECT file_row_number + 1 AS line, concat_ws('; ', {', '.join(reasons) or 'NULL'}) AS reason,
-               {raw} AS raw, {', '.join(typed)}
-        FROM read_parquet({lit(str(spec.path))}, file_row_number = true)
+        {_rejected_lines(spec, rejects)}
+        UNION ALL
+        SELECT f.n + coalesce(m.j, 0) AS line, f.reason, f.raw
+        FROM {found} f ASOF LEFT JOIN (SELECT s - j AS g, max(j) AS j FROM {skipped} GROUP BY ALL) m ON f.n > m.g
     """)
-    dest.fill(con, spec.select, f"(SELECT * FROM {checked} WHERE reason = '')")
-    con.execute(f"CREATE TEMP TABLE {bad} AS SELECT line::BIGINT AS line, reason, raw FROM {checked} WHERE reason <> ''")
-    con.execute(f"DROP TABLE {checked}")
+    for t in (found, skipped, rejects, rejects + "_scan"):
+        con.execute(f"DROP TABLE {t}")
 
+
+def _rejected_lines(spec: FileSpec, rejects: str) -> str:
+    """SELECT (line, reason, raw) of the lines DuckDB's reader rejected, one row per line."""
+    layout = lit(f"{len(spec.columns)}: {','.join(c.name for c in spec.columns)}")
+    return f"""
+        SELECT line::BIGINT AS line, CASE
+            WHEN error_type IN ('MISSING COLUMNS', 'TOO MANY COLUMNS')
+                THEN regexp_extract(error_message, 'Found: (\\d+)', 1) || ' fields (expected ' || {layout} || ')'
+            WHEN error_type IN ('INVALID ENCODING', 'INVALID UNICODE')
+                THEN 'invalid UTF-8 byte sequence (expected UTF-8 text)'
+            ELSE lower(error_type) || ': ' || split_part(error_message, chr(10), 1) || ' (expected ' || {layout} || ')'
+        END AS reason, trim(csv_line, chr(10) || chr(13)) AS raw
+        FROM {rejects}
+        -- one reason per line; a wrong number of fields says the most (the fields are misaligned)
+        QUALIFY row_number() OVER (PARTITION BY line ORDER BY error_type NOT IN ('MISSING COLUMNS', 'TOO MANY COLUMNS'),
+                                                         column_idx) = 1"""
+
+
+# -- Parquet: typed already; rows numbered from 1 -------------------------------------------------
+def _stage_parquet(con, spec: FileSpec, table: str, bad: str) -> None:
+    source = f"read_parquet({lit(str(spec.path))}, file_row_number = true)"
+    if not _typed_into(con, spec, table, source):
+        con.execute(f"CREATE TEMP TABLE {bad} (line BIGINT, reason VARCHAR, raw VARCHAR)")
+        return
+    _find_bad_rows(con, spec, source, "file_row_number + 1", f"{bad}_found")
+    con.execute(f"CREATE TEMP TABLE {bad} AS SELECT n AS line, reason, raw FROM {bad}_found")
+    con.execute(f"DROP TABLE {bad}_found")
+    con.execute(f"DELETE FROM {table} WHERE NOT _valid")
