@@ -35,14 +35,16 @@ class _Group(click.Group):
 @click.group(cls=_Group)
 @click.option("--warehouse", "warehouse_path", type=click.Path(dir_okay=False), default=None,
               help="DuckDB warehouse file [default: $BATCHREC_WAREHOUSE or warehouse/batchrec.duckdb].")
+@click.option("--artifacts", default=None, metavar="URI",
+              help="Where model artifacts are written [default: <warehouse stem>.artifacts/ beside the warehouse].")
 @click.option("-v", "--verbose", count=True, help="More log output (repeatable).")
 @click.option("-q", "--quiet", count=True, help="Less log output (repeatable).")
 @click.version_option(package_name="batchrec")
 @click.pass_context
-def main(ctx: click.Context, warehouse_path: str | None, verbose: int, quiet: int) -> None:
+def main(ctx: click.Context, warehouse_path: str | None, artifacts: str | None, verbose: int, quiet: int) -> None:
     """Batch recommendations: ingest -> features -> train -> score -> evaluate."""
     _setup_logging(verbose, quiet)
-    ctx.obj = Warehouse(warehouse_path)
+    ctx.obj = Warehouse(warehouse_path, artifacts=artifacts)
 
 
 pass_wh = click.make_pass_decorator(Warehouse)
@@ -211,11 +213,22 @@ def status(wh: Warehouse) -> None:
 
 
 @main.command()
+@click.option("--table", default="recommendations", show_default=True, help="Serving table or view to write.")
+@click.option("--to", "to", required=True, type=click.Path(dir_okay=False), help="Output file: PATH.parquet or PATH.csv.")
+@pass_wh
+def export(wh: Warehouse, table, to) -> None:
+    """Write a table of the serving database to Parquet or CSV for downstream systems (atomically)."""
+    from batchrec.serving import export as export_table
+
+    click.echo(export_table(wh, table, to))
+
+
+@main.command()
 @click.argument("query")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv"]), default="table", show_default=True)
 @pass_wh
 def sql(wh: Warehouse, query, fmt) -> None:
-    """Run read-only SQL against the warehouse."""
+    """Run read-only SQL against the serving database (the warehouse as of its last publish)."""
     from batchrec.ops import sql_text
 
     click.echo(sql_text(wh, query, fmt=fmt))

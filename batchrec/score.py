@@ -42,6 +42,8 @@ import torch
 
 from batchrec.errors import BatchrecError, WarehouseBusy
 from batchrec.models.base import Recommender
+from batchrec.runs import resolve_run
+from batchrec.serving import refresh as refresh_serving
 from batchrec.topk import row_topk
 from batchrec.warehouse import Warehouse, scalar, transaction, utcnow
 
@@ -848,9 +850,9 @@ def score_pairs(model: Recommender, run: dict, con, pairs: Path, out: Path) -> s
 
 # -- the command ------------------------------------------------------------------------------
 def _resolve(con, run_id: str | None, model: str | None) -> dict:
-    from batchrec.train import resolve_run
-
-    return resolve_run(con, run_id or "latest", model)
+    """The run named by --run, else the latest shipped run (fitted on every interaction) of
+    --model or of any family: a protocol run is published only when named."""
+    return resolve_run(con, run_id, model, shipped=True)
 
 
 def _load_model(run: dict, device: str) -> Recommender:
@@ -944,6 +946,7 @@ def score_command(wh: Warehouse, run_id: str | None = None, model: str | None = 
             run = _resolve(con, run_id, model)
         info = score_and_publish(wh, run, _load_model(run, device), top_n, budget, retention_days, users=users,
                                  min_history=min_history)
+        refresh_serving(wh)
     summary = (f"run {run['run_id']} ({run['model']}) top-{top_n}: {info['users']} users (model {info['model']}, "
                f"genre/tag {info['profile']}, popular {info['popular']}), {info['published']} rows published to "
                f"recommendations; {info['moved']} earlier rows moved to recommendation_history, {info['expired']} "
@@ -962,6 +965,7 @@ def _publish_shards(wh: Warehouse, run_id: str, retention_days: int) -> str:
         published, moved, expired = publish(wh, files, retention_days)
         for f in files:
             f.unlink()
+        refresh_serving(wh)
     return (f"published {len(files)} shards of run {run['run_id']}: {published} rows in recommendations; {moved} "
             f"earlier rows moved to recommendation_history, {expired} expired (retention {retention_days} days); "
             f"{time.perf_counter() - t0:.1f} s")

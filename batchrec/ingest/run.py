@@ -21,6 +21,7 @@ from batchrec.ingest.generic import parse_columns
 from batchrec.ingest.merge import merge
 from batchrec.ingest.read import stage
 from batchrec.ingest.sources import open_source, sha256_of
+from batchrec.serving import refresh as refresh_serving
 from batchrec.warehouse import Warehouse, scalar, transaction, utcnow
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ def ingest_path(wh: Warehouse, path: str | None = None, dataset: str | None = No
                            for n, spec in enumerate(layout.files)]
         finally:
             hasher.shutdown(cancel_futures=True)
+        refresh_serving(wh, con)
     return _summary(ingest_id, layout.format, source.label, results)
 
 
