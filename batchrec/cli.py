@@ -7,22 +7,37 @@ Every `BatchrecError` becomes one `error: ...` line on stderr and a non-zero exi
 
 from __future__ import annotations
 
-import logging
-import sys
-
 import click
 
+from batchrec import logs
+from batchrec.cli_help import HelpCommand, HelpDetails
 from batchrec.errors import BatchrecError
 from batchrec.warehouse import Warehouse
 
 
-def _setup_logging(verbose: int, quiet: int) -> None:
-    level = logging.INFO - 10 * verbose + 10 * quiet
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+def _log_options() -> list[click.Option]:
+    """-v/-q/--log-format after a subcommand too: added to every subcommand, on top of the group's."""
+    return [
+        click.Option(["-v", "--verbose"], count=True, expose_value=False, help="More log output (repeatable).",
+                     callback=lambda ctx, param, n: n and logs.adjust(verbose=n)),
+        click.Option(["-q", "--quiet"], count=True, expose_value=False, help="Less log output (repeatable).",
+                     callback=lambda ctx, param, n: n and logs.adjust(quiet=n)),
+        click.Option(["--log-format"], type=click.Choice(logs.LOG_FORMATS), default=None, expose_value=False,
+                     help="Log lines: text (terminal), kv (key=value), json [default: text on a terminal, else kv].",
+                     callback=lambda ctx, param, fmt: fmt and logs.adjust(fmt=fmt)),
+    ]
 
 
-class _Group(click.Group):
-    """Turns BatchrecError into one line and an exit code instead of a traceback."""
+class _Group(HelpDetails, click.Group):
+    """Turns BatchrecError into one line and an exit code instead of a traceback; every command
+    it holds takes the log options and shows its details and example in --help."""
+
+    command_class = HelpCommand
+    group_class = type  # subgroups (features) are _Group too
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        cmd.params.extend(_log_options())
+        super().add_command(cmd, name)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -39,11 +54,14 @@ class _Group(click.Group):
               help="Where model artifacts are written [default: <warehouse stem>.artifacts/ beside the warehouse].")
 @click.option("-v", "--verbose", count=True, help="More log output (repeatable).")
 @click.option("-q", "--quiet", count=True, help="Less log output (repeatable).")
+@click.option("--log-format", type=click.Choice(logs.LOG_FORMATS), default=logs.DEFAULT_FORMAT, show_default=True,
+              help="Log lines: text (terminal), kv (key=value), json; auto: text on a terminal, else kv.")
 @click.version_option(package_name="batchrec")
 @click.pass_context
-def main(ctx: click.Context, warehouse_path: str | None, artifacts: str | None, verbose: int, quiet: int) -> None:
+def main(ctx: click.Context, warehouse_path: str | None, artifacts: str | None, verbose: int, quiet: int,
+         log_format: str) -> None:
     """Batch recommendations: ingest -> features -> train -> score -> evaluate."""
-    _setup_logging(verbose, quiet)
+    logs.configure(verbose, quiet, log_format)
     ctx.obj = Warehouse(warehouse_path, artifacts=artifacts)
 
 

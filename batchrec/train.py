@@ -15,7 +15,6 @@ import re
 import secrets
 import shutil
 import socket
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,9 +22,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from batchrec.errors import BatchrecError
+from batchrec.logs import bars_enabled, progress as progress_bar
 from batchrec.runs import insert_run, stored_artifact_path
 from batchrec.serving import refresh as refresh_serving
 from batchrec.warehouse import utcnow
@@ -83,14 +82,14 @@ class Trainer:
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 0
-    progress: bool | None = None  # None: a bar only when stderr is a terminal (quiet under cron)
+    progress: bool | None = None  # None: a bar only on a terminal and not with -q (see logs.bars_enabled)
     checkpoint_dir: Path | None = None
     history: list[dict] = field(default_factory=list)
     member: int = 0  # the member of an ensemble this trainer fits (see `for_member`)
 
     def __post_init__(self) -> None:
         if self.progress is None:
-            self.progress = sys.stderr.isatty()
+            self.progress = bars_enabled()
 
     def for_member(self, k: int) -> "Trainer":
         """The trainer of member k of an ensemble: its own seed (member 0's is this trainer's),
@@ -167,49 +166,50 @@ class Trainer:
 
         gen = self.generator()
         best, best_state, stale = -math.inf if higher_is_better else math.inf, None, 0
-        bar = tqdm(range(1, epochs + 1), desc=name, disable=not self.progress, leave=False)
-        for epoch in bar:
-            t0 = time.perf_counter()
-            tensors = data(epoch) if callable(data) else data
-            n = len(tensors[0])
-            order = torch.randperm(n, generator=gen, device=self.device)
-            module.train()
-            total = torch.zeros((), device=self.device)
-            for start in range(0, n, batch_size):
-                idx = order[start:start + batch_size]
-                loss = loss_fn(*(t[idx] for t in tensors))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if grad_clip:
-                    torch.nn.utils.clip_grad_norm_(params, grad_clip)
-                opt.step()
-                total += loss.detach() * len(idx)
-            mean_loss = float(total) / max(n, 1)
-            if not math.isfinite(mean_loss):
-                raise BatchrecError(f"{name}: training diverged (loss is {mean_loss} at epoch "
-                                    f"{epoch}); lower the learning rate (lr={lr}) or raise regularisation")
-            row = {"epoch": epoch, "loss": mean_loss, "lr": opt.param_groups[0]["lr"]} | \
-                ({"member": self.member} if self.member else {})
-            if validate is not None:
-                module.eval()
-                with torch.no_grad():
-                    metric = float(validate())
-                row[metric_name] = metric
-                improved = metric > best if higher_is_better else metric < best
-                if improved:
-                    best, best_state, stale = metric, copy.deepcopy(module.state_dict()), 0
-                    if self.checkpoint_dir is not None:
-                        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-                        torch.save(best_state, self.checkpoint_dir / "checkpoint.pt")
-                else:
-                    stale += 1
-            row["seconds"] = time.perf_counter() - t0
-            self.log_epoch(**row)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k not in ("epoch", "seconds")})
-            if sched is not None:
-                sched.step(row.get(metric_name, mean_loss)) if lr_schedule == "plateau" else sched.step()
-            if validate is not None and stale >= patience:
-                break
+        with progress_bar(epochs, name, unit="epoch", enabled=self.progress) as bar:
+            for epoch in range(1, epochs + 1):
+                t0 = time.perf_counter()
+                tensors = data(epoch) if callable(data) else data
+                n = len(tensors[0])
+                order = torch.randperm(n, generator=gen, device=self.device)
+                module.train()
+                total = torch.zeros((), device=self.device)
+                for start in range(0, n, batch_size):
+                    idx = order[start:start + batch_size]
+                    loss = loss_fn(*(t[idx] for t in tensors))
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if grad_clip:
+                        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+                    opt.step()
+                    total += loss.detach() * len(idx)
+                mean_loss = float(total) / max(n, 1)
+                if not math.isfinite(mean_loss):
+                    raise BatchrecError(f"{name}: training diverged (loss is {mean_loss} at epoch "
+                                        f"{epoch}); lower the learning rate (lr={lr}) or raise regularisation")
+                row = {"epoch": epoch, "loss": mean_loss, "lr": opt.param_groups[0]["lr"]} | \
+                    ({"member": self.member} if self.member else {})
+                if validate is not None:
+                    module.eval()
+                    with torch.no_grad():
+                        metric = float(validate())
+                    row[metric_name] = metric
+                    improved = metric > best if higher_is_better else metric < best
+                    if improved:
+                        best, best_state, stale = metric, copy.deepcopy(module.state_dict()), 0
+                        if self.checkpoint_dir is not None:
+                            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+                            torch.save(best_state, self.checkpoint_dir / "checkpoint.pt")
+                    else:
+                        stale += 1
+                row["seconds"] = time.perf_counter() - t0
+                self.log_epoch(**row)
+                bar.update()
+                bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k not in ("epoch", "seconds")})
+                if sched is not None:
+                    sched.step(row.get(metric_name, mean_loss)) if lr_schedule == "plateau" else sched.step()
+                if validate is not None and stale >= patience:
+                    break
         if best_state is not None:
             module.load_state_dict(best_state)
         module.eval()
