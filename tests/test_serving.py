@@ -247,6 +247,48 @@ def test_export_writes_parquet_and_csv_of_the_serving_tables(prepared, tmp_path)
         assert result.output.count("\n") == 1
 
 
+# -- 3. it installs as a package ---------------------------------------------------------------
+def test_the_wheel_ships_the_sql_folder_and_runs_from_another_directory(tmp_path):
+    """Build the wheel from a copy of the checkout, install it (no dependencies: those of this
+    environment are added after it on sys.path) into a fresh venv, and build a snapshot from
+    another directory: the installed package reads its own batchrec/sql. (.ci/run installs the
+    wheel with its dependencies and runs the nightly job.)"""
+    import zipfile
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for name in ("batchrec", "sql"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(src),
+                    "-w", str(tmp_path / "dist")], check=True, capture_output=True, timeout=300)
+    wheel = next((tmp_path / "dist").glob("batchrec-*.whl"))
+    shipped = {n for n in zipfile.ZipFile(wheel).namelist() if n.startswith("batchrec/sql/")}
+    assert shipped == {f"batchrec/sql/{p.relative_to(ROOT / 'sql').as_posix()}" for p in (ROOT / "sql").rglob("*.sql")}
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q",
+                    "--no-deps", str(wheel)], check=True, capture_output=True, timeout=300)
+    deps = [p for p in sys.path if p.endswith("site-packages")]
+    code = ("import sys; sys.path += sys.argv[1:]\n"
+            "import batchrec, batchrec.warehouse as w\n"
+            "from batchrec.cli import main\n"
+            "print(batchrec.__file__, w.SQL_DIR, flush=True)\n"
+            "main(['ingest', '--dataset', 'ml-latest-small'], standalone_mode=False)\n"
+            "main(['features', '--protocols', 'user_temporal'], standalone_mode=False)\n")
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "BATCHREC_WAREHOUSE")}
+    run = subprocess.run([str(venv / "bin" / "python"), "-c", code, *deps], cwd=work, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    package = venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages" / "batchrec"
+    assert run.stdout.splitlines()[0] == f"{package / '__init__.py'} {package / 'sql'}"
+    with Warehouse(work / "warehouse" / "batchrec.duckdb").connect(read_only=True) as con:
+        assert scalar(con, "SELECT count(*) FROM user_index") == 610
+
+
 # -- 4. artifacts belong to their warehouse ----------------------------------------------------
 def test_a_warehouse_moved_to_another_folder_scores_with_its_artifacts(prepared, tmp_path):
     wh = _copy(prepared, tmp_path / "first" / "place")
@@ -347,3 +389,76 @@ def test_after_a_partial_run_status_and_recommend_show_each_run_with_its_counts(
     assert one.startswith(f"user 1: recommendations from run {second} scored at {second_at}\n")
     assert ten.startswith(f"user 10: recommendations from run {first} scored at {first_at}\n")
     assert "recommendations now hold 2 runs:" in ten and f"{n_users - 3} users" in ten
+
+
+# -- 6. progress bars on a terminal, key=value lines under cron --------------------------------
+KV_LINE = r"ts=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z level=(debug|info|warning|error) logger=batchrec[\w.]* \S"
+
+
+def _batchrec(wh: Warehouse, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BATCHREC), "--warehouse", str(wh.path), *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_without_a_terminal_log_lines_are_key_value_or_json_and_q_v_work_after_the_subcommand(prepared, tmp_path):
+    import re
+
+    wh = _copy(prepared, tmp_path / "wh")
+    train = _batchrec(wh, "train", "ease", "--device", "cpu")
+    assert train.returncode == 0, train.stderr
+    score = _batchrec(wh, "score", "--model", "ease", "--device", "cpu")
+    assert score.returncode == 0, score.stderr
+    for proc in (train, score):  # no bar, no torch warning, nothing but key=value lines
+        lines = proc.stderr.splitlines()
+        assert lines and all(re.match(KV_LINE, line) for line in lines), proc.stderr
+        assert "Sparse CSR" not in proc.stderr and "\r" not in proc.stderr
+    assert any('logger=batchrec.score msg="published 6100 rows in ' in line for line in score.stderr.splitlines())
+    as_json = _batchrec(wh, "score", "--model", "ease", "--device", "cpu", "--log-format", "json")
+    records = [json.loads(line) for line in as_json.stderr.splitlines()]
+    assert records and {"ts", "level", "logger", "msg"} <= set(records[0])
+    quiet = _batchrec(wh, "score", "--model", "ease", "--device", "cpu", "-q")
+    assert quiet.returncode == 0 and quiet.stderr == "" and quiet.stdout.startswith("run ease-")
+    verbose = _batchrec(wh, "status", "-q", "-v")  # -q then -v after the subcommand: back to info
+    assert verbose.returncode == 0
+
+
+def _on_a_terminal(wh: Warehouse, *args: str) -> str:
+    """Run batchrec with stderr on a pseudo-terminal (120 columns); what the terminal received."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    proc = subprocess.Popen([str(BATCHREC), "--warehouse", str(wh.path), *args], stdout=subprocess.DEVNULL,
+                            stderr=slave)
+    os.close(slave)
+    received = bytearray()
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the child closed its end
+            break
+        if not chunk:
+            break
+        received += chunk
+    assert proc.wait(timeout=300) == 0, received.decode(errors="replace")[-2000:]
+    os.close(master)
+    return received.decode(errors="replace")
+
+
+def test_on_a_terminal_bars_show_and_log_lines_stay_whole(prepared, tmp_path):
+    import re
+
+    wh = _copy(prepared, tmp_path / "wh")
+    shown = _on_a_terminal(wh, "train", "mf", "--protocol", "user_temporal", "--device", "cpu",
+                           "--param", "epochs=3", "--param", "factors=8")
+    pieces = [p.strip() for p in re.split(r"[\r\n]", shown) if p.strip()]
+    epochs = [p for p in pieces if " INFO epoch=" in p]
+    assert len(epochs) == 3  # each epoch's log line whole, on its own line, between redraws of the bar
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO epoch=\d .* seconds=[\d.e-]+", p) for p in epochs)
+    assert any(re.match(r"mf:\s+\d+%\|", p) for p in pieces)  # the epoch bar
+    run = fit_run(wh, "popularity", device="cpu")
+    shown = _on_a_terminal(wh, "score", "--run", run, "--device", "cpu")
+    assert re.search(r"scoring:\s+\d+%\|.*users", shown)  # the scoring blocks' bar
