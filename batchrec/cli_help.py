@@ -9,6 +9,7 @@ imports torch, which plain `batchrec --help` should not pay for.
 from __future__ import annotations
 
 import json
+import textwrap
 from typing import Callable
 
 import click
@@ -78,13 +79,14 @@ class HelpDetails:
                             ("Example", EXAMPLES.get(key))):
             if text:
                 with formatter.section(title):
+                    indent = " " * formatter.current_indent
                     for line in text.splitlines():  # examples and indented lines as written, the rest wrapped
                         if title == "Example" or line.startswith(" "):
-                            formatter.write(" " * formatter.current_indent + line + "\n")
-                        elif line:
-                            formatter.write_text(line)
-                        else:
-                            formatter.write_paragraph()
+                            formatter.write(indent + line + "\n")
+                        else:  # names (leave-last-5-positive-events) never broken at their hyphens
+                            formatter.write("".join(f"{indent}{part}\n" for part in textwrap.wrap(
+                                line, max(formatter.width - len(indent), 40), break_on_hyphens=False,
+                                break_long_words=False)) or "\n")
         super().format_epilog(ctx, formatter)
 
 

@@ -418,8 +418,24 @@ def test_without_a_terminal_log_lines_are_key_value_or_json_and_q_v_work_after_t
     assert records and {"ts", "level", "logger", "msg"} <= set(records[0])
     quiet = _batchrec(wh, "score", "--model", "ease", "--device", "cpu", "-q")
     assert quiet.returncode == 0 and quiet.stderr == "" and quiet.stdout.startswith("run ease-")
-    verbose = _batchrec(wh, "status", "-q", "-v")  # -q then -v after the subcommand: back to info
-    assert verbose.returncode == 0
+    verbose = _batchrec(wh, "-q", "score", "--model", "ease", "--device", "cpu", "-v")  # -q, then -v after it
+    assert verbose.returncode == 0 and "level=info logger=batchrec.score" in verbose.stderr
+
+
+# -- 7. help -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("command, listed", [
+    ("train", ["popularity", "ease", "multvae"]), ("score", ["popularity", "ease", "two_tower"]),
+    ("evaluate", ["popularity", "ease", "user_temporal", "leave-last-5-positive-events"]),
+    ("features", ["random", "user_random", "user_temporal", "global_temporal", "leave_last_n_positive", "as_of"]),
+    ("run", ["[[steps]]", "ingest: path", "score: model = (unset), top_n = 10", "evaluate: models"]),
+    ("export", []), ("status", []),
+])
+def test_help_lists_what_the_command_takes_and_one_example(command, listed):
+    result = CliRunner().invoke(main, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    details, _, example = result.output.partition("\nExample:\n")
+    assert example.strip().startswith(f"batchrec {command}")
+    assert all(word in details.split("Details:")[-1] for word in listed)
 
 
 def _on_a_terminal(wh: Warehouse, *args: str) -> str:

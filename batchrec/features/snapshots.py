@@ -27,6 +27,7 @@ from batchrec.errors import BatchrecError
 from batchrec.features.params import parse_params, parse_protocols, parse_timestamp
 from batchrec.features.splits import build_split, split_files
 from batchrec.features.tfidf import build_item_tag_tfidf
+from batchrec import serving
 from batchrec.serving import refresh as refresh_serving
 from batchrec.warehouse import SQL_DIR, Warehouse, run_sql_file, scalar, transaction, utcnow
 
@@ -162,8 +163,8 @@ def build_snapshot(wh: Warehouse, as_of: str | None = None, protocols: str = "al
 
 
 def list_snapshots(wh: Warehouse) -> str:
-    """The kept snapshots, newest first, as a text table."""
-    with wh.connect(read_only=True) as con:
+    """The kept snapshots, newest first, as a text table (from the serving database: a reader)."""
+    with serving.connect(wh) as con:
         rows = con.execute("""
             SELECT s.snapshot_id, s.as_of, s.created_at, s.row_counts,
                    coalesce(string_agg(p.protocol, ',' ORDER BY p.protocol), '') AS protocols
