@@ -267,9 +267,10 @@ def test_the_wheel_ships_the_sql_folder_and_runs_from_another_directory(tmp_path
     shipped = {n for n in zipfile.ZipFile(wheel).namelist() if n.startswith("batchrec/sql/")}
     assert shipped == {f"batchrec/sql/{p.relative_to(ROOT / 'sql').as_posix()}" for p in (ROOT / "sql").rglob("*.sql")}
     venv = tmp_path / "venv"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "BATCHREC_WAREHOUSE")}  # no checkout
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q",
-                    "--no-deps", str(wheel)], check=True, capture_output=True, timeout=300)
+                    "--no-deps", str(wheel)], check=True, capture_output=True, timeout=300, env=env)
     deps = [p for p in sys.path if p.endswith("site-packages")]
     code = ("import sys; sys.path += sys.argv[1:]\n"
             "import batchrec, batchrec.warehouse as w\n"
@@ -279,7 +280,6 @@ def test_the_wheel_ships_the_sql_folder_and_runs_from_another_directory(tmp_path
             "main(['features', '--protocols', 'user_temporal'], standalone_mode=False)\n")
     work = tmp_path / "elsewhere"
     work.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "BATCHREC_WAREHOUSE")}
     run = subprocess.run([str(venv / "bin" / "python"), "-c", code, *deps], cwd=work, env=env, capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
