@@ -15,16 +15,19 @@ from batchrec.errors import BatchrecError
 from batchrec.warehouse import Warehouse
 
 
+_VERBOSE_HELP, _QUIET_HELP = "More log output (repeatable).", "Less log output (repeatable)."
+_FORMAT_HELP = "Log lines: text, kv (key=value) or json [default: text on a terminal, else kv]."
+
+
 def _log_options() -> list[click.Option]:
     """-v/-q/--log-format after a subcommand too: added to every subcommand, on top of the group's."""
     return [
-        click.Option(["-v", "--verbose"], count=True, expose_value=False, help="More log output (repeatable).",
+        click.Option(["-v", "--verbose"], count=True, expose_value=False, help=_VERBOSE_HELP,
                      callback=lambda ctx, param, n: n and logs.adjust(verbose=n)),
-        click.Option(["-q", "--quiet"], count=True, expose_value=False, help="Less log output (repeatable).",
+        click.Option(["-q", "--quiet"], count=True, expose_value=False, help=_QUIET_HELP,
                      callback=lambda ctx, param, n: n and logs.adjust(quiet=n)),
         click.Option(["--log-format"], type=click.Choice(logs.LOG_FORMATS), default=None, expose_value=False,
-                     help="Log lines: text (terminal), kv (key=value), json [default: text on a terminal, else kv].",
-                     callback=lambda ctx, param, fmt: fmt and logs.adjust(fmt=fmt)),
+                     help=_FORMAT_HELP, callback=lambda ctx, param, fmt: fmt and logs.adjust(fmt=fmt)),
     ]
 
 
@@ -52,10 +55,9 @@ class _Group(HelpDetails, click.Group):
               help="DuckDB warehouse file [default: $BATCHREC_WAREHOUSE or warehouse/batchrec.duckdb].")
 @click.option("--artifacts", default=None, metavar="URI",
               help="Where model artifacts are written [default: <warehouse stem>.artifacts/ beside the warehouse].")
-@click.option("-v", "--verbose", count=True, help="More log output (repeatable).")
-@click.option("-q", "--quiet", count=True, help="Less log output (repeatable).")
-@click.option("--log-format", type=click.Choice(logs.LOG_FORMATS), default=logs.DEFAULT_FORMAT, show_default=True,
-              help="Log lines: text (terminal), kv (key=value), json; auto: text on a terminal, else kv.")
+@click.option("-v", "--verbose", count=True, help=_VERBOSE_HELP)
+@click.option("-q", "--quiet", count=True, help=_QUIET_HELP)
+@click.option("--log-format", type=click.Choice(logs.LOG_FORMATS), default=logs.DEFAULT_FORMAT, help=_FORMAT_HELP)
 @click.version_option(package_name="batchrec")
 @click.pass_context
 def main(ctx: click.Context, warehouse_path: str | None, artifacts: str | None, verbose: int, quiet: int,
