@@ -7,24 +7,42 @@ Every `BatchrecError` becomes one `error: ...` line on stderr and a non-zero exi
 
 from __future__ import annotations
 
-import logging
-import sys
-
 import click
 
+from batchrec import logs
+from batchrec.cli_help import HelpCommand, HelpDetails
 from batchrec.errors import BatchrecError
 from batchrec.ingest.sources import ZIP_MAX_RATIO, ZIP_MAX_SIZE
 from batchrec.ingest.spec import HALF_STARS, MAX_FUTURE
 from batchrec.warehouse import Warehouse
 
 
-def _setup_logging(verbose: int, quiet: int) -> None:
-    level = logging.INFO - 10 * verbose + 10 * quiet
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+_VERBOSE_HELP, _QUIET_HELP = "More log output (repeatable).", "Less log output (repeatable)."
+_FORMAT_HELP = "Log lines: text, kv (key=value) or json [default: text on a terminal, else kv]."
 
 
-class _Group(click.Group):
-    """Turns BatchrecError into one line and an exit code instead of a traceback."""
+def _log_options() -> list[click.Option]:
+    """-v/-q/--log-format after a subcommand too: added to every subcommand, on top of the group's."""
+    return [
+        click.Option(["-v", "--verbose"], count=True, expose_value=False, help=_VERBOSE_HELP,
+                     callback=lambda ctx, param, n: n and logs.adjust(verbose=n)),
+        click.Option(["-q", "--quiet"], count=True, expose_value=False, help=_QUIET_HELP,
+                     callback=lambda ctx, param, n: n and logs.adjust(quiet=n)),
+        click.Option(["--log-format"], type=click.Choice(logs.LOG_FORMATS), default=None, expose_value=False,
+                     help=_FORMAT_HELP, callback=lambda ctx, param, fmt: fmt and logs.adjust(fmt=fmt)),
+    ]
+
+
+class _Group(HelpDetails, click.Group):
+    """Turns BatchrecError into one line and an exit code instead of a traceback; every command
+    it holds takes the log options and shows its details and example in --help."""
+
+    command_class = HelpCommand
+    group_class = type  # subgroups (features) are _Group too
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        cmd.params.extend(_log_options())
+        super().add_command(cmd, name)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -37,14 +55,18 @@ class _Group(click.Group):
 @click.group(cls=_Group)
 @click.option("--warehouse", "warehouse_path", type=click.Path(dir_okay=False), default=None,
               help="DuckDB warehouse file [default: $BATCHREC_WAREHOUSE or warehouse/batchrec.duckdb].")
-@click.option("-v", "--verbose", count=True, help="More log output (repeatable).")
-@click.option("-q", "--quiet", count=True, help="Less log output (repeatable).")
+@click.option("--artifacts", default=None, metavar="URI",
+              help="Where model artifacts are written [default: <warehouse stem>.artifacts/ beside the warehouse].")
+@click.option("-v", "--verbose", count=True, help=_VERBOSE_HELP)
+@click.option("-q", "--quiet", count=True, help=_QUIET_HELP)
+@click.option("--log-format", type=click.Choice(logs.LOG_FORMATS), default=logs.DEFAULT_FORMAT, help=_FORMAT_HELP)
 @click.version_option(package_name="batchrec")
 @click.pass_context
-def main(ctx: click.Context, warehouse_path: str | None, verbose: int, quiet: int) -> None:
+def main(ctx: click.Context, warehouse_path: str | None, artifacts: str | None, verbose: int, quiet: int,
+         log_format: str) -> None:
     """Batch recommendations: ingest -> features -> train -> score -> evaluate."""
-    _setup_logging(verbose, quiet)
-    ctx.obj = Warehouse(warehouse_path)
+    logs.configure(verbose, quiet, log_format)
+    ctx.obj = Warehouse(warehouse_path, artifacts=artifacts)
 
 
 pass_wh = click.make_pass_decorator(Warehouse)
@@ -225,11 +247,22 @@ def status(wh: Warehouse) -> None:
 
 
 @main.command()
+@click.option("--table", default="recommendations", show_default=True, help="Serving table or view to write.")
+@click.option("--to", "to", required=True, type=click.Path(dir_okay=False), help="Output file: PATH.parquet or PATH.csv.")
+@pass_wh
+def export(wh: Warehouse, table, to) -> None:
+    """Write a table of the serving database to Parquet or CSV for downstream systems (atomically)."""
+    from batchrec.serving import export as export_table
+
+    click.echo(export_table(wh, table, to))
+
+
+@main.command()
 @click.argument("query")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv"]), default="table", show_default=True)
 @pass_wh
 def sql(wh: Warehouse, query, fmt) -> None:
-    """Run read-only SQL against the warehouse."""
+    """Run read-only SQL against the serving database (the warehouse as of its last publish)."""
     from batchrec.ops import sql_text
 
     click.echo(sql_text(wh, query, fmt=fmt))

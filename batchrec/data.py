@@ -7,6 +7,7 @@ edges (scorer output, reports) and are kept here as lookup arrays.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, replace
 
 import duckdb
@@ -198,5 +199,13 @@ def load_snapshot(con: duckdb.DuckDBPyConnection, snapshot_id: str, protocol: st
 def csr_to_torch(m: sp.csr_matrix, device: torch.device | str = "cpu") -> torch.Tensor:
     """scipy CSR -> torch sparse CSR (float32) on `device`."""
     m = m.tocsr()
-    return torch.sparse_csr_tensor(torch.from_numpy(m.indptr.astype(np.int64)), torch.from_numpy(m.indices.astype(np.int64)),
-                                   torch.from_numpy(m.data.astype(np.float32)), size=m.shape).to(device)
+    with warnings.catch_warnings():
+        # torch says its CSR support "is in beta" on the first CSR tensor of every process (each train
+        # and score printed it); the few operations used here are stable. Invariant checks stay off,
+        # as torch's default (said explicitly, which silences its reminder of that default).
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+        t = torch.sparse_csr_tensor(torch.from_numpy(m.indptr.astype(np.int64)),
+                                    torch.from_numpy(m.indices.astype(np.int64)),
+                                    torch.from_numpy(m.data.astype(np.float32, copy=False)), size=m.shape,
+                                    check_invariants=False)
+    return t.to(device)

@@ -32,6 +32,8 @@ from batchrec.errors import BatchrecError
 from batchrec.features.params import PROTOCOLS as SPLIT_PROTOCOLS
 from batchrec.metrics import METRICS, base_metric_name, measure, metric_sort_key
 from batchrec.report import Reference, ReportInfo, ReportRun, compare_references, write_report
+from batchrec.runs import find_runs, resolve_run
+from batchrec.serving import refresh as refresh_serving
 from batchrec.warehouse import Warehouse, query_pl, transaction, utcnow
 
 log = logging.getLogger("batchrec.evaluate")
@@ -200,16 +202,8 @@ def choose_split(con: duckdb.DuckDBPyConnection, spec: Spec, snapshot: str | Non
                         f"{json.dumps(rows[0]['params'], sort_keys=True)}; build one with {_build_hint(spec)}")
 
 
-def _run_rows(con: duckdb.DuckDBPyConnection, where: str, params: dict) -> list[dict]:
-    """model_runs rows (params and metrics decoded, as `train.resolve_run` gives them), newest first."""
-    rows = query_pl(con, f"SELECT * FROM model_runs WHERE {where} ORDER BY created_at DESC, run_id DESC", params).to_dicts()
-    return [r | {"params": json.loads(r["params"]), "metrics": json.loads(r["metrics"])} for r in rows]
-
-
 def given_runs(con: duckdb.DuckDBPyConnection, run_ids: list[str]) -> list[dict]:
     """model_runs rows of the given ids ('latest': the newest run), each once, in the order given."""
-    from batchrec.train import resolve_run
-
     rows: dict[str, dict] = {}
     for run_id in run_ids:
         row = resolve_run(con, run_id)
@@ -259,9 +253,11 @@ def _rows_for(run_id: str, protocol: str, metrics: dict[str, float], at) -> list
 
 
 def write_evaluations(wh: Warehouse, rows: list[tuple]) -> None:
-    """Insert the rows in one transaction under the writer lock."""
-    with wh.writer("evaluate") as con, transaction(con):
-        con.executemany("INSERT INTO evaluations VALUES (?, ?, ?, ?, ?, ?)", rows)
+    """Insert the rows in one transaction under the writer lock, then rebuild the serving database."""
+    with wh.writer("evaluate") as con:
+        with transaction(con):
+            con.executemany("INSERT INTO evaluations VALUES (?, ?, ?, ?, ?, ?)", rows)
+        refresh_serving(wh, con)
 
 
 def _history(run_metrics: dict) -> list[dict]:
@@ -318,7 +314,7 @@ def _pick_runs(wh: Warehouse, spec: Spec, run_ids: list[str], families: list[str
         if run_ids:
             return split, chosen, notes, trained
         latest: dict[str, dict] = {}
-        for r in _run_rows(con, "snapshot_id = $s AND protocol = $p", {"s": snapshot, "p": spec.split}):
+        for r in find_runs(con, snapshot_id=snapshot, protocol=spec.split):
             latest.setdefault(r["model"], r)
     if not families and spec.preset:
         families = [f for f in spec.preset.families if f in available()]
@@ -335,7 +331,7 @@ def _pick_runs(wh: Warehouse, spec: Spec, run_ids: list[str], families: list[str
         notes.append(f"trained {fam} now with default parameters: run {run_id} "
                      f"(no run of it on protocol {spec.split} of snapshot {snapshot})")
         with wh.connect(read_only=True) as con:
-            latest[fam] = _run_rows(con, "run_id = $r", {"r": run_id})[0]
+            latest[fam] = resolve_run(con, run_id)
     return split, [latest[f] for f in families], notes, trained
 
 

@@ -20,11 +20,14 @@ import logging
 import time
 import tomllib
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from batchrec.errors import BatchrecError
+from batchrec.runs import latest_shipped_run_id
+from batchrec.serving import refresh as refresh_serving
 from batchrec.warehouse import Warehouse, scalar, utcnow
 
 log = logging.getLogger("batchrec.jobs")
@@ -117,8 +120,10 @@ def _fingerprint(wh: Warehouse, step: dict) -> str:
     snapshot = _latest(wh, "SELECT snapshot_id FROM feature_snapshots ORDER BY created_at DESC LIMIT 1")
     if kind == "train":
         return _digest(kind, opts, snapshot)
-    run = _latest(wh, "SELECT run_id FROM model_runs WHERE protocol IS NULL AND (? IS NULL OR model = ?) "
-                      "ORDER BY created_at DESC LIMIT 1", [step.get("model"), step.get("model")])
+    run = None
+    if wh.path.exists():  # the run the step would publish or measure against: the registry's answer
+        with wh.connect(read_only=True) as con:
+            run = latest_shipped_run_id(con, step.get("model"))
     return _digest(kind, opts, snapshot, run)
 
 
@@ -178,6 +183,21 @@ def _already_done(wh: Warehouse, job: str, step: str, inputs: str) -> bool:
                         [job, step, inputs]))
 
 
+@contextmanager
+def _serving_refreshed_after(wh: Warehouse) -> Iterator[None]:
+    """Rebuild the serving database when the job ends, however it ends, so readers see its
+    `job_runs` rows (each step already refreshed it after its own publish). A failure to do so
+    is logged and never hides the job's own outcome."""
+    try:
+        yield
+    finally:
+        if wh.path.exists():
+            try:
+                refresh_serving(wh)
+            except BatchrecError as exc:
+                log.error("job serving refresh failed: %s", exc)
+
+
 def run_job(wh: Warehouse, job_file: str | Path, fail_step: str | None = None) -> str:
     """Run a job file's steps in order under one writer lock; stop at the first failure.
 
@@ -187,7 +207,7 @@ def run_job(wh: Warehouse, job_file: str | Path, fail_step: str | None = None) -
     job, steps = load_job(job_file)
     job_run_id = f"{job}-{utcnow():%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     lines = []
-    with wh.lock(f"run {job}"):
+    with wh.lock(f"run {job}"), _serving_refreshed_after(wh):
         for n, step in enumerate(steps, 1):
             name = f"{n}:{step['name']}"
             started, t0 = utcnow(), time.perf_counter()

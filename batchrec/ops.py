@@ -1,7 +1,7 @@
 """Everyday read-only commands: `recommend`, `status`, `sql`.
 
-They open the warehouse read-only, so they never block or damage a writer's work (while a writer
-holds the DuckDB file they fail at once with the usual "warehouse is busy" line).
+They read the serving database (see serving.py), never the warehouse itself, so they never block a
+writer's work nor wait for it: they see the state of the last publishing step.
 """
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ import io
 
 import polars as pl
 
+from batchrec import serving
 from batchrec.errors import BatchrecError
+from batchrec.runs import find_runs, live_runs
 from batchrec.warehouse import Warehouse, query_pl, scalar, table_exists
 
 
@@ -21,10 +23,10 @@ def _frame_text(df: pl.DataFrame, max_rows: int = 50) -> str:
 
 
 def sql_text(wh: Warehouse, query: str, fmt: str = "table") -> str:
-    """Run one read-only query; a table for people, CSV for scripts."""
+    """Run one read-only query on the serving database; a table for people, CSV for scripts."""
     import duckdb
 
-    with wh.connect(read_only=True) as con:
+    with serving.connect(wh) as con:
         try:
             df = query_pl(con, query)
         except duckdb.Error as exc:
@@ -36,9 +38,16 @@ def sql_text(wh: Warehouse, query: str, fmt: str = "table") -> str:
     return _frame_text(df, max_rows=1000)
 
 
+def _live_lines(live: list[dict]) -> list[str]:
+    """One line per run that `recommendations` holds, newest scoring first."""
+    return [f"  run {r['run_id']} ({r['model'] or 'unknown model'}, trained on "
+            f"{r['protocol'] or 'every interaction'}): {r['users']} users, {r['rows']} rows, scored at {r['scored_at']}"
+            for r in live]
+
+
 def recommend_text(wh: Warehouse, user_id: int, history: int = 10) -> str:
     """A user's current list (titles, scores, reasons) and their most recent ratings."""
-    with wh.connect(read_only=True) as con:
+    with serving.connect(wh) as con:
         recs = query_pl(con, """
             SELECT rank, item_id, title, round(score, 3) AS score, reason
             FROM recommendations_with_titles WHERE user_id = $u ORDER BY rank""", {"u": user_id})
@@ -46,39 +55,71 @@ def recommend_text(wh: Warehouse, user_id: int, history: int = 10) -> str:
             SELECT r.ts::DATE AS date, r.item_id, i.title, r.rating
             FROM ratings r LEFT JOIN items i USING (item_id)
             WHERE r.user_id = $u ORDER BY r.ts DESC, r.item_id LIMIT $n""", {"u": user_id, "n": history})
-        run = scalar(con, "SELECT any_value(run_id) || ' at ' || max(scored_at)::VARCHAR FROM recommendations")
+        mine = con.execute("SELECT run_id, max(scored_at) FROM recommendations WHERE user_id = ? GROUP BY run_id",
+                           [user_id]).fetchall()
+        live = live_runs(con)
     if recs.is_empty() and hist.is_empty():
         raise BatchrecError(f"user {user_id} has no recommendations and no ratings in {wh.path}")
-    parts = [f"user {user_id}: recommendations from run {run}" if run else f"user {user_id}: no recommendations yet "
-             "(run `batchrec score`)"]
-    if not recs.is_empty():
+    if mine:
+        parts = [f"user {user_id}: recommendations from run {mine[0][0]} scored at {mine[0][1]}"]
+        if len(live) > 1:  # e.g. after `score --users`: say which runs serve whom
+            parts += [f"recommendations now hold {len(live)} runs:", *_live_lines(live)]
         parts.append(_frame_text(recs))
+    else:
+        parts = [f"user {user_id}: no recommendations yet (run `batchrec score`)"]
     parts.append(f"recent history ({len(hist)} of their latest ratings):")
     parts.append(_frame_text(hist) if not hist.is_empty() else "  (none: a cold-start user)")
     return "\n".join(parts)
 
 
+def _shipped_per_family(con, live: list[dict]) -> pl.DataFrame:
+    """Per model family: the run that ships (latest fitted on every interaction), the run(s) live in
+    `recommendations` and when they were scored."""
+    shipped: dict[str, str] = {}
+    for r in find_runs(con, shipped=True):  # newest first: the first of a family is its shipped run
+        shipped.setdefault(r["model"], r["run_id"])
+    families = sorted(set(shipped) | {r["model"] for r in live if r["model"]})
+    rows = []
+    for family in families:
+        mine = [r for r in live if r["model"] == family]
+        rows.append({"model": family, "shipped_run": shipped.get(family, "(none)"),
+                     "live_run": ", ".join(r["run_id"] for r in mine) or "(not scored)",
+                     "scored_at": str(mine[0]["scored_at"]) if mine else "",
+                     "users": sum(r["users"] for r in mine)})
+    return pl.DataFrame(rows, schema={"model": pl.Utf8, "shipped_run": pl.Utf8, "live_run": pl.Utf8,
+                                      "scored_at": pl.Utf8, "users": pl.Int64})
+
+
 def status_text(wh: Warehouse) -> str:
-    """Tables and row counts, latest snapshot, runs, last scoring and evaluation, job failures."""
-    with wh.connect(read_only=True) as con:
-        tables = [r[0] for r in con.sql(
-            "SELECT table_name FROM information_schema.tables WHERE table_type = 'BASE TABLE' "
-            "AND table_name NOT LIKE '%__staging' ORDER BY 1").fetchall()]
-        counts = pl.DataFrame({"table": tables, "rows": [scalar(con, f'SELECT count(*) FROM "{t}"') for t in tables]})
-        lines = [f"warehouse {wh.path} (schema v{scalar(con, 'SELECT max(version) FROM schema_version')})",
+    """Tables and row counts, latest snapshot, runs, what is live per model family, last
+    evaluation, job failures: from the serving database (as of the last publishing step)."""
+    with serving.connect(wh) as con:
+        if table_exists(con, "warehouse_tables"):
+            counts = query_pl(con, "SELECT table_name AS \"table\", rows FROM warehouse_tables ORDER BY 1")
+            built = scalar(con, "SELECT built_at FROM serving_info")
+            source = f"; serving copy {wh.serving_path} built at {built}"
+        else:
+            tables = [r[0] for r in con.sql(
+                "SELECT table_name FROM information_schema.tables WHERE table_type = 'BASE TABLE' "
+                "AND table_name NOT LIKE '%__staging' ORDER BY 1").fetchall()]
+            counts = pl.DataFrame({"table": tables, "rows": [scalar(con, f'SELECT count(*) FROM "{t}"') for t in tables]})
+            source = ""
+        lines = [f"warehouse {wh.path} (schema v{scalar(con, 'SELECT max(version) FROM schema_version')}){source}",
                  _frame_text(counts)]
         snap = con.sql("SELECT snapshot_id, as_of, created_at FROM feature_snapshots "
                        "ORDER BY created_at DESC LIMIT 1").fetchall()
         lines.append(f"latest snapshot: {snap[0][0]} as of {snap[0][1]} (built {snap[0][2]})" if snap
                      else "latest snapshot: none (run `batchrec features`)")
-        runs = query_pl(con, """SELECT run_id, model, coalesce(protocol, 'all') AS trained_on, device,
-                                       round(fit_seconds, 1) AS fit_s, created_at
-                                FROM model_runs ORDER BY created_at DESC LIMIT 5""")
-        lines.append("recent model runs:\n" + (_frame_text(runs) if not runs.is_empty() else "  none"))
-        scored = con.sql("SELECT any_value(run_id), max(scored_at), count(DISTINCT user_id), count(*) "
-                         "FROM recommendations").fetchall()[0]
-        lines.append(f"last scoring: run {scored[0]} at {scored[1]}: {scored[2]} users, {scored[3]} rows"
-                     if scored[0] else "last scoring: none")
+        recent = find_runs(con, limit=5)
+        runs = pl.DataFrame([{"run_id": r["run_id"], "model": r["model"], "trained_on": r["protocol"] or "all",
+                              "device": r["device"], "fit_s": round(r["fit_seconds"], 1), "created_at": r["created_at"]}
+                             for r in recent])
+        lines.append("recent model runs:\n" + (_frame_text(runs) if recent else "  none"))
+        live = live_runs(con)
+        lines.append("live recommendations, per run:\n" + ("\n".join(_live_lines(live)) if live else "  none"))
+        per_family = _shipped_per_family(con, live)
+        lines.append("per model family, the shipped run (latest fitted on every interaction) and the live one:\n"
+                     + (_frame_text(per_family) if not per_family.is_empty() else "  none"))
         evals = query_pl(con, """
             WITH last AS (SELECT max(evaluated_at) AS t FROM evaluations)
             SELECT run_id, protocol, metric || coalesce('@' || k::VARCHAR, '') AS metric, round(value, 4) AS value

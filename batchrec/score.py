@@ -41,7 +41,10 @@ import scipy.sparse as sp
 import torch
 
 from batchrec.errors import BatchrecError, WarehouseBusy
+from batchrec.logs import progress as progress_bar
 from batchrec.models.base import Recommender
+from batchrec.runs import resolve_run
+from batchrec.serving import refresh as refresh_serving
 from batchrec.topk import row_topk
 from batchrec.warehouse import Warehouse, scalar, transaction, utcnow
 
@@ -124,6 +127,7 @@ def blocked_topk(
     memory_budget: int = 1 << 30,
     on_block: Callable[[slice, np.ndarray, np.ndarray], None] | None = None,
     rescore: Callable[[np.ndarray, torch.Tensor], torch.Tensor] | None = None,
+    progress: Callable[[int], object] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-`n` columns per row, scoring `block_size` rows at a time.
 
@@ -137,6 +141,7 @@ def blocked_topk(
     and any memory budget agree exactly): a BLAS matmul's rounding can, so when `rescore(rows,
     cols)` is given the top n + POOL_MARGIN are scored again one (row, column) at a time, and the
     final order is by score, then column, whatever order the top-k kernel returned ties in.
+    `progress(n)` (a progress bar's update) is told of each block's rows when it is done.
     """
     k = min(n, n_cols)
     pool = min(n_cols, k + POOL_MARGIN)
@@ -168,6 +173,8 @@ def blocked_topk(
             out_vals[span, :k] = np.where(ok, val, np.nan)
             if on_block is not None:
                 on_block(span, block, out_cols[span, :k])
+            if progress is not None:
+                progress(len(block))
     return out_cols, out_vals
 
 
@@ -517,7 +524,7 @@ def explanation_similarity(model: Recommender, inputs: ScoringInputs) -> tuple[S
 
 
 def serve_model(model: Recommender, inputs: ScoringInputs, rows: np.ndarray, n: int, memory_budget: int,
-                explain: bool = True) -> Ranked:
+                explain: bool = True, progress: Callable[[int], object] | None = None) -> Ranked:
     """Model-served rows: blocked top-N over the model's items, seen items removed, and each row's
     anchor (the liked item most similar to the recommendation) from the same block. Candidates
     are the items the model was trained on, plus those it scores from content alone."""
@@ -533,7 +540,7 @@ def serve_model(model: Recommender, inputs: ScoringInputs, rows: np.ndarray, n: 
     n_cols = model.n_items if cand is None else len(cand)
     score, rescore = model_scorer(model, cand)
     cols, scores = blocked_topk(score, rows, n, n_cols, exclude=(inputs.seen,), col_of=col_of, memory_budget=memory_budget,
-                                on_block=None if how is None else anchor, rescore=rescore)
+                                on_block=None if how is None else anchor, rescore=rescore, progress=progress)
     if model.task == "rating" and inputs.rating_scale is not None:
         np.clip(scores, *inputs.rating_scale, out=scores)
     kind = np.where(anchors >= 0, BECAUSE, MODEL).astype(np.int8)
@@ -549,7 +556,8 @@ def _row_normalise(m: sp.csr_matrix) -> tuple[sp.csr_matrix, np.ndarray]:
     return sp.csr_matrix(sp.diags(1.0 / np.maximum(norms, 1e-12)) @ m, dtype=np.float32), norms
 
 
-def serve_profile(inputs: ScoringInputs, rows: np.ndarray, n: int, memory_budget: int, device: torch.device) -> Ranked:
+def serve_profile(inputs: ScoringInputs, rows: np.ndarray, n: int, memory_budget: int, device: torch.device,
+                  progress: Callable[[int], object] | None = None) -> Ranked:
     """Cold start with a profile: the cosine of the user's genre and TF-IDF profiles (sums over
     the items they rated or tagged) with each item's, blended with log popularity. The reason
     names the item's genres the user weighs most (up to two), else its best shared tag term."""
@@ -574,7 +582,7 @@ def serve_profile(inputs: ScoringInputs, rows: np.ndarray, n: int, memory_budget
         return CONTENT_WEIGHT * content + (1 - CONTENT_WEIGHT) * pop
 
     cols, scores = blocked_topk(score, rows, n, len(cand), exclude=(inputs.seen, inputs.profile), col_of=col_of,
-                                memory_budget=memory_budget)
+                                memory_budget=memory_budget, progress=progress)
     items = _items_of(cols, cand)
     flat = np.maximum(items, 0).ravel()
     # genres: the item's genres weighted by the user's profile; the top two with weight > 0
@@ -593,13 +601,15 @@ def serve_profile(inputs: ScoringInputs, rows: np.ndarray, n: int, memory_budget
     return Ranked(rows, items, scores, kind, arg1, np.where(kind == GENRE, top[..., 1], -1))
 
 
-def serve_popular(inputs: ScoringInputs, rows: np.ndarray, n: int, memory_budget: int, device: torch.device) -> Ranked:
+def serve_popular(inputs: ScoringInputs, rows: np.ndarray, n: int, memory_budget: int, device: torch.device,
+                  progress: Callable[[int], object] | None = None) -> Ranked:
     """Nothing known about the user: the model's items by popularity (snapshot pop_rank), unseen."""
     cand, col_of = _columns(inputs.candidates, len(inputs.item_ids))
     cand = np.arange(len(inputs.item_ids)) if cand is None else cand
     order = torch.from_numpy(-inputs.pop_rank[cand].astype(np.float32)).to(device)  # distinct: no ties
     cols, _ = blocked_topk(lambda block: order.expand(len(block), -1).clone(), rows, n, len(cand),
-                           exclude=(inputs.seen, inputs.profile), col_of=col_of, memory_budget=memory_budget)
+                           exclude=(inputs.seen, inputs.profile), col_of=col_of, memory_budget=memory_budget,
+                           progress=progress)
     items = _items_of(cols, cand)
     scores = np.where(items >= 0, inputs.n_ratings[np.maximum(items, 0)], np.nan).astype(np.float32)
     none = np.full(items.shape, -1)
@@ -614,12 +624,15 @@ def recommend(model: Recommender, inputs: ScoringInputs, rows: np.ndarray, n: in
     has_profile = np.diff(inputs.profile.indptr)[rows] > 0
     parts = []
     t0 = time.perf_counter()
-    if served.any():
-        parts.append(serve_model(model, inputs, rows[served], n, memory_budget, explain))
-    if (~served & has_profile).any():
-        parts.append(serve_profile(inputs, rows[~served & has_profile], n, memory_budget, model.device))
-    if (~served & ~has_profile).any():
-        parts.append(serve_popular(inputs, rows[~served & ~has_profile], n, memory_budget, model.device))
+    with progress_bar(len(rows), "scoring", unit="users") as bar:
+        if served.any():
+            parts.append(serve_model(model, inputs, rows[served], n, memory_budget, explain, progress=bar.update))
+        if (~served & has_profile).any():
+            parts.append(serve_profile(inputs, rows[~served & has_profile], n, memory_budget, model.device,
+                                       progress=bar.update))
+        if (~served & ~has_profile).any():
+            parts.append(serve_popular(inputs, rows[~served & ~has_profile], n, memory_budget, model.device,
+                                       progress=bar.update))
     counts = {"model": int(served.sum()), "profile": int((~served & has_profile).sum()),
               "popular": int((~served & ~has_profile).sum())}
     log.info("scored %d users (%s) in %.2f s", len(rows), ", ".join(f"{k} {v}" for k, v in counts.items()),
@@ -848,9 +861,9 @@ def score_pairs(model: Recommender, run: dict, con, pairs: Path, out: Path) -> s
 
 # -- the command ------------------------------------------------------------------------------
 def _resolve(con, run_id: str | None, model: str | None) -> dict:
-    from batchrec.train import resolve_run
-
-    return resolve_run(con, run_id or "latest", model)
+    """The run named by --run, else the latest shipped run (fitted on every interaction) of
+    --model or of any family: a protocol run is published only when named."""
+    return resolve_run(con, run_id, model, shipped=True)
 
 
 def _load_model(run: dict, device: str) -> Recommender:
@@ -944,6 +957,7 @@ def score_command(wh: Warehouse, run_id: str | None = None, model: str | None = 
             run = _resolve(con, run_id, model)
         info = score_and_publish(wh, run, _load_model(run, device), top_n, budget, retention_days, users=users,
                                  min_history=min_history)
+        refresh_serving(wh)
     summary = (f"run {run['run_id']} ({run['model']}) top-{top_n}: {info['users']} users (model {info['model']}, "
                f"genre/tag {info['profile']}, popular {info['popular']}), {info['published']} rows published to "
                f"recommendations; {info['moved']} earlier rows moved to recommendation_history, {info['expired']} "
@@ -962,6 +976,7 @@ def _publish_shards(wh: Warehouse, run_id: str, retention_days: int) -> str:
         published, moved, expired = publish(wh, files, retention_days)
         for f in files:
             f.unlink()
+        refresh_serving(wh)
     return (f"published {len(files)} shards of run {run['run_id']}: {published} rows in recommendations; {moved} "
             f"earlier rows moved to recommendation_history, {expired} expired (retention {retention_days} days); "
             f"{time.perf_counter() - t0:.1f} s")

@@ -8,13 +8,13 @@ closed-form models (EASE, SVD, iALS, ...) only use its device, seed and logging.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import os
+import re
 import secrets
 import shutil
-import sys
+import socket
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,9 +22,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from batchrec.errors import BatchrecError
+from batchrec.logs import bars_enabled, progress as progress_bar
+from batchrec.runs import insert_run, stored_artifact_path
+from batchrec.serving import refresh as refresh_serving
 from batchrec.warehouse import utcnow
 
 log = logging.getLogger("batchrec.train")
@@ -80,14 +82,14 @@ class Trainer:
 
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 0
-    progress: bool | None = None  # None: a bar only when stderr is a terminal (quiet under cron)
+    progress: bool | None = None  # None: a bar only on a terminal and not with -q (see logs.bars_enabled)
     checkpoint_dir: Path | None = None
     history: list[dict] = field(default_factory=list)
     member: int = 0  # the member of an ensemble this trainer fits (see `for_member`)
 
     def __post_init__(self) -> None:
         if self.progress is None:
-            self.progress = sys.stderr.isatty()
+            self.progress = bars_enabled()
 
     def for_member(self, k: int) -> "Trainer":
         """The trainer of member k of an ensemble: its own seed (member 0's is this trainer's),
@@ -164,49 +166,50 @@ class Trainer:
 
         gen = self.generator()
         best, best_state, stale = -math.inf if higher_is_better else math.inf, None, 0
-        bar = tqdm(range(1, epochs + 1), desc=name, disable=not self.progress, leave=False)
-        for epoch in bar:
-            t0 = time.perf_counter()
-            tensors = data(epoch) if callable(data) else data
-            n = len(tensors[0])
-            order = torch.randperm(n, generator=gen, device=self.device)
-            module.train()
-            total = torch.zeros((), device=self.device)
-            for start in range(0, n, batch_size):
-                idx = order[start:start + batch_size]
-                loss = loss_fn(*(t[idx] for t in tensors))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if grad_clip:
-                    torch.nn.utils.clip_grad_norm_(params, grad_clip)
-                opt.step()
-                total += loss.detach() * len(idx)
-            mean_loss = float(total) / max(n, 1)
-            if not math.isfinite(mean_loss):
-                raise BatchrecError(f"{name}: training diverged (loss is {mean_loss} at epoch "
-                                    f"{epoch}); lower the learning rate (lr={lr}) or raise regularisation")
-            row = {"epoch": epoch, "loss": mean_loss, "lr": opt.param_groups[0]["lr"]} | \
-                ({"member": self.member} if self.member else {})
-            if validate is not None:
-                module.eval()
-                with torch.no_grad():
-                    metric = float(validate())
-                row[metric_name] = metric
-                improved = metric > best if higher_is_better else metric < best
-                if improved:
-                    best, best_state, stale = metric, copy.deepcopy(module.state_dict()), 0
-                    if self.checkpoint_dir is not None:
-                        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-                        torch.save(best_state, self.checkpoint_dir / "checkpoint.pt")
-                else:
-                    stale += 1
-            row["seconds"] = time.perf_counter() - t0
-            self.log_epoch(**row)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k not in ("epoch", "seconds")})
-            if sched is not None:
-                sched.step(row.get(metric_name, mean_loss)) if lr_schedule == "plateau" else sched.step()
-            if validate is not None and stale >= patience:
-                break
+        with progress_bar(epochs, name, unit="epoch", enabled=self.progress) as bar:
+            for epoch in range(1, epochs + 1):
+                t0 = time.perf_counter()
+                tensors = data(epoch) if callable(data) else data
+                n = len(tensors[0])
+                order = torch.randperm(n, generator=gen, device=self.device)
+                module.train()
+                total = torch.zeros((), device=self.device)
+                for start in range(0, n, batch_size):
+                    idx = order[start:start + batch_size]
+                    loss = loss_fn(*(t[idx] for t in tensors))
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if grad_clip:
+                        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+                    opt.step()
+                    total += loss.detach() * len(idx)
+                mean_loss = float(total) / max(n, 1)
+                if not math.isfinite(mean_loss):
+                    raise BatchrecError(f"{name}: training diverged (loss is {mean_loss} at epoch "
+                                        f"{epoch}); lower the learning rate (lr={lr}) or raise regularisation")
+                row = {"epoch": epoch, "loss": mean_loss, "lr": opt.param_groups[0]["lr"]} | \
+                    ({"member": self.member} if self.member else {})
+                if validate is not None:
+                    module.eval()
+                    with torch.no_grad():
+                        metric = float(validate())
+                    row[metric_name] = metric
+                    improved = metric > best if higher_is_better else metric < best
+                    if improved:
+                        best, best_state, stale = metric, copy.deepcopy(module.state_dict()), 0
+                        if self.checkpoint_dir is not None:
+                            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+                            torch.save(best_state, self.checkpoint_dir / "checkpoint.pt")
+                    else:
+                        stale += 1
+                row["seconds"] = time.perf_counter() - t0
+                self.log_epoch(**row)
+                bar.update()
+                bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k not in ("epoch", "seconds")})
+                if sched is not None:
+                    sched.step(row.get(metric_name, mean_loss)) if lr_schedule == "plateau" else sched.step()
+                if validate is not None and stale >= patience:
+                    break
         if best_state is not None:
             module.load_state_dict(best_state)
         module.eval()
@@ -214,9 +217,7 @@ class Trainer:
 
 
 # -- `batchrec train`: fit a model on a snapshot and record a model run ------------------------
-RUN_COLUMNS = ("run_id", "model", "params", "snapshot_id", "protocol", "metrics", "artifact_path", "device",
-               "fit_seconds", "created_at")
-_PARTIAL = ".partial"
+_PARTIAL = re.compile(r"^\.(?P<run>[^.]+)\.(?P<pid>\d+)@(?P<host>.+)\.partial$")
 
 
 def fit_model(model_name: str, data, params: dict | None = None, device: torch.device | str = "cpu",
@@ -252,29 +253,16 @@ def validation_metrics(model, data, ks: Sequence[int] = (10,)) -> dict[str, floa
     return evaluate_model(model, replace(data, valid=None, test=data.valid), ks=ks)
 
 
-def _to_json(value) -> str:
-    """JSON text with NaN/inf as null (JSON has no NaN; e.g. an RMSE over zero pairs)."""
-    def clean(v):
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        return v
-
-    return json.dumps(clean(value), allow_nan=False)
-
-
 def new_run_id(model_name: str, created) -> str:
     """Sortable by creation time; the random suffix keeps ids unique within a second."""
     return f"{model_name}-{created:%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
 
 
 def save_artifact(model, artifacts_dir: Path, run_id: str) -> Path:
-    """Write the artifact under a temporary name, then rename: there is never a half artifact."""
+    """Write the artifact under a temporary name that records its owner (pid and host), then
+    rename: there is never a half artifact at the final name."""
     final = artifacts_dir / run_id
-    tmp = artifacts_dir / f".{run_id}{_PARTIAL}"
+    tmp = artifacts_dir / f".{run_id}.{os.getpid()}@{socket.gethostname()}.partial"
     try:
         model.save(tmp)
         os.replace(tmp, final)
@@ -284,7 +272,36 @@ def save_artifact(model, artifacts_dir: Path, run_id: str) -> Path:
     return final
 
 
-def _fit_run(wh, model_name: str, snapshot: str, protocol: str | None, params: dict, device: str) -> dict:
+def _owner_alive(pid: int, host: str) -> bool:
+    if host != socket.gethostname():
+        return True  # another machine's process: nothing here can tell, so leave its partial alone
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_orphan_partials(artifacts_dir: Path) -> list[str]:
+    """Delete the temporary artifacts in `artifacts_dir` whose writing process is gone (killed
+    mid-save; no run row points at them); a live writer's partial is never touched. Returns the
+    names removed."""
+    removed = []
+    for path in artifacts_dir.glob(".*.partial") if artifacts_dir.is_dir() else ():
+        owner = _PARTIAL.match(path.name)
+        if owner is None or _owner_alive(int(owner["pid"]), owner["host"]):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path.name)
+    return removed
+
+
+def _fit_run(wh, model_name: str, snapshot: str, protocol: str | None, params: dict, device: str,
+             publish: bool = False) -> dict:
+    """Fit and record one run under the writer lock; `publish`: rebuild the serving database
+    after (a command's last step; evaluate's own fits leave that to evaluate)."""
     from batchrec.data import load_snapshot
     from batchrec.features import resolve_snapshot
     from batchrec.models import create_model
@@ -292,8 +309,7 @@ def _fit_run(wh, model_name: str, snapshot: str, protocol: str | None, params: d
     dev = choose_device(device)
     create_model(model_name, params)  # unknown model or bad parameter: fail before any work
     with wh.lock("train"):
-        for stale in wh.artifacts_dir.glob(f".*{_PARTIAL}"):  # left by a killed run; no row points there
-            shutil.rmtree(stale, ignore_errors=True)
+        remove_orphan_partials(wh.artifacts_dir)
         with wh.connect(read_only=True) as con:
             snapshot_id = resolve_snapshot(con, snapshot)
             data = load_snapshot(con, snapshot_id, protocol)
@@ -303,18 +319,18 @@ def _fit_run(wh, model_name: str, snapshot: str, protocol: str | None, params: d
         metrics = {"valid": validation_metrics(model, data), "n_train": len(data.train), "history": trainer.history}
         created = utcnow()
         run_id = new_run_id(model_name, created)
-        artifact = save_artifact(model, wh.artifacts_dir, run_id).resolve()
+        artifact = save_artifact(model, wh.artifacts_dir, run_id)
         row = {"run_id": run_id, "model": model_name, "params": model.params, "snapshot_id": snapshot_id,
-               "protocol": protocol, "metrics": metrics, "artifact_path": str(artifact), "device": str(dev),
-               "fit_seconds": fit_seconds, "created_at": created}
+               "protocol": protocol, "metrics": metrics, "artifact_path": stored_artifact_path(wh.path, artifact),
+               "device": str(dev), "fit_seconds": fit_seconds, "created_at": created}
         try:
             with wh.connect() as con:
-                con.execute(f"INSERT INTO model_runs ({', '.join(RUN_COLUMNS)}) "
-                            f"VALUES ({', '.join('?' * len(RUN_COLUMNS))})",
-                            [_to_json(v) if k in ("params", "metrics") else v for k, v in row.items()])
+                insert_run(con, row)
         except BaseException:
             shutil.rmtree(artifact, ignore_errors=True)
             raise
+        if publish:
+            refresh_serving(wh)
     return row
 
 
@@ -331,7 +347,7 @@ def train_model(wh, model: str, snapshot: str = "latest", protocol: str | None =
     """`batchrec train`: parse KEY=VALUE parameters, fit, record; returns a one-line summary."""
     from batchrec.models import parse_params
 
-    row = _fit_run(wh, model, snapshot, protocol, parse_params(model, tuple(params)), device)
+    row = _fit_run(wh, model, snapshot, protocol, parse_params(model, tuple(params)), device, publish=True)
     valid = row["metrics"]["valid"]
     shown = [f"{k}={valid[k]:.4f}" for k in ("rmse", "ndcg@10", "recall@10", "precision@10") if k in valid]
     scope = f"protocol {protocol} train part" if protocol else "all interactions"
@@ -340,31 +356,9 @@ def train_model(wh, model: str, snapshot: str = "latest", protocol: str | None =
             + (f"; valid {' '.join(shown)}" if shown else "") + f"; artifact {row['artifact_path']}")
 
 
-def resolve_run(con, run: str | None = None, model: str | None = None) -> dict:
-    """A `model_runs` row (params and metrics decoded) by run id, 'latest', or the latest run of
-    `model`; an unknown run is an error that lists the recent ones."""
-    cols = ", ".join(RUN_COLUMNS)
-    if run not in (None, "latest"):
-        rows = con.execute(f"SELECT {cols} FROM model_runs WHERE run_id = ?", [run]).fetchall()
-        if rows and model is not None and rows[0][1] != model:
-            raise BatchrecError(f"run {run!r} is a {rows[0][1]} model, not {model}")
-    else:
-        where = "WHERE model = ?" if model is not None else ""
-        rows = con.execute(f"SELECT {cols} FROM model_runs {where} ORDER BY created_at DESC, run_id DESC LIMIT 1",
-                           [model] if model is not None else []).fetchall()
-    if not rows:
-        recent = con.execute("SELECT run_id FROM model_runs ORDER BY created_at DESC, run_id DESC LIMIT 5").fetchall()
-        what = f"unknown run {run!r}" if run not in (None, "latest") else (
-            f"no runs of model {model!r}" if model is not None else "no model runs")
-        hint = f"recent runs: {', '.join(r[0] for r in recent)}" if recent else "run `batchrec train MODEL` first"
-        raise BatchrecError(f"{what}; {hint}")
-    row = dict(zip(RUN_COLUMNS, rows[0]))
-    row["params"], row["metrics"] = json.loads(row["params"]), json.loads(row["metrics"])
-    return row
-
-
 def load_run_model(run_row: dict, device: torch.device | str = "auto"):
-    """The fitted model of a `model_runs` row, on `device` ('auto'/'cpu'/'cuda' or a torch device)."""
+    """The fitted model of a run (a row as `batchrec.runs` returns it, artifact path resolved), on
+    `device` ('auto'/'cpu'/'cuda' or a torch device)."""
     from batchrec.models.base import ARTIFACT_META, ARTIFACT_STATE, Recommender
 
     dev = device if isinstance(device, torch.device) else choose_device(device)

@@ -34,8 +34,18 @@ if TYPE_CHECKING:  # DuckDB's .pl() imports polars when a query needs it: comman
 
 DEFAULT_PATH = Path("warehouse") / "batchrec.duckdb"
 ENV_VAR = "BATCHREC_WAREHOUSE"
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SQL_DIR = REPO_ROOT / "sql"
+
+
+def sql_dir() -> Path:
+    """The SQL folder (schema migrations, feature store): `sql/` at the top of the repository,
+    installed by the wheel as the package data `batchrec/sql`. A checkout (editable or on
+    PYTHONPATH) has no `batchrec/sql` and reads the top-level folder: both read the same files."""
+    package = Path(__file__).resolve().parent
+    installed = package / "sql"
+    return installed if installed.is_dir() else package.parent / "sql"
+
+
+SQL_DIR = sql_dir()
 SCHEMA_DIR = SQL_DIR / "schema"
 
 _HELD_LOCKS: set[str] = set()  # warehouse files whose writer lock this process holds
@@ -71,14 +81,31 @@ def _translate(exc: duckdb.Error, path: Path) -> BatchrecError:
     return BatchrecError(f"cannot open warehouse {path}: {text.splitlines()[0]}")
 
 
-class Warehouse:
-    """A warehouse file plus the folders beside it (model artifacts, sharded outputs)."""
+def artifact_root(uri: str | os.PathLike) -> Path:
+    """The folder an `--artifacts` URI names. Local paths (or file:// URIs) only for now; the
+    registry stores any other location as written, ready for a pyarrow.fs-backed store."""
+    text = str(uri)
+    if text.startswith("file://"):
+        return Path(text[len("file://"):])
+    if "://" in text:
+        raise BatchrecError(f"--artifacts {text}: only local folders are supported for now "
+                            "(expected a path or a file:// URI)")
+    return Path(text)
 
-    def __init__(self, path: str | os.PathLike | None = None):
+
+class Warehouse:
+    """A warehouse file plus what belongs to it, named after its stem so that two warehouses in
+    one folder never share anything: `<stem>.artifacts/` (model artifacts, unless `artifacts`
+    points elsewhere), `<stem>.shards/` (sharded scoring output), `<stem>.serving.duckdb` (the
+    read-only copy readers use, see serving.py)."""
+
+    def __init__(self, path: str | os.PathLike | None = None, artifacts: str | os.PathLike | None = None):
         self.path = resolve_path(path)
         self.lock_path = self.path.with_name(self.path.name + ".lock")
-        self.artifacts_dir = self.path.parent / "artifacts"
-        self.shards_dir = self.path.parent / "recommendations"
+        stem = self.path.stem
+        self.artifacts_dir = artifact_root(artifacts) if artifacts else self.path.with_name(f"{stem}.artifacts")
+        self.shards_dir = self.path.with_name(f"{stem}.shards")
+        self.serving_path = self.path.with_name(f"{stem}.serving.duckdb")
 
     def __repr__(self) -> str:
         return f"Warehouse({str(self.path)!r})"

@@ -204,7 +204,7 @@ def measure(workdir: Path, budget: str, top_n: int, repeat: int) -> None:
     shared: each score run is compared with the mean of the floors either side of it), then the
     torch-matmul floor for reference."""
     import batchrec.score as scoring
-    from batchrec.train import resolve_run
+    from batchrec.runs import resolve_run
     from batchrec.warehouse import Warehouse, scalar
 
     spent = [0.0]

@@ -200,7 +200,7 @@ def test_ops_commands_on_a_scored_warehouse(tmp_path, job):
     assert "recommendations from run popularity-" in res.output and "recent history" in res.output
     res = runner.invoke(main, ["--warehouse", str(wh_path), "status"])
     assert res.exit_code == 0, res.output
-    for needle in ("recommendations", "latest snapshot: s", "recent model runs", "last scoring: run",
+    for needle in ("recommendations", "latest snapshot: s", "recent model runs", "live recommendations, per run",
                    "last evaluation", "recent job failures"):
         assert needle in res.output
     res = runner.invoke(main, ["--warehouse", str(wh_path), "sql", "--format", "csv",

@@ -25,7 +25,8 @@ from batchrec.errors import BatchrecError
 from batchrec.features import build_snapshot
 from batchrec.models.base import Recommender
 from batchrec.score import PAUSE_ENV, load_inputs, parse_shard, publish, score_run, shard_of, topn, write_parquet
-from batchrec.train import fit_run, load_run_model, resolve_run
+from batchrec.runs import resolve_run
+from batchrec.train import fit_run, load_run_model
 from batchrec.warehouse import Warehouse, scalar
 
 ML_SMALL = Path(__file__).resolve().parent.parent / "batchrec" / "datasets" / "ml-latest-small"
@@ -66,11 +67,13 @@ def base(tmp_path_factory) -> dict:
 
 
 def _copy(base: dict, tmp_path: Path) -> Warehouse:
-    """A private copy of the scored warehouse (model artifacts stay shared, read-only)."""
+    """A private copy of the scored warehouse and its artifacts (the runs find them relative to it)."""
     dst = tmp_path / "wh"
     dst.mkdir()
     shutil.copy(base["wh"].path, dst / base["wh"].path.name)
-    return Warehouse(dst / base["wh"].path.name)
+    copy = Warehouse(dst / base["wh"].path.name)
+    shutil.copytree(base["wh"].artifacts_dir, copy.artifacts_dir)
+    return copy
 
 
 def _recs(wh: Warehouse, order: str = "user_id, rank") -> pl.DataFrame:
@@ -120,7 +123,7 @@ def test_no_seen_item_and_exactly_min_n_unseen_rows_per_user(base):
     assert seen_hits == 0 and cold_hits == 0
     assert unknown_items == 0  # items the model never saw (content-only catalogue items) never appear
     both = expected.join(got, on="user_id", how="left").with_columns(pl.col("n").fill_null(0))
-    assert {COLD_RATER, USERS_ONLY, TAG_ONLY, 999} <= set(both["user_id"].to_list())
+    assert {COLD_RATER, USERS_ONLY, TAG_ONLY} <= set(both["user_id"].to_list())
     assert (both["n"] == both["expected"]).all() and len(got) == len(expected)
     assert (both["distinct_items"] == both["n"]).all() and (both["lo"] == 1).all() and (both["hi"] == both["n"]).all()
 

@@ -20,7 +20,8 @@ from batchrec.errors import BatchrecError
 from batchrec.features import build_snapshot
 from batchrec.ingest import ingest_path
 from batchrec.models.base import Recommender
-from batchrec.train import fit_run, load_run_model, resolve_run, train_model
+from batchrec.runs import resolve_run
+from batchrec.train import fit_run, load_run_model, train_model
 from batchrec.warehouse import Warehouse, scalar
 
 ML_SMALL = Path(__file__).resolve().parent.parent / "batchrec" / "datasets" / "ml-latest-small"

@@ -27,6 +27,8 @@ from batchrec.errors import BatchrecError
 from batchrec.features.params import parse_params, parse_protocols, parse_timestamp
 from batchrec.features.splits import build_split, split_files
 from batchrec.features.tfidf import build_item_tag_tfidf
+from batchrec import serving
+from batchrec.serving import refresh as refresh_serving
 from batchrec.warehouse import SQL_DIR, Warehouse, run_sql_file, scalar, transaction, utcnow
 
 FEATURES_SQL = SQL_DIR / "features"
@@ -149,6 +151,7 @@ def build_snapshot(wh: Warehouse, as_of: str | None = None, protocols: str = "al
                 con.execute("INSERT INTO feature_snapshots VALUES (?, ?, ?, ?, ?)",
                             [snapshot_id, cutoff, created, json.dumps(recorded), json.dumps(counts)])
                 pruned = _prune(con, keep)
+        refresh_serving(wh, con)
     splits = ", ".join(f"{p} {s['train']}/{s['valid']}/{s['test']}" for p, s in sizes.items())
     summary = (f"snapshot {snapshot_id} as of {_stamp(cutoff)}: {counts['user_index']} users, "
                f"{counts['item_index']} items, {counts['interactions']} interactions, "
@@ -160,8 +163,8 @@ def build_snapshot(wh: Warehouse, as_of: str | None = None, protocols: str = "al
 
 
 def list_snapshots(wh: Warehouse) -> str:
-    """The kept snapshots, newest first, as a text table."""
-    with wh.connect(read_only=True) as con:
+    """The kept snapshots, newest first, as a text table (from the serving database: a reader)."""
+    with serving.connect(wh) as con:
         rows = con.execute("""
             SELECT s.snapshot_id, s.as_of, s.created_at, s.row_counts,
                    coalesce(string_agg(p.protocol, ',' ORDER BY p.protocol), '') AS protocols

@@ -33,6 +33,7 @@ from batchrec.ingest.merge import merge
 from batchrec.ingest.read import NO_SPACE, stage
 from batchrec.ingest.sources import ZIP_MAX_RATIO, ZIP_MAX_SIZE, ZipLimits, no_space, open_source, sha256_of
 from batchrec.ingest.spec import HALF_STARS, MAX_FUTURE, FileSpec, Limits, Scale, parse_duration
+from batchrec.serving import refresh as refresh_serving
 from batchrec.warehouse import Warehouse, scalar, transaction, utcnow
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ def ingest_path(wh: Warehouse, path: str | None = None, dataset: str | None = No
                         _store_first_scale(con, results, ingest_id, started)
             finally:
                 hasher.shutdown(cancel_futures=True)
+            refresh_serving(wh, con)
     except duckdb.Error as exc:
         if NO_SPACE not in str(exc):
             raise

@@ -34,7 +34,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from batchrec.data import events_from_end
+from batchrec.data import csr_to_torch, events_from_end
 from batchrec.errors import BatchrecError
 from batchrec.models.base import Param, Recommender
 
@@ -142,8 +142,7 @@ def query_scores(query: sp.csr_matrix, weights: torch.Tensor, user_idx: torch.Te
     dev = weights.device
     rows = query[user_idx.cpu().numpy()]
     if item_idx is None:
-        block = torch.sparse_csr_tensor(torch.from_numpy(rows.indptr.astype(np.int64)), torch.from_numpy(rows.indices.astype(np.int64)),
-                                        torch.from_numpy(rows.data), size=rows.shape, check_invariants=False).to(dev)
+        block = csr_to_torch(rows, dev)
         return torch.sparse.mm(block, weights) if rows.nnz else torch.zeros(rows.shape[0], weights.shape[1], device=dev)
     pair = torch.from_numpy(np.repeat(np.arange(rows.shape[0]), np.diff(rows.indptr))).to(dev)
     j = torch.from_numpy(rows.indices.astype(np.int64)).to(dev)
