@@ -17,13 +17,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import time
 import tomllib
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+
+from batchrec import options
 from batchrec.errors import BatchrecError
 from batchrec.warehouse import Warehouse, scalar, utcnow
 
@@ -31,14 +35,27 @@ log = logging.getLogger("batchrec.jobs")
 
 STEP_KINDS = ("ingest", "features", "train", "score", "evaluate")
 
-# Options each step kind accepts in a job file, with defaults.
-STEP_OPTIONS: dict[str, dict[str, Any]] = {
-    "ingest": {"path": None, "dataset": None, "format": "auto", "quarantine": False, "columns": None},
-    "features": {"as_of": None, "protocols": "all", "params": [], "keep": 5},
-    "train": {"model": None, "protocol": None, "params": [], "device": "auto"},
-    "score": {"model": None, "top_n": 10, "memory_budget": "1GB", "retention_days": 30, "device": "auto"},
-    "evaluate": {"models": None, "protocol": "user_temporal", "k": "5,10,20", "report": "reports",
-                 "threshold": 4.0},
+# Keys each step kind accepts in a job file: the command line's options (batchrec.options).
+STEP_OPTIONS: dict[str, dict[str, options.Option]] = {
+    "ingest": {"path": options.INGEST_PATH, "dataset": options.INGEST_DATASET, "format": options.INGEST_FORMAT,
+               "quarantine": options.INGEST_QUARANTINE, "columns": options.INGEST_COLUMNS},
+    "features": {"as_of": options.FEATURES_AS_OF, "protocols": options.FEATURES_PROTOCOLS,
+                 "params": options.FEATURES_PARAMS, "keep": options.FEATURES_KEEP},
+    "train": {"model": options.TRAIN_MODEL, "protocol": options.TRAIN_PROTOCOL, "params": options.TRAIN_PARAMS,
+              "device": options.DEVICE},
+    "score": {"model": options.SCORE_MODEL, "top_n": options.TOP_N, "memory_budget": options.MEMORY_BUDGET,
+              "retention_days": options.RETENTION_DAYS, "device": options.DEVICE},
+    "evaluate": {"models": options.EVALUATE_MODELS, "protocol": options.EVALUATE_PROTOCOL, "k": options.EVALUATE_KS,
+                 "report": options.EVALUATE_REPORT, "threshold": options.EVALUATE_THRESHOLD},
+}
+
+# One pydantic model per step kind: strict types (TOML already has them: "10" is not 10) and no
+# unknown keys.
+STEP_SCHEMAS: dict[str, type[BaseModel]] = {
+    kind: create_model(f"{kind}_step", __config__=ConfigDict(extra="forbid", strict=True),
+                       step=(str, ...), name=(Optional[str], None),
+                       **{key: option.field() for key, option in opts.items()})
+    for kind, opts in STEP_OPTIONS.items()
 }
 
 
@@ -49,30 +66,62 @@ class StepResult:
 
 
 def load_job(path: str | Path) -> tuple[str, list[dict]]:
-    """Parse and check a job file; every problem is one line naming the file and step."""
+    """Parse and check a job file; every problem is one line naming the file, line, step and key.
+
+    Returns the job's name and its steps as dicts: kind, name and every option (defaults filled in).
+    """
     path = Path(path)
+    text = path.read_text()
     try:
-        doc = tomllib.loads(path.read_text())
+        doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise BatchrecError(f"{path}: not valid TOML: {exc}") from None
-    name = doc.get("job", {}).get("name") or path.stem
+    job = doc.get("job", {})
+    name = (job.get("name") if isinstance(job, dict) else None) or path.stem
+    if not isinstance(name, str):
+        raise BatchrecError(f"{path}: [job] name = {name!r} is not valid (expected a string)")
     steps = doc.get("steps")
-    if not isinstance(steps, list) or not steps:
+    if not isinstance(steps, list) or not steps or not all(isinstance(s, dict) for s in steps):
         raise BatchrecError(f"{path}: expected at least one [[steps]] table")
     checked = []
     for n, step in enumerate(steps, 1):
         kind = step.get("step")
         if kind not in STEP_KINDS:
-            raise BatchrecError(f"{path}: step {n} has step = {kind!r}; expected one of {', '.join(STEP_KINDS)}")
-        unknown = sorted(set(step) - set(STEP_OPTIONS[kind]) - {"step", "name"})
-        if unknown:
-            raise BatchrecError(f"{path}: step {n} ({kind}) has unknown option {unknown[0]!r}; "
-                                f"valid: {', '.join(STEP_OPTIONS[kind])}")
-        opts = {**STEP_OPTIONS[kind], **{k: v for k, v in step.items() if k not in ("step", "name")}}
-        if kind in ("train",) and not opts["model"]:
-            raise BatchrecError(f"{path}: step {n} (train) needs model = \"...\"")
-        checked.append({"kind": kind, "name": step.get("name", kind), **opts})
+            raise BatchrecError(f"{path}:{_line_of(text, n, 'step')}: step {n} has step = {kind!r}; "
+                                f"expected one of {', '.join(STEP_KINDS)}")
+        try:
+            opts = STEP_SCHEMAS[kind].model_validate(step).model_dump(exclude={"step"})
+        except ValidationError as exc:
+            raise BatchrecError(_schema_error(path, text, n, kind, step, exc.errors()[0])) from None
+        checked.append({**opts, "kind": kind, "name": opts["name"] or kind})
     return name, checked
+
+
+def _line_of(text: str, step: int, key: str | None) -> int:
+    """Line (1-based) of `key` in the `step`-th [[steps]] table (its header when the key is absent)."""
+    lines = text.splitlines()
+    headers = [i for i, line in enumerate(lines) if re.match(r"\s*\[\[\s*steps\s*\]\]", line)]
+    if len(headers) < step:
+        return 1
+    start = headers[step - 1]
+    end = headers[step] if step < len(headers) else len(lines)
+    for i in range(start + 1, end):
+        if key is not None and re.match(rf"\s*\"?{re.escape(key)}\"?\s*=", lines[i]):
+            return i + 1
+    return start + 1
+
+
+def _schema_error(path: Path, text: str, n: int, kind: str, step: dict, error: dict) -> str:
+    """One line for the first pydantic error of step `n`: file:line, step, key, value, expectation."""
+    key = str(error["loc"][0]) if error["loc"] else None
+    where = f"{path}:{_line_of(text, n, key)}: step {n} ({kind})"
+    valid = ", ".join(STEP_OPTIONS[kind])
+    if error["type"] == "extra_forbidden":
+        return f"{where} has unknown option {key!r} (expected one of: {valid})"
+    if error["type"] == "missing":
+        return f"{where} needs {key} = \"...\" ({STEP_OPTIONS[kind][key].help})"
+    expected = re.sub(r"^Input should be ", "", error["msg"])
+    return f"{where}: {key} = {step.get(key)!r} is not valid (expected {expected})"
 
 
 # -- input fingerprints ------------------------------------------------------------------------

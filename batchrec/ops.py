@@ -11,7 +11,7 @@ import io
 import polars as pl
 
 from batchrec.errors import BatchrecError
-from batchrec.warehouse import Warehouse, query_pl, scalar, table_exists
+from batchrec.warehouse import Warehouse, open_readonly_sandboxed, query_pl, scalar, table_exists
 
 
 def _frame_text(df: pl.DataFrame, max_rows: int = 50) -> str:
@@ -21,14 +21,21 @@ def _frame_text(df: pl.DataFrame, max_rows: int = 50) -> str:
 
 
 def sql_text(wh: Warehouse, query: str, fmt: str = "table") -> str:
-    """Run one read-only query; a table for people, CSV for scripts."""
+    """Run one query on a read-only, sandboxed connection (no file, network or settings access:
+    `open_readonly_sandboxed`); a table for people, CSV for scripts."""
     import duckdb
 
-    with wh.connect(read_only=True) as con:
+    with open_readonly_sandboxed(wh.path) as con:
         try:
-            df = query_pl(con, query)
+            result = con.sql(query)
+            df = None if result is None else result.pl()  # the query runs here
         except duckdb.Error as exc:
-            raise BatchrecError(f"query failed: {str(exc).splitlines()[0]}") from None
+            sandboxed = isinstance(exc, duckdb.PermissionException) or "configuration has been locked" in str(exc)
+            raise BatchrecError(f"query failed: {str(exc).splitlines()[0]}"
+                                + (" (expected a read-only query of the warehouse's own tables)" if sandboxed else "")
+                                ) from None
+    if df is None:  # a statement without rows that the sandbox allows (e.g. CREATE TEMP TABLE)
+        return "ok (no rows)"
     if fmt == "csv":
         buf = io.StringIO()
         df.write_csv(buf)

@@ -714,7 +714,7 @@ def publish(wh: Warehouse, rows: pl.DataFrame | list[Path], retention_days: int,
             source, params = "publish_rows", []
         else:
             source, params = "read_parquet(?)", [[str(f) for f in rows]]
-        with transaction(con):
+        with transaction(con, "the new recommendations"):
             moved = con.execute(f"INSERT INTO recommendation_history SELECT {cols}, CAST(scored_at AS DATE) "
                                 f"FROM recommendations {scope}").fetchall()[0][0]
             con.execute(f"DELETE FROM recommendations {scope}").fetchall()

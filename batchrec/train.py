@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import shutil
 import sys
@@ -24,8 +25,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from batchrec.errors import BatchrecError
-from batchrec.warehouse import utcnow
+from batchrec.errors import BatchrecError, CorruptArtifact, Fault, first_line
+from batchrec.warehouse import transaction, utcnow
 
 log = logging.getLogger("batchrec.train")
 
@@ -217,6 +218,8 @@ class Trainer:
 RUN_COLUMNS = ("run_id", "model", "params", "snapshot_id", "protocol", "metrics", "artifact_path", "device",
                "fit_seconds", "created_at")
 _PARTIAL = ".partial"
+# How torch's zip writer reports a write the file system refused (a full disk, an I/O error)
+_TORCH_WRITE_FAILED = re.compile(r"inline_container|PytorchStreamWriter|iostream error|file write failed")
 
 
 def fit_model(model_name: str, data, params: dict | None = None, device: torch.device | str = "cpu",
@@ -272,12 +275,21 @@ def new_run_id(model_name: str, created) -> str:
 
 
 def save_artifact(model, artifacts_dir: Path, run_id: str) -> Path:
-    """Write the artifact under a temporary name, then rename: there is never a half artifact."""
+    """Write the artifact under a temporary name, then rename: there is never a half artifact.
+
+    torch reports a failed write (a full disk) as a RuntimeError from its zip writer
+    ("PytorchStreamWriter failed writing file", "unexpected pos"): that becomes one line."""
     final = artifacts_dir / run_id
     tmp = artifacts_dir / f".{run_id}{_PARTIAL}"
     try:
         model.save(tmp)
         os.replace(tmp, final)
+    except RuntimeError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not _TORCH_WRITE_FAILED.search(str(exc)):
+            raise
+        raise Fault(f"writing the model artifact to {artifacts_dir} failed part-way (disk full? torch says: "
+                    f"{first_line(exc)}): free space there and rerun (no run was recorded)") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -308,7 +320,7 @@ def _fit_run(wh, model_name: str, snapshot: str, protocol: str | None, params: d
                "protocol": protocol, "metrics": metrics, "artifact_path": str(artifact), "device": str(dev),
                "fit_seconds": fit_seconds, "created_at": created}
         try:
-            with wh.connect() as con:
+            with wh.connect() as con, transaction(con, f"model run {run_id}"):
                 con.execute(f"INSERT INTO model_runs ({', '.join(RUN_COLUMNS)}) "
                             f"VALUES ({', '.join('?' * len(RUN_COLUMNS))})",
                             [_to_json(v) if k in ("params", "metrics") else v for k, v in row.items()])
@@ -372,4 +384,10 @@ def load_run_model(run_row: dict, device: torch.device | str = "auto"):
     if not ((path / ARTIFACT_META).exists() and (path / ARTIFACT_STATE).exists()):
         raise BatchrecError(f"artifact of run {run_row['run_id']} is missing at {path} (deleted or moved?); "
                             f"retrain with `batchrec train {run_row['model']}`")
-    return Recommender.load(path, dev)
+    try:
+        model = Recommender.load(path, dev)
+    except CorruptArtifact as exc:
+        raise CorruptArtifact(exc.path, exc.what, run_row["model"]) from None
+    if model.name != run_row["model"]:
+        raise CorruptArtifact(path, f"it holds a {model.name} model, the run is {run_row['model']}", run_row["model"])
+    return model

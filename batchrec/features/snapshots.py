@@ -142,7 +142,7 @@ def build_snapshot(wh: Warehouse, as_of: str | None = None, protocols: str = "al
         created = utcnow()
         snapshot_id = new_snapshot_id(created)
         recorded = {"as_of": cutoff.isoformat(sep=" "), "protocols": list(chosen), **values}
-        with _timed("whole transaction"), transaction(con):
+        with _timed("whole transaction"), transaction(con, f"feature snapshot {snapshot_id}"):
             sizes = _build(con, snapshot_id, cutoff, chosen, values)
             with _timed("row counts, record, prune"):
                 counts = _row_counts(con, snapshot_id)
