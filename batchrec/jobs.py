@@ -17,7 +17,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
+import socket
 import time
 import tomllib
 import uuid
@@ -28,7 +30,7 @@ from typing import Any, Callable, Optional
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from batchrec import options
-from batchrec.errors import BatchrecError
+from batchrec.errors import BatchrecError, Interrupted, as_fault
 from batchrec.warehouse import Warehouse, scalar, utcnow
 
 log = logging.getLogger("batchrec.jobs")
@@ -216,6 +218,59 @@ RUNNERS: dict[str, Callable[[Warehouse, dict], StepResult]] = {
 
 
 # -- the job -----------------------------------------------------------------------------------
+def _process_start(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, field 22 of /proc/<pid>/stat): with the
+    pid it names one process, even after the pid is reused. None where there is no such entry."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # the fields after "(command name)" start at field 3
+
+
+def this_process() -> dict[str, Any]:
+    """The job_runs columns that name the running process."""
+    return {"pid": os.getpid(), "host": socket.gethostname(), "process_start": _process_start(os.getpid())}
+
+
+def process_gone(pid: int | None, host: str | None, process_start: str | None) -> bool:
+    """Whether the process that ran a step has certainly ended: it ran on this machine and no
+    process with its pid and start time exists now (unknown pid or another machine: False)."""
+    if pid is None or host != socket.gethostname():
+        return False
+    if Path("/proc/self/stat").exists():
+        now = _process_start(pid)
+        return now is None or (process_start is not None and now != process_start)
+    try:  # no /proc: ask the kernel whether the pid exists at all
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _mark_killed(wh: Warehouse) -> list[str]:
+    """Mark steps left `running` by a job process that was killed as failed ("killed: ...").
+
+    The caller holds the writer lock, and a job holds it from its first step to its last, so
+    every `running` row is then stale: its process ended without recording the outcome. Returns
+    the marked steps, as "job_run_id step"."""
+    if not wh.path.exists():
+        return []
+    with wh.connect() as con:
+        stale = con.execute("SELECT job_run_id, step, pid, host FROM job_runs WHERE status = 'running' "
+                            "ORDER BY started").fetchall()
+        for job_run_id, step, pid, host in stale:  # a handful of rows at most
+            who = f"process {pid} on {host}" if pid is not None else "its process"
+            con.execute("UPDATE job_runs SET status = 'failed', finished = ?, error = ? "
+                        "WHERE job_run_id = ? AND step = ? AND status = 'running'",
+                        [utcnow(), f"killed: {who} ended while the step was running", job_run_id, step])
+    for job_run_id, step, _, _ in stale:
+        log.warning("job_run=%s step=%s status=failed error=killed (marked by a later run)", job_run_id, step)
+    return [f"{job_run_id} {step}" for job_run_id, step, _, _ in stale]
+
+
 def _record(wh: Warehouse, row: dict) -> None:
     with wh.connect() as con:
         con.execute("DELETE FROM job_runs WHERE job_run_id = ? AND step = ?", [row["job_run_id"], row["step"]])
@@ -227,21 +282,37 @@ def _already_done(wh: Warehouse, job: str, step: str, inputs: str) -> bool:
                         [job, step, inputs]))
 
 
+def _step_failed(job: str, name: str, exc: BaseException) -> BaseException:
+    """What a failed step raises: one line naming the job and step, with the cause's exit code
+    (75 busy, 74 a machine fault, ...); an interrupt goes on as it is (the CLI reports it)."""
+    error = exc if isinstance(exc, BatchrecError) else as_fault(exc)
+    if error is None or isinstance(error, Interrupted):
+        return exc
+    failed = BatchrecError(f"job {job} failed at step {name}: {error}")
+    failed.exit_code = error.exit_code
+    return failed
+
+
 def run_job(wh: Warehouse, job_file: str | Path, fail_step: str | None = None) -> str:
     """Run a job file's steps in order under one writer lock; stop at the first failure.
 
-    `fail_step` (tests only) makes that step raise after its inputs are fingerprinted, to prove a
-    failure leaves the published tables as they were.
+    Each step's row in `job_runs` names the process running it; steps that an earlier, killed
+    job left `running` are marked failed first (`_mark_killed`). `fail_step` (tests only) makes
+    that step raise after its inputs are fingerprinted, to prove a failure leaves the published
+    tables as they were.
     """
     job, steps = load_job(job_file)
     job_run_id = f"{job}-{utcnow():%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     lines = []
     with wh.lock(f"run {job}"):
+        killed = _mark_killed(wh)
+        if killed:
+            lines.append(f"marked {len(killed)} step(s) of killed job runs as failed: {', '.join(killed)}")
         for n, step in enumerate(steps, 1):
             name = f"{n}:{step['name']}"
             started, t0 = utcnow(), time.perf_counter()
             row = {"job_run_id": job_run_id, "job": job, "step": name, "started": started, "finished": None,
-                   "status": "running", "rows": None, "inputs": None, "error": None}
+                   "status": "running", "rows": None, "inputs": None, "error": None, **this_process()}
             try:
                 row["inputs"] = _fingerprint(wh, step)
                 if _already_done(wh, job, name, row["inputs"]):
@@ -254,14 +325,17 @@ def run_job(wh: Warehouse, job_file: str | Path, fail_step: str | None = None) -
                 if fail_step == step["kind"]:
                     raise BatchrecError(f"injected failure in step {name}")
                 result = RUNNERS[step["kind"]](wh, step)
-            except Exception as exc:
-                row.update(status="failed", finished=utcnow(), error=f"{type(exc).__name__}: {exc}")
+            except BaseException as exc:  # KeyboardInterrupt too: the step did not finish
+                interrupted = not isinstance(exc, Exception)
+                row.update(status="failed", finished=utcnow(),
+                           error="interrupted (SIGINT)" if interrupted else f"{type(exc).__name__}: {exc}")
                 _record(wh, row)
                 log.error("job=%s step=%s status=failed seconds=%.2f error=%s", job, name,
-                          time.perf_counter() - t0, exc)
-                if isinstance(exc, BatchrecError):
-                    raise BatchrecError(f"job {job} failed at step {name}: {exc}") from None
-                raise
+                          time.perf_counter() - t0, row["error"])
+                failed = _step_failed(job, name, exc)
+                if failed is exc:
+                    raise
+                raise failed from None
             row.update(status="ok", finished=utcnow(), rows=result.rows)
             _record(wh, row)
             log.info("job=%s step=%s status=ok seconds=%.2f", job, name, time.perf_counter() - t0)

@@ -93,7 +93,25 @@ def status_text(wh: Warehouse) -> str:
               AND metric IN ('rmse', 'ndcg', 'recall', 'precision') ORDER BY run_id, metric""")
         lines.append("last evaluation:\n" + (_frame_text(evals) if not evals.is_empty() else "  none"))
         if table_exists(con, "job_runs"):
-            failed = query_pl(con, """SELECT job, step, started, error FROM job_runs
-                                      WHERE status = 'failed' ORDER BY started DESC LIMIT 5""")
-            lines.append("recent job failures:\n" + (_frame_text(failed) if not failed.is_empty() else "  none"))
+            lines.append("recent job failures:\n" + _job_failures(con))
     return "\n".join(lines)
+
+
+def _job_failures(con) -> str:
+    """The last failed job steps, with steps still `running` whose process is gone shown as
+    failed (killed): the next `batchrec run` records them so."""
+    from batchrec.jobs import process_gone
+
+    failed = query_pl(con, """SELECT job, step, started,
+                                     CASE WHEN error LIKE 'killed:%' THEN 'failed (killed)' ELSE status END AS status,
+                                     error
+                              FROM job_runs WHERE status = 'failed' ORDER BY started DESC LIMIT 5""")
+    if scalar(con, "SELECT count(*) FROM information_schema.columns WHERE table_name = 'job_runs' AND column_name = 'pid'"):
+        running = query_pl(con, """SELECT job, step, started, pid, host, process_start FROM job_runs
+                                   WHERE status = 'running' ORDER BY started DESC""")
+        gone = [process_gone(*r) for r in running.select("pid", "host", "process_start").iter_rows()]
+        killed = running.filter(pl.Series(gone, dtype=pl.Boolean)).select(
+            "job", "step", "started", status=pl.lit("failed (killed)"),
+            error=pl.format("killed: process {} on {} ended while the step was running", "pid", "host"))
+        failed = pl.concat([killed, failed], how="vertical_relaxed").sort("started", descending=True).head(5)
+    return _frame_text(failed) if not failed.is_empty() else "  none"

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from batchrec.errors import BatchrecError, CorruptArtifact, Fault, first_line
+from batchrec.errors import BatchrecError, Fault, first_line
 from batchrec.warehouse import transaction, utcnow
 
 log = logging.getLogger("batchrec.train")
@@ -384,10 +384,4 @@ def load_run_model(run_row: dict, device: torch.device | str = "auto"):
     if not ((path / ARTIFACT_META).exists() and (path / ARTIFACT_STATE).exists()):
         raise BatchrecError(f"artifact of run {run_row['run_id']} is missing at {path} (deleted or moved?); "
                             f"retrain with `batchrec train {run_row['model']}`")
-    try:
-        model = Recommender.load(path, dev)
-    except CorruptArtifact as exc:
-        raise CorruptArtifact(exc.path, exc.what, run_row["model"]) from None
-    if model.name != run_row["model"]:
-        raise CorruptArtifact(path, f"it holds a {model.name} model, the run is {run_row['model']}", run_row["model"])
-    return model
+    return Recommender.load(path, dev, family=run_row["model"])

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -84,6 +85,11 @@ class Param:
         return f"{self.name} ({self.type.__name__}, default {self.default!r}{rng}): {self.help}"
 
 
+def _first_sentence(exc: BaseException) -> str:
+    """torch's load errors run to a paragraph of advice: their first sentence says what failed."""
+    return re.split(r"(?<=[a-z)])\. ", first_line(exc))[0].rstrip(".")
+
+
 class Recommender:
     """Base class of every model family. See the module docstring for the conventions."""
 
@@ -91,6 +97,7 @@ class Recommender:
     task: ClassVar[str] = "ranking"  # "rating" models predict ratings and are scored by RMSE too
     params_spec: ClassVar[tuple[Param, ...]] = ()
     seed_param: ClassVar[bool] = True  # families with a random step take `seed`
+    personalised: ClassVar[bool] = True  # False: one global ranking (lists overlap by design)
 
     def __init__(self, **params: Any):
         spec = {p.name: p for p in self.all_params()}
@@ -185,9 +192,10 @@ class Recommender:
         return d
 
     @staticmethod
-    def load(directory: str | Path, device: torch.device | str = "cpu") -> "Recommender":
-        """The model saved in `directory`, checked: an artifact that cannot be read, or whose state
-        does not fit what model.json says (keys, shapes), raises `CorruptArtifact` saying what."""
+    def load(directory: str | Path, device: torch.device | str = "cpu", family: str | None = None) -> "Recommender":
+        """The model saved in `directory`, checked: an artifact that cannot be read, that is not of
+        `family` (when given), or whose state does not fit what model.json says (keys, shapes)
+        raises `CorruptArtifact` saying what."""
         from batchrec.models import get_model_class
 
         d = Path(directory)
@@ -196,23 +204,25 @@ class Recommender:
         try:
             meta = json.loads((d / ARTIFACT_META).read_text())
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CorruptArtifact(d, f"{ARTIFACT_META} is not JSON: {exc}") from None
+            raise CorruptArtifact(d, f"{ARTIFACT_META} is not JSON: {exc}", family) from None
         if not isinstance(meta, dict) or not {"model", "params", "n_users", "n_items"} <= set(meta):
-            raise CorruptArtifact(d, f"{ARTIFACT_META} lacks model, params, n_users or n_items")
+            raise CorruptArtifact(d, f"{ARTIFACT_META} lacks model, params, n_users or n_items", family)
         sizes = meta["n_users"], meta["n_items"]
         if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sizes):
             raise CorruptArtifact(d, f"{ARTIFACT_META} has n_users {sizes[0]!r}, n_items {sizes[1]!r} "
-                                     "(expected positive integers)", meta["model"])
+                                     "(expected positive integers)", family or meta["model"])
+        if family is not None and meta["model"] != family:
+            raise CorruptArtifact(d, f"{ARTIFACT_META} names model {meta['model']!r}, the run is {family}", family)
         try:
             model = get_model_class(meta["model"])(**meta["params"])
         except (BatchrecError, TypeError) as exc:
-            raise CorruptArtifact(d, f"{ARTIFACT_META}: {exc}") from None
+            raise CorruptArtifact(d, f"{ARTIFACT_META}: {str(exc).split('; valid:')[0]}", family) from None
         try:
             blob = torch.load(d / ARTIFACT_STATE, map_location=device, weights_only=True)
         except FileNotFoundError:
             raise
         except Exception as exc:  # truncated or foreign bytes: torch raises several kinds
-            raise CorruptArtifact(d, f"{ARTIFACT_STATE} cannot be read: {first_line(exc)}", model.name) from None
+            raise CorruptArtifact(d, f"{ARTIFACT_STATE} cannot be read: {_first_sentence(exc)}", model.name) from None
         model.n_users, model.n_items, model.device = meta["n_users"], meta["n_items"], torch.device(device)
         try:
             model.priors = blob["priors"]
@@ -222,7 +232,7 @@ class Recommender:
         except KeyError as exc:
             raise CorruptArtifact(d, f"{ARTIFACT_STATE} has no {exc}", model.name) from None
         except Exception as exc:  # a tensor of the wrong shape fails wherever it is first used
-            raise CorruptArtifact(d, f"{ARTIFACT_STATE} does not fit {ARTIFACT_META}: {first_line(exc)}",
+            raise CorruptArtifact(d, f"{ARTIFACT_STATE} does not fit {ARTIFACT_META}: {_first_sentence(exc)}",
                                   model.name) from None
         if tuple(probe.shape) != (2, model.n_items):
             raise CorruptArtifact(d, f"its scores have shape {tuple(probe.shape)}, model.json says "
