@@ -39,6 +39,7 @@ SQL_DIR = REPO_ROOT / "sql"
 SCHEMA_DIR = SQL_DIR / "schema"
 
 _HELD_LOCKS: set[str] = set()  # warehouse files whose writer lock this process holds
+_LOCK_LINE = 256  # bytes of the holder line in the lock file
 _COMMITTED: list[str] = []  # what this process has committed, for an interrupted command's last line
 _MIGRATION_NAME = re.compile(r"^(\d+)_[\w-]+\.sql$")
 
@@ -107,9 +108,16 @@ class Warehouse:
             except BlockingIOError:
                 holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
                 raise WarehouseBusy(f"warehouse is busy (held by {holder}): {self.path}") from None
-            os.ftruncate(fd, 0)
             stamp = utcnow().isoformat(timespec="seconds")
-            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}: batchrec {command} since {stamp}Z\n".encode(), 0)
+            holder = f"pid {os.getpid()} on {socket.gethostname()}: batchrec {command} since {stamp}Z"
+            # Overwritten in place at a fixed size, never truncated first: on a full disk the
+            # existing lock file's block is reused, so the command gets to report what ran out.
+            line = holder.encode()[:_LOCK_LINE - 1].ljust(_LOCK_LINE - 1) + b"\n"
+            try:
+                os.pwrite(fd, line, 0)
+                os.ftruncate(fd, _LOCK_LINE)
+            except OSError as exc:
+                raise OSError(exc.errno, exc.strerror, str(self.lock_path)) from None
             _HELD_LOCKS.add(key)
             try:
                 yield
