@@ -94,7 +94,7 @@ def test_schema1_warehouse_is_converted_in_place_and_rows_keep_their_file(tmp_pa
 
     with Warehouse(wh).connect():  # the current code: migrates
         pass
-    assert rows(wh, "SELECT version FROM schema_version ORDER BY 1") == [(1,), (2,)]
+    assert rows(wh, "SELECT version FROM schema_version ORDER BY 1") == [(v,) for v, _ in warehouse.migrations()]
     assert rows(wh, "SELECT file FROM sources ORDER BY source_id") == [(f,) for f in files]  # in ingest order
     for t in RAW:  # same rows, each with the same file, and no file name left in the table itself
         assert rows(wh, f"SELECT * EXCLUDE (source_id) FROM {t}_with_source ORDER BY ALL") == before[t]

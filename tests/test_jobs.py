@@ -148,8 +148,8 @@ def _fail_at_commit(monkeypatch, module) -> None:
     real = batchrec.warehouse.transaction
 
     @contextmanager
-    def failing(con):
-        with real(con):
+    def failing(con, what="a change"):
+        with real(con, what):
             yield con
             raise OSError("injected: disk full at commit")
 
