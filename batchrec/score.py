@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 import torch
 
+from batchrec import options
 from batchrec.errors import BatchrecError, CorruptArtifact, WarehouseBusy
 from batchrec.models.base import Recommender
 from batchrec.topk import row_topk
@@ -990,10 +991,12 @@ def score_and_publish(wh: Warehouse, run: dict, model: Recommender, top_n: int =
     return info | {"published": published, "moved": moved, "expired": expired}
 
 
-def score_command(wh: Warehouse, run_id: str | None = None, model: str | None = None, top_n: int = 10,
-                  shard: str | None = None, publish_run: str | None = None, users_file: str | None = None,
-                  pairs: str | None = None, out: str | None = None, memory_budget: str = "1GB",
-                  retention_days: int = 30, device: str = "auto", min_history: int = 1) -> str:
+def score_command(wh: Warehouse, run_id: str | None = None, model: str | None = None,
+                  top_n: int = options.TOP_N.default, shard: str | None = None, publish_run: str | None = None,
+                  users_file: str | None = None, pairs: str | None = None, out: str | None = None,
+                  memory_budget: str = options.MEMORY_BUDGET.default,
+                  retention_days: int = options.RETENTION_DAYS.default, device: str = options.DEVICE.default,
+                  min_history: int = 1) -> str:
     """`batchrec score`: see the module docstring; returns a one-line summary."""
     budget = parse_memory_budget(memory_budget)
     if top_n <= 0:

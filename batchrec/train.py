@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from batchrec import options
 from batchrec.errors import BatchrecError, Fault, first_line
 from batchrec.warehouse import transaction, utcnow
 
@@ -338,8 +339,8 @@ def fit_run(wh, model_name: str, snapshot: str = "latest", protocol: str | None 
     return _fit_run(wh, model_name, snapshot, protocol, dict(params or {}), device)["run_id"]
 
 
-def train_model(wh, model: str, snapshot: str = "latest", protocol: str | None = None,
-                params: Sequence[str] = (), device: str = "auto") -> str:
+def train_model(wh, model: str, snapshot: str = options.TRAIN_SNAPSHOT.default, protocol: str | None = None,
+                params: Sequence[str] = (), device: str = options.DEVICE.default) -> str:
     """`batchrec train`: parse KEY=VALUE parameters, fit, record; returns a one-line summary."""
     from batchrec.models import parse_params
 

@@ -23,6 +23,7 @@ from typing import Iterator
 
 import duckdb
 
+from batchrec import options
 from batchrec.errors import BatchrecError
 from batchrec.features.params import parse_params, parse_protocols, parse_timestamp
 from batchrec.features.splits import build_split, split_files
@@ -123,8 +124,8 @@ def _prune(con: duckdb.DuckDBPyConnection, keep: int) -> list[str]:
     return old
 
 
-def build_snapshot(wh: Warehouse, as_of: str | None = None, protocols: str = "all",
-                   params: tuple[str, ...] = (), keep: int = 5) -> str:
+def build_snapshot(wh: Warehouse, as_of: str | None = None, protocols: str = options.FEATURES_PROTOCOLS.default,
+                   params: tuple[str, ...] = (), keep: int = options.FEATURES_KEEP.default) -> str:
     """Build one feature snapshot (nothing at or after `as_of`, default now); returns a summary line."""
     chosen = parse_protocols(protocols)
     values = parse_params(params)
