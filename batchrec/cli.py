@@ -7,11 +7,14 @@ Every `BatchrecError` becomes one `error: ...` line on stderr and a non-zero exi
 
 from __future__ import annotations
 
+import sys
+import traceback
+
 import click
 
-from batchrec import logs
+from batchrec import logs, options
 from batchrec.cli_help import HelpCommand, HelpDetails
-from batchrec.errors import BatchrecError
+from batchrec.errors import BatchrecError, Interrupted, as_fault
 from batchrec.ingest.sources import ZIP_MAX_RATIO, ZIP_MAX_SIZE
 from batchrec.ingest.spec import HALF_STARS, MAX_FUTURE
 from batchrec.warehouse import Warehouse
@@ -33,9 +36,16 @@ def _log_options() -> list[click.Option]:
     ]
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 class _Group(HelpDetails, click.Group):
-    """Turns BatchrecError into one line and an exit code instead of a traceback; every command
-    it holds takes the log options and shows its details and example in --help."""
+    """Every failure ends in ONE `error: ...` line on stderr and a non-zero exit, never a traceback:
+    BatchrecError (its exit code), usage errors (2), machine faults such as a full disk or a
+    read-only file system (`errors.as_fault`, 74), SIGINT (130, saying what had been committed by
+    then), anything unexpected (1; `-v` adds the traceback). Every command it holds takes the log
+    options and shows its details and example in --help."""
 
     command_class = HelpCommand
     group_class = type  # subgroups (features) are _Group too
@@ -47,9 +57,47 @@ class _Group(HelpDetails, click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except BatchrecError as exc:
-            click.echo(f"error: {exc}", err=True)
-            ctx.exit(exc.exit_code)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except BaseException as exc:
+            if isinstance(exc, SystemExit):
+                raise
+            error = exc if isinstance(exc, BatchrecError) else as_fault(exc)
+            if isinstance(exc, KeyboardInterrupt) or isinstance(error, Interrupted):
+                error = _interrupted()
+            if error is None:
+                if ctx.params.get("verbose"):
+                    traceback.print_exc()
+                error = BatchrecError(f"unexpected {type(exc).__name__}: {_one_line(exc) or 'no message'} "
+                                      "(run with -v for the traceback)")
+            click.echo(f"error: {_one_line(error)}", err=True)
+            ctx.exit(error.exit_code)
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """Click's main, with usage errors (bad option, unknown command, ...) as one line, exit 2."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as exc:
+            where = exc.ctx.command_path if getattr(exc, "ctx", None) else "batchrec"
+            click.echo(f"error: {_one_line(exc.format_message()).rstrip('.')} (see `{where} --help`)", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:  # SIGINT while click itself was parsing
+            click.echo(f"error: {_one_line(_interrupted())}", err=True)
+            sys.exit(Interrupted.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _interrupted() -> Interrupted:
+    """What a SIGINT stopped, from what this process had committed to the warehouse by then."""
+    from batchrec.warehouse import committed
+
+    done = committed()
+    if not done:
+        return Interrupted("interrupted (SIGINT) before anything was committed: the warehouse is unchanged")
+    return Interrupted(f"interrupted (SIGINT) after committing {'; '.join(done)}: that is in the warehouse, "
+                       "the rest of the command did not run")
 
 
 @click.group(cls=_Group)
@@ -75,14 +123,10 @@ pass_wh = click.make_pass_decorator(Warehouse)
 # -- ingest ------------------------------------------------------------------------------------
 @main.command()
 @click.argument("path", required=False, type=click.Path())
-@click.option("--dataset", type=click.Choice(["ml-latest-small"]), default=None,
-              help="Ingest a dataset embedded in the package instead of PATH.")
-@click.option("--format", "fmt", default="auto", show_default=True,
-              help="auto, ml-100k, ml-1m, ml-10m, ml-csv or generic.")
-@click.option("--quarantine", is_flag=True,
-              help="Load the good rows and keep every bad row in the `quarantine` table instead of failing.")
-@click.option("--columns", default=None,
-              help="Generic reader column mapping, e.g. 'user_id=UserID,item_id=MovieID,rating=Rating,ts=Timestamp'.")
+@options.INGEST_DATASET.click("--dataset")
+@options.INGEST_FORMAT.click("--format", "fmt")
+@options.INGEST_QUARANTINE.click("--quarantine")
+@options.INGEST_COLUMNS.click("--columns")
 @click.option("--rating-scale", default=None, metavar="MIN..MAX[:STEP]",
               help=f"Scale of generic ratings, e.g. 1..10 or 0.5..5:0.5 [default: the warehouse's, set by its first "
                    f"load; {HALF_STARS} in a new warehouse].")
@@ -123,10 +167,10 @@ def synth(out, users, items, ratings, tags, seed) -> None:
 
 # -- features ----------------------------------------------------------------------------------
 @main.group(invoke_without_command=True)
-@click.option("--as-of", "as_of", default=None, help="Cutoff timestamp (UTC); nothing at or after it is used [default: now].")
-@click.option("--protocols", default="all", show_default=True, help="Comma-separated split protocols, or 'all'.")
-@click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Snapshot parameter override (repeatable).")
-@click.option("--keep", type=click.IntRange(min=1), default=5, show_default=True, help="Snapshots to retain; older ones are pruned.")
+@options.FEATURES_AS_OF.click("--as-of", "as_of")
+@options.FEATURES_PROTOCOLS.click("--protocols")
+@options.FEATURES_PARAMS.click("--param", "params", metavar="KEY=VALUE")
+@options.FEATURES_KEEP.click("--keep")
 @click.pass_context
 def features(ctx: click.Context, as_of, protocols, params, keep) -> None:
     """Build a point-in-time feature snapshot (or `features list`)."""
@@ -149,10 +193,10 @@ def features_list(wh: Warehouse) -> None:
 # -- train -------------------------------------------------------------------------------------
 @main.command()
 @click.argument("model")
-@click.option("--snapshot", default="latest", show_default=True, help="Feature snapshot id.")
-@click.option("--protocol", default=None, help="Fit on this protocol's train part, early-stop on its valid part.")
-@click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="Model parameter (repeatable); see `batchrec models`.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@options.TRAIN_SNAPSHOT.click("--snapshot")
+@options.TRAIN_PROTOCOL.click("--protocol")
+@options.TRAIN_PARAMS.click("--param", "params", metavar="KEY=VALUE")
+@options.DEVICE.click("--device")
 @pass_wh
 def train(wh: Warehouse, model, snapshot, protocol, params, device) -> None:
     """Fit MODEL on a feature snapshot and record a model run."""
@@ -172,8 +216,8 @@ def models() -> None:
 # -- score -------------------------------------------------------------------------------------
 @main.command()
 @click.option("--run", "run_id", default=None, help="Run id, or 'latest' [default: latest run of --model, else latest run].")
-@click.option("--model", default=None, help="Use the latest run of this model family.")
-@click.option("--top-n", type=int, default=10, show_default=True)
+@options.SCORE_MODEL.click("--model")
+@options.TOP_N.click("--top-n")
 @click.option("--shard", default=None, metavar="i/N", help="Score one deterministic partition of users to Parquet.")
 @click.option("--publish", "publish_run", default=None, metavar="RUN", help="Publish the union of RUN's shards.")
 @click.option("--users", "users_file", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -181,10 +225,9 @@ def models() -> None:
 @click.option("--pairs", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Score the (user_id, item_id) pairs in this CSV/Parquet file instead.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Output file for --pairs.")
-@click.option("--memory-budget", default="1GB", show_default=True, help="Scores held at once per block, e.g. 512MB, 2GB.")
-@click.option("--retention-days", type=click.IntRange(min=0), default=30, show_default=True,
-              help="Days of earlier runs kept in recommendation_history.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@options.MEMORY_BUDGET.click("--memory-budget")
+@options.RETENTION_DAYS.click("--retention-days")
+@options.DEVICE.click("--device")
 @pass_wh
 def score(wh: Warehouse, run_id, model, top_n, shard, publish_run, users_file, pairs, out, memory_budget,
           retention_days, device) -> None:
@@ -199,12 +242,12 @@ def score(wh: Warehouse, run_id, model, top_n, shard, publish_run, users_file, p
 # -- evaluate ----------------------------------------------------------------------------------
 @main.command()
 @click.option("--runs", default=None, help="Comma-separated run ids.")
-@click.option("--models", "model_names", default=None, help="Comma-separated model families (trains them if needed).")
-@click.option("--protocol", default="user_temporal", show_default=True, help="Split protocol or preset.")
-@click.option("--k", "ks", default="5,10,20", show_default=True, help="Comma-separated cut-offs.")
-@click.option("--report", "report_dir", type=click.Path(file_okay=False), default="reports", show_default=True)
+@options.EVALUATE_MODELS.click("--models", "model_names")
+@options.EVALUATE_PROTOCOL.click("--protocol")
+@options.EVALUATE_KS.click("--k", "ks")
+@options.EVALUATE_REPORT.click("--report", "report_dir")
 @click.option("--compare", is_flag=True, help="Highlight the best run per metric.")
-@click.option("--threshold", type=float, default=4.0, show_default=True, help="Relevant = test rating >= threshold.")
+@options.EVALUATE_THRESHOLD.click("--threshold")
 @click.option("--metrics", default=None, help="Comma-separated metrics to keep, e.g. rmse,ndcg,recall@10 [default: all].")
 @pass_wh
 def evaluate(wh: Warehouse, runs, model_names, protocol, ks, report_dir, compare, threshold, metrics) -> None:
@@ -228,7 +271,7 @@ def run(wh: Warehouse, job_file) -> None:
 
 @main.command()
 @click.argument("user_id", type=int)
-@click.option("--history", type=int, default=10, show_default=True, help="Recent ratings to show.")
+@options.HISTORY.click("--history")
 @pass_wh
 def recommend(wh: Warehouse, user_id, history) -> None:
     """Print USER_ID's current recommendations with titles, scores and reasons."""

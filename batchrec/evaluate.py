@@ -255,7 +255,7 @@ def _rows_for(run_id: str, protocol: str, metrics: dict[str, float], at) -> list
 def write_evaluations(wh: Warehouse, rows: list[tuple]) -> None:
     """Insert the rows in one transaction under the writer lock, then rebuild the serving database."""
     with wh.writer("evaluate") as con:
-        with transaction(con):
+        with transaction(con, f"{len(rows)} evaluation rows"):
             con.executemany("INSERT INTO evaluations VALUES (?, ?, ?, ?, ?, ?)", rows)
         refresh_serving(wh, con)
 

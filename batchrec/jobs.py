@@ -17,15 +17,21 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import re
+import socket
 import time
 import tomllib
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
-from batchrec.errors import BatchrecError
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+
+from batchrec import options
+from batchrec.errors import BatchrecError, Interrupted, as_fault
 from batchrec.runs import latest_shipped_run_id
 from batchrec.serving import refresh as refresh_serving
 from batchrec.warehouse import Warehouse, scalar, utcnow
@@ -34,14 +40,27 @@ log = logging.getLogger("batchrec.jobs")
 
 STEP_KINDS = ("ingest", "features", "train", "score", "evaluate")
 
-# Options each step kind accepts in a job file, with defaults.
-STEP_OPTIONS: dict[str, dict[str, Any]] = {
-    "ingest": {"path": None, "dataset": None, "format": "auto", "quarantine": False, "columns": None},
-    "features": {"as_of": None, "protocols": "all", "params": [], "keep": 5},
-    "train": {"model": None, "protocol": None, "params": [], "device": "auto"},
-    "score": {"model": None, "top_n": 10, "memory_budget": "1GB", "retention_days": 30, "device": "auto"},
-    "evaluate": {"models": None, "protocol": "user_temporal", "k": "5,10,20", "report": "reports",
-                 "threshold": 4.0},
+# Keys each step kind accepts in a job file: the command line's options (batchrec.options).
+STEP_OPTIONS: dict[str, dict[str, options.Option]] = {
+    "ingest": {"path": options.INGEST_PATH, "dataset": options.INGEST_DATASET, "format": options.INGEST_FORMAT,
+               "quarantine": options.INGEST_QUARANTINE, "columns": options.INGEST_COLUMNS},
+    "features": {"as_of": options.FEATURES_AS_OF, "protocols": options.FEATURES_PROTOCOLS,
+                 "params": options.FEATURES_PARAMS, "keep": options.FEATURES_KEEP},
+    "train": {"model": options.TRAIN_MODEL, "protocol": options.TRAIN_PROTOCOL, "params": options.TRAIN_PARAMS,
+              "device": options.DEVICE},
+    "score": {"model": options.SCORE_MODEL, "top_n": options.TOP_N, "memory_budget": options.MEMORY_BUDGET,
+              "retention_days": options.RETENTION_DAYS, "device": options.DEVICE},
+    "evaluate": {"models": options.EVALUATE_MODELS, "protocol": options.EVALUATE_PROTOCOL, "k": options.EVALUATE_KS,
+                 "report": options.EVALUATE_REPORT, "threshold": options.EVALUATE_THRESHOLD},
+}
+
+# One pydantic model per step kind: strict types (TOML already has them: "10" is not 10) and no
+# unknown keys.
+STEP_SCHEMAS: dict[str, type[BaseModel]] = {
+    kind: create_model(f"{kind}_step", __config__=ConfigDict(extra="forbid", strict=True),
+                       step=(str, ...), name=(Optional[str], None),
+                       **{key: option.field() for key, option in opts.items()})
+    for kind, opts in STEP_OPTIONS.items()
 }
 
 
@@ -52,30 +71,62 @@ class StepResult:
 
 
 def load_job(path: str | Path) -> tuple[str, list[dict]]:
-    """Parse and check a job file; every problem is one line naming the file and step."""
+    """Parse and check a job file; every problem is one line naming the file, line, step and key.
+
+    Returns the job's name and its steps as dicts: kind, name and every option (defaults filled in).
+    """
     path = Path(path)
+    text = path.read_text()
     try:
-        doc = tomllib.loads(path.read_text())
+        doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise BatchrecError(f"{path}: not valid TOML: {exc}") from None
-    name = doc.get("job", {}).get("name") or path.stem
+    job = doc.get("job", {})
+    name = (job.get("name") if isinstance(job, dict) else None) or path.stem
+    if not isinstance(name, str):
+        raise BatchrecError(f"{path}: [job] name = {name!r} is not valid (expected a string)")
     steps = doc.get("steps")
-    if not isinstance(steps, list) or not steps:
+    if not isinstance(steps, list) or not steps or not all(isinstance(s, dict) for s in steps):
         raise BatchrecError(f"{path}: expected at least one [[steps]] table")
     checked = []
     for n, step in enumerate(steps, 1):
         kind = step.get("step")
         if kind not in STEP_KINDS:
-            raise BatchrecError(f"{path}: step {n} has step = {kind!r}; expected one of {', '.join(STEP_KINDS)}")
-        unknown = sorted(set(step) - set(STEP_OPTIONS[kind]) - {"step", "name"})
-        if unknown:
-            raise BatchrecError(f"{path}: step {n} ({kind}) has unknown option {unknown[0]!r}; "
-                                f"valid: {', '.join(STEP_OPTIONS[kind])}")
-        opts = {**STEP_OPTIONS[kind], **{k: v for k, v in step.items() if k not in ("step", "name")}}
-        if kind in ("train",) and not opts["model"]:
-            raise BatchrecError(f"{path}: step {n} (train) needs model = \"...\"")
-        checked.append({"kind": kind, "name": step.get("name", kind), **opts})
+            raise BatchrecError(f"{path}:{_line_of(text, n, 'step')}: step {n} has step = {kind!r}; "
+                                f"expected one of {', '.join(STEP_KINDS)}")
+        try:
+            opts = STEP_SCHEMAS[kind].model_validate(step).model_dump(exclude={"step"})
+        except ValidationError as exc:
+            raise BatchrecError(_schema_error(path, text, n, kind, step, exc.errors()[0])) from None
+        checked.append({**opts, "kind": kind, "name": opts["name"] or kind})
     return name, checked
+
+
+def _line_of(text: str, step: int, key: str | None) -> int:
+    """Line (1-based) of `key` in the `step`-th [[steps]] table (its header when the key is absent)."""
+    lines = text.splitlines()
+    headers = [i for i, line in enumerate(lines) if re.match(r"\s*\[\[\s*steps\s*\]\]", line)]
+    if len(headers) < step:
+        return 1
+    start = headers[step - 1]
+    end = headers[step] if step < len(headers) else len(lines)
+    for i in range(start + 1, end):
+        if key is not None and re.match(rf"\s*\"?{re.escape(key)}\"?\s*=", lines[i]):
+            return i + 1
+    return start + 1
+
+
+def _schema_error(path: Path, text: str, n: int, kind: str, step: dict, error: dict) -> str:
+    """One line for the first pydantic error of step `n`: file:line, step, key, value, expectation."""
+    key = str(error["loc"][0]) if error["loc"] else None
+    where = f"{path}:{_line_of(text, n, key)}: step {n} ({kind})"
+    valid = ", ".join(STEP_OPTIONS[kind])
+    if error["type"] == "extra_forbidden":
+        return f"{where} has unknown option {key!r} (expected one of: {valid})"
+    if error["type"] == "missing":
+        return f"{where} needs {key} = \"...\" ({STEP_OPTIONS[kind][key].help})"
+    expected = re.sub(r"^Input should be ", "", error["msg"])
+    return f"{where}: {key} = {step.get(key)!r} is not valid (expected {expected})"
 
 
 # -- input fingerprints ------------------------------------------------------------------------
@@ -172,6 +223,59 @@ RUNNERS: dict[str, Callable[[Warehouse, dict], StepResult]] = {
 
 
 # -- the job -----------------------------------------------------------------------------------
+def _process_start(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, field 22 of /proc/<pid>/stat): with the
+    pid it names one process, even after the pid is reused. None where there is no such entry."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # the fields after "(command name)" start at field 3
+
+
+def this_process() -> dict[str, Any]:
+    """The job_runs columns that name the running process."""
+    return {"pid": os.getpid(), "host": socket.gethostname(), "process_start": _process_start(os.getpid())}
+
+
+def process_gone(pid: int | None, host: str | None, process_start: str | None) -> bool:
+    """Whether the process that ran a step has certainly ended: it ran on this machine and no
+    process with its pid and start time exists now (unknown pid or another machine: False)."""
+    if pid is None or host != socket.gethostname():
+        return False
+    if Path("/proc/self/stat").exists():
+        now = _process_start(pid)
+        return now is None or (process_start is not None and now != process_start)
+    try:  # no /proc: ask the kernel whether the pid exists at all
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _mark_killed(wh: Warehouse) -> list[str]:
+    """Mark steps left `running` by a job process that was killed as failed ("killed: ...").
+
+    The caller holds the writer lock, and a job holds it from its first step to its last, so
+    every `running` row is then stale: its process ended without recording the outcome. Returns
+    the marked steps, as "job_run_id step"."""
+    if not wh.path.exists():
+        return []
+    with wh.connect() as con:
+        stale = con.execute("SELECT job_run_id, step, pid, host FROM job_runs WHERE status = 'running' "
+                            "ORDER BY started").fetchall()
+        for job_run_id, step, pid, host in stale:  # a handful of rows at most
+            who = f"process {pid} on {host}" if pid is not None else "its process"
+            con.execute("UPDATE job_runs SET status = 'failed', finished = ?, error = ? "
+                        "WHERE job_run_id = ? AND step = ? AND status = 'running'",
+                        [utcnow(), f"killed: {who} ended while the step was running", job_run_id, step])
+    for job_run_id, step, _, _ in stale:
+        log.warning("job_run=%s step=%s status=failed error=killed (marked by a later run)", job_run_id, step)
+    return [f"{job_run_id} {step}" for job_run_id, step, _, _ in stale]
+
+
 def _record(wh: Warehouse, row: dict) -> None:
     with wh.connect() as con:
         con.execute("DELETE FROM job_runs WHERE job_run_id = ? AND step = ?", [row["job_run_id"], row["step"]])
@@ -198,21 +302,37 @@ def _serving_refreshed_after(wh: Warehouse) -> Iterator[None]:
                 log.error("job serving refresh failed: %s", exc)
 
 
+def _step_failed(job: str, name: str, exc: BaseException) -> BaseException:
+    """What a failed step raises: one line naming the job and step, with the cause's exit code
+    (75 busy, 74 a machine fault, ...); an interrupt goes on as it is (the CLI reports it)."""
+    error = exc if isinstance(exc, BatchrecError) else as_fault(exc)
+    if error is None or isinstance(error, Interrupted):
+        return exc
+    failed = BatchrecError(f"job {job} failed at step {name}: {error}")
+    failed.exit_code = error.exit_code
+    return failed
+
+
 def run_job(wh: Warehouse, job_file: str | Path, fail_step: str | None = None) -> str:
     """Run a job file's steps in order under one writer lock; stop at the first failure.
 
-    `fail_step` (tests only) makes that step raise after its inputs are fingerprinted, to prove a
-    failure leaves the published tables as they were.
+    Each step's row in `job_runs` names the process running it; steps that an earlier, killed
+    job left `running` are marked failed first (`_mark_killed`). `fail_step` (tests only) makes
+    that step raise after its inputs are fingerprinted, to prove a failure leaves the published
+    tables as they were.
     """
     job, steps = load_job(job_file)
     job_run_id = f"{job}-{utcnow():%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     lines = []
     with wh.lock(f"run {job}"), _serving_refreshed_after(wh):
+        killed = _mark_killed(wh)
+        if killed:
+            lines.append(f"marked {len(killed)} step(s) of killed job runs as failed: {', '.join(killed)}")
         for n, step in enumerate(steps, 1):
             name = f"{n}:{step['name']}"
             started, t0 = utcnow(), time.perf_counter()
             row = {"job_run_id": job_run_id, "job": job, "step": name, "started": started, "finished": None,
-                   "status": "running", "rows": None, "inputs": None, "error": None}
+                   "status": "running", "rows": None, "inputs": None, "error": None, **this_process()}
             try:
                 row["inputs"] = _fingerprint(wh, step)
                 if _already_done(wh, job, name, row["inputs"]):
@@ -225,14 +345,17 @@ def run_job(wh: Warehouse, job_file: str | Path, fail_step: str | None = None) -
                 if fail_step == step["kind"]:
                     raise BatchrecError(f"injected failure in step {name}")
                 result = RUNNERS[step["kind"]](wh, step)
-            except Exception as exc:
-                row.update(status="failed", finished=utcnow(), error=f"{type(exc).__name__}: {exc}")
+            except BaseException as exc:  # KeyboardInterrupt too: the step did not finish
+                interrupted = not isinstance(exc, Exception)
+                row.update(status="failed", finished=utcnow(),
+                           error="interrupted (SIGINT)" if interrupted else f"{type(exc).__name__}: {exc}")
                 _record(wh, row)
                 log.error("job=%s step=%s status=failed seconds=%.2f error=%s", job, name,
-                          time.perf_counter() - t0, exc)
-                if isinstance(exc, BatchrecError):
-                    raise BatchrecError(f"job {job} failed at step {name}: {exc}") from None
-                raise
+                          time.perf_counter() - t0, row["error"])
+                failed = _step_failed(job, name, exc)
+                if failed is exc:
+                    raise
+                raise failed from None
             row.update(status="ok", finished=utcnow(), rows=result.rows)
             _record(wh, row)
             log.info("job=%s step=%s status=ok seconds=%.2f", job, name, time.perf_counter() - t0)

@@ -13,7 +13,7 @@ import polars as pl
 from batchrec import serving
 from batchrec.errors import BatchrecError
 from batchrec.runs import find_runs, live_runs
-from batchrec.warehouse import Warehouse, query_pl, scalar, table_exists
+from batchrec.warehouse import Warehouse, open_readonly_sandboxed, query_pl, scalar, table_exists
 
 
 def _frame_text(df: pl.DataFrame, max_rows: int = 50) -> str:
@@ -23,14 +23,21 @@ def _frame_text(df: pl.DataFrame, max_rows: int = 50) -> str:
 
 
 def sql_text(wh: Warehouse, query: str, fmt: str = "table") -> str:
-    """Run one read-only query on the serving database; a table for people, CSV for scripts."""
+    """Run one query on the serving database, on a read-only, sandboxed connection (no file,
+    network or settings access: `open_readonly_sandboxed`); a table for people, CSV for scripts."""
     import duckdb
 
-    with serving.connect(wh) as con:
+    with open_readonly_sandboxed(serving.reader_path(wh)) as con:
         try:
-            df = query_pl(con, query)
+            result = con.sql(query)
+            df = None if result is None else result.pl()  # the query runs here
         except duckdb.Error as exc:
-            raise BatchrecError(f"query failed: {str(exc).splitlines()[0]}") from None
+            sandboxed = isinstance(exc, duckdb.PermissionException) or "configuration has been locked" in str(exc)
+            raise BatchrecError(f"query failed: {str(exc).splitlines()[0]}"
+                                + (" (expected a read-only query of the warehouse's own tables)" if sandboxed else "")
+                                ) from None
+    if df is None:  # a statement without rows that the sandbox allows (e.g. CREATE TEMP TABLE)
+        return "ok (no rows)"
     if fmt == "csv":
         buf = io.StringIO()
         df.write_csv(buf)
@@ -127,7 +134,25 @@ def status_text(wh: Warehouse) -> str:
               AND metric IN ('rmse', 'ndcg', 'recall', 'precision') ORDER BY run_id, metric""")
         lines.append("last evaluation:\n" + (_frame_text(evals) if not evals.is_empty() else "  none"))
         if table_exists(con, "job_runs"):
-            failed = query_pl(con, """SELECT job, step, started, error FROM job_runs
-                                      WHERE status = 'failed' ORDER BY started DESC LIMIT 5""")
-            lines.append("recent job failures:\n" + (_frame_text(failed) if not failed.is_empty() else "  none"))
+            lines.append("recent job failures:\n" + _job_failures(con))
     return "\n".join(lines)
+
+
+def _job_failures(con) -> str:
+    """The last failed job steps, with steps still `running` whose process is gone shown as
+    failed (killed): the next `batchrec run` records them so."""
+    from batchrec.jobs import process_gone
+
+    failed = query_pl(con, """SELECT job, step, started,
+                                     CASE WHEN error LIKE 'killed:%' THEN 'failed (killed)' ELSE status END AS status,
+                                     error
+                              FROM job_runs WHERE status = 'failed' ORDER BY started DESC LIMIT 5""")
+    if scalar(con, "SELECT count(*) FROM information_schema.columns WHERE table_name = 'job_runs' AND column_name = 'pid'"):
+        running = query_pl(con, """SELECT job, step, started, pid, host, process_start FROM job_runs
+                                   WHERE status = 'running' ORDER BY started DESC""")
+        gone = [process_gone(*r) for r in running.select("pid", "host", "process_start").iter_rows()]
+        killed = running.filter(pl.Series(gone, dtype=pl.Boolean)).select(
+            "job", "step", "started", status=pl.lit("failed (killed)"),
+            error=pl.format("killed: process {} on {} ended while the step was running", "pid", "host"))
+        failed = pl.concat([killed, failed], how="vertical_relaxed").sort("started", descending=True).head(5)
+    return _frame_text(failed) if not failed.is_empty() else "  none"

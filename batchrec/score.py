@@ -40,7 +40,8 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 import torch
 
-from batchrec.errors import BatchrecError, WarehouseBusy
+from batchrec import options
+from batchrec.errors import BatchrecError, CorruptArtifact, WarehouseBusy
 from batchrec.logs import progress as progress_bar
 from batchrec.models.base import Recommender
 from batchrec.runs import resolve_run
@@ -680,6 +681,54 @@ def _frame(parts: list[Ranked], inputs: ScoringInputs, n: int, run_id: str, scor
     ).sort("user_id", "rank")  # one sorted run per source: cheap
 
 
+# -- sanity of a run's lists, checked before anything is published ----------------------------
+SANE_MIN_LISTS = 50  # the catalogue-wide checks need this many lists to mean anything
+SANE_TIED_LISTS = 0.9  # at most this share of lists may have every score equal
+SANE_MISSING_LISTS = 0.01  # at most this share of the scored users may end up with no list
+SANE_TOP_ITEM_SHARE = 0.9  # personalised models: at most this share of lists may start with one item
+SANE_COVERAGE = 2  # personalised models: at least this many times the list length in distinct items
+
+
+def list_sanity(frame: pl.DataFrame, users: int | None = None, personalised: bool = True) -> list[str]:
+    """What makes a run's lists unfit to publish, one short line per failed check (empty: fine).
+
+    `frame` holds rows in the `recommendations` layout (user_id, rank, item_id, score at least);
+    `users` is how many users were scored (a user whose every score was NaN has no rows at all);
+    `personalised` is False for one global ranking (popularity), whose lists overlap by design,
+    so the catalogue-wide checks (one item everywhere, collapsed coverage) do not apply.
+    """
+    problems = []
+    rows = frame.height
+    bad = int(frame.select(pl.col("score").is_finite().not_().fill_null(True).sum()).item()) if rows else 0
+    if bad:
+        problems.append(f"scores not finite: {bad} of {rows} rows are NaN, infinite or null")
+    lists = frame.group_by("user_id").agg(n=pl.len(), tied=pl.col("score").min() == pl.col("score").max())
+    n_lists = lists.height
+    if users is not None and users - n_lists > SANE_MISSING_LISTS * users:
+        problems.append(f"no list for {users - n_lists} of {users} scored users (no finite score)")
+    ranked = lists.filter(pl.col("n") >= 2)
+    tied = int(ranked["tied"].sum()) if ranked.height else 0
+    if ranked.height and tied > SANE_TIED_LISTS * ranked.height:
+        problems.append(f"every score equal within {tied} of {ranked.height} lists")
+    if personalised and n_lists >= SANE_MIN_LISTS:
+        # the first place, not any place: long lists of a good model share their popular items
+        first = frame.filter(pl.col("rank") == 1)["item_id"].value_counts(sort=True)
+        if first.height and first["count"][0] > SANE_TOP_ITEM_SHARE * n_lists:
+            problems.append(f"item {first['item_id'][0]} is first in {first['count'][0]} of {n_lists} lists")
+        distinct, longest = frame["item_id"].n_unique(), int(lists["n"].max())
+        if distinct < SANE_COVERAGE * longest:
+            problems.append(f"only {distinct} distinct items across {n_lists} lists of up to {longest}")
+    return problems
+
+
+def check_lists(frame: pl.DataFrame, run: dict, users: int | None, personalised: bool) -> None:
+    """Raise one line naming every failed `list_sanity` check; nothing is published then."""
+    problems = list_sanity(frame, users, personalised)
+    if problems:
+        raise BatchrecError(f"refusing to publish run {run['run_id']} ({run['model']}): {'; '.join(problems)}; "
+                            "the previous recommendations stay: check the run's parameters and data, and retrain")
+
+
 # -- publishing -------------------------------------------------------------------------------
 def write_parquet(frame: pl.DataFrame, path: Path, metadata: dict | None = None) -> Path:
     """Write atomically (temp file + rename): a killed writer never leaves a half file at `path`."""
@@ -727,7 +776,7 @@ def publish(wh: Warehouse, rows: pl.DataFrame | list[Path], retention_days: int,
             source, params = "publish_rows", []
         else:
             source, params = "read_parquet(?)", [[str(f) for f in rows]]
-        with transaction(con):
+        with transaction(con, "the new recommendations"):
             moved = con.execute(f"INSERT INTO recommendation_history SELECT {cols}, CAST(scored_at AS DATE) "
                                 f"FROM recommendations {scope}").fetchall()[0][0]
             con.execute(f"DELETE FROM recommendations {scope}").fetchall()
@@ -744,6 +793,38 @@ def shard_path(wh: Warehouse, run_id: str, shard: int) -> Path:
     return wh.shards_dir / f"run_id={run_id}" / f"shard={shard}.parquet"
 
 
+# The columns of a shard file, as `write_parquet` writes a `recommend` frame
+SHARD_SCHEMA = {"user_id": pl.Int64, "rank": pl.Int32, "item_id": pl.Int64, "score": pl.Float32,
+                "run_id": pl.String, "scored_at": pl.Datetime("us"), "reason": pl.String}
+
+
+def _shard_metadata(path: Path, run_id: str) -> dict:
+    """A shard's batchrec metadata, after checking that the file is a whole shard of the
+    `recommendations` layout; a one-line error naming the file and how to rewrite it."""
+    def corrupt(what: str) -> BatchrecError:
+        shard = re.search(r"shard=(\d+)", path.name)
+        return BatchrecError(f"shard {path} is corrupt ({what}): rescore it with `batchrec score --run {run_id} "
+                             f"--shard {shard.group(1) if shard else 'i'}/N` and publish again")
+
+    try:
+        schema = pq.read_schema(path)
+        columns = dict(pl.read_parquet_schema(path))
+    except (OSError, ValueError, pl.exceptions.PolarsError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise corrupt(f"not a readable Parquet file: {str(exc).splitlines()[0]}") from None
+    wrong = [f"column {name} is {columns[name]} (expected {kind})" if name in columns else f"no column {name}"
+             for name, kind in SHARD_SCHEMA.items() if columns.get(name) != kind]
+    wrong += [f"unexpected column {name}" for name in columns if name not in SHARD_SCHEMA]
+    if wrong:
+        raise corrupt("; ".join(wrong))
+    try:
+        meta = json.loads((schema.metadata or {})[b"batchrec"])
+        if not {"run_id", "shard", "n_shards", "top_n", "users"} <= set(meta):
+            raise KeyError("n_shards")
+    except (KeyError, TypeError, ValueError):
+        raise corrupt("its batchrec metadata (run, shard i/N, top-n) is missing") from None
+    return meta
+
+
 def shard_files(wh: Warehouse, run_id: str) -> list[Path]:
     """The complete set of a run's shard files; a one-line error when any is missing or they
     come from different shardings."""
@@ -751,7 +832,7 @@ def shard_files(wh: Warehouse, run_id: str) -> list[Path]:
     found = sorted(folder.glob("shard=*.parquet")) if folder.is_dir() else []
     if not found:
         raise BatchrecError(f"no shards of run {run_id} in {folder}: run `batchrec score --run {run_id} --shard i/N` first")
-    meta = [json.loads(pq.read_schema(f).metadata[b"batchrec"]) for f in found]
+    meta = [_shard_metadata(f, run_id) for f in found]
     n_shards = {m["n_shards"] for m in meta}
     top_n = {m["top_n"] for m in meta}
     if len(n_shards) > 1 or len(top_n) > 1 or {m["run_id"] for m in meta} != {run_id}:
@@ -826,6 +907,7 @@ def score_pairs(model: Recommender, run: dict, con, pairs: Path, out: Path) -> s
     s = run["snapshot_id"]
     user_ids = _ids(con, "SELECT user_id AS id FROM user_index WHERE snapshot_id = $s ORDER BY user_idx", s)
     item_ids = _ids(con, "SELECT item_id AS id FROM item_index WHERE snapshot_id = $s ORDER BY item_idx", s)
+    _check_fits_snapshot(model, run, len(user_ids), len(item_ids))
     user_train, item_train = _train_counts(con, run, len(user_ids), len(item_ids))
     lo, hi = con.sql("SELECT min(rating), max(rating) FROM interactions WHERE snapshot_id = $s", params={"s": s}).fetchall()[0]
     uidx, iidx = _lookup(user_ids, users), _lookup(item_ids, items)
@@ -872,6 +954,14 @@ def _load_model(run: dict, device: str) -> Recommender:
     return load_run_model(run, choose_device(device))
 
 
+def _check_fits_snapshot(model: Recommender, run: dict, n_users: int, n_items: int) -> None:
+    """The artifact was fitted on the run's snapshot: its user and item counts are the snapshot's."""
+    if (model.n_users, model.n_items) != (n_users, n_items):
+        raise CorruptArtifact(run["artifact_path"], f"{model.n_users} users and {model.n_items} items, but its "
+                                                    f"snapshot {run['snapshot_id']} has {n_users} and {n_items}",
+                              run["model"])
+
+
 def score_run(wh: Warehouse, run: dict, model: Recommender, top_n: int, memory_budget: int,
               users: np.ndarray | None = None, shard: tuple[int, int] | None = None,
               min_history: int = 1, explain: bool = True) -> tuple[pl.DataFrame, dict]:
@@ -879,6 +969,7 @@ def score_run(wh: Warehouse, run: dict, model: Recommender, top_n: int, memory_b
     t0 = time.perf_counter()
     with wh.connect(read_only=True) as con:
         inputs = load_inputs(con, run, min_history)
+    _check_fits_snapshot(model, run, inputs.n_model_users, len(inputs.item_ids))
     n_known = int(inputs.candidates.sum())
     if top_n > n_known:
         raise BatchrecError(f"--top-n {top_n} is larger than the catalogue: run {run['run_id']} knows {n_known} items")
@@ -902,6 +993,7 @@ def score_and_publish(wh: Warehouse, run: dict, model: Recommender, top_n: int =
     """Score, then publish: the body of `batchrec score` (the caller holds `wh.lock`)."""
     frame, info = score_run(wh, run, model, top_n, memory_budget, users=users, min_history=min_history,
                             explain=explain)
+    check_lists(frame, run, info["users"], model.personalised)
     pause = float(os.environ.get(PAUSE_ENV) or 0)
     if pause:
         log.info("pausing %.1f s before publishing (%s)", pause, PAUSE_ENV)
@@ -912,10 +1004,12 @@ def score_and_publish(wh: Warehouse, run: dict, model: Recommender, top_n: int =
     return info | {"published": published, "moved": moved, "expired": expired}
 
 
-def score_command(wh: Warehouse, run_id: str | None = None, model: str | None = None, top_n: int = 10,
-                  shard: str | None = None, publish_run: str | None = None, users_file: str | None = None,
-                  pairs: str | None = None, out: str | None = None, memory_budget: str = "1GB",
-                  retention_days: int = 30, device: str = "auto", min_history: int = 1) -> str:
+def score_command(wh: Warehouse, run_id: str | None = None, model: str | None = None,
+                  top_n: int = options.TOP_N.default, shard: str | None = None, publish_run: str | None = None,
+                  users_file: str | None = None, pairs: str | None = None, out: str | None = None,
+                  memory_budget: str = options.MEMORY_BUDGET.default,
+                  retention_days: int = options.RETENTION_DAYS.default, device: str = options.DEVICE.default,
+                  min_history: int = 1) -> str:
     """`batchrec score`: see the module docstring; returns a one-line summary."""
     budget = parse_memory_budget(memory_budget)
     if top_n <= 0:
@@ -967,12 +1061,26 @@ def score_command(wh: Warehouse, run_id: str | None = None, model: str | None = 
     return summary
 
 
+def _check_shard_lists(files: list[Path], run: dict) -> None:
+    """`check_lists` over the union of a run's shards (reading every row also finds a damaged page)."""
+    from batchrec.models import get_model_class
+
+    users = sum(json.loads(pq.read_schema(f).metadata[b"batchrec"])["users"] for f in files)
+    try:
+        frame = pl.read_parquet(files, columns=["user_id", "rank", "item_id", "score"])
+    except (OSError, pl.exceptions.PolarsError) as exc:
+        raise BatchrecError(f"the shards of run {run['run_id']} cannot be read ({str(exc).splitlines()[0]}): "
+                            f"rescore them with `batchrec score --run {run['run_id']} --shard i/N`") from None
+    check_lists(frame, run, users, get_model_class(run["model"]).personalised)
+
+
 def _publish_shards(wh: Warehouse, run_id: str, retention_days: int) -> str:
     t0 = time.perf_counter()
     with wh.lock("score --publish"):
         with wh.connect(read_only=True) as con:
             run = _resolve(con, run_id, None)
         files = shard_files(wh, run["run_id"])
+        _check_shard_lists(files, run)
         published, moved, expired = publish(wh, files, retention_days)
         for f in files:
             f.unlink()

@@ -23,11 +23,12 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from batchrec.errors import BatchrecError
+from batchrec import options
+from batchrec.errors import BatchrecError, Fault, first_line
 from batchrec.logs import bars_enabled, progress as progress_bar
 from batchrec.runs import insert_run, stored_artifact_path
 from batchrec.serving import refresh as refresh_serving
-from batchrec.warehouse import utcnow
+from batchrec.warehouse import transaction, utcnow
 
 log = logging.getLogger("batchrec.train")
 
@@ -218,6 +219,8 @@ class Trainer:
 
 # -- `batchrec train`: fit a model on a snapshot and record a model run ------------------------
 _PARTIAL = re.compile(r"^\.(?P<run>[^.]+)\.(?P<pid>\d+)@(?P<host>.+)\.partial$")
+# How torch's zip writer reports a write the file system refused (a full disk, an I/O error)
+_TORCH_WRITE_FAILED = re.compile(r"inline_container|PytorchStreamWriter|iostream error|file write failed")
 
 
 def fit_model(model_name: str, data, params: dict | None = None, device: torch.device | str = "cpu",
@@ -260,12 +263,21 @@ def new_run_id(model_name: str, created) -> str:
 
 def save_artifact(model, artifacts_dir: Path, run_id: str) -> Path:
     """Write the artifact under a temporary name that records its owner (pid and host), then
-    rename: there is never a half artifact at the final name."""
+    rename: there is never a half artifact at the final name.
+
+    torch reports a failed write (a full disk) as a RuntimeError from its zip writer
+    ("PytorchStreamWriter failed writing file", "unexpected pos"): that becomes one line."""
     final = artifacts_dir / run_id
     tmp = artifacts_dir / f".{run_id}.{os.getpid()}@{socket.gethostname()}.partial"
     try:
         model.save(tmp)
         os.replace(tmp, final)
+    except RuntimeError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not _TORCH_WRITE_FAILED.search(str(exc)):
+            raise
+        raise Fault(f"writing the model artifact to {artifacts_dir} failed part-way (disk full? torch says: "
+                    f"{first_line(exc)}): free space there and rerun (no run was recorded)") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -324,7 +336,7 @@ def _fit_run(wh, model_name: str, snapshot: str, protocol: str | None, params: d
                "protocol": protocol, "metrics": metrics, "artifact_path": stored_artifact_path(wh.path, artifact),
                "device": str(dev), "fit_seconds": fit_seconds, "created_at": created}
         try:
-            with wh.connect() as con:
+            with wh.connect() as con, transaction(con, f"model run {run_id}"):
                 insert_run(con, row)
         except BaseException:
             shutil.rmtree(artifact, ignore_errors=True)
@@ -342,8 +354,8 @@ def fit_run(wh, model_name: str, snapshot: str = "latest", protocol: str | None 
     return _fit_run(wh, model_name, snapshot, protocol, dict(params or {}), device)["run_id"]
 
 
-def train_model(wh, model: str, snapshot: str = "latest", protocol: str | None = None,
-                params: Sequence[str] = (), device: str = "auto") -> str:
+def train_model(wh, model: str, snapshot: str = options.TRAIN_SNAPSHOT.default, protocol: str | None = None,
+                params: Sequence[str] = (), device: str = options.DEVICE.default) -> str:
     """`batchrec train`: parse KEY=VALUE parameters, fit, record; returns a one-line summary."""
     from batchrec.models import parse_params
 
@@ -366,4 +378,4 @@ def load_run_model(run_row: dict, device: torch.device | str = "auto"):
     if not ((path / ARTIFACT_META).exists() and (path / ARTIFACT_STATE).exists()):
         raise BatchrecError(f"artifact of run {run_row['run_id']} is missing at {path} (deleted or moved?); "
                             f"retrain with `batchrec train {run_row['model']}`")
-    return Recommender.load(path, dev)
+    return Recommender.load(path, dev, family=run_row["model"])

@@ -49,6 +49,8 @@ SQL_DIR = sql_dir()
 SCHEMA_DIR = SQL_DIR / "schema"
 
 _HELD_LOCKS: set[str] = set()  # warehouse files whose writer lock this process holds
+_LOCK_LINE = 256  # bytes of the holder line in the lock file
+_COMMITTED: list[str] = []  # what this process has committed, for an interrupted command's last line
 _MIGRATION_NAME = re.compile(r"^(\d+)_[\w-]+\.sql$")
 
 
@@ -75,9 +77,12 @@ def utcnow() -> datetime:
 def _translate(exc: duckdb.Error, path: Path) -> BatchrecError:
     text = str(exc)
     if "lock" in text.lower():
-        holder = re.search(r"held in (.*?)(?: See also|$)", text)
-        who = holder.group(1).strip().rstrip(".") if holder else "another process"
-        return WarehouseBusy(f"warehouse is busy (held by {who}): {path}")
+        # "... Conflicting lock is held in /usr/bin/python3 (PID 123) by user x. However, you would
+        # be able to open this database in read-only mode, e.g. by using the -readonly parameter in
+        # the CLI. See also ...": the holder only, not DuckDB's advice for its own CLI
+        holder = re.search(r"held in (.*?\(PID \d+\))", text)
+        who = holder.group(1).strip() if holder else "another process"
+        return WarehouseBusy(f"warehouse is busy (held by {who}): {path}: retry when it has finished")
     return BatchrecError(f"cannot open warehouse {path}: {text.splitlines()[0]}")
 
 
@@ -130,9 +135,16 @@ class Warehouse:
             except BlockingIOError:
                 holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
                 raise WarehouseBusy(f"warehouse is busy (held by {holder}): {self.path}") from None
-            os.ftruncate(fd, 0)
             stamp = utcnow().isoformat(timespec="seconds")
-            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}: batchrec {command} since {stamp}Z\n".encode(), 0)
+            holder = f"pid {os.getpid()} on {socket.gethostname()}: batchrec {command} since {stamp}Z"
+            # Overwritten in place at a fixed size, never truncated first: on a full disk the
+            # existing lock file's block is reused, so the command gets to report what ran out.
+            line = holder.encode()[:_LOCK_LINE - 1].ljust(_LOCK_LINE - 1) + b"\n"
+            try:
+                os.pwrite(fd, line, 0)
+                os.ftruncate(fd, _LOCK_LINE)
+            except OSError as exc:
+                raise OSError(exc.errno, exc.strerror, str(self.lock_path)) from None
             _HELD_LOCKS.add(key)
             try:
                 yield
@@ -188,22 +200,62 @@ class Warehouse:
         return have
 
     def migrate(self, con: duckdb.DuckDBPyConnection) -> None:
-        """Apply every schema file newer than the warehouse, each in its own transaction."""
-        have = self._check_version(con)
+        """Apply every schema file the warehouse has not applied yet, each in its own transaction.
+
+        By set, not by the highest version: branches number their migrations independently, so a
+        warehouse may already hold 005 when 004 arrives with a merge."""
+        if self._check_version(con):
+            applied = {v for (v,) in con.execute("SELECT version FROM schema_version").fetchall()}
+        else:
+            applied = set()
         for version, path in migrations():
-            if version <= have:
+            if version in applied:
                 continue
-            with transaction(con):
+            with transaction(con, f"schema migration {path.stem}"):
                 con.execute(path.read_text())
                 con.execute(
                     "INSERT INTO schema_version VALUES (?, ?, ?)", [version, path.stem, utcnow()]
                 )
 
 
+# DuckDB settings of a connection that may read the warehouse file and nothing else: no file,
+# network or environment access (COPY TO, EXPORT, read_csv, glob, ATTACH, INSTALL/LOAD) and no
+# extension auto-loading; `open_readonly_sandboxed` then locks the configuration, so no
+# SET/PRAGMA/RESET can undo any of it.
+SANDBOX_CONFIG = {
+    "enable_external_access": False,
+    "autoinstall_known_extensions": False,
+    "autoload_known_extensions": False,
+    "allow_community_extensions": False,
+}
+
+
+@contextmanager
+def open_readonly_sandboxed(path: str | os.PathLike) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A read-only connection to the DuckDB file at `path` that can reach nothing else (see
+    SANDBOX_CONFIG): what `batchrec sql` runs an analyst's query on."""
+    path = Path(path)
+    if not path.exists():
+        raise BatchrecError(f"no warehouse at {path}: run `batchrec ingest` first")
+    try:
+        con = duckdb.connect(str(path), read_only=True, config=SANDBOX_CONFIG)
+    except duckdb.Error as exc:
+        raise _translate(exc, path) from None
+    try:
+        con.execute("SET enable_progress_bar = false")  # a bar on stdout would break --format csv
+        con.execute("SET lock_configuration = true")  # from here on no SET, RESET or PRAGMA
+        yield con
+    finally:
+        con.close()
+
+
 # -- helpers every step uses ---------------------------------------------------------------
 @contextmanager
-def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
-    """BEGIN ... COMMIT, or ROLLBACK on any exception (including KeyboardInterrupt)."""
+def transaction(con: duckdb.DuckDBPyConnection, what: str = "a change to the warehouse") -> Iterator[duckdb.DuckDBPyConnection]:
+    """BEGIN ... COMMIT, or ROLLBACK on any exception (including KeyboardInterrupt).
+
+    `what` the transaction publishes is remembered once it commits (`committed()`), so a command
+    stopped later can say truthfully what it had already changed."""
     con.execute("BEGIN TRANSACTION")
     try:
         yield con
@@ -211,6 +263,12 @@ def transaction(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConne
         con.execute("ROLLBACK")
         raise
     con.execute("COMMIT")
+    _COMMITTED.append(what)
+
+
+def committed() -> list[str]:
+    """What this process has committed so far (see `transaction`), oldest first."""
+    return list(_COMMITTED)
 
 
 def publish_table(con: duckdb.DuckDBPyConnection, name: str, query: str, params: dict | None = None) -> int:
@@ -222,7 +280,7 @@ def publish_table(con: duckdb.DuckDBPyConnection, name: str, query: str, params:
     staging = f"{name}__staging"
     con.execute(f"DROP TABLE IF EXISTS {staging}")
     con.sql(f"CREATE TABLE {staging} AS {query}", params=params or {})
-    with transaction(con):
+    with transaction(con, f"table {name}"):
         con.execute(f"DROP TABLE IF EXISTS {name}")
         con.execute(f"ALTER TABLE {staging} RENAME TO {name}")
     return scalar(con, f"SELECT count(*) FROM {name}")

@@ -73,7 +73,7 @@ def test_nightly_job_file_is_valid():
 def test_bad_job_files_fail_with_one_line(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('[[steps]]\nstep = "teleport"\n')
-    with pytest.raises(BatchrecError, match=r"bad.toml: step 1 has step = 'teleport'"):
+    with pytest.raises(BatchrecError, match=r"bad.toml:2: step 1 has step = 'teleport'"):
         load_job(bad)
     bad.write_text('[[steps]]\nstep = "train"\nmodel = "mf"\nepochz = 3\n')
     with pytest.raises(BatchrecError, match="unknown option 'epochz'"):
@@ -148,8 +148,8 @@ def _fail_at_commit(monkeypatch, module) -> None:
     real = batchrec.warehouse.transaction
 
     @contextmanager
-    def failing(con):
-        with real(con):
+    def failing(con, what="a change"):
+        with real(con, what):
             yield con
             raise OSError("injected: disk full at commit")
 

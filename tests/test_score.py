@@ -506,7 +506,7 @@ def test_pairs_with_a_bad_id_name_the_line(base, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--run", "no-such-run"], "unknown run 'no-such-run'"),
     (["--model", "ease"], "no runs of model 'ease'"),
-    (["--top-n", "0"], "--top-n must be at least 1"),
+    (["--top-n", "0"], "Invalid value for '--top-n': 0 is not in the range x>=1"),
     (["--top-n", "100000"], "larger than the catalogue"),
     (["--shard", "3/2"], "--shard expects i/N with 0 <= i < N"),
     (["--shard", "one/two"], "--shard expects i/N with 0 <= i < N"),

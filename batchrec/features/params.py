@@ -6,10 +6,12 @@ parameters can be passed back verbatim to rebuild it.
 
 from __future__ import annotations
 
+import math
 from datetime import datetime, timezone
 from typing import Callable
 
 from batchrec.errors import BatchrecError
+from batchrec.options import SEED_MAX, SEED_MIN
 
 PROTOCOLS = ("random", "user_random", "user_temporal", "global_temporal", "leave_last_n_positive", "as_of")
 
@@ -47,15 +49,22 @@ def _int_at_least(low: int) -> Callable[[str], int]:
 
 
 def _positive(text: str) -> float:
-    value = float(text)
-    if not value > 0.0:  # also rejects nan
+    value = _number(text)
+    if not value > 0.0:
         raise ValueError
     return value
 
 
 def _number(text: str) -> float:
     value = float(text)
-    if value != value:
+    if not math.isfinite(value):  # nan passes every bound check; inf is no setting
+        raise ValueError
+    return value
+
+
+def _seed(text: str) -> int:
+    value = int(text)
+    if not SEED_MIN <= value <= SEED_MAX:
         raise ValueError
     return value
 
@@ -67,8 +76,8 @@ def _timestamp(text: str) -> str:
 FRACTION = (_fraction, "a fraction in [0, 1)")
 # key -> (default, parser, what a valid value looks like)
 SPEC: dict[str, tuple[object, Callable[[str], object], str]] = {
-    "seed": (0, int, "an integer"),
-    "bayes_c": (None, _positive, "a number > 0 (default: mean ratings per rated item)"),
+    "seed": (0, _seed, f"an integer in [{SEED_MIN}, {SEED_MAX}]"),
+    "bayes_c": (None, _positive, "a finite number > 0 (default: mean ratings per rated item)"),
     "tfidf.min_df": (2, _int_at_least(1), "an integer >= 1"),
     "tfidf.max_terms": (20000, _int_at_least(1), "an integer >= 1"),
     "random.valid_frac": (0.1, *FRACTION),
@@ -81,7 +90,7 @@ SPEC: dict[str, tuple[object, Callable[[str], object], str]] = {
     "global_temporal.test_frac": (0.2, *FRACTION),
     "leave_last_n_positive.n": (5, _int_at_least(1), "an integer >= 1"),
     "leave_last_n_positive.n_valid": (1, _int_at_least(0), "an integer >= 0"),
-    "leave_last_n_positive.positive_threshold": (4.0, _number, "a number"),
+    "leave_last_n_positive.positive_threshold": (4.0, _number, "a finite number"),
     "as_of.cutoff": (None, _timestamp, "a timestamp, e.g. 2018-01-31 (default: the latest tenth of the interactions is test)"),
     "as_of.valid_frac": (0.1, *FRACTION),
 }

@@ -23,6 +23,7 @@ from typing import Iterator
 
 import duckdb
 
+from batchrec import options
 from batchrec.errors import BatchrecError
 from batchrec.features.params import parse_params, parse_protocols, parse_timestamp
 from batchrec.features.splits import build_split, split_files
@@ -125,8 +126,8 @@ def _prune(con: duckdb.DuckDBPyConnection, keep: int) -> list[str]:
     return old
 
 
-def build_snapshot(wh: Warehouse, as_of: str | None = None, protocols: str = "all",
-                   params: tuple[str, ...] = (), keep: int = 5) -> str:
+def build_snapshot(wh: Warehouse, as_of: str | None = None, protocols: str = options.FEATURES_PROTOCOLS.default,
+                   params: tuple[str, ...] = (), keep: int = options.FEATURES_KEEP.default) -> str:
     """Build one feature snapshot (nothing at or after `as_of`, default now); returns a summary line."""
     chosen = parse_protocols(protocols)
     values = parse_params(params)
@@ -144,7 +145,7 @@ def build_snapshot(wh: Warehouse, as_of: str | None = None, protocols: str = "al
         created = utcnow()
         snapshot_id = new_snapshot_id(created)
         recorded = {"as_of": cutoff.isoformat(sep=" "), "protocols": list(chosen), **values}
-        with _timed("whole transaction"), transaction(con):
+        with _timed("whole transaction"), transaction(con, f"feature snapshot {snapshot_id}"):
             sizes = _build(con, snapshot_id, cutoff, chosen, values)
             with _timed("row counts, record, prune"):
                 counts = _row_counts(con, snapshot_id)

@@ -20,6 +20,8 @@ Conventions
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -27,7 +29,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import torch
 
-from batchrec.errors import BatchrecError
+from batchrec.errors import BatchrecError, CorruptArtifact, first_line
+from batchrec.options import SEED_MAX, SEED_MIN
 
 if TYPE_CHECKING:
     from batchrec.data import SnapshotData
@@ -48,6 +51,7 @@ class Param:
     min: float | None = None
     max: float | None = None
     choices: tuple | None = None
+    finite: bool = True  # a float must be a finite number (nan passes every bound check; inf is no setting)
 
     def parse(self, value: Any, model: str) -> Any:
         """Convert a CLI string (or a Python value) and check bounds; one-line error if bad."""
@@ -60,8 +64,10 @@ class Param:
                 v = self.type(value)
                 if self.type is int and isinstance(value, float) and value != int(value):
                     raise ValueError
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise BatchrecError(f"{model}: parameter {self.name}={value!r} is not a valid {self.type.__name__}") from None
+        if self.type is float and self.finite and not math.isfinite(v):
+            raise BatchrecError(f"{model}: parameter {self.name}={value!r} is not a finite number")
         if self.choices is not None and v not in self.choices:
             raise BatchrecError(f"{model}: parameter {self.name}={v!r} must be one of {', '.join(map(str, self.choices))}")
         if (self.min is not None and v < self.min) or (self.max is not None and v > self.max):
@@ -79,6 +85,11 @@ class Param:
         return f"{self.name} ({self.type.__name__}, default {self.default!r}{rng}): {self.help}"
 
 
+def _first_sentence(exc: BaseException) -> str:
+    """torch's load errors run to a paragraph of advice: their first sentence says what failed."""
+    return re.split(r"(?<=[a-z)])\. ", first_line(exc))[0].rstrip(".")
+
+
 class Recommender:
     """Base class of every model family. See the module docstring for the conventions."""
 
@@ -86,6 +97,7 @@ class Recommender:
     task: ClassVar[str] = "ranking"  # "rating" models predict ratings and are scored by RMSE too
     params_spec: ClassVar[tuple[Param, ...]] = ()
     seed_param: ClassVar[bool] = True  # families with a random step take `seed`
+    personalised: ClassVar[bool] = True  # False: one global ranking (lists overlap by design)
 
     def __init__(self, **params: Any):
         spec = {p.name: p for p in self.all_params()}
@@ -103,7 +115,7 @@ class Recommender:
 
     @classmethod
     def all_params(cls) -> tuple[Param, ...]:
-        seed = (Param("seed", int, 0, "random seed"),) if cls.seed_param else ()
+        seed = (Param("seed", int, 0, "random seed", min=SEED_MIN, max=SEED_MAX),) if cls.seed_param else ()
         return tuple(cls.params_spec) + seed
 
     # -- what each family implements --------------------------------------------------------
@@ -180,18 +192,51 @@ class Recommender:
         return d
 
     @staticmethod
-    def load(directory: str | Path, device: torch.device | str = "cpu") -> "Recommender":
+    def load(directory: str | Path, device: torch.device | str = "cpu", family: str | None = None) -> "Recommender":
+        """The model saved in `directory`, checked: an artifact that cannot be read, that is not of
+        `family` (when given), or whose state does not fit what model.json says (keys, shapes)
+        raises `CorruptArtifact` saying what."""
         from batchrec.models import get_model_class
 
         d = Path(directory)
         if not (d / ARTIFACT_META).exists():
             raise BatchrecError(f"model artifact {d} is missing or incomplete (no {ARTIFACT_META})")
-        meta = json.loads((d / ARTIFACT_META).read_text())
-        model = get_model_class(meta["model"])(**meta["params"])
-        blob = torch.load(d / ARTIFACT_STATE, map_location=device, weights_only=True)
+        try:
+            meta = json.loads((d / ARTIFACT_META).read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CorruptArtifact(d, f"{ARTIFACT_META} is not JSON: {exc}", family) from None
+        if not isinstance(meta, dict) or not {"model", "params", "n_users", "n_items"} <= set(meta):
+            raise CorruptArtifact(d, f"{ARTIFACT_META} lacks model, params, n_users or n_items", family)
+        sizes = meta["n_users"], meta["n_items"]
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sizes):
+            raise CorruptArtifact(d, f"{ARTIFACT_META} has n_users {sizes[0]!r}, n_items {sizes[1]!r} "
+                                     "(expected positive integers)", family or meta["model"])
+        if family is not None and meta["model"] != family:
+            raise CorruptArtifact(d, f"{ARTIFACT_META} names model {meta['model']!r}, the run is {family}", family)
+        try:
+            model = get_model_class(meta["model"])(**meta["params"])
+        except (BatchrecError, TypeError) as exc:
+            raise CorruptArtifact(d, f"{ARTIFACT_META}: {str(exc).split('; valid:')[0]}", family) from None
+        try:
+            blob = torch.load(d / ARTIFACT_STATE, map_location=device, weights_only=True)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # truncated or foreign bytes: torch raises several kinds
+            raise CorruptArtifact(d, f"{ARTIFACT_STATE} cannot be read: {_first_sentence(exc)}", model.name) from None
         model.n_users, model.n_items, model.device = meta["n_users"], meta["n_items"], torch.device(device)
-        model.priors = blob["priors"]
-        model.load_state(blob["state"])
+        try:
+            model.priors = blob["priors"]
+            model.load_state(blob["state"])
+            with torch.no_grad():  # the first and last user against every item: the shapes agree
+                probe = model.score(torch.tensor([0, model.n_users - 1], device=model.device))
+        except KeyError as exc:
+            raise CorruptArtifact(d, f"{ARTIFACT_STATE} has no {exc}", model.name) from None
+        except Exception as exc:  # a tensor of the wrong shape fails wherever it is first used
+            raise CorruptArtifact(d, f"{ARTIFACT_STATE} does not fit {ARTIFACT_META}: {_first_sentence(exc)}",
+                                  model.name) from None
+        if tuple(probe.shape) != (2, model.n_items):
+            raise CorruptArtifact(d, f"its scores have shape {tuple(probe.shape)}, model.json says "
+                                     f"{model.n_items} items", model.name)
         return model
 
     def score_blocks(self, user_idx: torch.Tensor, block: int = 1024) -> torch.Tensor:

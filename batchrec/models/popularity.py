@@ -27,6 +27,7 @@ class Popularity(Recommender):
     name = "popularity"
     task = "ranking"
     seed_param = False
+    personalised = False
     params_spec = (
         Param("variant", str, "count", "count: number of interactions; bayes: Bayesian-average rating",
               choices=("count", "bayes")),

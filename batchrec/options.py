@@ -1,0 +1,122 @@
+"""Options that the command line and job files share: each default, bound and help text written once.
+
+A command's click option and the same key in a job file's `[[steps]]` table are built from one
+`Option` here (`Option.click` for the CLI, `Option.field` for the pydantic job schema in
+`batchrec.jobs`), so a default changes in one place and the job file checks what the CLI checks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
+
+import click
+
+# Seeds are at most 32 bits: what numpy's RandomState and every torch generator accept, and
+# small enough that derived seeds (seed * 1_000_003 + offset) stay inside torch's 64 bits.
+SEED_MIN, SEED_MAX = 0, 2**32 - 1
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class FiniteFloat(click.ParamType):
+    """A float option that refuses nan and +-inf (which pass every `<`/`>` bound check)."""
+
+    name = "float"
+
+    def __init__(self, minimum: float | None = None):
+        self.minimum = minimum
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        if self.minimum is not None and number < self.minimum:
+            self.fail(f"{value!r} is below the minimum {self.minimum}", param, ctx)
+        return number
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option: its type, default, bounds and help, for click and for a job file's schema."""
+
+    type: type
+    default: Any
+    help: str
+    min: int | float | None = None
+    choices: tuple[str, ...] | None = None
+    multiple: bool = False  # repeatable on the command line, a list of strings in a job file
+    required: bool = False  # job files only (on the command line it is an argument)
+
+    def click(self, *flags: str, **extra: Any):
+        """The click option decorator for `flags` (extra keywords go to `click.option`)."""
+        if self.choices is not None:
+            kind: Any = click.Choice(self.choices)
+        elif self.type is float:
+            kind = FiniteFloat(self.min)
+        elif self.min is not None:
+            kind = click.IntRange(min=self.min)
+        else:
+            kind = self.type
+        if self.type is bool:
+            return click.option(*flags, is_flag=True, default=self.default, help=self.help, **extra)
+        if self.multiple:
+            return click.option(*flags, type=kind, multiple=True, help=self.help, **extra)
+        return click.option(*flags, type=kind, default=self.default, show_default=self.default is not None,
+                            help=self.help, **extra)
+
+    def field(self) -> tuple[Any, Any]:
+        """(annotation, pydantic Field) of this option as a job file key."""
+        from pydantic import Field
+
+        kind: Any = list[str] if self.multiple else Literal[self.choices] if self.choices else self.type
+        if self.default is None and not self.required:
+            kind = Optional[kind]
+        default = ... if self.required else list(self.default or ()) if self.multiple else self.default
+        finite = {"allow_inf_nan": False} if self.type is float else {}
+        return kind, Field(default, ge=self.min, description=self.help, **finite)
+
+
+# -- ingest -----------------------------------------------------------------------------------
+INGEST_DATASET = Option(str, None, "Ingest a dataset embedded in the package instead of PATH.",
+                        choices=("ml-latest-small",))
+INGEST_PATH = Option(str, None, "A file, folder or zip of raw files.")
+INGEST_FORMAT = Option(str, "auto", "auto, ml-100k, ml-1m, ml-10m, ml-csv or generic.")
+INGEST_QUARANTINE = Option(bool, False, "Load the good rows and keep every bad row in the `quarantine` table "
+                                        "instead of failing.")
+INGEST_COLUMNS = Option(str, None, "Generic reader column mapping, e.g. "
+                                   "'user_id=UserID,item_id=MovieID,rating=Rating,ts=Timestamp'.")
+
+# -- features ---------------------------------------------------------------------------------
+FEATURES_AS_OF = Option(str, None, "Cutoff timestamp (UTC); nothing at or after it is used [default: now].")
+FEATURES_PROTOCOLS = Option(str, "all", "Comma-separated split protocols, or 'all'.")
+FEATURES_PARAMS = Option(str, (), "Snapshot parameter override KEY=VALUE (repeatable).", multiple=True)
+FEATURES_KEEP = Option(int, 5, "Snapshots to retain; older ones are pruned.", min=1)
+
+# -- train ------------------------------------------------------------------------------------
+MODEL = Option(str, None, "Model family (see `batchrec models`).")
+TRAIN_MODEL = Option(str, None, "Model family (see `batchrec models`).", required=True)
+TRAIN_SNAPSHOT = Option(str, "latest", "Feature snapshot id.")
+TRAIN_PROTOCOL = Option(str, None, "Fit on this protocol's train part, early-stop on its valid part.")
+TRAIN_PARAMS = Option(str, (), "Model parameter KEY=VALUE (repeatable); see `batchrec models`.", multiple=True)
+DEVICE = Option(str, "auto", "Where to fit or score.", choices=DEVICES)
+
+# -- score ------------------------------------------------------------------------------------
+SCORE_MODEL = Option(str, None, "Use the latest run of this model family.")
+TOP_N = Option(int, 10, "List length per user.", min=1)
+MEMORY_BUDGET = Option(str, "1GB", "Scores held at once per block, e.g. 512MB, 2GB.")
+RETENTION_DAYS = Option(int, 30, "Days of earlier runs kept in recommendation_history.", min=0)
+
+# -- evaluate ---------------------------------------------------------------------------------
+EVALUATE_MODELS = Option(str, None, "Comma-separated model families (trains them if needed).")
+EVALUATE_PROTOCOL = Option(str, "user_temporal", "Split protocol or preset.")
+EVALUATE_KS = Option(str, "5,10,20", "Comma-separated cut-offs.")
+EVALUATE_REPORT = Option(str, "reports", "Folder of the HTML report.")
+EVALUATE_THRESHOLD = Option(float, 4.0, "Relevant = test rating >= threshold.")
+
+# -- recommend --------------------------------------------------------------------------------
+HISTORY = Option(int, 10, "Recent ratings to show.", min=0)
