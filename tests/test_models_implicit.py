@@ -4,6 +4,7 @@ contract, determinism, parameter checks, each family's maths on tiny hand-checka
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -15,7 +16,7 @@ from batchrec.metrics import evaluate_model
 from batchrec.models import create_model, parse_params
 from batchrec.models.base import Recommender
 from batchrec.models.ease import EASE, positive_weights, query_weights
-from batchrec.models.ials import ObservedPairs, conjugate_gradient, conjugate_gradient_fused
+from batchrec.models.ials import ObservedPairs, conjugate_gradient, conjugate_gradient_fused, gram_matrix_fixed_order
 from batchrec.models.itemknn import cosine_topk
 from batchrec.train import fit_model
 
@@ -173,17 +174,38 @@ def test_ials_fused_kernel_matches_the_torch_path(fitted, ml_small):
     assert not torch.equal(fitted("ials").user_vectors(), torch_path.user_vectors())  # really two code paths
 
 
-def test_ials_factors_do_not_depend_on_the_thread_count(fitted, ml_small):
-    threads = torch.get_num_threads()
-    if threads == 1:
-        pytest.skip("torch runs one thread only here")
+ONE_THREAD_POOL = pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason=(
+    "numba's thread pool has a single thread on this machine (NUMBA_NUM_THREADS defaults to the CPU count): "
+    "there is no second thread count to compare with"))
+
+
+def _with_threads(n: int, f):
+    before = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)  # the fused kernel follows torch's thread count
-        single = fit_model("ials", ml_small, FAST["ials"])[0]
+        torch.set_num_threads(n)  # the numba kernels follow torch's thread count (topk.numba_threads)
+        return f()
     finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(single.user_vectors(), fitted("ials").user_vectors())
-    assert torch.equal(single.item_vectors(), fitted("ials").item_vectors())
+        torch.set_num_threads(before)
+
+
+@ONE_THREAD_POOL
+def test_ials_factors_are_bit_identical_on_one_and_two_threads(ml_small):
+    """The CPU fit's guarantee (see conjugate_gradient_fused): the same factors to the last bit
+    whatever the thread count, so a run is reproducible on any machine of the same kind."""
+    single, double = (_with_threads(n, lambda: fit_model("ials", ml_small, FAST["ials"])[0]) for n in (1, 2))
+    assert torch.equal(single.user_vectors(), double.user_vectors())
+    assert torch.equal(single.item_vectors(), double.item_vectors())
+
+
+@ONE_THREAD_POOL
+def test_ials_gram_matrix_is_summed_in_a_fixed_order():
+    """Y'Y of the CPU kernel: the same bits on 1 and 2 threads, and within float32 rounding of the
+    exact (float64) sum, on a tall matrix where a BLAS matmul splits the sum among threads."""
+    Y = torch.from_numpy(np.random.default_rng(4).standard_normal((50_000, 48)).astype(np.float32))
+    single, double = (_with_threads(n, lambda: gram_matrix_fixed_order(Y, 2.5)) for n in (1, 2))
+    assert np.array_equal(single, double)
+    exact = Y.double().T @ Y.double() + 2.5 * torch.eye(48, dtype=torch.float64)
+    np.testing.assert_allclose(single, exact.numpy(), rtol=1e-6, atol=1e-3)
 
 
 def test_ials_numba_kernel_refuses_a_non_cpu_device(ml_small):
