@@ -178,12 +178,8 @@ def _already_done(wh: Warehouse, job: str, step: str, inputs: str) -> bool:
                         [job, step, inputs]))
 
 
-def run_job(wh: Warehouse, job_file: str | Path, fail_step: str | None = None) -> str:
-    """Run a job file's steps in order under one writer lock; stop at the first failure.
-
-    `fail_step` (tests only) makes that step raise after its inputs are fingerprinted, to prove a
-    failure leaves the published tables as they were.
-    """
+def run_job(wh: Warehouse, job_file: str | Path) -> str:
+    """Run a job file's steps in order under one writer lock; stop at the first failure."""
     job, steps = load_job(job_file)
     job_run_id = f"{job}-{utcnow():%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     lines = []
@@ -202,8 +198,6 @@ def run_job(wh: Warehouse, job_file: str | Path, fail_step: str | None = None) -
                     log.info("job=%s step=%s status=skipped inputs=%s", job, name, row["inputs"])
                     continue
                 _record(wh, row)
-                if fail_step == step["kind"]:
-                    raise BatchrecError(f"injected failure in step {name}")
                 result = RUNNERS[step["kind"]](wh, step)
             except Exception as exc:
                 row.update(status="failed", finished=utcnow(), error=f"{type(exc).__name__}: {exc}")
