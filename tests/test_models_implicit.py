@@ -1,6 +1,10 @@
 """The implicit-feedback families (ease, ials, itemknn) on real ml-latest-small data: the interface
 contract, determinism, parameter checks, each family's maths on tiny hand-checkable inputs, and
-(slow) the issue's ranking targets under the like-for-like protocol."""
+the issue's ranking targets under the like-for-like protocol.
+
+Everything here runs on the CPU. The CUDA paths (ials' torch CG, which the CPU numba kernel is
+tested against here, and every model's device placement) are for bench/gpu_check.py on a GPU
+machine (issue #23), not for this suite."""
 
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from batchrec.models.ease import EASE, positive_weights, query_weights
 from batchrec.models.ials import ObservedPairs, conjugate_gradient, conjugate_gradient_fused, gram_matrix_fixed_order
 from batchrec.models.itemknn import cosine_topk
 from batchrec.train import fit_model
+from reference import EASE_LAMBDAS, ease_direct, ease_scores_by_users, plain_ease_scores, protocol_ndcg
 
 FAMILIES = ("ease", "ials", "itemknn")
 # Small settings keep the interface tests fast; the quality tests use the defaults.
@@ -224,29 +229,37 @@ def test_positive_weights_and_recency_order():
 
 
 # -- quality targets (like-for-like protocol: fit on train, history = train, tune on valid only)
-# The issue's reference figures on this split (popular libraries, same protocol): EASE 0.0802,
-# implicit-ALS library 0.0707, item-kNN 0.0511; every family must also beat most-popular. The
-# issue's 0.085 target is for the best of ease / ials / bpr (defaults tuned on valid only; see
-# the families' TUNING notes).
+# Cheap enough (seconds each) to run in the default suite. The issue's reference figures on this
+# split (popular libraries, same protocol): EASE 0.0802, implicit-ALS library 0.0707, item-kNN
+# 0.0511; every family must also beat most-popular. The issue's 0.085 target is for the best of
+# ease / ials / bpr (defaults tuned on valid only; see the families' TUNING notes).
 REFERENCE = {"ease": 0.0802, "ials": 0.0707, "itemknn": 0.0511}
 
 
-@pytest.fixture(scope="module")
-def test_ndcg(ml_small):
-    return {name: evaluate_model(fit_model(name, ml_small)[0], ml_small)["ndcg@10"]
-            for name in ("popularity", *FAMILIES)}
-
-
-@pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILIES)
-def test_defaults_beat_the_reference_library_and_popularity(name, test_ndcg):
-    assert test_ndcg[name] > REFERENCE[name], test_ndcg
-    assert test_ndcg[name] > test_ndcg["popularity"], test_ndcg
+def test_defaults_beat_the_reference_library_and_popularity(name, default_metrics):
+    assert default_metrics(name)["ndcg@10"] > REFERENCE[name]
+    assert default_metrics(name)["ndcg@10"] > default_metrics("popularity")["ndcg@10"]
 
 
-@pytest.mark.slow
-def test_the_best_ranking_family_reaches_the_target(test_ndcg):
-    assert max(test_ndcg[n] for n in ("ease", "ials")) >= 0.085, test_ndcg
+def test_the_best_ranking_family_reaches_the_target(default_metrics):
+    assert max(default_metrics(n)["ndcg@10"] for n in ("ease", "ials")) >= 0.085
+
+
+def test_ease_beats_plain_ease_tuned_on_valid(default_metrics, ml_small_store):
+    """The bar computed here: EASE in closed form on the training positives, lambda chosen on the
+    validation part, measured with an NDCG written from the protocol (tests/reference.py)."""
+    scores, lam = plain_ease_scores(ml_small_store)
+    plain = protocol_ndcg(scores, ml_small_store)
+    assert lam != EASE_LAMBDAS[0] and lam != EASE_LAMBDAS[-1]  # the grid brackets the best lambda
+    assert plain > default_metrics("popularity")["ndcg@10"]  # the reference itself is a real model
+    assert default_metrics("ease")["ndcg@10"] >= plain, (default_metrics("ease")["ndcg@10"], plain)
+
+
+def test_the_reference_ease_is_the_formula():
+    X = (np.random.default_rng(2).random((6, 11)) < 0.4).astype(np.float64)
+    np.testing.assert_allclose(ease_scores_by_users(sp.csr_matrix(X), 0.7), X @ ease_direct(X, 0.7), atol=1e-12)
+    np.testing.assert_allclose(ease_direct(X, 0.7), _numpy_ease(X, 0.7), atol=1e-12)
 
 
 def test_ease_query_is_signed_around_the_offset():
