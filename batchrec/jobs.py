@@ -313,13 +313,11 @@ def _step_failed(job: str, name: str, exc: BaseException) -> BaseException:
     return failed
 
 
-def run_job(wh: Warehouse, job_file: str | Path, fail_step: str | None = None) -> str:
+def run_job(wh: Warehouse, job_file: str | Path) -> str:
     """Run a job file's steps in order under one writer lock; stop at the first failure.
 
     Each step's row in `job_runs` names the process running it; steps that an earlier, killed
-    job left `running` are marked failed first (`_mark_killed`). `fail_step` (tests only) makes
-    that step raise after its inputs are fingerprinted, to prove a failure leaves the published
-    tables as they were.
+    job left `running` are marked failed first (`_mark_killed`).
     """
     job, steps = load_job(job_file)
     job_run_id = f"{job}-{utcnow():%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
@@ -342,8 +340,6 @@ def run_job(wh: Warehouse, job_file: str | Path, fail_step: str | None = None) -
                     log.info("job=%s step=%s status=skipped inputs=%s", job, name, row["inputs"])
                     continue
                 _record(wh, row)
-                if fail_step == step["kind"]:
-                    raise BatchrecError(f"injected failure in step {name}")
                 result = RUNNERS[step["kind"]](wh, step)
             except BaseException as exc:  # KeyboardInterrupt too: the step did not finish
                 interrupted = not isinstance(exc, Exception)

@@ -54,9 +54,6 @@ log = logging.getLogger("batchrec.score")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*$", re.I)
 _SHARD = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 
-# Test hook: seconds to sleep between scoring and publishing (lets tests kill -9 or read there).
-PAUSE_ENV = "BATCHREC_SCORE_PAUSE_BEFORE_PUBLISH"
-
 EXPLAIN_ANCHORS = 32  # liked items per user that explanations consider (a fixed sample beyond that)
 EXPLAIN_ENTRIES = 1 << 17  # padded (user, liked item) pairs per explanation batch
 EXPLAIN_DIMS = 32  # item vectors for explanations are reduced to this many dimensions
@@ -994,10 +991,6 @@ def score_and_publish(wh: Warehouse, run: dict, model: Recommender, top_n: int =
     frame, info = score_run(wh, run, model, top_n, memory_budget, users=users, min_history=min_history,
                             explain=explain)
     check_lists(frame, run, info["users"], model.personalised)
-    pause = float(os.environ.get(PAUSE_ENV) or 0)
-    if pause:
-        log.info("pausing %.1f s before publishing (%s)", pause, PAUSE_ENV)
-        time.sleep(pause)
     t0 = time.perf_counter()
     published, moved, expired = publish(wh, frame, retention_days, scope_users=users)
     log.info("published %d rows in %.2f s", published, time.perf_counter() - t0)

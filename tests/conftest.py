@@ -1,4 +1,5 @@
-"""Shared fixtures: the real ml-latest-small data as a `SnapshotData` for model tests."""
+"""Shared fixtures: the real ml-latest-small data as a `SnapshotData` for model tests, and the
+default fits the quality tests share."""
 
 from __future__ import annotations
 
@@ -110,5 +111,23 @@ def fit_once(ml_small):
         if key not in cache:
             cache[key] = fit_model(name, ml_small, params)
         return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def default_metrics(ml_small_store):
+    """default_metrics(name) -> the test metrics at K=10 of the family fitted with its default
+    parameters on `ml_small_store`'s train part: each family fitted once per session, shared by
+    the quality tests of every module (the models are not kept: EASE alone is 380 MB)."""
+    from batchrec.metrics import evaluate_model
+    from batchrec.train import fit_model
+
+    cache: dict[str, dict] = {}
+
+    def get(name: str) -> dict:
+        if name not in cache:
+            cache[name] = evaluate_model(fit_model(name, ml_small_store)[0], ml_small_store, ks=(10,))
+        return cache[name]
 
     return get

@@ -4,6 +4,7 @@ bad input as one line, and a report whose HTML is valid with every image present
 from __future__ import annotations
 
 import json
+import re
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -12,12 +13,14 @@ import pytest
 from click.testing import CliRunner
 
 from batchrec.cli import main
+from batchrec.data import load_snapshot
 from batchrec.errors import BatchrecError
 from batchrec.evaluate import PRESETS, evaluate_command, parse_ks, parse_metrics, resolve_protocol
 from batchrec.features import build_snapshot
-from batchrec.report import ReportInfo, ReportRun, write_report
+from batchrec.report import Reference, ReportInfo, ReportRun, compare_references, write_report
 from batchrec.train import fit_run
 from batchrec.warehouse import Warehouse, utcnow
+from reference import known_test_pairs, popularity_scores, protocol_ndcg, protocol_users
 
 ML_SMALL = Path(__file__).resolve().parent.parent / "batchrec" / "datasets" / "ml-latest-small"
 
@@ -34,6 +37,13 @@ def _warehouse(path: Path, limit: int | None = None, *snapshot_params: str) -> W
                           0 FROM read_csv('{ML_SMALL}/movies.csv')""")
     build_snapshot(wh, as_of="2030-01-01", params=snapshot_params)
     return wh
+
+
+def _split(wh: Warehouse, protocol: str):
+    """The newest snapshot's split as the model code reads it."""
+    with wh.connect(read_only=True) as con:
+        snapshot = con.sql("SELECT snapshot_id FROM feature_snapshots ORDER BY created_at DESC LIMIT 1").fetchall()[0][0]
+        return load_snapshot(con, snapshot, protocol)
 
 
 @pytest.fixture(scope="module")
@@ -130,11 +140,12 @@ def test_models_are_trained_measured_and_written(wh, tmp_path):
     by = {(r["run_id"].split("-")[0], r["metric"], r["k"]): r["value"] for r in rows}
     assert len({r["evaluated_at"] for r in rows}) == 1 and all(r["protocol"] == "user_temporal" for r in rows)
     assert len(by) == len(rows)  # one row per (run, protocol, metric, k)
-    # the issue's reference for most-popular on this split: NDCG@10 0.0464 over 557 users
-    assert by[("popularity", "ndcg", 10)] == pytest.approx(0.0464, abs=0.002)
-    assert by[("popularity", "users", None)] == 557
+    # most-popular, its users and the pairs RMSE is measured on, computed here from the split
+    data = _split(wh, "user_temporal")
+    assert by[("popularity", "ndcg", 10)] == pytest.approx(protocol_ndcg(popularity_scores(data), data), abs=1e-9)
+    assert by[("popularity", "users", None)] == len(protocol_users(data)) > 500
     assert ("popularity", "rmse", None) not in by  # a ranking model has no rating error
-    assert 0.8 < by[("svd", "rmse", None)] < 0.95 and by[("svd", "n_known", None)] == 8886
+    assert 0.8 < by[("svd", "rmse", None)] < 0.95 and by[("svd", "n_known", None)] == known_test_pairs(data)
     for metric in ("precision", "recall", "ndcg", "hit_rate", "map", "mrr", "coverage", "avg_popularity", "novelty"):
         assert {("svd", metric, 5), ("svd", metric, 10)} <= by.keys()
     assert by[("svd", "coverage", 10)] > by[("popularity", "coverage", 10)]
@@ -144,13 +155,16 @@ def test_models_are_trained_measured_and_written(wh, tmp_path):
     again = evaluate_command(wh, models="popularity", protocol="user_temporal", ks="10", report_dir=None, threshold=3.5)
     assert "trained" not in again  # the latest run of the family is reused
     lenient = {r["metric"]: r["value"] for r in _evaluations(wh, "protocol = 'user_temporal:threshold=3.5'") if r["k"] in (None, 10)}
-    assert lenient["users"] > 557 and lenient["ndcg"] != by[("popularity", "ndcg", 10)]
+    assert lenient["users"] == len(protocol_users(data, threshold=3.5)) > by[("popularity", "users", None)]
+    assert lenient["ndcg"] == pytest.approx(protocol_ndcg(popularity_scores(data), data, threshold=3.5), abs=1e-9)
 
 
 def test_eventwise_protocol_counts_every_positive_test_event(wh):
     out = evaluate_command(wh, models="popularity", protocol="leave-last-5-positive-events", report_dir=None)
-    assert "Funk-SVD" in out and "0.0217" in out
     rows = {(r["metric"], r["k"]): r["value"] for r in _evaluations(wh, "protocol = 'leave-last-5-positive-events'")}
+    # each published number beside ours: no mf run here, so the best run that has the metric
+    assert _published_vs_ours(out) == {("Funk-SVD", "ndcg@10"): (0.0217, f"{rows[('ndcg', 10)]:.4f}", "popularity"),
+                                       ("Funk-SVD", "recall@10"): (0.0424, f"{rows[('recall', 10)]:.4f}", "popularity")}
     assert set(rows) == {("ndcg", 10), ("recall", 10), ("events", None), ("users", None)}
     with wh.connect(read_only=True) as con:  # positive test events on items of the train catalogue
         events = con.execute("""
@@ -190,9 +204,10 @@ def test_preset_needs_its_split_then_runs(tmp_path):
     assert hint in str(err.value)
     build_snapshot(wh, as_of="2030-01-01", params=tuple(hint.split("--param ")[1:]))
     out = evaluate_command(wh, models="svd,popularity", protocol="random-64-16-20", report_dir=tmp_path / "r")
-    assert "genre+tag DNN" in out and "0.875" in out
     assert "popularity" in out and "nothing this protocol measures applies" in out  # no rating error to measure
     rows = _evaluations(wh)
+    svd_rmse = next(r["value"] for r in rows if r["metric"] == "rmse")
+    assert _published_vs_ours(out) == {("genre+tag DNN", "rmse"): (0.875, f"{svd_rmse:.4f}", "svd")}
     metrics = {r["metric"] for r in rows}
     buckets = {m for m in metrics if m.startswith(("rmse_items_", "n_items_"))}  # RMSE by item training count
     assert metrics - buckets == {"rmse", "mae", "n_known", "n_unknown"} and "rmse_items_1-4" in buckets
@@ -221,6 +236,30 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(tmp_path):
         lines = result.output.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, result.output)
     assert not _evaluations(wh) and not (tmp_path / "r").exists()
+
+
+def _published_vs_ours(out: str) -> dict[tuple[str, str], tuple[float, str, str]]:
+    """The "published numbers vs ours" lines of evaluate's summary: {(approach, metric): (theirs,
+    ours as printed, the run it came from)}."""
+    found = re.findall(r"^  (.+?)\s+(\S+@?\d*)\s+theirs (\S+)\s+on .+? ours ([0-9.]+) \((.+)\)$", out, re.M)
+    return {(a.strip(), m): (float(t), ours, run) for a, m, t, ours, run in found}
+
+
+def test_published_numbers_are_compared_with_the_matching_family_first():
+    """Ours for a published number: the best run of the matching family and parameters, else the
+    best run of any family; lower is better for errors, higher for the rest; none without the metric."""
+    runs = [ReportRun("mf-1", "mf", {"biased": True}, {"rmse": 0.80, "ndcg@10": 0.05}),
+            ReportRun("mf-2", "mf", {"biased": False}, {"rmse": 0.90, "ndcg@10": 0.03}),
+            ReportRun("svd-1", "svd", {}, {"rmse": 0.70, "ndcg@10": 0.04})]
+    refs = [Reference("Funk-SVD", "mf", "rmse", 0.9, "d", "s", {"biased": False}),
+            Reference("Funk-SVD", "mf", "ndcg@10", 0.02, "d", "s", {"biased": False}),
+            Reference("biased MF", "mf", "rmse", 0.8, "d", "s"),
+            Reference("NeuMF", "neumf", "rmse", 0.8, "d", "s"),
+            Reference("NeuMF", "neumf", "ndcg@10", 0.2, "d", "s"),
+            Reference("NeuMF", "neumf", "recall@10", 0.2, "d", "s")]
+    got = [(value, label) for _, value, label in compare_references(refs, runs)]
+    assert got == [(0.90, "mf mf-2"), (0.03, "mf mf-2"), (0.80, "mf mf-1"), (0.70, "svd"), (0.05, "mf mf-1"),
+                   (None, "")]
 
 
 def test_presets_name_their_published_numbers():

@@ -1,23 +1,20 @@
-"""The nightly job end to end on ml-latest-small, resume, failure injection, and the ops commands."""
+"""A small job end to end on ml-latest-small, resume, kill -9 inside each step (a real process), and the
+ops commands. The shipped jobs/nightly.toml itself runs in test_nightly.py."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+import shutil
+import signal
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
-import batchrec.evaluate
-import batchrec.features.snapshots
-import batchrec.ingest.run
-import batchrec.score
-import batchrec.warehouse
 from batchrec.cli import main
 from batchrec.errors import BatchrecError
 from batchrec.jobs import load_job, run_job
-from batchrec.models.base import Recommender
 from batchrec.warehouse import Warehouse
+from faults import fault_env, start_batchrec, wait_until_paused
 
 ROOT = Path(__file__).resolve().parent.parent
 PUBLISHED = ("ratings", "items", "tags", "feature_snapshots", "model_runs", "recommendations", "evaluations")
@@ -113,82 +110,68 @@ def test_job_runs_end_to_end_then_resumes_incrementally(tmp_path, job):
         assert con.sql("SELECT count(*) FROM feature_snapshots").fetchall()[0][0] == 2
 
 
-# Published tables that a failure at each step (or later) must leave as they were: the steps
-# before it did their own atomic work.
+# Published tables that a kill inside each step must leave as they were: the steps before it
+# did their own atomic work.
 UNTOUCHED = {"ingest": PUBLISHED, "features": PUBLISHED[3:], "train": PUBLISHED[4:], "score": PUBLISHED[5:],
              "evaluate": PUBLISHED[6:]}
 
+# Where each step's `batchrec run` process is paused, then killed with SIGKILL: inside the step's
+# publishing transaction with all its work done (before COMMIT); for train, after the artifact is
+# written and before its row and name exist.
+KILL_POINT = {
+    "ingest": "import batchrec.ingest.run as m\nm.transaction = pause_in(m.transaction)",
+    "features": "import batchrec.features.snapshots as m\nm.transaction = pause_in(m.transaction)",
+    "train": "import batchrec.models.base as m\nm.Recommender.save = pause_after(m.Recommender.save)",
+    "score": "import batchrec.score as m\nm.transaction = pause_in(m.transaction)",
+    "evaluate": "import batchrec.evaluate as m\nm.transaction = pause_in(m.transaction)",
+}
 
-def _second_run(tmp_path, job) -> tuple[Warehouse, dict]:
-    """A warehouse after one full job run, the job pointed at a new ratings file (so every step
-    has work to do again), and the contents of its published tables."""
-    wh = Warehouse(tmp_path / "w.duckdb")
-    run_job(wh, job)
+
+@pytest.fixture(scope="module")
+def first_night(tmp_path_factory) -> Path:
+    """The warehouse folder after one run of the small job."""
+    root = tmp_path_factory.mktemp("first-night")
+    job = root / "t.toml"
+    job.write_text(SMALL_JOB.format(report=root / "reports"))
+    run_job(Warehouse(root / "wh" / "w.duckdb"), job)
+    return root / "wh"
+
+
+def _second_night(first_night: Path, tmp_path: Path, job: Path) -> Warehouse:
+    """A copy of the first night's warehouse, and the job pointed at a new ratings file, so that
+    every step has work to do again."""
+    shutil.copytree(first_night, tmp_path / "wh")
     (tmp_path / "landing").mkdir()
     (tmp_path / "landing" / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,2,4.5,1600000000\n")
     job.write_text(job.read_text().replace('dataset = "ml-latest-small"', f'path = "{tmp_path / "landing"}"'))
-    return wh, _contents(wh)
+    return Warehouse(tmp_path / "wh" / "w.duckdb")
 
 
-@pytest.mark.parametrize("step", ["ingest", "features", "train", "score", "evaluate"])
-def test_failure_in_any_step_leaves_published_tables_unchanged(tmp_path, job, step):
-    wh, before = _second_run(tmp_path, job)
-    with pytest.raises(BatchrecError, match=f"failed at step .*{step}"):
-        run_job(wh, job, fail_step=step)
+@pytest.mark.parametrize("step", list(KILL_POINT))
+def test_kill_9_inside_a_step_leaves_published_tables_unchanged_and_the_rerun_resumes(
+        first_night, tmp_path, job, step):
+    wh = _second_night(first_night, tmp_path, job)
+    before = _contents(wh)
+    fault = tmp_path / "fault"
+    proc = start_batchrec(["--warehouse", str(wh.path), "run", str(job)], env=fault_env(fault, KILL_POINT[step]))
+    try:
+        wait_until_paused(proc, fault)
+    finally:
+        proc.kill()  # SIGKILL: no handler, no rollback, no clean-up of its own
+        proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
     after = _contents(wh)
     for table in UNTOUCHED[step]:
         assert after[table] == before[table], table
-    with wh.connect(read_only=True) as con:
-        failed = con.sql("SELECT step, error FROM job_runs WHERE status = 'failed'").fetchall()
-    assert len(failed) == 1 and failed[0][0].endswith(step) and "injected failure" in failed[0][1]
-
-
-def _fail_at_commit(monkeypatch, module) -> None:
-    """The step does all its work, then its final transaction fails just before COMMIT."""
-    real = batchrec.warehouse.transaction
-
-    @contextmanager
-    def failing(con, what="a change"):
-        with real(con, what):
-            yield con
-            raise OSError("injected: disk full at commit")
-
-    monkeypatch.setattr(module, "transaction", failing)
-
-
-def _fail_while_saving(monkeypatch) -> None:
-    def save(self, path):
-        Path(path).mkdir(parents=True, exist_ok=True)
-        (Path(path) / "half-written").write_text("x")
-        raise OSError("injected: disk full while saving the artifact")
-
-    monkeypatch.setattr(Recommender, "save", save)
-
-
-MID_STEP = {"ingest": lambda mp: _fail_at_commit(mp, batchrec.ingest.run),
-            "features": lambda mp: _fail_at_commit(mp, batchrec.features.snapshots),
-            "train": _fail_while_saving,
-            "score": lambda mp: _fail_at_commit(mp, batchrec.score),
-            "evaluate": lambda mp: _fail_at_commit(mp, batchrec.evaluate)}
-
-
-@pytest.mark.parametrize("step", list(MID_STEP))
-def test_failure_inside_a_step_after_its_work_leaves_published_tables_unchanged(tmp_path, job, step, monkeypatch):
-    wh, before = _second_run(tmp_path, job)
-    artifacts = sorted(p.name for p in wh.artifacts_dir.iterdir())
-    MID_STEP[step](monkeypatch)
-    with pytest.raises(OSError, match="injected"):
-        run_job(wh, job)
-    after = _contents(wh)
-    for table in UNTOUCHED[step]:
-        assert after[table] == before[table], table
-    if step == "train":  # the half-written artifact is gone too
-        assert sorted(p.name for p in wh.artifacts_dir.iterdir()) == artifacts
-    monkeypatch.undo()
-    run_job(wh, job)  # and the rerun resumes at the failed step
+    partial = [p.name for p in wh.artifacts_dir.iterdir() if p.name.startswith(".")]
+    assert len(partial) == (step == "train")  # the killed fit left its unnamed artifact behind
+    run_job(wh, job)  # the next run cleans up and resumes at the killed step
     with wh.connect(read_only=True) as con:
         statuses = dict(con.sql("SELECT step, status FROM job_runs ORDER BY started").fetchall())
-    assert all(v in ("ok", "skipped") for v in statuses.values())
+        snapshots = con.sql("SELECT count(*) FROM feature_snapshots").fetchall()[0][0]
+    assert all(v in ("ok", "skipped") for v in statuses.values()) and snapshots == 2
+    assert not [p.name for p in wh.artifacts_dir.iterdir() if p.name.startswith(".")]
+    assert _contents(wh)["recommendations"] != before["recommendations"]
 
 
 def test_ops_commands_on_a_scored_warehouse(tmp_path, job):

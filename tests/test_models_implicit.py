@@ -1,9 +1,14 @@
 """The implicit-feedback families (ease, ials, itemknn) on real ml-latest-small data: the interface
 contract, determinism, parameter checks, each family's maths on tiny hand-checkable inputs, and
-(slow) the issue's ranking targets under the like-for-like protocol."""
+the issue's ranking targets under the like-for-like protocol.
+
+Everything here runs on the CPU. The CUDA paths (ials' torch CG, which the CPU numba kernel is
+tested against here, and every model's device placement) are for bench/gpu_check.py on a GPU
+machine (issue #23), not for this suite."""
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -15,9 +20,10 @@ from batchrec.metrics import evaluate_model
 from batchrec.models import create_model, parse_params
 from batchrec.models.base import Recommender
 from batchrec.models.ease import EASE, positive_weights, query_weights
-from batchrec.models.ials import ObservedPairs, conjugate_gradient, conjugate_gradient_fused
+from batchrec.models.ials import ObservedPairs, conjugate_gradient, conjugate_gradient_fused, gram_matrix_fixed_order
 from batchrec.models.itemknn import cosine_topk
 from batchrec.train import fit_model
+from reference import EASE_LAMBDAS, ease_direct, ease_scores_by_users, plain_ease_scores, protocol_ndcg
 
 FAMILIES = ("ease", "ials", "itemknn")
 # Small settings keep the interface tests fast; the quality tests use the defaults.
@@ -173,17 +179,38 @@ def test_ials_fused_kernel_matches_the_torch_path(fitted, ml_small):
     assert not torch.equal(fitted("ials").user_vectors(), torch_path.user_vectors())  # really two code paths
 
 
-def test_ials_factors_do_not_depend_on_the_thread_count(fitted, ml_small):
-    threads = torch.get_num_threads()
-    if threads == 1:
-        pytest.skip("torch runs one thread only here")
+ONE_THREAD_POOL = pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason=(
+    "numba's thread pool has a single thread on this machine (NUMBA_NUM_THREADS defaults to the CPU count): "
+    "there is no second thread count to compare with"))
+
+
+def _with_threads(n: int, f):
+    before = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)  # the fused kernel follows torch's thread count
-        single = fit_model("ials", ml_small, FAST["ials"])[0]
+        torch.set_num_threads(n)  # the numba kernels follow torch's thread count (topk.numba_threads)
+        return f()
     finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(single.user_vectors(), fitted("ials").user_vectors())
-    assert torch.equal(single.item_vectors(), fitted("ials").item_vectors())
+        torch.set_num_threads(before)
+
+
+@ONE_THREAD_POOL
+def test_ials_factors_are_bit_identical_on_one_and_two_threads(ml_small):
+    """The CPU fit's guarantee (see conjugate_gradient_fused): the same factors to the last bit
+    whatever the thread count, so a run is reproducible on any machine of the same kind."""
+    single, double = (_with_threads(n, lambda: fit_model("ials", ml_small, FAST["ials"])[0]) for n in (1, 2))
+    assert torch.equal(single.user_vectors(), double.user_vectors())
+    assert torch.equal(single.item_vectors(), double.item_vectors())
+
+
+@ONE_THREAD_POOL
+def test_ials_gram_matrix_is_summed_in_a_fixed_order():
+    """Y'Y of the CPU kernel: the same bits on 1 and 2 threads, and within float32 rounding of the
+    exact (float64) sum, on a tall matrix where a BLAS matmul splits the sum among threads."""
+    Y = torch.from_numpy(np.random.default_rng(4).standard_normal((50_000, 48)).astype(np.float32))
+    single, double = (_with_threads(n, lambda: gram_matrix_fixed_order(Y, 2.5)) for n in (1, 2))
+    assert np.array_equal(single, double)
+    exact = Y.double().T @ Y.double() + 2.5 * torch.eye(48, dtype=torch.float64)
+    np.testing.assert_allclose(single, exact.numpy(), rtol=1e-6, atol=1e-3)
 
 
 def test_ials_numba_kernel_refuses_a_non_cpu_device(ml_small):
@@ -202,29 +229,37 @@ def test_positive_weights_and_recency_order():
 
 
 # -- quality targets (like-for-like protocol: fit on train, history = train, tune on valid only)
-# The issue's reference figures on this split (popular libraries, same protocol): EASE 0.0802,
-# implicit-ALS library 0.0707, item-kNN 0.0511; every family must also beat most-popular. The
-# issue's 0.085 target is for the best of ease / ials / bpr (defaults tuned on valid only; see
-# the families' TUNING notes).
+# Cheap enough (seconds each) to run in the default suite. The issue's reference figures on this
+# split (popular libraries, same protocol): EASE 0.0802, implicit-ALS library 0.0707, item-kNN
+# 0.0511; every family must also beat most-popular. The issue's 0.085 target is for the best of
+# ease / ials / bpr (defaults tuned on valid only; see the families' TUNING notes).
 REFERENCE = {"ease": 0.0802, "ials": 0.0707, "itemknn": 0.0511}
 
 
-@pytest.fixture(scope="module")
-def test_ndcg(ml_small):
-    return {name: evaluate_model(fit_model(name, ml_small)[0], ml_small)["ndcg@10"]
-            for name in ("popularity", *FAMILIES)}
-
-
-@pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILIES)
-def test_defaults_beat_the_reference_library_and_popularity(name, test_ndcg):
-    assert test_ndcg[name] > REFERENCE[name], test_ndcg
-    assert test_ndcg[name] > test_ndcg["popularity"], test_ndcg
+def test_defaults_beat_the_reference_library_and_popularity(name, default_metrics):
+    assert default_metrics(name)["ndcg@10"] > REFERENCE[name]
+    assert default_metrics(name)["ndcg@10"] > default_metrics("popularity")["ndcg@10"]
 
 
-@pytest.mark.slow
-def test_the_best_ranking_family_reaches_the_target(test_ndcg):
-    assert max(test_ndcg[n] for n in ("ease", "ials")) >= 0.085, test_ndcg
+def test_the_best_ranking_family_reaches_the_target(default_metrics):
+    assert max(default_metrics(n)["ndcg@10"] for n in ("ease", "ials")) >= 0.085
+
+
+def test_ease_beats_plain_ease_tuned_on_valid(default_metrics, ml_small_store):
+    """The bar computed here: EASE in closed form on the training positives, lambda chosen on the
+    validation part, measured with an NDCG written from the protocol (tests/reference.py)."""
+    scores, lam = plain_ease_scores(ml_small_store)
+    plain = protocol_ndcg(scores, ml_small_store)
+    assert lam != EASE_LAMBDAS[0] and lam != EASE_LAMBDAS[-1]  # the grid brackets the best lambda
+    assert plain > default_metrics("popularity")["ndcg@10"]  # the reference itself is a real model
+    assert default_metrics("ease")["ndcg@10"] >= plain, (default_metrics("ease")["ndcg@10"], plain)
+
+
+def test_the_reference_ease_is_the_formula():
+    X = (np.random.default_rng(2).random((6, 11)) < 0.4).astype(np.float64)
+    np.testing.assert_allclose(ease_scores_by_users(sp.csr_matrix(X), 0.7), X @ ease_direct(X, 0.7), atol=1e-12)
+    np.testing.assert_allclose(ease_direct(X, 0.7), _numpy_ease(X, 0.7), atol=1e-12)
 
 
 def test_ease_query_is_signed_around_the_offset():

@@ -2,28 +2,33 @@
 data: the interface contract per family and variant, determinism, parameter checks, the NaN
 guard, what each family promises (AutoRec reads only the training row, two-tower scores cold
 items by content, content features are scaled on training items), the real scorer path, and
-(slow) the issue's quality targets under the like-for-like protocol."""
+(slow) the issue's quality targets under the like-for-like protocol. CPU only: the CUDA path of
+these models is for bench/gpu_check.py on a GPU machine (issue #23)."""
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import polars as pl
 import pytest
 import scipy.sparse as sp
 import torch
+from click.testing import CliRunner
 
+from batchrec.cli import main
 from batchrec.errors import BatchrecError
+from batchrec.features import build_snapshot
 from batchrec.features.tfidf import tfidf
+from batchrec.ingest import ingest_path
 from batchrec.metrics import evaluate_model
 from batchrec.models import parse_params
 from batchrec.models.base import Recommender
-from batchrec.score import serve_model, topn
 from batchrec.models.multvae import MULT_VAE
+from batchrec.score import topn
 from batchrec.train import fit_model
+from batchrec.warehouse import Warehouse
 
 ML_SMALL = Path(__file__).resolve().parent.parent / "batchrec" / "datasets" / "ml-latest-small"
 FAMILIES = ("neumf", "autorec", "two_tower", "multvae", "content_dnn")
@@ -412,7 +417,8 @@ def cold_setup(ml_small):
 @pytest.mark.parametrize("loss", ["multinomial", "bpr"])
 def test_two_tower_scores_cold_items_by_their_genres_and_tags(loss, cold_setup):
     data, cold_horror, cold_family, horror_fans, family_fans = cold_setup
-    model = fit_model("two_tower", data, {"loss": loss, "dim": 16, "hidden": 32, "epochs": 6, "batch_size": 2048})[0]
+    model = fit_model("two_tower", data, {"loss": loss, "dim": 16, "hidden": 32, "epochs": 6, "batch_size": 2048,
+                                          "ensemble": 1})[0]
     s = model.score_blocks(torch.arange(data.n_users)).numpy()
     assert np.isfinite(s[:, cold_horror]).all() and np.isfinite(s[:, cold_family]).all()
     # The genre preference carries over to items the model never saw rated: horror fans prefer
@@ -427,15 +433,46 @@ def test_two_tower_scores_cold_items_by_their_genres_and_tags(loss, cold_setup):
     items, _ = topn(model, fans, 5, exclude=data.seen_csr(), candidates=cold)
     horror_share = np.isin(items, cold_horror).mean(1)
     assert (items >= 0).all() and horror_share[:20].mean() > horror_share[20:].mean()
-    # The nightly scorer's candidates are the trained items plus those the model scores from
-    # content: the cold films reach the published lists (nothing seen, nothing else unknown).
     trained = np.bincount(data.train.item_idx, minlength=data.n_items) > 0
     assert np.array_equal(model.content_scored_items() & ~trained, model.content_scored_items())
     assert model.content_scored_items()[cold].all()
-    inputs = SimpleNamespace(candidates=trained, seen=data.seen_csr(), liked=None, rating_scale=None)
-    ranked = serve_model(model, inputs, fans, 50, 1 << 28, explain=False)
-    allowed = trained | model.content_scored_items()
-    assert allowed[ranked.items].all() and np.isin(ranked.items, np.flatnonzero(cold)).any()
+
+
+def test_the_nightly_scorer_publishes_cold_items_that_two_tower_scores_from_content(cold_setup, tmp_path):
+    """The real path: the cold films' ratings never reach the warehouse, `batchrec train two_tower`
+    fits on the snapshot and `batchrec score --users` (its own input loader, the published table)
+    recommends the cold films to the fans; never a seen item, never an item the model cannot score
+    (one without ratings and without genres or tags)."""
+    data, cold_horror, cold_family, horror_fans, family_fans = cold_setup
+    cold_ids = data.item_ids[np.concatenate([cold_horror, cold_family])].tolist()
+    wh = Warehouse(tmp_path / "wh" / "batchrec.duckdb")
+    ingest_path(wh, dataset="ml-latest-small")
+    with wh.writer("test") as con:
+        con.execute("DELETE FROM ratings WHERE list_contains(?, item_id)", [cold_ids])
+    build_snapshot(wh, protocols="user_temporal")
+    fans = tmp_path / "fans.txt"
+    fans.write_text("\n".join(map(str, data.user_ids[np.concatenate([horror_fans, family_fans])])))
+    runner, where = CliRunner(), ["--warehouse", str(wh.path)]
+    params = [a for k, v in {"dim": 16, "hidden": 32, "epochs": 4, "batch_size": 2048, "ensemble": 1, "history_max": 50}.items()
+              for a in ("--param", f"{k}={v}")]
+    for args in (["train", "two_tower", "--device", "cpu", *params],
+                 ["score", "--model", "two_tower", "--users", str(fans), "--top-n", "50", "--device", "cpu"]):
+        result = runner.invoke(main, where + args)
+        assert result.exit_code == 0, result.output
+    with wh.connect(read_only=True) as con:
+        recs = con.sql("""
+            SELECT r.user_id, r.item_id, coalesce(f.n_ratings, 0) > 0 AS rated,
+                   EXISTS (SELECT 1 FROM item_genres g WHERE g.snapshot_id = i.snapshot_id AND g.item_idx = i.item_idx)
+                   OR EXISTS (SELECT 1 FROM item_tag_tfidf t WHERE t.snapshot_id = i.snapshot_id
+                              AND t.item_idx = i.item_idx) AS has_content,
+                   EXISTS (SELECT 1 FROM ratings x WHERE x.user_id = r.user_id AND x.item_id = r.item_id) AS seen
+            FROM recommendations r
+            JOIN model_runs m USING (run_id)
+            JOIN item_index i ON i.snapshot_id = m.snapshot_id AND i.item_id = r.item_id
+            LEFT JOIN item_features f ON f.snapshot_id = i.snapshot_id AND f.item_idx = i.item_idx""").pl()
+    assert recs["user_id"].n_unique() == len(horror_fans) + len(family_fans) and len(recs) == 50 * recs["user_id"].n_unique()
+    assert not recs["seen"].any() and (recs["rated"] | recs["has_content"]).all()
+    assert recs.filter(~pl.col("rated"))["item_id"].is_in(cold_ids).any()
 
 
 def test_content_dnn_scales_content_on_training_items_only(ml_small):
@@ -481,33 +518,28 @@ def test_scorer_top_n_never_recommends_a_seen_item(name, fitted, ml_small):
 
 
 # -- quality targets (issue 8), like for like: fit on train, early-stop on valid, measure on test ---
-EASE_TEST_NDCG = 0.0894  # the best ranking model of the training issue on this split (test_models_implicit)
-
-
-@pytest.fixture(scope="module")
-def default_results(ml_small_store):
-    """Test metrics of the defaults (rating models also per item-training-count bucket), on the
-    feature store's snapshot (genres and TF-IDF tags: the content the content families use)."""
-    data = ml_small_store
-    return {name: evaluate_model(fit_model(name, data)[0], data, ks=(10,)) for name in ("mf", "svd", *FAMILIES)}
-
-
+# Measured on the feature store's snapshot (genres and TF-IDF tags: the content the content
+# families use); every bar is measured in the same session, none copied from an earlier output.
 @pytest.mark.slow
 @pytest.mark.parametrize("name", RATING_FAMILIES)
-def test_rating_families_reach_the_best_core_rmse(name, default_results):
-    best = min(default_results[n]["rmse"] for n in ("mf", "svd"))
-    assert default_results[name]["rmse"] <= best + 0.01, {n: r.get("rmse") for n, r in default_results.items()}
+def test_rating_families_reach_the_best_core_rmse(name, default_metrics):
+    best = min(default_metrics(n)["rmse"] for n in ("mf", "svd"))
+    assert default_metrics(name)["rmse"] <= best + 0.01, {n: default_metrics(n)["rmse"] for n in ("mf", "svd", name)}
 
 
 @pytest.mark.slow
-def test_content_dnn_beats_neumf_on_items_with_few_ratings(default_results):
-    content, neumf = default_results["content_dnn"], default_results["neumf"]
+def test_content_dnn_beats_neumf_on_items_with_few_ratings(default_metrics):
+    content, neumf = default_metrics("content_dnn"), default_metrics("neumf")
     assert content["n_items_1-4"] == neumf["n_items_1-4"] > 100
-    buckets = {name: {k: v for k, v in r.items() if "_items_" in k} for name, r in default_results.items()}
+    buckets = {name: {k: v for k, v in r.items() if "_items_" in k} for name, r in (("content_dnn", content),
+                                                                                      ("neumf", neumf))}
     assert content["rmse_items_1-4"] < neumf["rmse_items_1-4"], buckets
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["two_tower", "multvae"])
-def test_ranking_families_reach_ninety_percent_of_ease(name, default_results):
-    assert default_results[name]["ndcg@10"] >= 0.9 * EASE_TEST_NDCG, default_results[name]
+def test_ranking_families_reach_ninety_percent_of_ease(name, default_metrics):
+    """The bar is batchrec's EASE on the same split, measured now (test_models_implicit holds EASE
+    itself against a plain EASE computed in numpy)."""
+    assert default_metrics(name)["ndcg@10"] >= 0.9 * default_metrics("ease")["ndcg@10"], (
+        default_metrics(name)["ndcg@10"], default_metrics("ease")["ndcg@10"])

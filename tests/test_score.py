@@ -3,7 +3,7 @@ reasons, shards, atomic publishing (concurrent reader, kill -9), history, pairs,
 
 from __future__ import annotations
 
-import os
+import json
 import shutil
 import signal
 import subprocess
@@ -24,10 +24,11 @@ from batchrec.cli import main
 from batchrec.errors import BatchrecError
 from batchrec.features import build_snapshot
 from batchrec.models.base import Recommender
-from batchrec.score import PAUSE_ENV, load_inputs, parse_shard, publish, score_run, shard_of, topn, write_parquet
 from batchrec.runs import resolve_run
+from batchrec.score import load_inputs, mix64, parse_shard, publish, score_run, shard_of, topn, write_parquet
 from batchrec.train import fit_run, load_run_model
 from batchrec.warehouse import Warehouse, scalar
+from faults import fault_env, go, start_batchrec, wait_until_paused
 
 ML_SMALL = Path(__file__).resolve().parent.parent / "batchrec" / "datasets" / "ml-latest-small"
 AS_OF = "2018-06-01"  # ml-latest-small runs to 2018-09: users who start later are cold
@@ -309,11 +310,15 @@ def test_anchor_sample_keeps_short_histories_whole_and_caps_long_ones():
 
 
 def test_shard_partition_is_fixed_and_covers_everyone():
-    ids = np.arange(1, 20001)
-    parts = shard_of(ids, 7)
+    # splitmix64's published first two outputs from seed 0 are the finaliser of 1 and 2 times its
+    # increment 0x9E3779B97F4A7C15 (Vigna's reference implementation)
+    assert mix64(np.array([0x9E3779B97F4A7C15, 0x3C6EF372FE94F82A], np.uint64)).tolist() == [
+        0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4]
+    # by hand (Python integers, the same three xor-shift-multiply rounds): the shards of a few ids
+    assert shard_of(np.array([1, 2, 3, 123456789]), 1000).tolist() == [789, 730, 856, 584]
+    assert shard_of(np.array([1, 2, 3, 610]), 7).tolist() == [6, 1, 4, 2]
+    parts = shard_of(np.arange(1, 20001), 7)
     assert set(np.unique(parts)) == set(range(7)) and np.bincount(parts).min() > 2500
-    assert (shard_of(ids, 7) == parts).all()
-    assert shard_of(np.array([1, 2, 3, 123456789]), 1000).tolist() == shard_of(np.array([1, 2, 3, 123456789]), 1000).tolist()
     with pytest.raises(BatchrecError, match="i/N"):
         parse_shard("3/3")
 
@@ -412,36 +417,31 @@ def test_reader_sees_the_old_run_or_the_new_one_never_a_mix(base, tmp_path):
     assert seen_states == {before, after}
 
 
-def _start_scoring(wh: Warehouse, run: str, pause: float) -> subprocess.Popen:
-    env = {**os.environ, PAUSE_ENV: str(pause)}
-    batchrec = Path(sys.executable).parent / "batchrec"  # the installed console script: a real, separate process
-    return subprocess.Popen([str(batchrec), "--warehouse", str(wh.path), "score", "--run", run, "--device", "cpu"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def _start_scoring(wh: Warehouse, run: str, fault: Path, code: str) -> subprocess.Popen:
+    """`batchrec score --run RUN` as a real process, paused where `code` says (see faults.py)."""
+    return start_batchrec(["--warehouse", str(wh.path), "score", "--run", run, "--device", "cpu"],
+                          env=fault_env(fault, code))
 
 
-def _wait_for_scored(proc: subprocess.Popen) -> None:
-    """Until the scorer logs that it has scored everyone and pauses before its publish."""
-    seen = []
-    for line in iter(proc.stderr.readline, b""):  # the test's timeout bounds a scorer that hangs
-        seen.append(line.decode())
-        if PAUSE_ENV in seen[-1]:
-            return
-    raise AssertionError(f"the scorer exited (code {proc.wait()}) before publishing: {''.join(seen)}")
+PAUSE_BEFORE_PUBLISH = "import batchrec.score as m\nm.publish = pause_before(m.publish)\n"
 
 
 def test_kill_9_before_the_swap_leaves_the_previous_run_intact(base, tmp_path):
     wh = _copy(base, tmp_path)
     before = _recs(wh)
-    proc = _start_scoring(wh, base["mf"], pause=300)
-    _wait_for_scored(proc)
-    # during scoring the warehouse is readable and shows the previous run; the writer lock is held
-    assert _recs(wh).equals(before)
-    with pytest.raises(BatchrecError, match="busy"):
-        with wh.lock("probe"):
-            pass
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert _recs(wh).equals(before)
+    fault = tmp_path / "fault"
+    proc = _start_scoring(wh, base["mf"], fault, PAUSE_BEFORE_PUBLISH)
+    try:
+        wait_until_paused(proc, fault)  # everyone scored, nothing published yet
+        # meanwhile the warehouse is readable and shows the previous run; the writer lock is held
+        assert _recs(wh).equals(before)
+        with pytest.raises(BatchrecError, match="busy"):
+            with wh.lock("probe"):
+                pass
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert proc.returncode == -signal.SIGKILL and _recs(wh).equals(before)
     with wh.lock("probe"):  # the kernel released the lock with the process
         pass
     result = _cli(wh, "--run", base["mf"])  # the next run publishes normally
@@ -449,20 +449,104 @@ def test_kill_9_before_the_swap_leaves_the_previous_run_intact(base, tmp_path):
     assert _recs(wh)["scored_at"].min() > before["scored_at"].max()
 
 
-def test_a_reader_during_scoring_sees_the_old_run_and_the_publish_waits_for_it(base, tmp_path):
+def _history_rows(wh: Warehouse) -> int:
+    with wh.connect(read_only=True) as con:
+        return scalar(con, "SELECT count(*) FROM recommendation_history")
+
+
+def test_kill_9_inside_the_publish_transaction_leaves_the_previous_run_intact(base, tmp_path):
     wh = _copy(base, tmp_path)
-    before = _recs(wh)
-    proc = _start_scoring(wh, base["mf"], pause=1)
-    _wait_for_scored(proc)
-    with wh.connect(read_only=True) as con:  # an analyst's session, open across the publish moment
-        deadline = time.monotonic() + 4
-        while time.monotonic() < deadline:
-            assert con.sql("SELECT count(*), max(scored_at) FROM recommendations").fetchall()[0] == (
-                len(before), before["scored_at"].max())
-            time.sleep(0.2)
-    assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()
+    before, history = _recs(wh), _history_rows(wh)
+    fault = tmp_path / "fault"
+    # paused with the old rows moved to history, deleted and the new ones inserted, before COMMIT
+    proc = _start_scoring(wh, base["mf"], fault, "import batchrec.score as m\nm.transaction = pause_in(m.transaction)\n")
+    try:
+        wait_until_paused(proc, fault)
+        with pytest.raises(BatchrecError, match="busy"):  # it holds the DuckDB file open for writing
+            with wh.connect(read_only=True):
+                pass
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    assert _recs(wh).equals(before) and _history_rows(wh) == history
+    result = _cli(wh, "--run", base["mf"])
+    assert result.exit_code == 0, result.output
     after = _recs(wh)
     assert after["scored_at"].min() > before["scored_at"].max() and len(after) == len(before)
+    assert _history_rows(wh) == history + len(before)
+
+
+# An analyst's DuckDB session in its own process: it opens the warehouse read-only, says "open",
+# reads the live run until `hold` seconds have passed or the file `release` exists, then closes
+# and prints when it closed and every state it saw.
+READER = """
+import duckdb, json, os, sys, time
+db, hold, release = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+con = duckdb.connect(db, read_only=True)
+print("open", flush=True)
+states, end = set(), time.monotonic() + hold
+while time.monotonic() < end and not os.path.exists(release):
+    states.add(con.sql("SELECT count(*), CAST(max(scored_at) AS VARCHAR) FROM recommendations").fetchall()[0])
+    time.sleep(0.1)
+con.close()
+print(json.dumps({"closed": time.time(), "states": sorted(states)}), flush=True)
+"""
+
+
+def _start_reader(wh: Warehouse, hold: float, release: Path) -> subprocess.Popen:
+    reader = subprocess.Popen([sys.executable, "-c", READER, str(wh.path), str(hold), str(release)],
+                              stdout=subprocess.PIPE, text=True)
+    assert reader.stdout.readline() == "open\n"
+    return reader
+
+
+def _live(frame: pl.DataFrame) -> list:
+    return [len(frame), str(frame["scored_at"].max())]
+
+
+def test_a_reader_in_another_process_sees_the_old_run_and_the_publish_waits_for_it(base, tmp_path):
+    wh = _copy(base, tmp_path)
+    before = _recs(wh)
+    fault = tmp_path / "fault"
+    proc = _start_scoring(wh, base["mf"], fault, PAUSE_BEFORE_PUBLISH +
+                          "m._open_for_publish = mark_after(m._open_for_publish, 'OPENED')\n")
+    try:
+        wait_until_paused(proc, fault)
+        reader = _start_reader(wh, 3.0, tmp_path / "never")  # open across the publish moment
+        go(fault)
+        seen = json.loads(reader.communicate(timeout=60)[0])
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert seen["states"] == [_live(before)]  # the old run, whole, all the time
+    assert float((fault / "OPENED").read_text()) >= seen["closed"]  # the publish waited for the reader
+    after = _recs(wh)
+    assert after["scored_at"].min() > before["scored_at"].max() and len(after) == len(before)
+
+
+def test_a_reader_holding_the_file_past_the_publish_wait_leaves_the_old_run_and_exit_75(base, tmp_path):
+    wh = _copy(base, tmp_path)
+    before = _recs(wh)
+    fault, release = tmp_path / "fault", tmp_path / "release"
+    proc = _start_scoring(wh, base["mf"], fault, PAUSE_BEFORE_PUBLISH +
+                          "m._open_for_publish = functools.partial(m._open_for_publish, wait_s=1.0)\n")
+    try:
+        wait_until_paused(proc, fault)
+        reader = _start_reader(wh, 600, release)
+        go(fault)
+        _, err = proc.communicate(timeout=120)  # gives up after its (shortened) wait
+        release.touch()
+        seen = json.loads(reader.communicate(timeout=60)[0])
+    finally:
+        proc.kill()
+        release.touch()
+    assert proc.returncode == 75 and "warehouse is busy" in err.strip().splitlines()[-1], err
+    assert seen["states"] == [_live(before)] and _recs(wh).equals(before)
+    result = _cli(wh, "--run", base["mf"])  # once the reader has gone, the next run publishes
+    assert result.exit_code == 0, result.output
+    assert _recs(wh)["scored_at"].min() > before["scored_at"].max()
 
 
 # -- pairs ------------------------------------------------------------------------------------

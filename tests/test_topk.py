@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from batchrec import topk
 from batchrec.topk import row_topk
 
 
@@ -47,7 +48,6 @@ def test_a_rows_result_does_not_depend_on_its_block():
 
 
 def test_one_thread_runs_the_serial_kernel_with_the_same_result():
-    """With one torch thread no OpenMP pool is started (see row_topk); the result is the same."""
     rng = np.random.default_rng(1)
     scores = torch.from_numpy(rng.integers(0, 30, (200, 700)).astype(np.float32))  # many ties
     before = torch.get_num_threads()
@@ -60,3 +60,26 @@ def test_one_thread_runs_the_serial_kernel_with_the_same_result():
         torch.set_num_threads(before)
     assert all(torch.equal(a, b) for a, b in zip(serial, parallel))
     assert torch.equal(serial[1], torch.topk(scores - torch.arange(700) * 1e-4, 15, dim=1)[1])
+
+
+def test_one_thread_chooses_the_serial_kernel(monkeypatch):
+    """With one torch thread row_topk runs the serial kernel and never the parallel one, whose
+    OpenMP workers, once started, spin beside a neighbouring single-threaded fit (see row_topk);
+    with two, the parallel one (where numba's pool has two threads). Both kernels really run:
+    the wrappers only record which one was called."""
+    import numba
+
+    calls = []
+    for name in ("_topk_rows_serial", "_topk_rows_parallel"):
+        real = getattr(topk, name)
+        monkeypatch.setattr(topk, name, lambda *args, _real=real, _name=name: (calls.append(_name), _real(*args)))
+    scores = torch.from_numpy(np.random.default_rng(2).standard_normal((50, 300)).astype(np.float32))
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert torch.equal(row_topk(scores, 7)[1], torch.topk(scores, 7, dim=1)[1])
+    finally:
+        torch.set_num_threads(before)
+    pool = numba.config.NUMBA_NUM_THREADS  # numba's pool: the CPU count unless set
+    assert calls == ["_topk_rows_serial", "_topk_rows_parallel" if pool >= 2 else "_topk_rows_serial"]
