@@ -582,3 +582,29 @@ def test_permission_and_quota_errors_are_faults_too():
     assert str(denied).startswith("permission denied on /data/ratings.csv: give this user access to it")
     assert str(as_fault(OSError(errno.EDQUOT, "Disk quota exceeded"))).startswith("disk quota exceeded: free space")
     assert as_fault(OSError(errno.ENOENT, "No such file", "/x")) is None  # not a fault of the machine
+
+
+# -- 6. each sanity check on its own: real lists pass, each way of breaking them is named -----------
+def test_list_sanity_passes_real_lists_and_names_each_degenerate_case(base):
+    import polars as pl
+
+    from batchrec.score import list_sanity
+
+    con = duckdb.connect(str(base["folder"] / DB), read_only=True)
+    ease = con.sql("SELECT user_id, rank, item_id, score FROM recommendations").pl()  # EASE's published lists
+    con.close()
+    popularity = pl.read_parquet(sorted((base["folder"] / "recommendations").rglob("shard=*.parquet")))
+    assert list_sanity(ease, users=610) == []
+    assert list_sanity(popularity, users=610, personalised=False) == []
+
+    one_first = ease.with_columns(item_id=pl.when(pl.col("rank") == 1).then(pl.lit(1)).otherwise(pl.col("item_id")))
+    assert list_sanity(one_first, 610) == ["item 1 is first in 610 of 610 lists"]
+    assert list_sanity(one_first, 610, personalised=False) == []  # one global ranking: by design
+    two_lists = ease.with_columns(item_id=pl.col("rank") + pl.col("user_id") % 2 * 5)  # items 1-10 or 6-15
+    assert list_sanity(two_lists, 610) == ["only 15 distinct items across 610 lists of up to 10"]
+    tied = ease.with_columns(score=pl.lit(0.5, pl.Float32))
+    assert list_sanity(tied, 610) == ["every score equal within 610 of 610 lists"]
+    holes = ease.with_columns(score=pl.when(pl.col("user_id") < 5).then(float("inf")).otherwise(pl.col("score")))
+    assert list_sanity(holes, 610) == ["scores not finite: 40 of 6100 rows are NaN, infinite or null"]
+    assert list_sanity(ease.filter(pl.col("user_id") > 10), 610) == ["no list for 10 of 610 scored users (no finite score)"]
+    assert list_sanity(ease.filter(pl.col("user_id") > 6), 610) == []  # 6 of 610 (under 1%): a user may have seen it all
