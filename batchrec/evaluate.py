@@ -12,7 +12,7 @@ snapshot's train part, has (or may have) the test rows in its training data, so 
 
 Each (run, protocol, metric, k) is one `evaluations` row; `protocol` is the name asked for (a
 preset's name for a preset), suffixed `:threshold=X` when relevance is not the default rating >= 4.
-Scoring goes through `metrics.measure`, which uses the production scorer (`score.topn`).
+Scoring goes through `metrics.measure`, which uses the production scorer (`ranking.topn`).
 The database is opened read-only for the reads and once, under the writer lock, for the final
 insert (one transaction): a failure part-way writes nothing.
 """

@@ -189,7 +189,7 @@ def ranking_validator(model, data, k: int = 10, threshold: float = 4.0) -> Calla
     the train catalogue; candidates = that catalogue minus the user's train items. None without a
     validation part."""
     from batchrec.metrics import ranking_metrics
-    from batchrec.score import topn
+    from batchrec.ranking import topn
 
     v = data.valid
     if v is None or len(v) == 0:

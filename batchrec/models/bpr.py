@@ -156,7 +156,7 @@ class BPRMF(Recommender):
 
         validate = None
         if data.valid is not None and len(data.valid):
-            from batchrec.train import validation_metrics
+            from batchrec.metrics import validation_metrics
 
             def validate() -> float:
                 return validation_metrics(self, data)["ndcg@10"]
