@@ -19,7 +19,6 @@ import torch
 
 from batchrec.ranking import topn
 
-
 # Every metric name (without @k), in display order, and whether higher is better (None: a count
 # or a descriptive figure that is not better or worse, e.g. the popularity of what is recommended).
 METRICS: dict[str, bool | None] = {

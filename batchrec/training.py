@@ -82,7 +82,7 @@ class Trainer:
         if self.progress is None:
             self.progress = bars_enabled()
 
-    def for_member(self, k: int) -> "Trainer":
+    def for_member(self, k: int) -> Trainer:
         """The trainer of member k of an ensemble: its own seed (member 0's is this trainer's),
         the same device and history (its epochs logged with member=k)."""
         seed = self.seed if k == 0 else int(np.random.SeedSequence([self.seed, k]).generate_state(1)[0])

@@ -251,8 +251,8 @@ def ease(workdir: Path, n_users: int, n_items: int, budget: str, top_n: int) -> 
 
     import batchrec.scoring as scoring
     from batchrec.data import csr_to_torch
-    from batchrec.ranking import block_size
     from batchrec.models.base import Recommender
+    from batchrec.ranking import block_size
     from batchrec.warehouse import Warehouse, utcnow
 
     path = workdir / f"ease-{n_users}x{n_items}" / "batchrec.duckdb"

@@ -14,6 +14,7 @@ from batchrec.errors import BatchrecError
 from batchrec.models.base import Recommender
 from batchrec.scoring.inputs import _check_fits_snapshot, _check_snapshot, _ids, _train_counts
 
+
 def _read_table(path: Path, what: str) -> pl.DataFrame:
     try:
         if path.suffix.lower() == ".parquet":
