@@ -232,7 +232,7 @@ def models() -> None:
 def score(wh: Warehouse, run_id, model, top_n, shard, publish_run, users_file, pairs, out, memory_budget,
           retention_days, device) -> None:
     """Write every user's top-N (seen items removed, cold start served) to `recommendations`."""
-    from batchrec import score as scoring
+    from batchrec import scoring
 
     click.echo(scoring.score_command(
         wh, run_id=run_id, model=model, top_n=top_n, shard=shard, publish_run=publish_run, users_file=users_file,

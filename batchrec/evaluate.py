@@ -12,7 +12,7 @@ snapshot's train part, has (or may have) the test rows in its training data, so 
 
 Each (run, protocol, metric, k) is one `evaluations` row; `protocol` is the name asked for (a
 preset's name for a preset), suffixed `:threshold=X` when relevance is not the default rating >= 4.
-Scoring goes through `metrics.measure`, which uses the production scorer (`score.topn`).
+Scoring goes through `metrics.measure`, which uses the production scorer (`ranking.topn`).
 The database is opened read-only for the reads and once, under the writer lock, for the final
 insert (one transaction): a failure part-way writes nothing.
 """
@@ -27,13 +27,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import duckdb
+import torch
 
+from batchrec.data import load_snapshot
 from batchrec.errors import BatchrecError
 from batchrec.features.params import PROTOCOLS as SPLIT_PROTOCOLS
 from batchrec.metrics import METRICS, base_metric_name, measure, metric_sort_key
-from batchrec.report import Reference, ReportInfo, ReportRun, compare_references, write_report
+from batchrec.models import available, get_model_class
+from batchrec.report import (
+    Reference,
+    ReportInfo,
+    ReportRun,
+    best_values,
+    compare_references,
+    format_value,
+    run_labels,
+    write_report,
+)
 from batchrec.runs import find_runs, resolve_run
 from batchrec.serving import refresh as refresh_serving
+from batchrec.train import fit_run, load_run_model
+from batchrec.training import choose_device
 from batchrec.warehouse import Warehouse, query_pl, transaction, utcnow
 
 log = logging.getLogger("batchrec.evaluate")
@@ -268,8 +282,6 @@ def _history(run_metrics: dict) -> list[dict]:
 
 def summary_table(runs: list[ReportRun], compare: bool) -> str:
     """Headline metrics (rows) x runs (columns) as aligned text; '*' marks the best with --compare."""
-    from batchrec.report import best_values, format_value, run_labels
-
     names = sorted({m for r in runs for m in r.metrics if m.split("@")[0] in SUMMARY}, key=metric_sort_key)
     best = best_values(runs, names) if compare else {}
     table = [("", *run_labels(runs)), ("run", *(r.run_id for r in runs))]
@@ -300,9 +312,6 @@ def _pick_runs(wh: Warehouse, spec: Spec, run_ids: list[str], families: list[str
                ) -> tuple[dict, list[dict], list[str], set[str]]:
     """The split to measure and the runs to measure on it: the given runs (checked for leakage),
     else the latest run of each family on that split, fitted now where there is none."""
-    from batchrec.models import available
-    from batchrec.train import fit_run
-
     notes, trained = [], set()
     with wh.connect(read_only=True) as con:
         chosen = given_runs(con, run_ids) if run_ids else []
@@ -341,12 +350,6 @@ def run_evaluation(wh: Warehouse, runs: str | None = None, models: str | None = 
                    device: str = "auto") -> Evaluation:
     """Evaluate runs (given, or the latest of each family, trained now if missing) on a protocol's
     test part; write the `evaluations` rows (one transaction) and the report."""
-    import torch
-
-    from batchrec.data import load_snapshot
-    from batchrec.models import get_model_class
-    from batchrec.train import choose_device, load_run_model
-
     spec = resolve_protocol(protocol)
     cutoffs = spec.preset.ks if spec.preset else parse_ks(ks)
     wanted = parse_metrics(metrics)

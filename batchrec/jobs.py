@@ -201,7 +201,7 @@ def _run_train(wh: Warehouse, s: dict) -> StepResult:
 
 
 def _run_score(wh: Warehouse, s: dict) -> StepResult:
-    from batchrec.score import score_command
+    from batchrec.scoring import score_command
 
     summary = score_command(wh, run_id=None, model=s["model"], top_n=s["top_n"], shard=None, publish_run=None,
                             users_file=None, pairs=None, out=None, memory_budget=s["memory_budget"],

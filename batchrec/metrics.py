@@ -3,18 +3,21 @@
 Ranking metrics take the recommended lists as an int matrix [n_users, K] (item indices, -1 where
 a user has fewer than K candidates) and the relevant items as a CSR matrix [n_users, n_items].
 Only users with at least one relevant item count (the others are dropped, as in the protocols).
-Ties in score are resolved by the scorer (`score.topn`); `canonical_order` then puts equal
+Ties in score are resolved by the scorer (`ranking.topn`); `canonical_order` then puts equal
 scores inside a list in ascending item order, so metrics never depend on the order in which
 the top-k kernel happens to return tied items.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Sequence
 
 import numpy as np
 import scipy.sparse as sp
+import torch
 
+from batchrec.ranking import topn
 
 # Every metric name (without @k), in display order, and whether higher is better (None: a count
 # or a descriptive figure that is not better or worse, e.g. the popularity of what is recommended).
@@ -208,10 +211,6 @@ def measure(model, data, ks=(10,), threshold: float = 4.0, memory_budget: int = 
       `eventwise_metrics`), same candidates.
     The input history of a user is their train part only (the model was fitted on it).
     """
-    import torch
-
-    from batchrec.score import topn
-
     ks = sorted(set(int(k) for k in ks))
     train, test = data.train, data.test
     out: dict[str, float] = {}
@@ -264,3 +263,11 @@ def measure(model, data, ks=(10,), threshold: float = 4.0, memory_budget: int = 
 def evaluate_model(model, data, ks=(10,), threshold: float = 4.0, memory_budget: int = 1 << 30) -> dict[str, float]:
     """The like-for-like protocol measurement of `measure`, as a plain metrics dict."""
     return measure(model, data, ks, threshold, memory_budget).metrics
+
+
+def validation_metrics(model, data, ks: Sequence[int] = (10,)) -> dict[str, float]:
+    """The evaluation protocol applied to the valid part, with the train part as the user's history."""
+    if data.valid is None or len(data.valid) == 0:
+        return {}
+    # valid=None: seen items (excluded from candidates) are the train part only.
+    return evaluate_model(model, replace(data, valid=None, test=data.valid), ks=ks)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 
+import duckdb
 import polars as pl
 
 from batchrec import serving
@@ -25,8 +26,6 @@ def _frame_text(df: pl.DataFrame, max_rows: int = 50) -> str:
 def sql_text(wh: Warehouse, query: str, fmt: str = "table") -> str:
     """Run one query on the serving database, on a read-only, sandboxed connection (no file,
     network or settings access: `open_readonly_sandboxed`); a table for people, CSV for scripts."""
-    import duckdb
-
     with open_readonly_sandboxed(serving.reader_path(wh)) as con:
         try:
             result = con.sql(query)

@@ -1,223 +1,34 @@
-"""The shared trainer (device choice, mini-batching, early stopping, schedules, checkpoints)
-and `batchrec train`, which fits a model on a snapshot and records a `model_runs` row.
-
-Gradient models hand the trainer their module, a loss over one batch and the training tensors;
-closed-form models (EASE, SVD, iALS, ...) only use its device, seed and logging.
-"""
+"""`batchrec train`: fit a model on a snapshot (with the shared `batchrec.training.Trainer`),
+save its artifact atomically and record a `model_runs` row."""
 
 from __future__ import annotations
 
-import copy
 import logging
-import math
 import os
 import re
 import secrets
 import shutil
 import socket
 import time
-from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
-import numpy as np
 import torch
 
 from batchrec import options
+from batchrec.data import load_snapshot
 from batchrec.errors import BatchrecError, Fault, first_line
-from batchrec.logs import bars_enabled, progress as progress_bar
+from batchrec.features import resolve_snapshot
+from batchrec.metrics import validation_metrics
+from batchrec.models import create_model, parse_params
+from batchrec.models.base import ARTIFACT_META, ARTIFACT_STATE, Recommender
 from batchrec.runs import insert_run, stored_artifact_path
 from batchrec.serving import refresh as refresh_serving
+from batchrec.training import Trainer, choose_device
 from batchrec.warehouse import transaction, utcnow
 
 log = logging.getLogger("batchrec.train")
 
-
-def choose_device(name: str = "auto") -> torch.device:
-    """'auto' -> CUDA when present, else CPU; 'cuda' without a GPU is an error, not a fallback."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise BatchrecError("--device cuda was asked for but no CUDA device is available (use --device auto or cpu)")
-    if name not in ("cpu", "cuda"):
-        raise BatchrecError(f"unknown device {name!r}; valid: auto, cpu, cuda")
-    return torch.device(name)
-
-
-class LazyAdam(torch.optim.Optimizer):
-    """Adam for sparse embedding gradients: only the rows in the batch move (like
-    torch.optim.SparseAdam, same update), done with row gathers and scatters, which measured
-    about twice as fast per step as SparseAdam's sparse-tensor arithmetic on this CPU."""
-
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if not p.grad.is_sparse:
-                    raise BatchrecError("sparse_adam needs sparse gradients (nn.Embedding(sparse=True))")
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-                grad = p.grad.coalesce()
-                rows, g = grad.indices()[0], grad.values()
-                m = state["exp_avg"].index_select(0, rows).lerp_(g, 1 - beta1)
-                v = state["exp_avg_sq"].index_select(0, rows).mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                state["exp_avg"].index_copy_(0, rows, m)
-                state["exp_avg_sq"].index_copy_(0, rows, v)
-                step_size = group["lr"] * math.sqrt(1 - beta2 ** state["step"]) / (1 - beta1 ** state["step"])
-                p.index_add_(0, rows, m.div_(v.sqrt_().add_(group["eps"])), alpha=-step_size)
-
-
-@dataclass
-class Trainer:
-    """Runs epochs of mini-batch training with early stopping on a validation metric."""
-
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    seed: int = 0
-    progress: bool | None = None  # None: a bar only on a terminal and not with -q (see logs.bars_enabled)
-    checkpoint_dir: Path | None = None
-    history: list[dict] = field(default_factory=list)
-    member: int = 0  # the member of an ensemble this trainer fits (see `for_member`)
-
-    def __post_init__(self) -> None:
-        if self.progress is None:
-            self.progress = bars_enabled()
-
-    def for_member(self, k: int) -> "Trainer":
-        """The trainer of member k of an ensemble: its own seed (member 0's is this trainer's),
-        the same device and history (its epochs logged with member=k)."""
-        seed = self.seed if k == 0 else int(np.random.SeedSequence([self.seed, k]).generate_state(1)[0])
-        return replace(self, seed=seed, member=k)
-
-    def generator(self, offset: int = 0) -> torch.Generator:
-        """A seeded generator on the training device (offset separates independent streams)."""
-        g = torch.Generator(device=self.device)
-        g.manual_seed(self.seed * 1_000_003 + offset)
-        return g
-
-    def log_epoch(self, **fields) -> None:
-        """Record one epoch in the history and log it as one key=value line."""
-        self.history.append(fields)
-        log.info(" ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items()))
-
-    def fit(
-        self,
-        module: torch.nn.Module,
-        loss_fn: Callable[..., torch.Tensor],
-        data: Sequence[torch.Tensor] | Callable[[int], Sequence[torch.Tensor]],
-        *,
-        epochs: int,
-        batch_size: int,
-        lr: float,
-        weight_decay: float = 0.0,
-        optimizer: str = "adam",
-        validate: Callable[[], float] | None = None,
-        higher_is_better: bool = False,
-        patience: int = 3,
-        lr_schedule: str = "none",
-        grad_clip: float | None = None,
-        metric_name: str = "valid",
-        name: str | None = None,
-    ) -> list[dict]:
-        """Train `module` by minimising `loss_fn(*batch)` over shuffled mini-batches.
-
-        `data` is a tuple of equal-length tensors, or a function epoch -> tuple (for data that is
-        resampled each epoch, e.g. BPR negatives). After each epoch `validate()` (if given) is
-        called; the best state is kept and restored, and training stops after `patience` epochs
-        without improvement. A non-finite loss stops training with a clear error. `name` (the
-        model family) labels the progress bar and errors.
-        """
-        name = name or type(module).__name__
-        torch.manual_seed(self.seed)
-        module.to(self.device)
-        params = [p for p in module.parameters() if p.requires_grad]
-        if optimizer == "adam":
-            opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-        elif optimizer == "adamw":
-            opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-        elif optimizer == "sgd":
-            opt = torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=0.9)
-        elif optimizer == "adagrad":
-            opt = torch.optim.Adagrad(params, lr=lr, weight_decay=weight_decay)
-        elif optimizer == "sparse_adam":
-            # For modules made only of nn.Embedding(sparse=True): each step updates just the rows
-            # of the batch (lazy Adam), instead of every row of every table. No weight decay:
-            # such models put their L2 on the batch rows in the loss.
-            opt = LazyAdam(params, lr=lr)
-        else:
-            raise BatchrecError(f"unknown optimizer {optimizer!r}; valid: adam, adamw, sgd, adagrad, sparse_adam")
-        if lr_schedule == "cosine":
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
-        elif lr_schedule == "plateau":
-            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max" if higher_is_better else "min",
-                                                               factor=0.5, patience=1)
-        elif lr_schedule == "none":
-            sched = None
-        else:
-            raise BatchrecError(f"unknown lr_schedule {lr_schedule!r}; valid: none, cosine, plateau")
-
-        gen = self.generator()
-        best, best_state, stale = -math.inf if higher_is_better else math.inf, None, 0
-        with progress_bar(epochs, name, unit="epoch", enabled=self.progress) as bar:
-            for epoch in range(1, epochs + 1):
-                t0 = time.perf_counter()
-                tensors = data(epoch) if callable(data) else data
-                n = len(tensors[0])
-                order = torch.randperm(n, generator=gen, device=self.device)
-                module.train()
-                total = torch.zeros((), device=self.device)
-                for start in range(0, n, batch_size):
-                    idx = order[start:start + batch_size]
-                    loss = loss_fn(*(t[idx] for t in tensors))
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if grad_clip:
-                        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-                    opt.step()
-                    total += loss.detach() * len(idx)
-                mean_loss = float(total) / max(n, 1)
-                if not math.isfinite(mean_loss):
-                    raise BatchrecError(f"{name}: training diverged (loss is {mean_loss} at epoch "
-                                        f"{epoch}); lower the learning rate (lr={lr}) or raise regularisation")
-                row = {"epoch": epoch, "loss": mean_loss, "lr": opt.param_groups[0]["lr"]} | \
-                    ({"member": self.member} if self.member else {})
-                if validate is not None:
-                    module.eval()
-                    with torch.no_grad():
-                        metric = float(validate())
-                    row[metric_name] = metric
-                    improved = metric > best if higher_is_better else metric < best
-                    if improved:
-                        best, best_state, stale = metric, copy.deepcopy(module.state_dict()), 0
-                        if self.checkpoint_dir is not None:
-                            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-                            torch.save(best_state, self.checkpoint_dir / "checkpoint.pt")
-                    else:
-                        stale += 1
-                row["seconds"] = time.perf_counter() - t0
-                self.log_epoch(**row)
-                bar.update()
-                bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k not in ("epoch", "seconds")})
-                if sched is not None:
-                    sched.step(row.get(metric_name, mean_loss)) if lr_schedule == "plateau" else sched.step()
-                if validate is not None and stale >= patience:
-                    break
-        if best_state is not None:
-            module.load_state_dict(best_state)
-        module.eval()
-        return self.history
-
-
-# -- `batchrec train`: fit a model on a snapshot and record a model run ------------------------
 _PARTIAL = re.compile(r"^\.(?P<run>[^.]+)\.(?P<pid>\d+)@(?P<host>.+)\.partial$")
 # How torch's zip writer reports a write the file system refused (a full disk, an I/O error)
 _TORCH_WRITE_FAILED = re.compile(r"inline_container|PytorchStreamWriter|iostream error|file write failed")
@@ -230,8 +41,6 @@ def fit_model(model_name: str, data, params: dict | None = None, device: torch.d
     The one place a model gets fitted (CLI, evaluation, benchmarks). A model whose scores come out
     non-finite is rejected here, so a broken model is never saved.
     """
-    from batchrec.models import create_model
-
     model = create_model(model_name, params)
     trainer = Trainer(device=torch.device(device), seed=model.params.get("seed", 0), progress=progress)
     model.prepare(data, trainer.device)
@@ -242,18 +51,6 @@ def fit_model(model_name: str, data, params: dict | None = None, device: torch.d
         raise BatchrecError(f"{model_name}: training diverged (non-finite scores after fitting); "
                             "lower the learning rate or raise regularisation")
     return model, trainer
-
-
-def validation_metrics(model, data, ks: Sequence[int] = (10,)) -> dict[str, float]:
-    """The evaluation protocol applied to the valid part, with the train part as the user's history."""
-    from dataclasses import replace
-
-    from batchrec.metrics import evaluate_model
-
-    if data.valid is None or len(data.valid) == 0:
-        return {}
-    # valid=None: seen items (excluded from candidates) are the train part only.
-    return evaluate_model(model, replace(data, valid=None, test=data.valid), ks=ks)
 
 
 def new_run_id(model_name: str, created) -> str:
@@ -314,10 +111,6 @@ def _fit_run(wh, model_name: str, snapshot: str, protocol: str | None, params: d
              publish: bool = False) -> dict:
     """Fit and record one run under the writer lock; `publish`: rebuild the serving database
     after (a command's last step; evaluate's own fits leave that to evaluate)."""
-    from batchrec.data import load_snapshot
-    from batchrec.features import resolve_snapshot
-    from batchrec.models import create_model
-
     dev = choose_device(device)
     create_model(model_name, params)  # unknown model or bad parameter: fail before any work
     with wh.lock("train"):
@@ -357,8 +150,6 @@ def fit_run(wh, model_name: str, snapshot: str = "latest", protocol: str | None 
 def train_model(wh, model: str, snapshot: str = options.TRAIN_SNAPSHOT.default, protocol: str | None = None,
                 params: Sequence[str] = (), device: str = options.DEVICE.default) -> str:
     """`batchrec train`: parse KEY=VALUE parameters, fit, record; returns a one-line summary."""
-    from batchrec.models import parse_params
-
     row = _fit_run(wh, model, snapshot, protocol, parse_params(model, tuple(params)), device, publish=True)
     valid = row["metrics"]["valid"]
     shown = [f"{k}={valid[k]:.4f}" for k in ("rmse", "ndcg@10", "recall@10", "precision@10") if k in valid]
@@ -371,8 +162,6 @@ def train_model(wh, model: str, snapshot: str = options.TRAIN_SNAPSHOT.default, 
 def load_run_model(run_row: dict, device: torch.device | str = "auto"):
     """The fitted model of a run (a row as `batchrec.runs` returns it, artifact path resolved), on
     `device` ('auto'/'cpu'/'cuda' or a torch device)."""
-    from batchrec.models.base import ARTIFACT_META, ARTIFACT_STATE, Recommender
-
     dev = device if isinstance(device, torch.device) else choose_device(device)
     path = Path(run_row["artifact_path"])
     if not ((path / ARTIFACT_META).exists() and (path / ARTIFACT_STATE).exists()):

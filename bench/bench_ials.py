@@ -80,7 +80,7 @@ def run_batchrec(X: sp.csr_matrix, args, out) -> None:
 
     from batchrec.data import Interactions, SnapshotData
     from batchrec.models import create_model
-    from batchrec.train import Trainer
+    from batchrec.training import Trainer
 
     torch.set_num_threads(args.threads)
     coo = X.tocoo()

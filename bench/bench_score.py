@@ -159,7 +159,8 @@ def floor(model, budget: str, top_n: int, library: str, select: str = "torch") -
     select="batchrec" the top-k is batchrec's own kernel (what the scorer uses) instead of torch.topk."""
     import torch
 
-    from batchrec.score import block_size, parse_memory_budget
+    from batchrec.ranking import block_size
+    from batchrec.scoring import parse_memory_budget
     from batchrec.topk import row_topk
 
     topk = (lambda s: torch.topk(s, top_n, dim=1)) if select == "torch" else (lambda s: row_topk(s, top_n))
@@ -203,12 +204,13 @@ def measure(workdir: Path, budget: str, top_n: int, repeat: int) -> None:
     with the time in explanations measured inside it; then the floor once more (the machine is
     shared: each score run is compared with the mean of the floors either side of it), then the
     torch-matmul floor for reference."""
-    import batchrec.score as scoring
+    import batchrec.scoring as scoring
+    import batchrec.scoring.sources as sources
     from batchrec.runs import resolve_run
     from batchrec.warehouse import Warehouse, scalar
 
     spent = [0.0]
-    inner = scoring.explain_anchors
+    inner = sources.explain_anchors  # patched where the scorer calls it
 
     def timed(*a, **k):
         t = time.perf_counter()
@@ -217,7 +219,7 @@ def measure(workdir: Path, budget: str, top_n: int, repeat: int) -> None:
         finally:
             spent[0] += time.perf_counter() - t
 
-    scoring.explain_anchors = timed
+    sources.explain_anchors = timed
     wh = Warehouse(workdir / "batchrec.duckdb")
     model = factors(workdir)
     floors, runs = [], []
@@ -247,9 +249,10 @@ def ease(workdir: Path, n_users: int, n_items: int, budget: str, top_n: int) -> 
     import scipy.sparse as sp
     import torch
 
-    import batchrec.score as scoring
+    import batchrec.scoring as scoring
     from batchrec.data import csr_to_torch
     from batchrec.models.base import Recommender
+    from batchrec.ranking import block_size
     from batchrec.warehouse import Warehouse, utcnow
 
     path = workdir / f"ease-{n_users}x{n_items}" / "batchrec.duckdb"
@@ -278,7 +281,7 @@ def ease(workdir: Path, n_users: int, n_items: int, budget: str, top_n: int) -> 
     model.n_users, model.n_items = n_users, n_items
     run = {"run_id": "bench-ease", "model": "ease", "snapshot_id": "bench", "protocol": None}
     budget_bytes = scoring.parse_memory_budget(budget)
-    step = scoring.block_size(n_items, budget_bytes)
+    step = block_size(n_items, budget_bytes)
     t0 = time.perf_counter()
     with torch.no_grad():
         for a in range(0, n_users, step):

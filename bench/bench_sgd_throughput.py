@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from batchrec.data import Interactions, SnapshotData  # noqa: E402
 from batchrec.models.bpr import NegativeSampler  # noqa: E402
-from batchrec.train import Trainer, fit_model  # noqa: E402
+from batchrec.train import fit_model  # noqa: E402
+from batchrec.training import Trainer  # noqa: E402
 
 N_USERS, N_ITEMS = 138_493, 26_744
 

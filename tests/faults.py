@@ -2,7 +2,7 @@
 
 `fault_env(tmp, code)` writes a `sitecustomize.py` into `tmp` that Python imports at start-up in
 the child process (its folder comes first on PYTHONPATH). `code` patches the real functions there
-with the helpers below, e.g. `score.publish = pause_before(score.publish)`. A pause writes the file
+with the helpers below, e.g. `run.publish = pause_before(run.publish)` in `batchrec.scoring.run`. A pause writes the file
 `PAUSED` (so the test knows the process got there) and then waits for the file `GO` (or forever,
 until the test kills it with SIGKILL).
 

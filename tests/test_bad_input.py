@@ -61,7 +61,7 @@ def base(tmp_path_factory) -> dict:
     commands call)."""
     from batchrec.features import build_snapshot
     from batchrec.ingest.run import ingest_path
-    from batchrec.score import score_command
+    from batchrec.scoring import score_command
     from batchrec.train import fit_run
     from batchrec.warehouse import Warehouse
 

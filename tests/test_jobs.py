@@ -122,7 +122,7 @@ KILL_POINT = {
     "ingest": "import batchrec.ingest.run as m\nm.transaction = pause_in(m.transaction)",
     "features": "import batchrec.features.snapshots as m\nm.transaction = pause_in(m.transaction)",
     "train": "import batchrec.models.base as m\nm.Recommender.save = pause_after(m.Recommender.save)",
-    "score": "import batchrec.score as m\nm.transaction = pause_in(m.transaction)",
+    "score": "import batchrec.scoring.publishing as m\nm.transaction = pause_in(m.transaction)",
     "evaluate": "import batchrec.evaluate as m\nm.transaction = pause_in(m.transaction)",
 }
 

@@ -16,7 +16,8 @@ from batchrec.models import create_model, parse_params
 from batchrec.models.base import Recommender
 from batchrec.models.bpr import NegativeSampler
 from batchrec.models.mf import RANKING_PARAMS
-from batchrec.train import Trainer, fit_model
+from batchrec.train import fit_model
+from batchrec.training import Trainer
 from reference import known_test_pairs, popularity_scores, protocol_ndcg
 
 FAMILIES = ("popularity", "mf", "svd", "bpr")

@@ -26,7 +26,7 @@ from batchrec.metrics import evaluate_model
 from batchrec.models import parse_params
 from batchrec.models.base import Recommender
 from batchrec.models.multvae import MULT_VAE
-from batchrec.score import topn
+from batchrec.ranking import topn
 from batchrec.train import fit_model
 from batchrec.warehouse import Warehouse
 

@@ -19,16 +19,17 @@ import pytest
 import scipy.sparse as sp
 import torch
 from click.testing import CliRunner
+from faults import fault_env, go, start_batchrec, wait_until_paused
 
 from batchrec.cli import main
 from batchrec.errors import BatchrecError
 from batchrec.features import build_snapshot
 from batchrec.models.base import Recommender
+from batchrec.ranking import topn
 from batchrec.runs import resolve_run
-from batchrec.score import load_inputs, mix64, parse_shard, publish, score_run, shard_of, topn, write_parquet
+from batchrec.scoring import load_inputs, mix64, parse_shard, publish, score_run, shard_of, write_parquet
 from batchrec.train import fit_run, load_run_model
 from batchrec.warehouse import Warehouse, scalar
-from faults import fault_env, go, start_batchrec, wait_until_paused
 
 ML_SMALL = Path(__file__).resolve().parent.parent / "batchrec" / "datasets" / "ml-latest-small"
 AS_OF = "2018-06-01"  # ml-latest-small runs to 2018-09: users who start later are cold
@@ -267,7 +268,7 @@ def test_topn_equals_brute_force_across_block_sizes():
 
 @pytest.mark.parametrize("kind", ["vectors", "item_item"])
 def test_explanation_anchor_is_the_most_similar_liked_item(kind):
-    from batchrec.score import explain_anchors, explanation_similarity
+    from batchrec.scoring import explain_anchors, explanation_similarity
 
     rng = np.random.default_rng(5)
     vecs = rng.standard_normal((400, 6)).astype(np.float32)
@@ -294,7 +295,7 @@ def test_explanation_anchor_is_the_most_similar_liked_item(kind):
 
 
 def test_anchor_sample_keeps_short_histories_whole_and_caps_long_ones():
-    from batchrec.score import _sample_rows
+    from batchrec.scoring.inputs import _sample_rows
 
     rng = np.random.default_rng(8)
     counts = np.r_[np.arange(0, 33), np.full(200, 300)]
@@ -423,7 +424,7 @@ def _start_scoring(wh: Warehouse, run: str, fault: Path, code: str) -> subproces
                           env=fault_env(fault, code))
 
 
-PAUSE_BEFORE_PUBLISH = "import batchrec.score as m\nm.publish = pause_before(m.publish)\n"
+PAUSE_BEFORE_PUBLISH = "import batchrec.scoring.run as m\nm.publish = pause_before(m.publish)\n"
 
 
 def test_kill_9_before_the_swap_leaves_the_previous_run_intact(base, tmp_path):
@@ -435,9 +436,8 @@ def test_kill_9_before_the_swap_leaves_the_previous_run_intact(base, tmp_path):
         wait_until_paused(proc, fault)  # everyone scored, nothing published yet
         # meanwhile the warehouse is readable and shows the previous run; the writer lock is held
         assert _recs(wh).equals(before)
-        with pytest.raises(BatchrecError, match="busy"):
-            with wh.lock("probe"):
-                pass
+        with pytest.raises(BatchrecError, match="busy"), wh.lock("probe"):
+            pass
     finally:
         proc.kill()
         proc.communicate()
@@ -459,7 +459,7 @@ def test_kill_9_inside_the_publish_transaction_leaves_the_previous_run_intact(ba
     before, history = _recs(wh), _history_rows(wh)
     fault = tmp_path / "fault"
     # paused with the old rows moved to history, deleted and the new ones inserted, before COMMIT
-    proc = _start_scoring(wh, base["mf"], fault, "import batchrec.score as m\nm.transaction = pause_in(m.transaction)\n")
+    proc = _start_scoring(wh, base["mf"], fault, "import batchrec.scoring.publishing as m\nm.transaction = pause_in(m.transaction)\n")
     try:
         wait_until_paused(proc, fault)
         with pytest.raises(BatchrecError, match="busy"):  # it holds the DuckDB file open for writing
@@ -510,7 +510,7 @@ def test_a_reader_in_another_process_sees_the_old_run_and_the_publish_waits_for_
     before = _recs(wh)
     fault = tmp_path / "fault"
     proc = _start_scoring(wh, base["mf"], fault, PAUSE_BEFORE_PUBLISH +
-                          "m._open_for_publish = mark_after(m._open_for_publish, 'OPENED')\n")
+                          "import batchrec.scoring.publishing as p\np._open_for_publish = mark_after(p._open_for_publish, 'OPENED')\n")
     try:
         wait_until_paused(proc, fault)
         reader = _start_reader(wh, 3.0, tmp_path / "never")  # open across the publish moment
@@ -531,7 +531,7 @@ def test_a_reader_holding_the_file_past_the_publish_wait_leaves_the_old_run_and_
     before = _recs(wh)
     fault, release = tmp_path / "fault", tmp_path / "release"
     proc = _start_scoring(wh, base["mf"], fault, PAUSE_BEFORE_PUBLISH +
-                          "m._open_for_publish = functools.partial(m._open_for_publish, wait_s=1.0)\n")
+                          "import batchrec.scoring.publishing as p\np._open_for_publish = functools.partial(p._open_for_publish, wait_s=1.0)\n")
     try:
         wait_until_paused(proc, fault)
         reader = _start_reader(wh, 600, release)

@@ -12,8 +12,10 @@ import torch
 
 from batchrec.data import events_from_end, time_order
 from batchrec.errors import BatchrecError
+from batchrec.metrics import ranking_metrics
 from batchrec.models.base import Param
 from batchrec.models.ease import positive_weights, recency_weights
+from batchrec.ranking import topn
 
 # The ranking families average independently seeded fits: on ml-latest-small one seed's NDCG@10
 # moves by +-0.005, and the mean of four fits ranked clearly better than any one (see their TUNING).
@@ -188,9 +190,6 @@ def ranking_validator(model, data, k: int = 10, threshold: float = 4.0) -> Calla
     """Validation NDCG@k: relevant = valid items rated >= threshold (all, when implicit) that are in
     the train catalogue; candidates = that catalogue minus the user's train items. None without a
     validation part."""
-    from batchrec.metrics import ranking_metrics
-    from batchrec.score import topn
-
     v = data.valid
     if v is None or len(v) == 0:
         return None

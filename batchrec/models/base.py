@@ -34,7 +34,7 @@ from batchrec.options import SEED_MAX, SEED_MIN
 
 if TYPE_CHECKING:
     from batchrec.data import SnapshotData
-    from batchrec.train import Trainer
+    from batchrec.training import Trainer
 
 ARTIFACT_STATE = "state.pt"
 ARTIFACT_META = "model.json"

@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from batchrec.errors import BatchrecError
+from batchrec.metrics import validation_metrics
 from batchrec.models.base import Param, Recommender
 from batchrec.models.mf import recency_weights
 
@@ -156,8 +157,6 @@ class BPRMF(Recommender):
 
         validate = None
         if data.valid is not None and len(data.valid):
-            from batchrec.train import validation_metrics
-
             def validate() -> float:
                 return validation_metrics(self, data)["ndcg@10"]
 
