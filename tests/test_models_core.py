@@ -14,7 +14,7 @@ from batchrec.errors import BatchrecError
 from batchrec.metrics import evaluate_model
 from batchrec.models import create_model, parse_params
 from batchrec.models.base import Recommender
-from batchrec.models.bpr import NegativeSampler
+from batchrec.models.sampling import NegativeSampler
 from batchrec.models.mf import RANKING_PARAMS
 from batchrec.train import Trainer, fit_model
 from reference import known_test_pairs, popularity_scores, protocol_ndcg

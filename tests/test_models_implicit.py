@@ -19,7 +19,8 @@ from batchrec.errors import BatchrecError
 from batchrec.metrics import evaluate_model
 from batchrec.models import create_model, parse_params
 from batchrec.models.base import Recommender
-from batchrec.models.ease import EASE, positive_weights, query_weights
+from batchrec.models.ease import EASE
+from batchrec.models.weights import positive_weights, query_weights
 from batchrec.models.ials import ObservedPairs, conjugate_gradient, conjugate_gradient_fused, gram_matrix_fixed_order
 from batchrec.models.itemknn import cosine_topk
 from batchrec.train import fit_model

@@ -225,7 +225,7 @@ def test_two_tower_user_tower_must_not_be_empty(ml_small):
 def test_a_random_cut_splits_each_history_into_a_past_and_a_future(ml_small):
     """The future term's input: rows in time order, cut once each, the prefix recency-weighted."""
     from batchrec.data import events_from_end
-    from batchrec.models._nn import SparseRows
+    from batchrec.data import SparseRows
 
     train = ml_small.train
     later = events_from_end(train).astype(np.float32)  # strictly falls along a user's time line
@@ -280,7 +280,7 @@ def _with_nets(model, nets):
 
 def test_multvae_reconstruction_is_weighed_by_the_targets(ml_small):
     """The decoder is scored against the target rows (recency-weighted in training), not the input."""
-    from batchrec.models._nn import SparseRows
+    from batchrec.data import SparseRows
     from batchrec.models.multvae import _MultVAENet
 
     x = ml_small.train.csr(ml_small.n_users, ml_small.n_items, "ones")
