@@ -209,3 +209,102 @@ def csr_to_torch(m: sp.csr_matrix, device: torch.device | str = "cpu") -> torch.
                                     torch.from_numpy(m.data.astype(np.float32, copy=False)), size=m.shape,
                                     check_invariants=False)
     return t.to(device)
+
+
+def csr_state(m: sp.csr_matrix) -> dict[str, torch.Tensor]:
+    """A scipy CSR matrix as the three tensors a model's saved state holds (see `csr_from_state`)."""
+    return {"indptr": torch.from_numpy(m.indptr.astype(np.int64)), "indices": torch.from_numpy(m.indices.astype(np.int64)),
+            "data": torch.from_numpy(m.data.astype(np.float32))}
+
+
+def csr_from_state(s: dict[str, torch.Tensor], shape) -> sp.csr_matrix:
+    """The scipy CSR matrix of `csr_state`, on the CPU."""
+    return sp.csr_matrix((s["data"].cpu().numpy(), s["indices"].cpu().numpy(), s["indptr"].cpu().numpy()), shape=shape)
+
+
+class SparseRows:
+    """A CSR matrix kept on the device as three tensors; batches of rows come out dense."""
+
+    def __init__(self, indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, n_cols: int):
+        self.indptr, self.indices, self.values, self.n_cols = indptr, indices, values, int(n_cols)
+
+    @classmethod
+    def from_scipy(cls, m: sp.spmatrix, device: torch.device | str) -> "SparseRows":
+        m = m.tocsr()
+        m.sum_duplicates()
+        return cls(torch.from_numpy(m.indptr.astype(np.int64)).to(device),
+                   torch.from_numpy(m.indices.astype(np.int64)).to(device),
+                   torch.from_numpy(m.data.astype(np.float32)).to(device), m.shape[1])
+
+    @classmethod
+    def from_events(cls, events, values: np.ndarray, keep: np.ndarray, n_users: int, n_items: int,
+                    device: torch.device | str) -> "SparseRows":
+        """The user x item rows of the `keep` events, valued by `values` (repeated pairs summed)."""
+        return cls.from_scipy(sp.csr_matrix((values[keep], (events.user_idx[keep], events.item_idx[keep])),
+                                            shape=(n_users, n_items)), device)
+
+    @classmethod
+    def in_time_order(cls, events, values: np.ndarray, keep: np.ndarray, n_users: int, n_items: int,
+                      device: torch.device | str) -> "SparseRows":
+        """The user x item rows of the `keep` events, each row's entries in time order (by ts, then
+        item), valued by `values`; repeated pairs stay separate entries."""
+        idx = time_order(events)
+        idx = idx[keep[idx]]
+        indptr = np.concatenate([[0], np.cumsum(np.bincount(events.user_idx[idx], minlength=n_users))])
+        return cls(torch.from_numpy(indptr.astype(np.int64)).to(device),
+                   torch.from_numpy(events.item_idx[idx].astype(np.int64)).to(device),
+                   torch.from_numpy(values[idx].astype(np.float32)).to(device), n_items)
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.indptr) - 1
+
+    def state(self, prefix: str) -> dict:
+        return {f"{prefix}_indptr": self.indptr, f"{prefix}_indices": self.indices, f"{prefix}_values": self.values,
+                f"{prefix}_cols": self.n_cols}
+
+    @classmethod
+    def from_state(cls, state: dict, prefix: str) -> "SparseRows":
+        return cls(state[f"{prefix}_indptr"], state[f"{prefix}_indices"], state[f"{prefix}_values"],
+                   state[f"{prefix}_cols"])
+
+    def entries(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The stored entries of rows `rows`: (position in `rows`, column, value) per entry, ordered by
+        position, and the offset of each row's first entry (EmbeddingBag layout)."""
+        start = self.indptr[rows]
+        lens = self.indptr[rows + 1] - start
+        row_of = torch.repeat_interleave(torch.arange(len(rows), device=rows.device), lens)
+        first = torch.cumsum(lens, 0) - lens
+        pos = start[row_of] + torch.arange(len(row_of), device=rows.device) - first[row_of]
+        return row_of, self.indices[pos], self.values[pos], first
+
+    def cut_at_random(self, rows: torch.Tensor, cut_min: float, halflife: float, floor: float
+                      ) -> tuple[torch.Tensor, ...]:
+        """For rows built `in_time_order`: each row cut at a random point, uniform over the
+        fractions [cut_min, 1) of its length, at least one entry on each side. Returns the rows'
+        entries (position in `rows`, column, value, row offsets) and, per entry, whether it lies
+        before the cut and its recency factor floor + (1 - floor) * 0.5 ** (k / halflife), k = the
+        entries between it and the cut (1 at halflife 0): the prefix weighted as a scoring-time
+        query is, at a point in the user's past."""
+        row_of, cols, vals, offsets = self.entries(rows)
+        lens = torch.diff(offsets, append=offsets.new_tensor([len(cols)]))
+        fraction = cut_min + (1.0 - cut_min) * torch.rand(len(rows), device=vals.device)
+        cut = torch.minimum((fraction * lens).long(), lens - 1).clamp(min=1)[row_of]
+        k = cut - 1 - (torch.arange(len(cols), device=vals.device) - offsets[row_of])
+        before = k >= 0
+        recency = floor + (1.0 - floor) * 0.5 ** (k.clamp(min=0) / halflife) if halflife > 0 \
+            else torch.ones_like(vals)
+        return row_of, cols, vals, offsets, before, recency
+
+    def dense(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows `rows` as a dense float32 [len(rows), n_cols] tensor (one scatter, no Python loop)."""
+        row_of, cols, vals, _ = self.entries(rows)
+        out = torch.zeros(len(rows), self.n_cols, device=self.values.device)
+        out[row_of, cols] = vals
+        return out
+
+    def torch_sparse(self) -> torch.Tensor:
+        """The whole matrix as a torch sparse COO tensor (for `torch.sparse.mm`)."""
+        rows = torch.repeat_interleave(torch.arange(self.n_rows, device=self.indptr.device), torch.diff(self.indptr))
+        return torch.sparse_coo_tensor(torch.stack([rows, self.indices]), self.values,
+                                       (self.n_rows, self.n_cols)).coalesce()

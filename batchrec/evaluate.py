@@ -34,6 +34,7 @@ from batchrec.errors import BatchrecError
 from batchrec.features.params import PROTOCOLS as SPLIT_PROTOCOLS
 from batchrec.metrics import METRICS, base_metric_name, measure, metric_sort_key
 from batchrec.models import available, get_model_class
+from batchrec.options import RELEVANCE_THRESHOLD
 from batchrec.report import (
     Reference,
     ReportInfo,
@@ -57,7 +58,6 @@ EVENTWISE = "leave_last_n_positive_events"
 PROTOCOLS: dict[str, str] = {p: p for p in SPLIT_PROTOCOLS} | {EVENTWISE: "leave_last_n_positive"}
 # counts written beside the metrics (how many users / events / pairs a figure averages over)
 COUNTS = ("users", "events", "n_known", "n_unknown")
-DEFAULT_THRESHOLD = 4.0
 # metrics shown in the terminal summary (the report has them all)
 SUMMARY = ("rmse", "mae", "precision", "recall", "ndcg", "hit_rate", "map", "mrr", "coverage", "users", "events")
 
@@ -346,7 +346,7 @@ def _pick_runs(wh: Warehouse, spec: Spec, run_ids: list[str], families: list[str
 
 def run_evaluation(wh: Warehouse, runs: str | None = None, models: str | None = None,
                    protocol: str = "user_temporal", ks: str = "5,10,20", report_dir: str | Path | None = "reports",
-                   compare: bool = False, threshold: float = 4.0, metrics: str | None = None,
+                   compare: bool = False, threshold: float = RELEVANCE_THRESHOLD, metrics: str | None = None,
                    device: str = "auto") -> Evaluation:
     """Evaluate runs (given, or the latest of each family, trained now if missing) on a protocol's
     test part; write the `evaluations` rows (one transaction) and the report."""
@@ -387,7 +387,7 @@ def run_evaluation(wh: Warehouse, runs: str | None = None, models: str | None = 
 
     at = utcnow()
     # evaluations has no threshold column: a non-default one is part of the protocol's name there
-    label = spec.name if threshold == DEFAULT_THRESHOLD else f"{spec.name}:threshold={threshold:g}"
+    label = spec.name if threshold == RELEVANCE_THRESHOLD else f"{spec.name}:threshold={threshold:g}"
     rows = [r for res in results for r in _rows_for(res.run_id, label, res.metrics, at)]
     write_evaluations(wh, rows)
     report = None
@@ -404,7 +404,7 @@ def run_evaluation(wh: Warehouse, runs: str | None = None, models: str | None = 
 
 def evaluate_command(wh: Warehouse, runs: str | None = None, models: str | None = None,
                      protocol: str = "user_temporal", ks: str = "5,10,20", report_dir: str | Path | None = "reports",
-                     compare: bool = False, threshold: float = 4.0, metrics: str | None = None,
+                     compare: bool = False, threshold: float = RELEVANCE_THRESHOLD, metrics: str | None = None,
                      device: str = "auto") -> str:
     """`batchrec evaluate`: `run_evaluation`, summarised as text (table, published numbers, report path)."""
     ev = run_evaluation(wh, runs=runs, models=models, protocol=protocol, ks=ks, report_dir=report_dir,

@@ -19,6 +19,10 @@ SEED_MIN, SEED_MAX = 0, 2**32 - 1
 
 DEVICES = ("auto", "cpu", "cuda")
 
+# An explicit rating at or above this marks an item the user liked: relevant when evaluating, and
+# a positive where the protocols and validators need one.
+RELEVANCE_THRESHOLD = 4.0
+
 
 class FiniteFloat(click.ParamType):
     """A float option that refuses nan and +-inf (which pass every `<`/`>` bound check)."""
@@ -116,7 +120,7 @@ EVALUATE_MODELS = Option(str, None, "Comma-separated model families (trains them
 EVALUATE_PROTOCOL = Option(str, "user_temporal", "Split protocol or preset.")
 EVALUATE_KS = Option(str, "5,10,20", "Comma-separated cut-offs.")
 EVALUATE_REPORT = Option(str, "reports", "Folder of the HTML report.")
-EVALUATE_THRESHOLD = Option(float, 4.0, "Relevant = test rating >= threshold.")
+EVALUATE_THRESHOLD = Option(float, RELEVANCE_THRESHOLD, "Relevant = test rating >= threshold.")
 
 # -- recommend --------------------------------------------------------------------------------
 HISTORY = Option(int, 10, "Recent ratings to show.", min=0)

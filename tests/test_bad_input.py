@@ -588,7 +588,7 @@ def test_permission_and_quota_errors_are_faults_too():
 def test_list_sanity_passes_real_lists_and_names_each_degenerate_case(base):
     import polars as pl
 
-    from batchrec.score import list_sanity
+    from batchrec.scoring import list_sanity
 
     con = duckdb.connect(str(base["folder"] / DB), read_only=True)
     ease = con.sql("SELECT user_id, rank, item_id, score FROM recommendations").pl()  # EASE's published lists

@@ -4,7 +4,8 @@ quality targets under the like-for-like protocol."""
 
 from __future__ import annotations
 
-import dataclasses
+import importlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,100 +13,59 @@ import torch
 
 from batchrec.errors import BatchrecError
 from batchrec.metrics import evaluate_model
-from batchrec.models import create_model, parse_params
-from batchrec.models.base import Recommender
-from batchrec.models.bpr import NegativeSampler
+from batchrec.models import REGISTRY
+from batchrec.models.sampling import NegativeSampler
 from batchrec.models.mf import RANKING_PARAMS
 from batchrec.train import fit_model
 from batchrec.training import Trainer
+from model_contract import ModelContract, implicit_copy
 from reference import known_test_pairs, popularity_scores, protocol_ndcg
 
 FAMILIES = ("popularity", "mf", "svd", "bpr")
 # Small settings so the interface tests stay fast; the quality tests use the defaults.
 FAST = {"popularity": {}, "mf": {"factors": 8, "epochs": 2, "batch_size": 4096}, "svd": {"factors": 8},
         "bpr": {"factors": 8, "epochs": 2, "batch_size": 4096}}
-SEEDED = ("mf", "bpr")  # families whose result depends on the seed beyond sign/rounding
+
+
+
+
+class TestPopularity(ModelContract):
+    family, quick, seeded, factor_vectors = "popularity", FAST["popularity"], False, True
+    bad_params = [("variant=median", "must be one of"), ("prior_weight=-1", "out of range")]
+
+
+class TestMF(ModelContract):
+    family, quick, factor_vectors = "mf", FAST["mf"], True
+    bad_params = [("factors=abc", "not a valid int"), ("factors=0", "out of range"), ("lr=-1", "out of range"),
+                  ("biased=maybe", "not a valid bool"), ("optimizer=rmsprop", "must be one of")]
+
+
+class TestSVD(ModelContract):
+    family, quick, seeded, factor_vectors = "svd", FAST["svd"], False, True
+    bad_params = [("centering=median", "must be one of"), ("factors=2.5", "not a valid int")]
+
+
+class TestBPR(ModelContract):
+    family, quick, factor_vectors = "bpr", FAST["bpr"], True
+    bad_params = [("negatives=0", "out of range"), ("neg_alpha=x", "not a valid float")]
+
+
+def test_every_registered_family_has_a_contract_class():
+    """Each family in the models registry is tested by a `ModelContract` subclass of a test module."""
+    for module in sorted(Path(__file__).parent.glob("test_models_*.py")):
+        importlib.import_module(module.stem)
+    covered, pending = set(), list(ModelContract.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        if "family" in vars(cls):  # intermediate bases (e.g. the neural one) name no family
+            covered.add(cls.family)
+        pending.extend(cls.__subclasses__())
+    assert covered == set(REGISTRY)
 
 
 @pytest.fixture(scope="module")
 def fitted(fit_once):
     return lambda name: fit_once(name, FAST[name])[0]
-
-
-def _users(data, n=50):
-    return torch.from_numpy(np.random.default_rng(7).choice(data.n_users, n, replace=False))
-
-
-@pytest.mark.parametrize("name", FAMILIES)
-def test_save_load_gives_identical_scores(name, fitted, ml_small, tmp_path):
-    model = fitted(name)
-    loaded = Recommender.load(model.save(tmp_path / name))
-    users = _users(ml_small)
-    assert type(loaded) is type(model) and loaded.params == model.params
-    assert torch.equal(loaded.score(users), model.score(users))
-    assert torch.equal(loaded.user_vectors(), model.user_vectors())
-    assert torch.equal(loaded.item_vectors(), model.item_vectors())
-
-
-@pytest.mark.parametrize("name", FAMILIES)
-def test_same_seed_same_scores(name, fitted, ml_small):
-    again = fit_model(name, ml_small, FAST[name])[0]
-    users = _users(ml_small)
-    assert torch.equal(again.score(users), fitted(name).score(users))
-
-
-@pytest.mark.parametrize("name", SEEDED)
-def test_other_seed_other_scores(name, fitted, ml_small):
-    other = fit_model(name, ml_small, {**FAST[name], "seed": 1})[0]
-    users = _users(ml_small)
-    assert not torch.allclose(other.score(users), fitted(name).score(users))
-
-
-@pytest.mark.parametrize("name", FAMILIES)
-def test_score_shapes_pairs_and_vectors_agree(name, fitted, ml_small):
-    model = fitted(name)
-    users = _users(ml_small)
-    full = model.score(users)
-    assert full.shape == (len(users), ml_small.n_items) and full.dtype == torch.float32
-    rng = np.random.default_rng(3)
-    rows = torch.from_numpy(rng.integers(0, len(users), 500))
-    cols = torch.from_numpy(rng.integers(0, ml_small.n_items, 500))
-    pairs = model.score(users[rows], cols)
-    assert pairs.shape == (500,)
-    torch.testing.assert_close(pairs, full[rows, cols], rtol=1e-5, atol=1e-5)
-    U, V = model.user_vectors(), model.item_vectors()
-    assert U.shape[0] == ml_small.n_users and V.shape[0] == ml_small.n_items
-    torch.testing.assert_close(U[users] @ V.T, full, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("name", FAMILIES)
-def test_unknown_parameter_lists_the_valid_ones(name):
-    with pytest.raises(BatchrecError) as err:
-        parse_params(name, ["no_such_param=1"])
-    msg = str(err.value)
-    assert "no_such_param" in msg and "\n" not in msg
-    for p in create_model(name).all_params():
-        assert p.name in msg
-    with pytest.raises(BatchrecError, match="unknown parameter"):
-        create_model(name, {"no_such_param": 1})
-
-
-@pytest.mark.parametrize("name, pair, expected", [
-    ("mf", "factors=abc", "not a valid int"),
-    ("mf", "factors=0", "out of range"),
-    ("mf", "lr=-1", "out of range"),
-    ("mf", "biased=maybe", "not a valid bool"),
-    ("mf", "optimizer=rmsprop", "must be one of"),
-    ("svd", "centering=median", "must be one of"),
-    ("svd", "factors=2.5", "not a valid int"),
-    ("bpr", "negatives=0", "out of range"),
-    ("bpr", "neg_alpha=x", "not a valid float"),
-    ("popularity", "variant=median", "must be one of"),
-    ("popularity", "prior_weight=-1", "out of range"),
-])
-def test_bad_parameter_values(name, pair, expected):
-    with pytest.raises(BatchrecError, match=expected):
-        parse_params(name, [pair])
 
 
 def test_popularity_variants(ml_small):
@@ -125,23 +85,9 @@ def test_popularity_variants(ml_small):
 
 
 def test_popularity_bayes_needs_ratings(ml_small):
-    implicit = _implicit(ml_small)
+    implicit = implicit_copy(ml_small)
     with pytest.raises(BatchrecError, match="variant=count"):
         fit_model("popularity", implicit, {"variant": "bayes"})
-
-
-def _implicit(data):
-    def strip(part):
-        return None if part is None else dataclasses.replace(part, rating=np.full(len(part), np.nan, np.float32))
-
-    return dataclasses.replace(data, train=strip(data.train), valid=strip(data.valid), test=strip(data.test),
-                               rating_scale=None)
-
-
-@pytest.mark.parametrize("name", ("mf", "svd"))
-def test_rating_models_reject_implicit_data(name, ml_small):
-    with pytest.raises(BatchrecError, match="explicit ratings"):
-        fit_model(name, _implicit(ml_small), FAST[name])
 
 
 def _held_out_auc(model, data) -> float:
@@ -164,7 +110,7 @@ def test_ranking_families_score_a_users_held_out_items_above_random_ones(name, f
 
 
 def test_bpr_learns_from_implicit_data(ml_small):
-    model = fit_model("bpr", _implicit(ml_small), FAST["bpr"])[0]
+    model = fit_model("bpr", implicit_copy(ml_small), FAST["bpr"])[0]
     assert _held_out_auc(model, ml_small) > 0.7
 
 

@@ -16,13 +16,12 @@ import torch
 
 from batchrec.data import Interactions, events_from_end
 from batchrec.errors import BatchrecError
-from batchrec.metrics import evaluate_model
-from batchrec.models import create_model, parse_params
-from batchrec.models.base import Recommender
-from batchrec.models.ease import EASE, positive_weights, query_weights
+from batchrec.models.ease import EASE
+from batchrec.models.weights import positive_weights, query_weights
 from batchrec.models.ials import ObservedPairs, conjugate_gradient, conjugate_gradient_fused, gram_matrix_fixed_order
 from batchrec.models.itemknn import cosine_topk
 from batchrec.train import fit_model
+from model_contract import ModelContract, some_users
 from reference import EASE_LAMBDAS, ease_direct, ease_scores_by_users, plain_ease_scores, protocol_ndcg
 
 FAMILIES = ("ease", "ials", "itemknn")
@@ -30,73 +29,26 @@ FAMILIES = ("ease", "ials", "itemknn")
 FAST = {"ease": {}, "ials": {"factors": 16, "iterations": 3}, "itemknn": {"k": 20}}
 
 
+class TestEASE(ModelContract):
+    family, quick, seeded = "ease", FAST["ease"], False
+    bad_params = [("lam=0", "out of range"), ("lam=abc", "not a valid float"), ("weighting=log", "must be one of"),
+                  ("recency_floor=2", "out of range"), ("seed=1", "unknown parameter")]
+
+
+class TestIALS(ModelContract):
+    family, quick, factor_vectors = "ials", FAST["ials"], True
+    bad_params = [("factors=0", "out of range"), ("iterations=1.5", "not a valid int"), ("alpha=-1", "out of range"),
+                  ("cg_steps=0", "out of range"), ("cg_kernel=cuda", "must be one of")]
+
+
+class TestItemKNN(ModelContract):
+    family, quick, seeded = "itemknn", FAST["itemknn"], False
+    bad_params = [("k=0", "out of range"), ("shrink=-1", "out of range"), ("neighbours=5", "unknown parameter")]
+
+
 @pytest.fixture(scope="module")
 def fitted(fit_once):
     return lambda name: fit_once(name, FAST[name])[0]
-
-
-def _users(data, n=40):
-    return torch.from_numpy(np.random.default_rng(7).choice(data.n_users, n, replace=False))
-
-
-@pytest.mark.parametrize("name", FAMILIES)
-def test_save_load_gives_identical_scores(name, fitted, ml_small, tmp_path):
-    model = fitted(name)
-    loaded = Recommender.load(model.save(tmp_path / name))
-    users = _users(ml_small)
-    assert type(loaded) is type(model) and loaded.params == model.params
-    assert torch.equal(loaded.score(users), model.score(users))
-
-
-@pytest.mark.parametrize("name", FAMILIES)
-def test_refit_gives_identical_scores(name, fitted, ml_small):
-    again = fit_model(name, ml_small, FAST[name])[0]
-    users = _users(ml_small)
-    assert torch.equal(again.score(users), fitted(name).score(users))
-
-
-def test_ials_other_seed_other_factors(fitted, ml_small):
-    other = fit_model("ials", ml_small, {**FAST["ials"], "seed": 1})[0]
-    assert not torch.allclose(other.user_vectors(), fitted("ials").user_vectors())
-
-
-@pytest.mark.parametrize("name", FAMILIES)
-def test_pair_scores_match_full_rows(name, fitted, ml_small):
-    model = fitted(name)
-    users = _users(ml_small)
-    full = model.score(users)
-    assert full.shape == (len(users), ml_small.n_items) and full.dtype == torch.float32
-    assert bool(torch.isfinite(full).all()) and full.abs().sum() > 0
-    rng = np.random.default_rng(3)
-    # Half the pairs on items the user has (where item-item scores are non-zero), half at random.
-    seen = ml_small.train_csr()[users.numpy()]
-    seen_rows = np.repeat(np.arange(len(users)), np.diff(seen.indptr))
-    pick = rng.integers(0, seen.nnz, 200)
-    rows = torch.from_numpy(np.concatenate([seen_rows[pick], rng.integers(0, len(users), 200)]))
-    cols = np.concatenate([seen.indices[pick], rng.integers(0, ml_small.n_items, 200)]).astype(np.int64)
-    pairs = model.score(users[rows], torch.from_numpy(cols))
-    assert pairs.shape == (400,)
-    torch.testing.assert_close(pairs, full[rows, torch.from_numpy(cols)], rtol=1e-4, atol=1e-5)
-
-
-def test_ials_vectors_reproduce_scores(fitted, ml_small):
-    model = fitted("ials")
-    users = _users(ml_small)
-    U, V = model.user_vectors(), model.item_vectors()
-    assert U.shape == (ml_small.n_users, 16) and V.shape == (ml_small.n_items, 16)
-    torch.testing.assert_close(U[users] @ V.T, model.score(users))
-
-
-@pytest.mark.parametrize("name, bad", [
-    ("ease", "lam=0"), ("ease", "lam=abc"), ("ease", "weighting=log"), ("ease", "recency_floor=2"),
-    ("ials", "factors=0"), ("ials", "iterations=1.5"), ("ials", "alpha=-1"), ("ials", "cg_steps=0"),
-    ("ials", "cg_kernel=cuda"),
-    ("itemknn", "k=0"), ("itemknn", "shrink=-1"), ("itemknn", "neighbours=5"), ("ease", "seed=1"),
-])
-def test_bad_parameters_are_one_line_errors(name, bad):
-    with pytest.raises(BatchrecError) as err:
-        create_model(name, parse_params(name, [bad]))
-    assert bad.split("=")[0] in str(err.value) and "\n" not in str(err.value)
 
 
 def test_ease_refuses_a_catalogue_over_the_memory_budget(ml_small):
@@ -174,7 +126,7 @@ def test_ials_fused_kernel_matches_the_torch_path(fitted, ml_small):
     # factors up to float rounding (3 iterations of 3 CG steps from the same random start).
     assert fitted("ials").params["cg_kernel"] == "auto"
     torch_path = fit_model("ials", ml_small, {**FAST["ials"], "cg_kernel": "torch"})[0]
-    users = _users(ml_small)
+    users = some_users(ml_small)
     torch.testing.assert_close(fitted("ials").score(users), torch_path.score(users), rtol=1e-3, atol=1e-4)
     assert not torch.equal(fitted("ials").user_vectors(), torch_path.user_vectors())  # really two code paths
 

@@ -22,13 +22,11 @@ from batchrec.errors import BatchrecError
 from batchrec.features import build_snapshot
 from batchrec.features.tfidf import tfidf
 from batchrec.ingest import ingest_path
-from batchrec.metrics import evaluate_model
-from batchrec.models import parse_params
-from batchrec.models.base import Recommender
 from batchrec.models.multvae import MULT_VAE
 from batchrec.ranking import topn
 from batchrec.train import fit_model
 from batchrec.warehouse import Warehouse
+from model_contract import ModelContract, some_users
 
 ML_SMALL = Path(__file__).resolve().parent.parent / "batchrec" / "datasets" / "ml-latest-small"
 FAMILIES = ("neumf", "autorec", "two_tower", "multvae", "content_dnn")
@@ -58,9 +56,48 @@ CASES = {
 }
 
 
-def _fit(case: str, data):
-    name, variant = CASES[case]
-    return fit_model(name, data, {**FAST[name], **variant})
+
+
+def _variants(family: str) -> dict[str, dict]:
+    """The CASES of a family, keyed by the part of the case name after the family ("" = default)."""
+    return {case[len(family) + 1:]: params for case, (name, params) in CASES.items() if name == family}
+
+
+class NeuralContract(ModelContract):
+    gradient_trained, pair_tolerance = True, 1e-4
+
+    def __init_subclass__(cls):
+        cls.quick, cls.variants = FAST[cls.family], _variants(cls.family)
+
+
+class TestNeuMF(NeuralContract):
+    family, factor_vectors = "neumf", True
+    bad_params = [("dropout=-0.1", "out of range"), ("variant=gmf", "must be one of"),
+                  ("blocks=1.5", "not a valid int")]
+
+
+class TestAutoRec(NeuralContract):
+    family = "autorec"
+    bad_params = [("variant=both", "must be one of"), ("activation=tanh", "must be one of"), ("reg=-1", "out of range")]
+
+
+class TestTwoTower(NeuralContract):
+    family = "two_tower"
+    bad_params = [("loss=warp", "must be one of"), ("id_dropout=1.5", "out of range"),
+                  ("history=maybe", "not a valid bool"), ("ensemble=0", "out of range")]
+
+
+class TestMultVAE(NeuralContract):
+    family, factor_vectors = "multvae", True
+    bad_params = [("beta_max=-1", "out of range"), ("future_cut_min=1", "out of range"), ("latent=0", "out of range"),
+                  ("prior=vamp", "must be one of"), ("encoder_layers=0", "out of range"),
+                  ("alternate=-1", "out of range"), ("kl_gamma=-0.1", "out of range")]
+
+
+class TestContentDNN(NeuralContract):
+    family, factor_vectors = "content_dnn", True
+    bad_params = [("dropout=-0.5", "out of range"), ("hidden=1", "out of range"), ("lr=2", "out of range"),
+                  ("no_such_param=1", "unknown parameter")]
 
 
 @pytest.fixture(scope="module")
@@ -73,96 +110,9 @@ def fitted(fit_once):
     return get
 
 
-def _users(data, n=40):
-    return torch.from_numpy(np.random.default_rng(7).choice(data.n_users, n, replace=False))
 
 
 # -- the interface contract -----------------------------------------------------------------
-@pytest.mark.parametrize("case", CASES)
-def test_save_load_gives_identical_scores(case, fitted, ml_small, tmp_path):
-    model = fitted(case)[0]
-    loaded = Recommender.load(model.save(tmp_path / case))
-    users = _users(ml_small)
-    assert type(loaded) is type(model) and loaded.params == model.params
-    assert torch.equal(loaded.score(users), model.score(users))
-    items = torch.arange(len(users)) * 97
-    assert torch.equal(loaded.score(users, items), model.score(users, items))
-
-
-@pytest.mark.parametrize("case", CASES)
-def test_same_seed_same_scores(case, fitted, ml_small):
-    again = _fit(case, ml_small)[0]
-    users = _users(ml_small)
-    assert torch.equal(again.score(users), fitted(case)[0].score(users))
-
-
-@pytest.mark.parametrize("name", FAMILIES)
-def test_other_seed_other_scores(name, fitted, ml_small):
-    other = fit_model(name, ml_small, {**FAST[name], "seed": 1})[0]
-    users = _users(ml_small)
-    assert not torch.allclose(other.score(users), fitted(name)[0].score(users))
-
-
-@pytest.mark.parametrize("case", CASES)
-def test_score_shapes_pairs_and_vectors_agree(case, fitted, ml_small):
-    model = fitted(case)[0]
-    users = _users(ml_small)
-    full = model.score(users)
-    assert full.shape == (len(users), ml_small.n_items) and full.dtype == torch.float32
-    assert bool(torch.isfinite(full).all()) and float(full.std()) > 0
-    # Every (user, item) pair of a 40 x 25 sub-block, scored as pairs, equals the gathered rows.
-    items = torch.from_numpy(np.random.default_rng(3).choice(ml_small.n_items, 25, replace=False))
-    pairs = model.score(users.repeat_interleave(len(items)), items.repeat(len(users)))
-    assert pairs.shape == (len(users) * len(items),)
-    torch.testing.assert_close(pairs.view(len(users), -1), full[:, items], rtol=1e-4, atol=1e-4)
-    U, V = model.user_vectors(), model.item_vectors()
-    assert (U is None) == (V is None) == (model.name not in ("autorec", "two_tower"))
-    if U is not None:  # factor families: the scorer's one matmul gives the same scores
-        assert U.shape[0] == ml_small.n_users and V.shape[0] == ml_small.n_items
-        torch.testing.assert_close(U[users] @ V.T, full, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("name, bad, expected", [
-    ("neumf", "dropout=-0.1", "out of range"), ("neumf", "variant=gmf", "must be one of"),
-    ("neumf", "blocks=1.5", "not a valid int"), ("autorec", "variant=both", "must be one of"),
-    ("autorec", "activation=tanh", "must be one of"), ("autorec", "reg=-1", "out of range"),
-    ("two_tower", "loss=warp", "must be one of"), ("two_tower", "id_dropout=1.5", "out of range"),
-    ("two_tower", "history=maybe", "not a valid bool"), ("two_tower", "ensemble=0", "out of range"),
-    ("multvae", "beta_max=-1", "out of range"), ("multvae", "future_cut_min=1", "out of range"),
-    ("multvae", "latent=0", "out of range"), ("multvae", "prior=vamp", "must be one of"),
-    ("multvae", "encoder_layers=0", "out of range"), ("multvae", "alternate=-1", "out of range"),
-    ("multvae", "kl_gamma=-0.1", "out of range"), ("content_dnn", "dropout=-0.5", "out of range"),
-    ("content_dnn", "hidden=1", "out of range"), ("content_dnn", "lr=2", "out of range"),
-    ("content_dnn", "no_such_param=1", "unknown parameter"),
-])
-def test_bad_parameters_are_one_line_errors_naming_the_parameter(name, bad, expected):
-    with pytest.raises(BatchrecError, match=expected) as err:
-        parse_params(name, [bad])
-    msg = str(err.value)
-    assert msg.startswith(f"{name}: ") and bad.split("=")[0] in msg and "\n" not in msg
-
-
-def test_rating_families_reject_implicit_data(ml_small):
-    implicit = dataclasses.replace(ml_small, train=dataclasses.replace(
-        ml_small.train, rating=np.full(len(ml_small.train), np.nan, np.float32)), rating_scale=None)
-    for name in RATING_FAMILIES:
-        with pytest.raises(BatchrecError, match=f"^{name}: the training part has no explicit ratings"):
-            fit_model(name, implicit, FAST[name])
-
-
-# -- the NaN guard ----------------------------------------------------------------------------
-@pytest.mark.parametrize("name", FAMILIES)
-def test_the_largest_learning_rate_never_leaves_non_finite_scores(name, ml_small):
-    """Adam moves each weight by at most about lr per step, so lr=1 (the bound) wrecks the model
-    but need not overflow; whatever happens, no non-finite score may come out of a fit."""
-    try:
-        model = fit_model(name, ml_small, {**FAST[name], "lr": 1.0})[0]
-    except BatchrecError as err:
-        assert str(err).startswith(f"{name}: training diverged")
-        return
-    assert bool(torch.isfinite(model.score_blocks(torch.arange(ml_small.n_users))).all())
-
-
 @pytest.mark.parametrize("name", RATING_FAMILIES)
 def test_an_overflowing_loss_stops_training_with_a_clear_error(name, ml_small):
     # Ratings near 1e20 make the squared error overflow float32 in the first batch.
@@ -225,7 +175,7 @@ def test_two_tower_user_tower_must_not_be_empty(ml_small):
 def test_a_random_cut_splits_each_history_into_a_past_and_a_future(ml_small):
     """The future term's input: rows in time order, cut once each, the prefix recency-weighted."""
     from batchrec.data import events_from_end
-    from batchrec.models._nn import SparseRows
+    from batchrec.data import SparseRows
 
     train = ml_small.train
     later = events_from_end(train).astype(np.float32)  # strictly falls along a user's time line
@@ -252,7 +202,7 @@ def test_a_random_cut_splits_each_history_into_a_past_and_a_future(ml_small):
 @pytest.mark.parametrize("name", ["two_tower", "multvae"])
 def test_an_ensemble_averages_its_members_and_its_first_member_is_the_single_fit(name, fitted, ml_small):
     single, (ensemble, trainer) = fitted(name)[0], fitted(f"{name}-ensemble")
-    users = _users(ml_small)
+    users = some_users(ml_small)
     with torch.no_grad():
         if name == "two_tower":  # the members' vectors side by side, user halves scaled by 1/2
             d = single.U.shape[1]
@@ -280,7 +230,7 @@ def _with_nets(model, nets):
 
 def test_multvae_reconstruction_is_weighed_by_the_targets(ml_small):
     """The decoder is scored against the target rows (recency-weighted in training), not the input."""
-    from batchrec.models._nn import SparseRows
+    from batchrec.data import SparseRows
     from batchrec.models.multvae import _MultVAENet
 
     x = ml_small.train.csr(ml_small.n_users, ml_small.n_items, "ones")
@@ -494,7 +444,7 @@ def test_content_dnn_scales_content_on_training_items_only(ml_small):
                       np.concatenate([weights, np.full(20, 5.0, np.float32), np.ones(20, np.float32)]))
     params = {**FAST["content_dnn"], "epochs": 1}
     a, b = fit_model("content_dnn", base, params)[0], fit_model("content_dnn", extra, params)[0]
-    users = _users(ml_small)
+    users = some_users(ml_small)
     cols = torch.from_numpy(train_items)
     sa, sb = a.score(users)[:, cols], b.score(users)[:, cols]
     assert torch.equal(sa, sb)
@@ -505,21 +455,6 @@ def test_content_dnn_scales_content_on_training_items_only(ml_small):
 
 
 # -- the real scorer path -------------------------------------------------------------------------
-@pytest.mark.parametrize("name", FAMILIES)
-def test_scorer_top_n_never_recommends_a_seen_item(name, fitted, ml_small):
-    model = fitted(name)[0]
-    users = _users(ml_small, 30).numpy()
-    seen = ml_small.seen_csr()
-    items, scores = topn(model, users, 10, exclude=seen)
-    assert items.shape == (30, 10) and (items >= 0).all() and np.isfinite(scores).all()
-    assert not seen[np.repeat(users, 10), items.ravel()].any()
-    assert all(len(set(row)) == 10 for row in items.tolist())
-    assert (np.diff(scores, axis=1) <= 0).all()
-
-
-# -- quality targets (issue 8), like for like: fit on train, early-stop on valid, measure on test ---
-# Measured on the feature store's snapshot (genres and TF-IDF tags: the content the content
-# families use); every bar is measured in the same session, none copied from an earlier output.
 @pytest.mark.slow
 @pytest.mark.parametrize("name", RATING_FAMILIES)
 def test_rating_families_reach_the_best_core_rmse(name, default_metrics):

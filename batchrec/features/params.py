@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from typing import Callable
 
 from batchrec.errors import BatchrecError
-from batchrec.options import SEED_MAX, SEED_MIN
+from batchrec.options import RELEVANCE_THRESHOLD, SEED_MAX, SEED_MIN
 
 PROTOCOLS = ("random", "user_random", "user_temporal", "global_temporal", "leave_last_n_positive", "as_of")
 
@@ -90,7 +90,7 @@ SPEC: dict[str, tuple[object, Callable[[str], object], str]] = {
     "global_temporal.test_frac": (0.2, *FRACTION),
     "leave_last_n_positive.n": (5, _int_at_least(1), "an integer >= 1"),
     "leave_last_n_positive.n_valid": (1, _int_at_least(0), "an integer >= 0"),
-    "leave_last_n_positive.positive_threshold": (4.0, _number, "a finite number"),
+    "leave_last_n_positive.positive_threshold": (RELEVANCE_THRESHOLD, _number, "a finite number"),
     "as_of.cutoff": (None, _timestamp, "a timestamp, e.g. 2018-01-31 (default: the latest tenth of the interactions is test)"),
     "as_of.valid_frac": (0.1, *FRACTION),
 }

@@ -20,8 +20,10 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from batchrec.models._nn import SparseRows, rating_validator, require_ratings
+from batchrec.data import SparseRows
+from batchrec.models._nn import require_ratings
 from batchrec.models.base import FactorModel, Param
+from batchrec.models.validation import rating_validator
 
 ACTIVATIONS = {"sigmoid": torch.sigmoid, "relu": torch.relu, "identity": lambda x: x}
 
@@ -96,7 +98,7 @@ class AutoRec(FactorModel):
         present = torch.nonzero(torch.diff(rows.indptr) > 0)[:, 0]
         reg_scale = p["reg"] * p["batch_size"] / len(present)  # each batch carries its share of the L2
 
-        validate = rating_validator(self, data)
+        validate = rating_validator(self.score, data, self.device)
 
         def export_and_validate() -> float:
             self._export(net, rows, item_based)

@@ -26,7 +26,8 @@ from torch.nn import functional as F
 from batchrec.errors import BatchrecError
 from batchrec.metrics import validation_metrics
 from batchrec.models.base import Param, Recommender
-from batchrec.models.mf import recency_weights
+from batchrec.models.sampling import NegativeSampler
+from batchrec.models.weights import later_ratings_decay
 
 TUNING = """Tuned once on the validation part of ml-latest-small / user_temporal (fit on train, early stop
 and choose on valid NDCG@10; most-popular scores 0.055 there, test never looked at):
@@ -40,9 +41,6 @@ and choose on valid NDCG@10; most-popular scores 0.055 there, test never looked 
   ... recency 50, factors 128 / neg_alpha 0.25               0.070 / 0.081
   -> defaults positive_threshold 4, negatives 4, recency 100, reg 1e-2, factors 64, lr 5e-3.
 """
-
-
-_REJECT_ROUNDS = 8
 
 
 class _BPRModule(nn.Module):
@@ -66,39 +64,6 @@ class _BPRModule(nn.Module):
         if self.b.weight.requires_grad:
             penalty = penalty + bias_reg * (bi * bi + bj * bj)
         return (-F.logsigmoid(x) + penalty).mean()
-
-
-class NegativeSampler:
-    """Draws items a user has not interacted with, vectorised (sorted keys + binary search)."""
-
-    def __init__(self, seen_users: torch.Tensor, seen_items: torch.Tensor, n_items: int,
-                 weights: torch.Tensor | None, generator: torch.Generator):
-        self.n_items = n_items
-        self.keys = torch.sort(seen_users * n_items + seen_items).values
-        self.weights = weights
-        self.gen = generator
-
-    def _draw(self, n: int) -> torch.Tensor:
-        if self.weights is None:
-            return torch.randint(0, self.n_items, (n,), generator=self.gen, device=self.keys.device)
-        return torch.multinomial(self.weights, n, replacement=True, generator=self.gen)
-
-    def seen(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        keys = users * self.n_items + items
-        pos = torch.searchsorted(self.keys, keys).clamp(max=len(self.keys) - 1)
-        return self.keys[pos] == keys
-
-    def sample(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(negatives, ok): one negative per user entry; ok is False where every redraw was seen."""
-        neg = self._draw(len(users))
-        bad = self.seen(users, neg)
-        for _ in range(_REJECT_ROUNDS):
-            idx = bad.nonzero()[:, 0]
-            if len(idx) == 0:
-                break
-            neg[idx] = self._draw(len(idx))
-            bad[idx] = self.seen(users[idx], neg[idx])
-        return neg, ~bad
 
 
 class BPRMF(Recommender):
@@ -138,7 +103,7 @@ class BPRMF(Recommender):
         pos_u, pos_i = users[keep], items[keep]
         pos_w = torch.ones(len(pos_u), device=dev)
         if p["recency"] > 0:
-            pos_w = torch.from_numpy(recency_weights(tr, p["recency"]).astype(np.float32)).to(dev)[keep]
+            pos_w = torch.from_numpy(later_ratings_decay(tr, p["recency"]).astype(np.float32)).to(dev)[keep]
         weights = None
         if p["neg_alpha"] > 0:
             weights = torch.bincount(items, minlength=self.n_items).double().pow(p["neg_alpha"])

@@ -17,9 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from batchrec.models._nn import SparseRows, item_content, pair_blocks, rating_validator, recency_user_weights, \
-    require_ratings, scale_grad, state_device
+from batchrec.data import SparseRows
+from batchrec.models._nn import item_content, pair_blocks, require_ratings, scale_grad, state_device
 from batchrec.models.base import Param, Recommender
+from batchrec.models.validation import rating_validator
+from batchrec.models.weights import later_ratings_decay
 
 TUNING = """
 Grid on the validation part of ml-latest-small / user_temporal (valid RMSE of the early-stopped
@@ -114,7 +116,7 @@ class ContentDNN(Recommender):
         self.content = SparseRows.from_scipy(item_content(data, in_train), self.device)
         self.net = self._net(self.content.n_cols, self.device)
         u, i, r = data.train.tensors(self.device)
-        w = torch.from_numpy(recency_user_weights(data.train, p["recency"])).to(self.device)
+        w = torch.from_numpy(later_ratings_decay(data.train, p["recency"]).astype(np.float32)).to(self.device)
         with torch.no_grad():  # the output starts at the training mean
             self.net.scale.copy_(torch.tensor([lo, hi - lo]))
             mean = (float(self.priors["global_mean"]) - lo) / (hi - lo)
@@ -126,7 +128,7 @@ class ContentDNN(Recommender):
             return torch.mean((pred - r) ** 2) + p["reg"] * sq / len(u)
 
         trainer.fit(self.net, loss, (u, i, r, w), epochs=p["epochs"], batch_size=p["batch_size"], lr=p["lr"],
-                    validate=rating_validator(self, data), patience=p["patience"], metric_name="valid_rmse",
+                    validate=rating_validator(self.score, data, self.device), patience=p["patience"], metric_name="valid_rmse",
                     name=self.name)
         return self
 

@@ -34,9 +34,10 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from batchrec.data import csr_to_torch, events_from_end
+from batchrec.data import csr_from_state, csr_state, csr_to_torch
 from batchrec.errors import BatchrecError
 from batchrec.models.base import Param, Recommender
+from batchrec.models.weights import positive_matrix, query_weights
 
 TUNING = """
 Grids on the validation part of ml-latest-small / user_temporal (NDCG@10, train part as history;
@@ -55,53 +56,6 @@ offsets 3 and 3.25 were worse (0.097..0.108), and so was adding the negatives to
 Defaults: lam=500, weighting=rating, rating_offset=2, query_offset=2.5, dislike_weight=0.5,
 recency_halflife=5, recency_floor=0.1.
 """
-
-
-def recency_weights(events, halflife: float, floor: float) -> np.ndarray | None:
-    """floor + (1 - floor) * 0.5 ** (k / halflife), k = the user's events after this one (None if halflife 0)."""
-    if halflife <= 0:
-        return None
-    return floor + (1.0 - floor) * 0.5 ** (events_from_end(events) / halflife)
-
-
-def positive_weights(events, min_rating: float, weighting: str, rating_offset: float = 0.0) -> np.ndarray:
-    """Weight of each event as a positive (0 = not a positive).
-
-    Implicit events (NaN rating) always weigh 1. Explicit ones below `min_rating` weigh 0; the
-    others 1 (`binary`) or max(rating - rating_offset, 0.5) (`rating`)."""
-    r = events.rating
-    implicit = np.isnan(r)
-    if weighting == "binary":
-        w = np.ones(len(r), np.float32)
-    else:
-        w = np.maximum(np.nan_to_num(r, nan=1.0) - rating_offset, 0.5).astype(np.float32)
-    w[implicit] = 1.0
-    w[~implicit & (np.nan_to_num(r) < min_rating)] = 0.0
-    return w
-
-
-def query_weights(events, query_offset: float, dislike_weight: float, recency_halflife: float = 0.0,
-                  recency_floor: float = 0.1) -> np.ndarray:
-    """Signed query weight of each event (float32): rating - query_offset, times `dislike_weight`
-    where negative (a disliked item); implicit events (NaN rating) weigh 1; times the recency
-    factor of `recency_weights` (halflife 0: none)."""
-    w = np.nan_to_num(events.rating, nan=query_offset + 1.0).astype(np.float32) - np.float32(query_offset)
-    w = np.where(w < 0, w * np.float32(dislike_weight), w)
-    recency = recency_weights(events, recency_halflife, recency_floor)
-    return w if recency is None else w * recency.astype(np.float32)
-
-
-def positive_matrix(events, n_users: int, n_items: int, min_rating: float = 0.0, weighting: str = "binary",
-                    rating_offset: float = 0.0, extra: np.ndarray | None = None) -> sp.csr_matrix:
-    """User x item CSR (float32) of positive weights, optionally times a per-event factor."""
-    w = positive_weights(events, min_rating, weighting, rating_offset)
-    if extra is not None:
-        w = w * extra.astype(np.float32)
-    keep = w > 0
-    m = sp.csr_matrix((w[keep], (events.user_idx[keep], events.item_idx[keep])), shape=(n_users, n_items),
-                      dtype=np.float32)
-    m.sum_duplicates()
-    return m
 
 
 def gram(X: sp.csr_matrix, max_block_products: int = 200_000_000) -> np.ndarray:
@@ -123,15 +77,6 @@ def gram(X: sp.csr_matrix, max_block_products: int = 200_000_000) -> np.ndarray:
     with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
         list(pool.map(block, bounds[:-1], bounds[1:]))
     return G
-
-
-def csr_state(m: sp.csr_matrix) -> dict[str, torch.Tensor]:
-    return {"indptr": torch.from_numpy(m.indptr.astype(np.int64)), "indices": torch.from_numpy(m.indices.astype(np.int64)),
-            "data": torch.from_numpy(m.data.astype(np.float32))}
-
-
-def csr_from_state(s: dict[str, torch.Tensor], shape) -> sp.csr_matrix:
-    return sp.csr_matrix((s["data"].cpu().numpy(), s["indices"].cpu().numpy(), s["indptr"].cpu().numpy()), shape=shape)
 
 
 def query_scores(query: sp.csr_matrix, weights: torch.Tensor, user_idx: torch.Tensor,

@@ -35,7 +35,7 @@ from torch.nn import functional as F
 from batchrec.data import csr_to_torch
 from batchrec.errors import BatchrecError
 from batchrec.models.base import FactorModel, Param
-from batchrec.models.ease import positive_matrix, recency_weights
+from batchrec.models.weights import positive_matrix, query_recency_factor
 from batchrec.topk import numba_threads
 
 TUNING = """
@@ -274,7 +274,7 @@ class ImplicitALS(FactorModel):
     def fit(self, data, trainer) -> "ImplicitALS":
         p = self.params
         X = positive_matrix(data.train, data.n_users, data.n_items, p["min_rating"], p["weighting"], p["rating_offset"],
-                            recency_weights(data.train, p["recency_halflife"], p["recency_floor"]))
+                            query_recency_factor(data.train, p["recency_halflife"], p["recency_floor"]))
         X.data *= p["alpha"]  # e = c - 1 = alpha * w
         kernel = p["cg_kernel"] if p["cg_kernel"] != "auto" else "numba" if self.device.type == "cpu" else "torch"
         if kernel == "numba" and self.device.type != "cpu":

@@ -20,8 +20,9 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from batchrec.data import csr_from_state, csr_state
 from batchrec.models.base import Param, Recommender
-from batchrec.models.ease import csr_from_state, csr_state, positive_matrix, recency_weights
+from batchrec.models.weights import positive_matrix, query_recency_factor
 
 TUNING = """
 Grid on the validation part of ml-latest-small / user_temporal (NDCG@10 with the train part as
@@ -79,7 +80,7 @@ class ItemKNN(Recommender):
         X = positive_matrix(data.train, self.n_users, self.n_items, p["min_rating"], p["weighting"], p["rating_offset"])
         self.S = cosine_topk(X, p["k"], p["shrink"])
         self.query = positive_matrix(data.train, self.n_users, self.n_items, p["min_rating"], p["weighting"],
-                                     p["rating_offset"], recency_weights(data.train, p["recency_halflife"], p["recency_floor"]))
+                                     p["rating_offset"], query_recency_factor(data.train, p["recency_halflife"], p["recency_floor"]))
         trainer.log_epoch(epoch=1, positives=int(X.nnz), neighbours=int(self.S.nnz))
         return self
 

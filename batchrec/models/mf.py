@@ -33,10 +33,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from batchrec.data import events_from_end
 from batchrec.errors import BatchrecError
-from batchrec.models._nn import ranking_validator
 from batchrec.models.base import Param, Recommender
+from batchrec.models.sampling import NegativeSampler
+from batchrec.models.validation import ranking_validator, rating_validator
+from batchrec.models.weights import later_ratings_decay
 
 TUNING = """Tuned once on the validation part of ml-latest-small / user_temporal (fit on train, early stop
 and choose on valid RMSE; test never looked at while choosing). Valid RMSE / valid NDCG@10:
@@ -143,14 +144,12 @@ class BiasedMF(Recommender):
         w = torch.ones_like(r)
         uw = torch.ones_like(r)
         if p["recency"] > 0:
-            uw = torch.from_numpy(recency_weights(tr.select(explicit), p["recency"]).astype(np.float32)).to(self.device)
+            uw = torch.from_numpy(later_ratings_decay(tr.select(explicit), p["recency"]).astype(np.float32)).to(self.device)
         data_fn = (u, i, r, w, uw)
         if p["missing_weight"] > 0:
             # Ratings are missing not at random: users rate what they chose to watch. Pulling a
             # sample of unrated pairs towards a low rating, with a small weight, teaches the
             # factors which items a user would pick at all, which top-N ranking needs (Steck 2010).
-            from batchrec.models.bpr import NegativeSampler
-
             sampler = NegativeSampler(*tr.tensors(self.device)[:2], self.n_items, None, trainer.generator(offset=2))
             r_miss = torch.full_like(r, p["missing_rating"])
             w_miss = torch.full_like(r, p["missing_weight"])
@@ -171,7 +170,7 @@ class BiasedMF(Recommender):
 
         # Trained for ranking (unrated pairs sampled), the model keeps its best epoch by valid NDCG@10.
         ranking = p["missing_weight"] > 0
-        validate = ranking_validator(self, data) if ranking else valid_rmse(data, self.module, self.device)
+        validate = ranking_validator(self, data) if ranking else rating_validator(self.module, data, self.device)
         trainer.fit(self.module, loss_fn, data_fn, epochs=p["epochs"], batch_size=p["batch_size"], lr=p["lr"],
                     optimizer="sparse_adam" if p["optimizer"] == "adam" else "sgd", validate=validate,
                     higher_is_better=ranking, patience=p["patience"],
@@ -205,32 +204,3 @@ class BiasedMF(Recommender):
         self.module = _MFModule(n_users, n_items, p["factors"], 0.0, p["biased"], 0.0, torch.Generator())
         self.module.load_state_dict(state)
         self.module.to(state["P.weight"].device).eval()
-
-
-def valid_rmse(data, predict, device: torch.device):
-    """A closure computing the RMSE of `predict(users, items)` over the valid pairs whose user and item
-    are in train, clipped to the rating scale (how the evaluation measures); None without a valid part."""
-    valid = data.valid
-    if valid is None or len(valid) == 0 or valid.implicit:
-        return None
-    tr = data.train
-    known = ((np.bincount(tr.user_idx, minlength=data.n_users) > 0)[valid.user_idx]
-             & (np.bincount(tr.item_idx, minlength=data.n_items) > 0)[valid.item_idx] & ~np.isnan(valid.rating))
-    if not known.any():
-        return None
-    u, i, r = (t[torch.from_numpy(known).to(device)] for t in valid.tensors(device))
-    lo, hi = data.rating_scale or (-np.inf, np.inf)
-
-    def validate() -> float:
-        pred = predict(u, i).clamp(lo, hi)
-        return float(torch.sqrt(((pred - r) ** 2).mean()))
-
-    return validate
-
-
-def recency_weights(events, tau: float) -> np.ndarray:
-    """exp(-k / tau) for each event, k = how many of the same user's events come after it.
-
-    Users drift: their latest ratings predict their next ones better than their first ones, and
-    a per-user temporal split asks exactly for the next ones."""
-    return np.exp(-events_from_end(events) / tau)

@@ -27,9 +27,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from batchrec.models._nn import ENSEMBLE, SparseRows, history_weights, ranking_validator, state_device
+from batchrec.data import SparseRows
+from batchrec.models._nn import ENSEMBLE, state_device
 from batchrec.models.base import Param, Recommender
-from batchrec.models.ease import query_weights
+from batchrec.models.validation import ranking_validator
+from batchrec.models.weights import history_weights, query_weights
 
 TUNING = """
 Grid on the validation part of ml-latest-small / user_temporal (NDCG@10 of the early-stopped

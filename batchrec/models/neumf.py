@@ -8,12 +8,14 @@ on the embeddings of each batch, early-stopped on validation RMSE.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
-from batchrec.models._nn import pair_blocks, rating_validator, recency_user_weights, require_ratings, scale_grad, \
-    state_device
+from batchrec.models._nn import pair_blocks, require_ratings, scale_grad, state_device
 from batchrec.models.base import Param, Recommender
+from batchrec.models.validation import rating_validator
+from batchrec.models.weights import later_ratings_decay
 
 TUNING = """
 Grid on the validation part of ml-latest-small / user_temporal (valid RMSE of the early-stopped
@@ -133,7 +135,7 @@ class NeuMF(Recommender):
         torch.manual_seed(p["seed"])
         self.net = self._net(self.device)
         u, i, r = data.train.tensors(self.device)
-        w = torch.from_numpy(recency_user_weights(data.train, p["recency"])).to(self.device)
+        w = torch.from_numpy(later_ratings_decay(data.train, p["recency"]).astype(np.float32)).to(self.device)
         with torch.no_grad():  # start from the damped baseline predictor computed by `prepare`
             self.net.mu.fill_(float(self.priors["global_mean"]))
             if self.net.gmf:
@@ -145,7 +147,7 @@ class NeuMF(Recommender):
             return torch.mean((pred - r) ** 2) + p["reg"] * sq / len(u) + p["dense_reg"] * self.net.dense_sq()
 
         trainer.fit(self.net, loss, (u, i, r, w), epochs=p["epochs"], batch_size=p["batch_size"], lr=p["lr"],
-                    validate=rating_validator(self, data), patience=p["patience"], metric_name="valid_rmse",
+                    validate=rating_validator(self.score, data, self.device), patience=p["patience"], metric_name="valid_rmse",
                     name=self.name)
         return self
 

@@ -28,7 +28,8 @@ import torch
 
 from batchrec.errors import BatchrecError
 from batchrec.models.base import Param, Recommender
-from batchrec.models.mf import recency_weights, valid_rmse
+from batchrec.models.validation import rating_validator
+from batchrec.models.weights import later_ratings_decay
 
 TUNING = """Tuned once on the validation part of ml-latest-small / user_temporal (train part only; valid
 RMSE / valid NDCG@10; most-popular scores NDCG 0.055 there):
@@ -74,7 +75,7 @@ class TruncatedSVD(Recommender):
                                 f"{min(self.n_users, self.n_items)} for this snapshot")
         keep = ~np.isnan(tr.rating)
         u, i, r = tr.user_idx[keep], tr.item_idx[keep], tr.rating[keep].astype(np.float64)
-        w = recency_weights(tr.select(keep), p["recency"]) if p["recency"] > 0 else np.ones(len(r))
+        w = later_ratings_decay(tr.select(keep), p["recency"])
         user_base, item_base = self._centring(u, i, r, w)
         resid = r - user_base[u] - item_base[i]
         m = sp.csr_matrix((resid, (u, i)), shape=(self.n_users, self.n_items))
@@ -87,7 +88,7 @@ class TruncatedSVD(Recommender):
         self.item_factors = torch.from_numpy(np.ascontiguousarray(Vt.T, dtype=np.float32)).to(dev)
         self.user_base = torch.from_numpy(user_base.astype(np.float32)).to(dev)
         self.item_base = torch.from_numpy(item_base.astype(np.float32)).to(dev)
-        check = valid_rmse(data, self.score, dev)
+        check = rating_validator(self.score, data, dev)
         row = {"epoch": 1, "singular_max": float(s[0]), "singular_min": float(s[-1])}
         trainer.log_epoch(**row, **({"valid_rmse": check()} if check else {}))
         return self

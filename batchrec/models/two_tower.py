@@ -32,10 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from batchrec.data import events_from_end
+from batchrec.data import SparseRows, events_from_end
 from batchrec.errors import BatchrecError
-from batchrec.models._nn import ENSEMBLE, SparseRows, history_weights, item_content, ranking_validator
+from batchrec.models._nn import ENSEMBLE, item_content
 from batchrec.models.base import FactorModel, Param
+from batchrec.models.validation import ranking_validator
+from batchrec.models.weights import history_weights
 
 TUNING = """
 Grid on the validation part of ml-latest-small / user_temporal (NDCG@10 of the early-stopped
