@@ -41,7 +41,8 @@ import scipy.sparse as sp
 import torch
 
 from batchrec import options
-from batchrec.errors import BatchrecError, CorruptArtifact, WarehouseBusy
+from batchrec.errors import BatchrecError, CorruptArtifact, Gated, WarehouseBusy
+from batchrec.gate import Gate, GateSettings
 from batchrec.logs import progress as progress_bar
 from batchrec.models.base import Recommender
 from batchrec.runs import resolve_run
@@ -756,7 +757,7 @@ def _open_for_publish(wh: Warehouse, stack: ExitStack, wait_s: float = PUBLISH_W
 
 
 def publish(wh: Warehouse, rows: pl.DataFrame | list[Path], retention_days: int,
-            scope_users: np.ndarray | None = None) -> tuple[int, int, int]:
+            scope_users: np.ndarray | None = None, gate: Gate | None = None) -> tuple[int, int, int]:
     """Swap `rows` (a frame in the `recommendations` layout, or Parquet files of them) into
     `recommendations` in ONE transaction (the caller holds the writer lock): current rows (of
     `scope_users` only, when given) move to `recommendation_history` with run_date =
@@ -764,7 +765,8 @@ def publish(wh: Warehouse, rows: pl.DataFrame | list[Path], retention_days: int,
     new rows go in. Returns (published, moved to history, expired).
 
     A frame is read by DuckDB straight from its Arrow buffers: no staging file to write and read
-    back (a Parquet round trip cost a third of the publish at ML-20M shape)."""
+    back (a Parquet round trip cost a third of the publish at ML-20M shape). A `gate` checks the
+    staged rows first (it raises `Gated` when it refuses) and logs the publish in its transaction."""
     cols = "user_id, rank, item_id, score, run_id, scored_at, reason"
     scope = "" if scope_users is None else "WHERE user_id IN (SELECT user_id FROM publish_scope)"
     users = np.zeros(0, np.int64) if scope_users is None else np.asarray(scope_users, np.int64)
@@ -773,19 +775,22 @@ def publish(wh: Warehouse, rows: pl.DataFrame | list[Path], retention_days: int,
         con.register("publish_scope", pl.DataFrame({"user_id": users}).to_arrow())
         if isinstance(rows, pl.DataFrame):
             con.register("publish_rows", rows.to_arrow())
-            source, params = "publish_rows", []
         else:
-            source, params = "read_parquet(?)", [[str(f) for f in rows]]
+            con.read_parquet([str(f) for f in rows]).create_view("publish_rows")
+        if gate is not None:
+            gate.check(con)
         with transaction(con, "the new recommendations"):
             moved = con.execute(f"INSERT INTO recommendation_history SELECT {cols}, CAST(scored_at AS DATE) "
                                 f"FROM recommendations {scope}").fetchall()[0][0]
             con.execute(f"DELETE FROM recommendations {scope}").fetchall()
-            published = con.execute(f"INSERT INTO recommendations SELECT {cols} FROM {source}", params).fetchall()[0][0]
-            newest = con.execute(f"SELECT CAST(max(scored_at) AS DATE) FROM {source}", params).fetchall()[0][0]
+            published = con.execute(f"INSERT INTO recommendations SELECT {cols} FROM publish_rows").fetchall()[0][0]
+            newest = con.execute("SELECT CAST(max(scored_at) AS DATE) FROM publish_rows").fetchall()[0][0]
             expired = 0
             if newest is not None:
                 expired = con.execute("DELETE FROM recommendation_history WHERE run_date < ?",
                                       [newest - timedelta(days=retention_days)]).fetchall()[0][0]
+            if gate is not None:
+                gate.record(con)
     return published, moved, expired
 
 
@@ -989,19 +994,25 @@ def score_run(wh: Warehouse, run: dict, model: Recommender, top_n: int, memory_b
 
 def score_and_publish(wh: Warehouse, run: dict, model: Recommender, top_n: int = 10, memory_budget: int = 1 << 30,
                       retention_days: int = 30, users: np.ndarray | None = None, min_history: int = 1,
-                      explain: bool = True) -> dict:
-    """Score, then publish: the body of `batchrec score` (the caller holds `wh.lock`)."""
+                      explain: bool = True, gate: GateSettings | None = None) -> dict:
+    """Score, then publish: the body of `batchrec score` (the caller holds `wh.lock`). With `gate`
+    settings a full publish goes through the publish gate (batchrec.gate); `info["gate"]` is it."""
+    started = time.perf_counter()
     frame, info = score_run(wh, run, model, top_n, memory_budget, users=users, min_history=min_history,
                             explain=explain)
-    check_lists(frame, run, info["users"], model.personalised)
+    checked = None
+    if gate is not None and users is None:
+        checked = Gate(gate, run, model.task, list_sanity(frame, info["users"], model.personalised), started)
+    else:
+        check_lists(frame, run, info["users"], model.personalised)
     pause = float(os.environ.get(PAUSE_ENV) or 0)
     if pause:
         log.info("pausing %.1f s before publishing (%s)", pause, PAUSE_ENV)
         time.sleep(pause)
     t0 = time.perf_counter()
-    published, moved, expired = publish(wh, frame, retention_days, scope_users=users)
+    published, moved, expired = publish(wh, frame, retention_days, scope_users=users, gate=checked)
     log.info("published %d rows in %.2f s", published, time.perf_counter() - t0)
-    return info | {"published": published, "moved": moved, "expired": expired}
+    return info | {"published": published, "moved": moved, "expired": expired, "gate": checked}
 
 
 def score_command(wh: Warehouse, run_id: str | None = None, model: str | None = None,
@@ -1009,8 +1020,9 @@ def score_command(wh: Warehouse, run_id: str | None = None, model: str | None = 
                   users_file: str | None = None, pairs: str | None = None, out: str | None = None,
                   memory_budget: str = options.MEMORY_BUDGET.default,
                   retention_days: int = options.RETENTION_DAYS.default, device: str = options.DEVICE.default,
-                  min_history: int = 1) -> str:
-    """`batchrec score`: see the module docstring; returns a one-line summary."""
+                  min_history: int = 1, gate: GateSettings | None = GateSettings()) -> str:
+    """`batchrec score`: see the module docstring; returns a one-line summary. Full publishes (not
+    `--users`) go through the publish `gate` (None: the list sanity checks only)."""
     budget = parse_memory_budget(memory_budget)
     if top_n <= 0:
         raise BatchrecError(f"--top-n must be at least 1 (got {top_n})")
@@ -1029,7 +1041,7 @@ def score_command(wh: Warehouse, run_id: str | None = None, model: str | None = 
     if publish_run is not None:
         if shard or users_file:
             raise BatchrecError("--publish cannot be combined with --shard or --users")
-        return _publish_shards(wh, publish_run, retention_days)
+        return _publish_shards(wh, publish_run, retention_days, gate)
     shard_spec = parse_shard(shard) if shard is not None else None
     if shard_spec is not None and users_file:
         raise BatchrecError("--shard cannot be combined with --users")
@@ -1049,8 +1061,12 @@ def score_command(wh: Warehouse, run_id: str | None = None, model: str | None = 
     with wh.lock("score"):
         with wh.connect(read_only=True) as con:
             run = _resolve(con, run_id, model)
-        info = score_and_publish(wh, run, _load_model(run, device), top_n, budget, retention_days, users=users,
-                                 min_history=min_history)
+        try:
+            info = score_and_publish(wh, run, _load_model(run, device), top_n, budget, retention_days, users=users,
+                                     min_history=min_history, gate=gate)
+        except Gated:
+            refresh_serving(wh)  # readers (`batchrec status`) see the refusal in publish_log
+            raise
         refresh_serving(wh)
     summary = (f"run {run['run_id']} ({run['model']}) top-{top_n}: {info['users']} users (model {info['model']}, "
                f"genre/tag {info['profile']}, popular {info['popular']}), {info['published']} rows published to "
@@ -1058,11 +1074,14 @@ def score_command(wh: Warehouse, run_id: str | None = None, model: str | None = 
                f"expired (retention {retention_days} days); {time.perf_counter() - t0:.1f} s")
     if info.get("unknown_users"):
         summary += f"; {info['unknown_users']} listed users are not in the warehouse and were skipped"
+    if info["gate"] is not None:
+        summary += f"; {info['gate'].summary()}"
     return summary
 
 
-def _check_shard_lists(files: list[Path], run: dict) -> None:
-    """`check_lists` over the union of a run's shards (reading every row also finds a damaged page)."""
+def _check_shard_lists(files: list[Path], run: dict, gate: GateSettings | None = None) -> Gate | None:
+    """`check_lists` over the union of a run's shards (reading every row also finds a damaged page);
+    with `gate` settings, the problems go to the returned `Gate` instead."""
     from batchrec.models import get_model_class
 
     users = sum(json.loads(pq.read_schema(f).metadata[b"batchrec"])["users"] for f in files)
@@ -1071,20 +1090,28 @@ def _check_shard_lists(files: list[Path], run: dict) -> None:
     except (OSError, pl.exceptions.PolarsError) as exc:
         raise BatchrecError(f"the shards of run {run['run_id']} cannot be read ({str(exc).splitlines()[0]}): "
                             f"rescore them with `batchrec score --run {run['run_id']} --shard i/N`") from None
-    check_lists(frame, run, users, get_model_class(run["model"]).personalised)
+    family = get_model_class(run["model"])
+    if gate is not None:
+        return Gate(gate, run, family.task, list_sanity(frame, users, family.personalised))
+    check_lists(frame, run, users, family.personalised)
+    return None
 
 
-def _publish_shards(wh: Warehouse, run_id: str, retention_days: int) -> str:
+def _publish_shards(wh: Warehouse, run_id: str, retention_days: int, gate: GateSettings | None = None) -> str:
     t0 = time.perf_counter()
     with wh.lock("score --publish"):
         with wh.connect(read_only=True) as con:
             run = _resolve(con, run_id, None)
         files = shard_files(wh, run["run_id"])
-        _check_shard_lists(files, run)
-        published, moved, expired = publish(wh, files, retention_days)
+        checked = _check_shard_lists(files, run, gate)
+        try:
+            published, moved, expired = publish(wh, files, retention_days, gate=checked)
+        except Gated:
+            refresh_serving(wh)  # readers (`batchrec status`) see the refusal in publish_log
+            raise
         for f in files:
             f.unlink()
         refresh_serving(wh)
     return (f"published {len(files)} shards of run {run['run_id']}: {published} rows in recommendations; {moved} "
             f"earlier rows moved to recommendation_history, {expired} expired (retention {retention_days} days); "
-            f"{time.perf_counter() - t0:.1f} s")
+            f"{time.perf_counter() - t0:.1f} s" + (f"; {checked.summary()}" if checked else ""))
