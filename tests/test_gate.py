@@ -169,6 +169,12 @@ def test_the_bad_night_drill(tmp_path):
     assert f"is {drop:.1%} below" in gated["reason"] and f"is {drop:.1%} below" in line
     assert _rows(db, "SELECT status FROM job_runs WHERE step = '5:score' ORDER BY started DESC LIMIT 1") == [("gated",)]
 
+    # night 3's evaluate step (before its score step) wrote a report whose Nights section has nights 1 and 2
+    report = sorted(reports.glob("*/index.html"))[-1]
+    html = report.read_text()
+    assert "<h2 id='nights'>Nights</h2>" in html and (report.parent / "nights.png").stat().st_size > 10_000
+    assert first["run_id"] in html and night2_run in html and gated["run_id"] not in html
+
     status = _run(db, "status")
     assert status.returncode == 0, status.stderr
     nights = [ln for ln in status.stdout.splitlines() if re.match(r"  \d{4}-\d\d-\d\d \d\d:\d\d (published|gated)", ln)]
@@ -184,3 +190,97 @@ def test_the_bad_night_drill(tmp_path):
     assert _rows(db, "SELECT DISTINCT run_id FROM recommendations") == [(gated["run_id"],)]
     for row in _log(db):
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
+
+
+# -- the gate's other checks, on one warehouse where EASE is live ------------------------------
+@pytest.fixture(scope="module")
+def ease_live(tmp_path_factory) -> Path:
+    """ml-latest-small with EASE published through the gate and EASE and popularity measured."""
+    from batchrec.evaluate import run_evaluation
+    from batchrec.features import build_snapshot
+    from batchrec.ingest import ingest_path
+    from batchrec.score import score_command
+    from batchrec.train import fit_run
+    from batchrec.warehouse import Warehouse
+
+    wh = Warehouse(tmp_path_factory.mktemp("ease_live") / "batchrec.duckdb")
+    ingest_path(wh, dataset="ml-latest-small")
+    build_snapshot(wh, protocols="user_temporal")
+    fit_run(wh, "ease", "latest", None, {}, "cpu")
+    fit_run(wh, "popularity", "latest", None, {}, "cpu")
+    run_evaluation(wh, models="ease,popularity", protocol="user_temporal", ks="10", report_dir=None)
+    score_command(wh, model="ease")
+    return wh.path
+
+
+def _copy(db: Path, folder: Path) -> Path:
+    folder.mkdir()
+    shutil.copy(db, folder / db.name)
+    shutil.copytree(db.with_name(f"{db.stem}.artifacts"), folder / f"{db.stem}.artifacts")
+    return folder / db.name
+
+
+def test_a_switch_to_a_worse_family_is_gated_with_every_failed_check(ease_live, tmp_path):
+    """Popularity after EASE: its NDCG@10 is about half EASE's and its lists (one global ranking)
+    cover a small part of what EASE's lists cover; both checks fail, with their numbers."""
+    db = _copy(ease_live, tmp_path / "wh")
+    before = table_checksums(db)
+    result = _run(db, "score", "--model", "popularity")
+    assert result.returncode == 3, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert re.fullmatch(r"error: gated: run popularity-\S+ \(popularity\) was not published: coverage collapsed: "
+                        r"\d+ distinct items against \d+ in the live lists \(under 50%\); ndcg@10 0\.\d{4} is "
+                        r"\d+\.\d% below the live run's 0\.\d{4} \(tolerance 5%\); the previous lists stay "
+                        r"\(publish anyway with --force\)", line), line
+    after = table_checksums(db)
+    assert after.pop("publish_log") != before.pop("publish_log")  # the refusal is recorded ...
+    assert after == before  # ... and nothing else changed
+    [(status, reason)] = _rows(db, "SELECT status, reason FROM publish_log WHERE model = 'popularity'")
+    assert status == "gated" and reason in line
+
+    # A wide tolerance lets the metric through; the collapsed coverage still stops it.
+    wide = _run(db, "score", "--model", "popularity", "--gate-tolerance", "0.9")
+    assert wide.returncode == 3 and "coverage collapsed" in wide.stderr and "ndcg@10" not in wide.stderr
+
+
+def test_an_unmeasured_candidate_is_gated_and_force_publishes_it(ease_live, tmp_path):
+    """A run on a new snapshot that nobody measured cannot be compared with the measured live run:
+    refused with the command that measures it; --force publishes it and publish_log says so."""
+    db = _copy(ease_live, tmp_path / "wh")
+    for step in (("features", "--protocols", "user_temporal"), ("train", "ease")):
+        assert _run(db, *step).returncode == 0
+    result = _run(db, "score", "--model", "ease")
+    assert result.returncode == 3
+    assert "the candidate is not measured: no ndcg@10 of ease on user_temporal for snapshot s" in result.stderr
+    assert "`batchrec evaluate --models ease --protocol user_temporal` first" in result.stderr
+    forced = _run(db, "score", "--model", "ease", "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert "gate FORCED: forced past the gate: the candidate is not measured" in forced.stdout
+    assert _rows(db, "SELECT status FROM publish_log ORDER BY logged_at") == [("published",), ("gated",), ("forced",)]
+
+
+def test_gate_options_are_checked(ease_live, tmp_path):
+    db = _copy(ease_live, tmp_path / "wh")
+    bad_metric = _run(db, "score", "--model", "ease", "--gate-metric", "users")
+    assert bad_metric.returncode == 1
+    assert bad_metric.stderr.startswith("error: --gate-metric: 'users' is not a metric the gate can compare")
+    negative = _run(db, "score", "--model", "ease", "--gate-tolerance", "-0.1")
+    assert negative.returncode == 2 and "'-0.1' is below the minimum 0.0" in negative.stderr
+    job = tmp_path / "job.toml"
+    job.write_text('[[steps]]\nstep = "score"\nmodel = "ease"\ngate_tolerance = "5%"\n')
+    bad_job = _run(db, "run", str(job))
+    assert bad_job.returncode == 1
+    assert bad_job.stderr.strip() == (f"error: {job}:4: step 1 (score): gate_tolerance = '5%' is not valid "
+                                      "(expected a valid number)")
+
+
+def test_a_rating_metric_is_worse_when_higher():
+    """RMSE (lower is better): a candidate 10% above the live run's RMSE fails a 5% tolerance."""
+    from batchrec.gate import Gate, GateSettings
+
+    gate = Gate(GateSettings(), {"run_id": "mf-x", "model": "mf", "snapshot_id": "s"}, task="rating")
+    figures = {"nonfinite": 0, "live_items": 0, "items": 10, "rows": 10}
+    failures, _ = gate._checks(figures, candidate=0.99, live=0.90)
+    assert gate.metric == "rmse" and failures == ["rmse 0.9900 is 10.0% above the live run's 0.9000 (tolerance 5%)"]
+    failures, notes = gate._checks(figures, candidate=0.92, live=0.90)
+    assert failures == [] and notes == ["rmse 0.9200 against the live run's 0.9000 (+2.2%)"]

@@ -20,7 +20,7 @@ from batchrec.models.base import Recommender
 from batchrec.warehouse import Warehouse
 
 ROOT = Path(__file__).resolve().parent.parent
-PUBLISHED = ("ratings", "items", "tags", "feature_snapshots", "model_runs", "recommendations", "evaluations")
+PUBLISHED = ("ratings", "items", "tags", "feature_snapshots", "model_runs", "evaluations", "recommendations")
 
 SMALL_JOB = """
 [job]
@@ -39,16 +39,16 @@ step = "train"
 model = "popularity"
 
 [[steps]]
-step = "score"
-model = "popularity"
-top_n = 5
-
-[[steps]]
 step = "evaluate"
 models = "popularity"
 protocol = "user_temporal"
 k = "10"
 report = "{report}"
+
+[[steps]]
+step = "score"
+model = "popularity"
+top_n = 5
 """
 
 
@@ -67,7 +67,8 @@ def job(tmp_path) -> Path:
 def test_nightly_job_file_is_valid():
     name, steps = load_job(ROOT / "jobs" / "nightly.toml")
     assert name == "nightly"
-    assert [s["kind"] for s in steps] == ["ingest", "features", "train", "score", "evaluate"]
+    assert [s["kind"] for s in steps] == ["ingest", "features", "train", "evaluate", "score"]  # measure, then publish
+    assert [s["gate_metric"] for s in steps if s["kind"] == "score"] == ["ndcg@10"]
 
 
 def test_bad_job_files_fail_with_one_line(tmp_path):
@@ -115,8 +116,8 @@ def test_job_runs_end_to_end_then_resumes_incrementally(tmp_path, job):
 
 # Published tables that a failure at each step (or later) must leave as they were: the steps
 # before it did their own atomic work.
-UNTOUCHED = {"ingest": PUBLISHED, "features": PUBLISHED[3:], "train": PUBLISHED[4:], "score": PUBLISHED[5:],
-             "evaluate": PUBLISHED[6:]}
+UNTOUCHED = {"ingest": PUBLISHED, "features": PUBLISHED[3:], "train": PUBLISHED[4:], "evaluate": PUBLISHED[5:],
+             "score": PUBLISHED[6:]}
 
 
 def _second_run(tmp_path, job) -> tuple[Warehouse, dict]:
@@ -130,7 +131,7 @@ def _second_run(tmp_path, job) -> tuple[Warehouse, dict]:
     return wh, _contents(wh)
 
 
-@pytest.mark.parametrize("step", ["ingest", "features", "train", "score", "evaluate"])
+@pytest.mark.parametrize("step", ["ingest", "features", "train", "evaluate", "score"])
 def test_failure_in_any_step_leaves_published_tables_unchanged(tmp_path, job, step):
     wh, before = _second_run(tmp_path, job)
     with pytest.raises(BatchrecError, match=f"failed at step .*{step}"):
