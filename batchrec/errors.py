@@ -57,11 +57,11 @@ def first_line(exc: BaseException) -> str:
 
 
 _OS_FAULTS = {  # errno -> (what happened, what to do)
-    errno.ENOSPC: ("no space left on device", "free space there and rerun"),
-    errno.EDQUOT: ("disk quota exceeded", "free space there and rerun"),
-    errno.EROFS: ("read-only file system", "run this command where the warehouse folder is writable"),
-    errno.EACCES: ("permission denied", "give this user write access to the warehouse folder"),
-    errno.EPERM: ("operation not permitted", "give this user write access to the warehouse folder"),
+    errno.ENOSPC: ("no space left on device writing", "free space there and rerun"),
+    errno.EDQUOT: ("disk quota exceeded writing", "free space there and rerun"),
+    errno.EROFS: ("read-only file system writing", "run this command where the warehouse folder is writable"),
+    errno.EACCES: ("permission denied on", "give this user access to it"),
+    errno.EPERM: ("operation not permitted on", "give this user access to it"),
 }
 # DuckDB reports the same faults as text inside its IOException
 _DUCKDB_FAULTS = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
@@ -69,13 +69,17 @@ _DUCKDB_FAULTS = {"No space left on device": errno.ENOSPC, "Disk quota exceeded"
 _QUOTED_PATH = re.compile(r'"(/[^"]+)"')
 
 
+def _at(what: str, path: str | None) -> str:
+    """'no space left on device writing /x' (or without the path and its verb when unknown)."""
+    return f"{what} {path}" if path else what.rsplit(" ", 1)[0]
+
+
 def as_fault(exc: BaseException) -> BatchrecError | None:
     """The one-line form of an exception the machine caused (disk full, read-only or denied
     file system, a DuckDB I/O error, an interrupt); None for anything else."""
     if isinstance(exc, OSError) and exc.errno in _OS_FAULTS:
         what, todo = _OS_FAULTS[exc.errno]
-        where = f" writing {exc.filename}" if exc.filename else ""
-        return Fault(f"{what}{where}: {todo} (the warehouse keeps its previous contents)")
+        return Fault(f"{_at(what, exc.filename)}: {todo} (the warehouse keeps its previous contents)")
     module = type(exc).__module__ or ""
     if module.startswith(("duckdb", "_duckdb")):
         text = str(exc)
@@ -85,8 +89,7 @@ def as_fault(exc: BaseException) -> BatchrecError | None:
             if needle in text:
                 what, todo = _OS_FAULTS[code]
                 path = _QUOTED_PATH.search(text)
-                where = f" writing {path.group(1)}" if path else ""
-                return Fault(f"{what}{where}: {todo} (the warehouse keeps its previous contents)")
+                return Fault(f"{_at(what, path and path.group(1))}: {todo} (the warehouse keeps its previous contents)")
         if type(exc).__name__ == "IOException":
             return Fault(f"I/O error: {first_line(exc)}: check the disk and rerun")
     if isinstance(exc, RuntimeError) and str(exc) == "Query interrupted":

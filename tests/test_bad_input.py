@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -462,17 +463,27 @@ def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 60) -> 
         time.sleep(0.2)
 
 
-def _step_running(db: Path, step: str) -> bool:
-    """Whether job_runs shows `step` running (read while the job may hold the file: retry later)."""
-    try:
-        con = duckdb.connect(str(db), read_only=True)
-    except duckdb.Error:
-        return False
-    try:
-        return bool(con.execute("SELECT count(*) FROM job_runs WHERE step = ? AND status = 'running'",
-                                [step]).fetchall()[0][0])
-    finally:
-        con.close()
+class Logged:
+    """A `batchrec` command started with its log on stderr, read line by line as it runs (the
+    test never opens the DuckDB file meanwhile: a reader would make the job's own writes busy)."""
+
+    def __init__(self, db: Path, args: list):
+        self.proc = subprocess.Popen([a for a in _argv(db, args) if a != "-qqq"], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, env=_env())
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stderr.readline, "")))
+        self.reader.start()
+
+    def wait_for(self, pattern: str) -> None:
+        """Until a log line matches `pattern` (the command must still be running then)."""
+        _wait_for(lambda: any(re.search(pattern, line) for line in self.lines) or self.proc.poll() is not None,
+                  pattern)
+        assert self.proc.poll() is None, "".join(self.lines)
+
+    def finish(self) -> list[str]:
+        self.proc.wait(timeout=60)
+        self.reader.join(timeout=60)
+        return [line.rstrip("\n") for line in self.lines]
 
 
 SLOW_TRAIN = '[[steps]]\nstep = "train"\nmodel = "mf"\nparams = ["epochs=10000", "patience=10000"]\n'
@@ -497,18 +508,18 @@ def test_sigint_after_a_commit_says_what_was_committed(base, tmp_path):
     db = copy_warehouse(base, tmp_path / "wh", artifacts=False)
     (tmp_path / "job.toml").write_text('[[steps]]\nstep = "train"\nmodel = "popularity"\n\n' + SLOW_TRAIN)
     before = table_checksums(db)
-    proc = subprocess.Popen(_argv(db, ["run", tmp_path / "job.toml"]), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_env())
-    _wait_for(lambda: _step_running(db, "2:train"), "step 2 to run")
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    job = Logged(db, ["run", tmp_path / "job.toml"])
+    job.wait_for(r"INFO epoch=1 loss=")  # step 1 committed its run; step 2 (mf) is training
+    job.proc.send_signal(signal.SIGINT)
+    lines = job.finish()
     con = duckdb.connect(str(db), read_only=True)
     new_run = con.execute("SELECT run_id FROM model_runs ORDER BY created_at DESC LIMIT 1").fetchall()[0][0]
     steps = con.execute("SELECT step, status, error FROM job_runs ORDER BY step").fetchall()
     con.close()
-    assert proc.returncode == 130, err
-    assert err.strip() == (f"error: interrupted (SIGINT) after committing model run {new_run}: that is in the "
-                           "warehouse, the rest of the command did not run")
+    assert job.proc.returncode == 130, lines
+    assert lines[-1] == (f"error: interrupted (SIGINT) after committing model run {new_run}: that is in the "
+                         "warehouse, the rest of the command did not run")
+    assert not [line for line in lines[:-1] if line.startswith(("error:", "Traceback"))]
     assert new_run.startswith("popularity-") and new_run != base["popularity"]
     assert steps == [("1:train", "ok", None), ("2:train", "failed", "interrupted (SIGINT)")]
     after = table_checksums(db)
@@ -520,15 +531,15 @@ def test_a_killed_job_step_is_marked_failed_killed(base, tmp_path):
     (tmp_path / "slow.toml").write_text('[job]\nname = "slow"\n\n' + SLOW_TRAIN)
     (tmp_path / "quick.toml").write_text('[job]\nname = "quick"\n\n[[steps]]\nstep = "features"\n'
                                          'protocols = "user_temporal"\n')
-    proc = subprocess.Popen(_argv(db, ["run", tmp_path / "slow.toml"]), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=_env())
-    _wait_for(lambda: _step_running(db, "1:train"), "the train step to run")
-    proc.kill()
-    proc.wait(timeout=30)
+    job = Logged(db, ["run", tmp_path / "slow.toml"])
+    job.wait_for(r"INFO epoch=1 loss=")  # the step is recorded as running and training
+    job.proc.kill()
+    job.finish()
+    pid = job.proc.pid
     before = table_checksums(db)
     status = batchrec(db, "status")  # read-only: shows the step as killed, writes nothing
     assert status.returncode == 0, status.stderr
-    assert re.search(rf"slow .* 1:train .* failed \(killed\) .* killed: process {proc.pid} on \S+ ended while the step "
+    assert re.search(rf"slow .* 1:train .* failed \(killed\) .* killed: process {pid} on \S+ ended while the step "
                      "was running", status.stdout), status.stdout
     assert table_checksums(db) == before
     again = batchrec(db, "run", tmp_path / "quick.toml")  # the next job records it
@@ -537,8 +548,8 @@ def test_a_killed_job_step_is_marked_failed_killed(base, tmp_path):
     con = duckdb.connect(str(db), read_only=True)
     rows = con.execute("SELECT job, status, pid, error FROM job_runs ORDER BY started").fetchall()
     con.close()
-    assert rows[0][:3] == ("slow", "failed", proc.pid) and rows[0][3].startswith(f"killed: process {proc.pid} on ")
-    assert rows[1][:2] == ("quick", "ok") and rows[1][2] not in (None, proc.pid)  # the quick job's own process
+    assert rows[0][:3] == ("slow", "failed", pid) and rows[0][3].startswith(f"killed: process {pid} on ")
+    assert rows[1][:2] == ("quick", "ok") and rows[1][2] not in (None, pid)  # the quick job's own process
 
 
 # -- 9. anything unexpected: one line, and -v for the traceback --------------------------------------
@@ -558,3 +569,42 @@ def test_an_unexpected_exception_is_one_line_and_v_shows_the_traceback(tmp_path)
     assert loud.returncode == 1
     assert loud.stderr.startswith("Traceback (most recent call last):") and "ValueError: a bug" in loud.stderr
     assert loud.stderr.splitlines()[-1] == quiet.stderr.strip()
+
+
+def test_permission_and_quota_errors_are_faults_too():
+    """As root no chmod denies a write here, so the mapping itself: errno -> one fault line, exit 74."""
+    import errno
+
+    from batchrec.errors import Fault, as_fault
+
+    denied = as_fault(OSError(errno.EACCES, "Permission denied", "/data/ratings.csv"))
+    assert isinstance(denied, Fault) and denied.exit_code == 74
+    assert str(denied).startswith("permission denied on /data/ratings.csv: give this user access to it")
+    assert str(as_fault(OSError(errno.EDQUOT, "Disk quota exceeded"))).startswith("disk quota exceeded: free space")
+    assert as_fault(OSError(errno.ENOENT, "No such file", "/x")) is None  # not a fault of the machine
+
+
+# -- 6. each sanity check on its own: real lists pass, each way of breaking them is named -----------
+def test_list_sanity_passes_real_lists_and_names_each_degenerate_case(base):
+    import polars as pl
+
+    from batchrec.score import list_sanity
+
+    con = duckdb.connect(str(base["folder"] / DB), read_only=True)
+    ease = con.sql("SELECT user_id, rank, item_id, score FROM recommendations").pl()  # EASE's published lists
+    con.close()
+    popularity = pl.read_parquet(sorted((base["folder"] / "recommendations").rglob("shard=*.parquet")))
+    assert list_sanity(ease, users=610) == []
+    assert list_sanity(popularity, users=610, personalised=False) == []
+
+    one_first = ease.with_columns(item_id=pl.when(pl.col("rank") == 1).then(pl.lit(1)).otherwise(pl.col("item_id")))
+    assert list_sanity(one_first, 610) == ["item 1 is first in 610 of 610 lists"]
+    assert list_sanity(one_first, 610, personalised=False) == []  # one global ranking: by design
+    two_lists = ease.with_columns(item_id=pl.col("rank") + pl.col("user_id") % 2 * 5)  # items 1-10 or 6-15
+    assert list_sanity(two_lists, 610) == ["only 15 distinct items across 610 lists of up to 10"]
+    tied = ease.with_columns(score=pl.lit(0.5, pl.Float32))
+    assert list_sanity(tied, 610) == ["every score equal within 610 of 610 lists"]
+    holes = ease.with_columns(score=pl.when(pl.col("user_id") < 5).then(float("inf")).otherwise(pl.col("score")))
+    assert list_sanity(holes, 610) == ["scores not finite: 40 of 6100 rows are NaN, infinite or null"]
+    assert list_sanity(ease.filter(pl.col("user_id") > 10), 610) == ["no list for 10 of 610 scored users (no finite score)"]
+    assert list_sanity(ease.filter(pl.col("user_id") > 6), 610) == []  # 6 of 610 (under 1%): a user may have seen it all
