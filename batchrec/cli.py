@@ -228,15 +228,23 @@ def models() -> None:
 @options.MEMORY_BUDGET.click("--memory-budget")
 @options.RETENTION_DAYS.click("--retention-days")
 @options.DEVICE.click("--device")
+@options.GATE_METRIC.click("--gate-metric")
+@options.GATE_TOLERANCE.click("--gate-tolerance")
+@options.GATE_PROTOCOL.click("--gate-protocol")
+@options.FORCE.click("--force")
 @pass_wh
 def score(wh: Warehouse, run_id, model, top_n, shard, publish_run, users_file, pairs, out, memory_budget,
-          retention_days, device) -> None:
-    """Write every user's top-N (seen items removed, cold start served) to `recommendations`."""
-    from batchrec import scoring
+          retention_days, device, gate_metric, gate_tolerance, gate_protocol, force) -> None:
+    """Write every user's top-N (seen items removed, cold start served) to `recommendations`.
 
+    A full publish passes the publish gate first (exit code 3 when it refuses; see the README)."""
+    from batchrec import scoring
+    from batchrec.gate import GateSettings
+
+    gate = GateSettings(metric=gate_metric, tolerance=gate_tolerance, protocol=gate_protocol, force=force)
     click.echo(scoring.score_command(
         wh, run_id=run_id, model=model, top_n=top_n, shard=shard, publish_run=publish_run, users_file=users_file,
-        pairs=pairs, out=out, memory_budget=memory_budget, retention_days=retention_days, device=device))
+        pairs=pairs, out=out, memory_budget=memory_budget, retention_days=retention_days, device=device, gate=gate))
 
 
 # -- evaluate ----------------------------------------------------------------------------------
@@ -261,12 +269,13 @@ def evaluate(wh: Warehouse, runs, model_names, protocol, ks, report_dir, compare
 # -- operations --------------------------------------------------------------------------------
 @main.command()
 @click.argument("job_file", type=click.Path(exists=True, dir_okay=False))
+@options.FORCE.click("--force")
 @pass_wh
-def run(wh: Warehouse, job_file) -> None:
+def run(wh: Warehouse, job_file, force) -> None:
     """Run the steps of a job file (e.g. jobs/nightly.toml), recording each in `job_runs`."""
     from batchrec.jobs import run_job
 
-    click.echo(run_job(wh, job_file))
+    click.echo(run_job(wh, job_file, force=force))
 
 
 @main.command()

@@ -60,8 +60,10 @@ def _job_keys() -> str:
 
     lines = ["A job file is TOML: [job] name = \"...\", then one [[steps]] table per step, run in order, each "
              "with step = KIND, an optional name = \"...\", and that step's options (the CLI's, with their defaults):"]
-    for kind, options in STEP_OPTIONS.items():
-        lines.append(f"  {kind}: " + ", ".join(f"{key} = {toml(value)}" for key, value in options.items()))
+    for kind, options in STEP_OPTIONS.items():  # key -> batchrec.options.Option
+        lines.append(f"  {kind}: " + ", ".join(
+            f"{key} = {'(required)' if o.required else toml(list(o.default or ()) if o.multiple else o.default)}"
+            for key, o in options.items()))
     return "\n".join(lines)
 
 

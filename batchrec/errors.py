@@ -28,6 +28,13 @@ class Fault(BatchrecError):
     exit_code = 74  # EX_IOERR
 
 
+class Gated(BatchrecError):
+    """The publish gate refused a run's lists (worse than the live run, or degenerate): nothing was
+    published, yesterday's lists stay. Its own exit code, so cron can tell it from a failure."""
+
+    exit_code = 3
+
+
 class Interrupted(BatchrecError):
     """SIGINT (Ctrl-C) stopped the command; the message says what had been committed by then."""
 

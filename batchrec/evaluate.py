@@ -32,6 +32,7 @@ import torch
 from batchrec.data import load_snapshot
 from batchrec.errors import BatchrecError
 from batchrec.features.params import PROTOCOLS as SPLIT_PROTOCOLS
+from batchrec.gate import recent_publishes
 from batchrec.metrics import METRICS, base_metric_name, measure, metric_sort_key
 from batchrec.models import available, get_model_class
 from batchrec.options import RELEVANCE_THRESHOLD
@@ -45,6 +46,7 @@ from batchrec.report import (
     run_labels,
     write_report,
 )
+from batchrec.report_nights import NIGHTS_IN_REPORT
 from batchrec.runs import find_runs, resolve_run
 from batchrec.serving import refresh as refresh_serving
 from batchrec.train import fit_run, load_run_model
@@ -392,13 +394,15 @@ def run_evaluation(wh: Warehouse, runs: str | None = None, models: str | None = 
     write_evaluations(wh, rows)
     report = None
     if report_dir:
+        with wh.connect(read_only=True) as con:
+            nights = recent_publishes(con, NIGHTS_IN_REPORT).to_dicts()
         info = ReportInfo(protocol=spec.name, split_protocol=spec.split, snapshot_id=split["snapshot_id"],
                           as_of=str(split["as_of"]), split_params=split["params"],
                           split_sizes={p: split[f"n_{p}"] for p in ("train", "valid", "test")},
                           ks=cutoffs, threshold=threshold, evaluated_at=at,
                           description=spec.preset.description if spec.preset else "",
                           references=list(spec.preset.references) if spec.preset else [])
-        report = write_report(report_dir, info, results, compare)
+        report = write_report(report_dir, info, results, compare, nights=nights)
     return Evaluation(spec, split, cutoffs, threshold, results, notes, len(rows), at, report)
 
 

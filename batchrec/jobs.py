@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator, Optional
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from batchrec import options
-from batchrec.errors import BatchrecError, Interrupted, as_fault
+from batchrec.errors import BatchrecError, Gated, Interrupted, as_fault
 from batchrec.runs import latest_shipped_run_id
 from batchrec.serving import refresh as refresh_serving
 from batchrec.warehouse import Warehouse, scalar, utcnow
@@ -49,7 +49,8 @@ STEP_OPTIONS: dict[str, dict[str, options.Option]] = {
     "train": {"model": options.TRAIN_MODEL, "protocol": options.TRAIN_PROTOCOL, "params": options.TRAIN_PARAMS,
               "device": options.DEVICE},
     "score": {"model": options.SCORE_MODEL, "top_n": options.TOP_N, "memory_budget": options.MEMORY_BUDGET,
-              "retention_days": options.RETENTION_DAYS, "device": options.DEVICE},
+              "retention_days": options.RETENTION_DAYS, "device": options.DEVICE, "gate_metric": options.GATE_METRIC,
+              "gate_tolerance": options.GATE_TOLERANCE, "gate_protocol": options.GATE_PROTOCOL},
     "evaluate": {"models": options.EVALUATE_MODELS, "protocol": options.EVALUATE_PROTOCOL, "k": options.EVALUATE_KS,
                  "report": options.EVALUATE_REPORT, "threshold": options.EVALUATE_THRESHOLD},
 }
@@ -201,11 +202,14 @@ def _run_train(wh: Warehouse, s: dict) -> StepResult:
 
 
 def _run_score(wh: Warehouse, s: dict) -> StepResult:
+    from batchrec.gate import GateSettings
     from batchrec.scoring import score_command
 
+    gate = GateSettings(metric=s["gate_metric"], tolerance=s["gate_tolerance"], protocol=s["gate_protocol"],
+                        force=s["force"])
     summary = score_command(wh, run_id=None, model=s["model"], top_n=s["top_n"], shard=None, publish_run=None,
                             users_file=None, pairs=None, out=None, memory_budget=s["memory_budget"],
-                            retention_days=s["retention_days"], device=s["device"])
+                            retention_days=s["retention_days"], device=s["device"], gate=gate)
     return StepResult(summary, _latest(wh, "SELECT count(*) FROM recommendations"))
 
 
@@ -313,11 +317,13 @@ def _step_failed(job: str, name: str, exc: BaseException) -> BaseException:
     return failed
 
 
-def run_job(wh: Warehouse, job_file: str | Path) -> str:
+def run_job(wh: Warehouse, job_file: str | Path, force: bool = False) -> str:
     """Run a job file's steps in order under one writer lock; stop at the first failure.
 
     Each step's row in `job_runs` names the process running it; steps that an earlier, killed
-    job left `running` are marked failed first (`_mark_killed`).
+    job left `running` are marked failed first (`_mark_killed`). `force` publishes past the
+    publish gate; a refused publish is recorded `gated` and ends the job with the gate's exit code
+    (3).
     """
     job, steps = load_job(job_file)
     job_run_id = f"{job}-{utcnow():%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
@@ -340,13 +346,13 @@ def run_job(wh: Warehouse, job_file: str | Path) -> str:
                     log.info("job=%s step=%s status=skipped inputs=%s", job, name, row["inputs"])
                     continue
                 _record(wh, row)
-                result = RUNNERS[step["kind"]](wh, step)
+                result = RUNNERS[step["kind"]](wh, {**step, "force": force})  # force: not an input
             except BaseException as exc:  # KeyboardInterrupt too: the step did not finish
                 interrupted = not isinstance(exc, Exception)
-                row.update(status="failed", finished=utcnow(),
+                row.update(status="gated" if isinstance(exc, Gated) else "failed", finished=utcnow(),
                            error="interrupted (SIGINT)" if interrupted else f"{type(exc).__name__}: {exc}")
                 _record(wh, row)
-                log.error("job=%s step=%s status=failed seconds=%.2f error=%s", job, name,
+                log.error("job=%s step=%s status=%s seconds=%.2f error=%s", job, name, row["status"],
                           time.perf_counter() - t0, row["error"])
                 failed = _step_failed(job, name, exc)
                 if failed is exc:

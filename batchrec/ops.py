@@ -13,6 +13,7 @@ import polars as pl
 
 from batchrec import serving
 from batchrec.errors import BatchrecError
+from batchrec.gate import night_lines, recent_publishes
 from batchrec.runs import find_runs, live_runs
 from batchrec.warehouse import Warehouse, open_readonly_sandboxed, query_pl, scalar, table_exists
 
@@ -96,6 +97,9 @@ def _shipped_per_family(con, live: list[dict]) -> pl.DataFrame:
                                       "scored_at": pl.Utf8, "users": pl.Int64})
 
 
+NIGHTS_SHOWN = 7  # publish_log rows `batchrec status` shows
+
+
 def status_text(wh: Warehouse) -> str:
     """Tables and row counts, latest snapshot, runs, what is live per model family, last
     evaluation, job failures: from the serving database (as of the last publishing step)."""
@@ -132,6 +136,9 @@ def status_text(wh: Warehouse) -> str:
             FROM evaluations, last WHERE evaluated_at = last.t
               AND metric IN ('rmse', 'ndcg', 'recall', 'precision') ORDER BY run_id, metric""")
         lines.append("last evaluation:\n" + (_frame_text(evals) if not evals.is_empty() else "  none"))
+        nights = recent_publishes(con, NIGHTS_SHOWN)
+        lines.append(f"last {NIGHTS_SHOWN} publishes (publish_log; gated: refused by the publish gate, lists kept):\n"
+                     + ("\n".join(night_lines(nights)) if not nights.is_empty() else "  none"))
         if table_exists(con, "job_runs"):
             lines.append("recent job failures:\n" + _job_failures(con))
     return "\n".join(lines)
@@ -145,7 +152,7 @@ def _job_failures(con) -> str:
     failed = query_pl(con, """SELECT job, step, started,
                                      CASE WHEN error LIKE 'killed:%' THEN 'failed (killed)' ELSE status END AS status,
                                      error
-                              FROM job_runs WHERE status = 'failed' ORDER BY started DESC LIMIT 5""")
+                              FROM job_runs WHERE status IN ('failed', 'gated') ORDER BY started DESC LIMIT 5""")
     if scalar(con, "SELECT count(*) FROM information_schema.columns WHERE table_name = 'job_runs' AND column_name = 'pid'"):
         running = query_pl(con, """SELECT job, step, started, pid, host, process_start FROM job_runs
                                    WHERE status = 'running' ORDER BY started DESC""")

@@ -115,12 +115,23 @@ TOP_N = Option(int, 10, "List length per user.", min=1)
 MEMORY_BUDGET = Option(str, "1GB", "Scores held at once per block, e.g. 512MB, 2GB.")
 RETENTION_DAYS = Option(int, 30, "Days of earlier runs kept in recommendation_history.", min=0)
 
+# -- the publish gate (batchrec.gate) ---------------------------------------------------------
+GATE_METRIC = Option(str, None, "Headline metric the gate compares, e.g. ndcg@10, recall@20, rmse "
+                                "[default: ndcg@10 for rankers, rmse for rating models].")
+GATE_TOLERANCE = Option(float, 0.05, "How much worse than the live run's measurement the candidate may be, "
+                                     "relative (0.05: 5%).", min=0.0)
+FORCE = Option(bool, False, "Publish even when the gate refuses (recorded as 'forced' in publish_log).")
+
 # -- evaluate ---------------------------------------------------------------------------------
 EVALUATE_MODELS = Option(str, None, "Comma-separated model families (trains them if needed).")
 EVALUATE_PROTOCOL = Option(str, "user_temporal", "Split protocol or preset.")
 EVALUATE_KS = Option(str, "5,10,20", "Comma-separated cut-offs.")
 EVALUATE_REPORT = Option(str, "reports", "Folder of the HTML report.")
 EVALUATE_THRESHOLD = Option(float, RELEVANCE_THRESHOLD, "Relevant = test rating >= threshold.")
+
+# The protocol the gate reads the candidate's measurement on: the one `evaluate` measures by default.
+GATE_PROTOCOL = Option(str, EVALUATE_PROTOCOL.default, "Protocol (or preset) of the measurements the gate "
+                                                       "compares; the job's evaluate step must measure it.")
 
 # -- recommend --------------------------------------------------------------------------------
 HISTORY = Option(int, 10, "Recent ratings to show.", min=0)

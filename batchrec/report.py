@@ -268,8 +268,12 @@ def _reference_rows(info: ReportInfo, runs: list[ReportRun]) -> list[tuple[str, 
             for ref, value, label in compare_references(info.references, runs)]
 
 
-def write_report(root: str | Path, info: ReportInfo, runs: list[ReportRun], compare: bool = False) -> Path:
-    """Write the report folder; returns the path of index.html."""
+def write_report(root: str | Path, info: ReportInfo, runs: list[ReportRun], compare: bool = False,
+                 nights: list[dict] | None = None) -> Path:
+    """Write the report folder; returns the path of index.html. `nights`: publish_log rows, oldest
+    first, for the "Nights" section (see report_nights)."""
+    from batchrec.report_nights import nights_figure, nights_table
+
     out = report_dir(root, info)
     labels = run_labels(runs)
     columns = metric_columns(runs)
@@ -284,8 +288,11 @@ def write_report(root: str | Path, info: ReportInfo, runs: list[ReportRun], comp
     ) if made]
     setup = _setup_rows(info)
     refs = _reference_rows(info, runs)
-    (out / "index.html").write_text(_html(info, runs, labels, columns, best, figures, setup, refs))
-    (out / "report.md").write_text(_markdown(info, runs, labels, columns, best, figures, setup, refs))
+    night_rows = nights_table(nights or [])
+    night_figure = nights_figure(nights or [], out / "nights.png")
+    (out / "index.html").write_text(_html(info, runs, labels, columns, best, figures, setup, refs, night_rows, night_figure))
+    (out / "report.md").write_text(_markdown(info, runs, labels, columns, best, figures, setup, refs, night_rows,
+                                             night_figure))
     return out / "index.html"
 
 
@@ -296,7 +303,12 @@ td.name,th.name{text-align:left}td.best{background:#c8f0c8;font-weight:bold}
 img{max-width:100%;border:1px solid #eee;margin:0.5em 0}.note{color:#666;font-size:12px}"""
 
 
-def _html(info, runs, labels, columns, best, figures, setup, refs) -> str:
+_NIGHTS_NOTE = ("Each publish of a run's lists and each attempt the publish gate refused (publish_log), oldest "
+                "first: the candidate's measurement against the live run's, catalogue coverage, the share of "
+                "items never recommended before, overlap with the previous lists.")
+
+
+def _html(info, runs, labels, columns, best, figures, setup, refs, night_rows=(), night_figure=False) -> str:
     e = html.escape
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>batchrec evaluation: {e(info.protocol)}</title>"
              f"<style>{_CSS}</style></head><body>",
@@ -329,11 +341,19 @@ def _html(info, runs, labels, columns, best, figures, setup, refs) -> str:
                      + "</table>")
     for name, title in figures:
         parts.append(f"<h2>{e(title)}</h2><img src='{e(name)}' alt='{e(title)}'>")
+    if night_rows:
+        from batchrec.report_nights import HEADERS
+
+        parts.append(f"<h2 id='nights'>Nights</h2><p class='note'>{e(_NIGHTS_NOTE)}</p>"
+                     + ("<img src='nights.png' alt='nights'>" if night_figure else "")
+                     + "<table id='nights-table'><tr>" + "".join(f"<th class='name'>{e(h)}</th>" for h in HEADERS)
+                     + "</tr>" + "".join("<tr>" + "".join(f"<td class='name'>{e(c)}</td>" for c in row) + "</tr>"
+                                         for row in night_rows) + "</table>")
     parts.append("</body></html>\n")
     return "\n".join(parts)
 
 
-def _markdown(info, runs, labels, columns, best, figures, setup, refs) -> str:
+def _markdown(info, runs, labels, columns, best, figures, setup, refs, night_rows=(), night_figure=False) -> str:
     def row(cells):
         return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
 
@@ -355,4 +375,9 @@ def _markdown(info, runs, labels, columns, best, figures, setup, refs) -> str:
         lines += [row(r) for r in refs]
     for name, title in figures:
         lines += ["", f"## {title}", "", f"![{title}]({name})"]
+    if night_rows:
+        from batchrec.report_nights import HEADERS
+
+        lines += ["", "## Nights", "", _NIGHTS_NOTE, ""] + (["![nights](nights.png)", ""] if night_figure else [])
+        lines += [row(HEADERS), row(("---",) * len(HEADERS))] + [row(r) for r in night_rows]
     return "\n".join(lines) + "\n"

@@ -17,7 +17,7 @@ from batchrec.warehouse import Warehouse
 from faults import fault_env, start_batchrec, wait_until_paused
 
 ROOT = Path(__file__).resolve().parent.parent
-PUBLISHED = ("ratings", "items", "tags", "feature_snapshots", "model_runs", "recommendations", "evaluations")
+PUBLISHED = ("ratings", "items", "tags", "feature_snapshots", "model_runs", "evaluations", "recommendations")
 
 SMALL_JOB = """
 [job]
@@ -36,16 +36,16 @@ step = "train"
 model = "popularity"
 
 [[steps]]
-step = "score"
-model = "popularity"
-top_n = 5
-
-[[steps]]
 step = "evaluate"
 models = "popularity"
 protocol = "user_temporal"
 k = "10"
 report = "{report}"
+
+[[steps]]
+step = "score"
+model = "popularity"
+top_n = 5
 """
 
 
@@ -64,7 +64,8 @@ def job(tmp_path) -> Path:
 def test_nightly_job_file_is_valid():
     name, steps = load_job(ROOT / "jobs" / "nightly.toml")
     assert name == "nightly"
-    assert [s["kind"] for s in steps] == ["ingest", "features", "train", "score", "evaluate"]
+    assert [s["kind"] for s in steps] == ["ingest", "features", "train", "evaluate", "score"]  # measure, then publish
+    assert [s["gate_metric"] for s in steps if s["kind"] == "score"] == ["ndcg@10"]
 
 
 def test_bad_job_files_fail_with_one_line(tmp_path):
@@ -110,10 +111,10 @@ def test_job_runs_end_to_end_then_resumes_incrementally(tmp_path, job):
         assert con.sql("SELECT count(*) FROM feature_snapshots").fetchall()[0][0] == 2
 
 
-# Published tables that a kill inside each step must leave as they were: the steps before it
-# did their own atomic work.
-UNTOUCHED = {"ingest": PUBLISHED, "features": PUBLISHED[3:], "train": PUBLISHED[4:], "score": PUBLISHED[5:],
-             "evaluate": PUBLISHED[6:]}
+# Published tables that a kill inside each step must leave as they were: the steps
+# before it did their own atomic work.
+UNTOUCHED = {"ingest": PUBLISHED, "features": PUBLISHED[3:], "train": PUBLISHED[4:], "evaluate": PUBLISHED[5:],
+             "score": PUBLISHED[6:]}
 
 # Where each step's `batchrec run` process is paused, then killed with SIGKILL: inside the step's
 # publishing transaction with all its work done (before COMMIT); for train, after the artifact is

@@ -14,13 +14,14 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from batchrec import options
-from batchrec.errors import BatchrecError
+from batchrec.errors import BatchrecError, Gated
+from batchrec.gate import Gate, GateSettings
 from batchrec.models import get_model_class
 from batchrec.models.base import Recommender
 from batchrec.runs import resolve_run
 from batchrec.scoring.inputs import _check_fits_snapshot, load_inputs
 from batchrec.scoring.pairs import _lookup, read_users, score_pairs
-from batchrec.scoring.publishing import check_lists, publish, shard_files, shard_of, shard_path, write_parquet
+from batchrec.scoring.publishing import check_lists, list_sanity, publish, shard_files, shard_of, shard_path, write_parquet
 from batchrec.scoring.sources import recommend
 from batchrec.serving import refresh as refresh_serving
 from batchrec.train import load_run_model
@@ -89,15 +90,21 @@ def score_run(wh: Warehouse, run: dict, model: Recommender, top_n: int, memory_b
 
 def score_and_publish(wh: Warehouse, run: dict, model: Recommender, top_n: int = 10, memory_budget: int = 1 << 30,
                       retention_days: int = 30, users: np.ndarray | None = None, min_history: int = 1,
-                      explain: bool = True) -> dict:
-    """Score, then publish: the body of `batchrec score` (the caller holds `wh.lock`)."""
+                      explain: bool = True, gate: GateSettings | None = None) -> dict:
+    """Score, then publish: the body of `batchrec score` (the caller holds `wh.lock`). With `gate`
+    settings a full publish goes through the publish gate (batchrec.gate); `info["gate"]` is it."""
+    started = time.perf_counter()
     frame, info = score_run(wh, run, model, top_n, memory_budget, users=users, min_history=min_history,
                             explain=explain)
-    check_lists(frame, run, info["users"], model.personalised)
+    checked = None
+    if gate is not None and users is None:
+        checked = Gate(gate, run, model.task, list_sanity(frame, info["users"], model.personalised), started)
+    else:
+        check_lists(frame, run, info["users"], model.personalised)
     t0 = time.perf_counter()
-    published, moved, expired = publish(wh, frame, retention_days, scope_users=users)
+    published, moved, expired = publish(wh, frame, retention_days, scope_users=users, gate=checked)
     log.info("published %d rows in %.2f s", published, time.perf_counter() - t0)
-    return info | {"published": published, "moved": moved, "expired": expired}
+    return info | {"published": published, "moved": moved, "expired": expired, "gate": checked}
 
 
 def score_command(wh: Warehouse, run_id: str | None = None, model: str | None = None,
@@ -105,8 +112,9 @@ def score_command(wh: Warehouse, run_id: str | None = None, model: str | None = 
                   users_file: str | None = None, pairs: str | None = None, out: str | None = None,
                   memory_budget: str = options.MEMORY_BUDGET.default,
                   retention_days: int = options.RETENTION_DAYS.default, device: str = options.DEVICE.default,
-                  min_history: int = 1) -> str:
-    """`batchrec score`: see the module docstring; returns a one-line summary."""
+                  min_history: int = 1, gate: GateSettings | None = GateSettings()) -> str:
+    """`batchrec score`: see the module docstring; returns a one-line summary. Full publishes (not
+    `--users`) go through the publish `gate` (None: the list sanity checks only)."""
     budget = parse_memory_budget(memory_budget)
     if top_n <= 0:
         raise BatchrecError(f"--top-n must be at least 1 (got {top_n})")
@@ -125,7 +133,7 @@ def score_command(wh: Warehouse, run_id: str | None = None, model: str | None = 
     if publish_run is not None:
         if shard or users_file:
             raise BatchrecError("--publish cannot be combined with --shard or --users")
-        return _publish_shards(wh, publish_run, retention_days)
+        return _publish_shards(wh, publish_run, retention_days, gate)
     shard_spec = parse_shard(shard) if shard is not None else None
     if shard_spec is not None and users_file:
         raise BatchrecError("--shard cannot be combined with --users")
@@ -145,8 +153,12 @@ def score_command(wh: Warehouse, run_id: str | None = None, model: str | None = 
     with wh.lock("score"):
         with wh.connect(read_only=True) as con:
             run = _resolve(con, run_id, model)
-        info = score_and_publish(wh, run, _load_model(run, device), top_n, budget, retention_days, users=users,
-                                 min_history=min_history)
+        try:
+            info = score_and_publish(wh, run, _load_model(run, device), top_n, budget, retention_days, users=users,
+                                     min_history=min_history, gate=gate)
+        except Gated:
+            refresh_serving(wh)  # readers (`batchrec status`) see the refusal in publish_log
+            raise
         refresh_serving(wh)
     summary = (f"run {run['run_id']} ({run['model']}) top-{top_n}: {info['users']} users (model {info['model']}, "
                f"genre/tag {info['profile']}, popular {info['popular']}), {info['published']} rows published to "
@@ -154,31 +166,42 @@ def score_command(wh: Warehouse, run_id: str | None = None, model: str | None = 
                f"expired (retention {retention_days} days); {time.perf_counter() - t0:.1f} s")
     if info.get("unknown_users"):
         summary += f"; {info['unknown_users']} listed users are not in the warehouse and were skipped"
+    if info["gate"] is not None:
+        summary += f"; {info['gate'].summary()}"
     return summary
 
 
-def _check_shard_lists(files: list[Path], run: dict) -> None:
-    """`check_lists` over the union of a run's shards (reading every row also finds a damaged page)."""
+def _check_shard_lists(files: list[Path], run: dict, gate: GateSettings | None = None) -> Gate | None:
+    """`check_lists` over the union of a run's shards (reading every row also finds a damaged page);
+    with `gate` settings, the problems go to the returned `Gate` instead."""
     users = sum(json.loads(pq.read_schema(f).metadata[b"batchrec"])["users"] for f in files)
     try:
         frame = pl.read_parquet(files, columns=["user_id", "rank", "item_id", "score"])
     except (OSError, pl.exceptions.PolarsError) as exc:
         raise BatchrecError(f"the shards of run {run['run_id']} cannot be read ({str(exc).splitlines()[0]}): "
                             f"rescore them with `batchrec score --run {run['run_id']} --shard i/N`") from None
-    check_lists(frame, run, users, get_model_class(run["model"]).personalised)
+    family = get_model_class(run["model"])
+    if gate is not None:
+        return Gate(gate, run, family.task, list_sanity(frame, users, family.personalised))
+    check_lists(frame, run, users, family.personalised)
+    return None
 
 
-def _publish_shards(wh: Warehouse, run_id: str, retention_days: int) -> str:
+def _publish_shards(wh: Warehouse, run_id: str, retention_days: int, gate: GateSettings | None = None) -> str:
     t0 = time.perf_counter()
     with wh.lock("score --publish"):
         with wh.connect(read_only=True) as con:
             run = _resolve(con, run_id, None)
         files = shard_files(wh, run["run_id"])
-        _check_shard_lists(files, run)
-        published, moved, expired = publish(wh, files, retention_days)
+        checked = _check_shard_lists(files, run, gate)
+        try:
+            published, moved, expired = publish(wh, files, retention_days, gate=checked)
+        except Gated:
+            refresh_serving(wh)  # readers (`batchrec status`) see the refusal in publish_log
+            raise
         for f in files:
             f.unlink()
         refresh_serving(wh)
     return (f"published {len(files)} shards of run {run['run_id']}: {published} rows in recommendations; {moved} "
             f"earlier rows moved to recommendation_history, {expired} expired (retention {retention_days} days); "
-            f"{time.perf_counter() - t0:.1f} s")
+            f"{time.perf_counter() - t0:.1f} s" + (f"; {checked.summary()}" if checked else ""))
