@@ -19,7 +19,6 @@ from batchrec.ingest.sources import ZIP_MAX_RATIO, ZIP_MAX_SIZE
 from batchrec.ingest.spec import HALF_STARS, MAX_FUTURE
 from batchrec.warehouse import Warehouse
 
-
 _VERBOSE_HELP, _QUIET_HELP = "More log output (repeatable).", "Less log output (repeatable)."
 _FORMAT_HELP = "Log lines: text, kv (key=value) or json [default: text on a terminal, else kv]."
 

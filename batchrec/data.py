@@ -47,16 +47,16 @@ class Interactions:
         return (torch.from_numpy(self.user_idx).to(device), torch.from_numpy(self.item_idx).to(device),
                 torch.from_numpy(self.rating).to(device))
 
-    def concat(self, other: "Interactions") -> "Interactions":
+    def concat(self, other: Interactions) -> Interactions:
         return Interactions(*(np.concatenate([a, b]) for a, b in
                               zip((self.user_idx, self.item_idx, self.rating, self.ts),
                                   (other.user_idx, other.item_idx, other.rating, other.ts))))
 
-    def select(self, mask: np.ndarray) -> "Interactions":
+    def select(self, mask: np.ndarray) -> Interactions:
         return Interactions(self.user_idx[mask], self.item_idx[mask], self.rating[mask], self.ts[mask])
 
     @staticmethod
-    def from_columns(cols: dict[str, np.ndarray]) -> "Interactions":
+    def from_columns(cols: dict[str, np.ndarray]) -> Interactions:
         rating = cols["rating"]
         if np.ma.isMaskedArray(rating):  # DuckDB returns NULLs as a masked array
             rating = rating.astype(np.float32).filled(np.nan)
@@ -229,7 +229,7 @@ class SparseRows:
         self.indptr, self.indices, self.values, self.n_cols = indptr, indices, values, int(n_cols)
 
     @classmethod
-    def from_scipy(cls, m: sp.spmatrix, device: torch.device | str) -> "SparseRows":
+    def from_scipy(cls, m: sp.spmatrix, device: torch.device | str) -> SparseRows:
         m = m.tocsr()
         m.sum_duplicates()
         return cls(torch.from_numpy(m.indptr.astype(np.int64)).to(device),
@@ -238,14 +238,14 @@ class SparseRows:
 
     @classmethod
     def from_events(cls, events, values: np.ndarray, keep: np.ndarray, n_users: int, n_items: int,
-                    device: torch.device | str) -> "SparseRows":
+                    device: torch.device | str) -> SparseRows:
         """The user x item rows of the `keep` events, valued by `values` (repeated pairs summed)."""
         return cls.from_scipy(sp.csr_matrix((values[keep], (events.user_idx[keep], events.item_idx[keep])),
                                             shape=(n_users, n_items)), device)
 
     @classmethod
     def in_time_order(cls, events, values: np.ndarray, keep: np.ndarray, n_users: int, n_items: int,
-                      device: torch.device | str) -> "SparseRows":
+                      device: torch.device | str) -> SparseRows:
         """The user x item rows of the `keep` events, each row's entries in time order (by ts, then
         item), valued by `values`; repeated pairs stay separate entries."""
         idx = time_order(events)
@@ -264,7 +264,7 @@ class SparseRows:
                 f"{prefix}_cols": self.n_cols}
 
     @classmethod
-    def from_state(cls, state: dict, prefix: str) -> "SparseRows":
+    def from_state(cls, state: dict, prefix: str) -> SparseRows:
         return cls(state[f"{prefix}_indptr"], state[f"{prefix}_indices"], state[f"{prefix}_values"],
                    state[f"{prefix}_cols"])
 

@@ -59,7 +59,7 @@ STEP_OPTIONS: dict[str, dict[str, options.Option]] = {
 # unknown keys.
 STEP_SCHEMAS: dict[str, type[BaseModel]] = {
     kind: create_model(f"{kind}_step", __config__=ConfigDict(extra="forbid", strict=True),
-                       step=(str, ...), name=(Optional[str], None),
+                       step=(str, ...), name=(Optional[str], None),  # noqa: UP045 (a runtime type for pydantic)
                        **{key: option.field() for key, option in opts.items()})
     for kind, opts in STEP_OPTIONS.items()
 }

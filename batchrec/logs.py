@@ -18,7 +18,7 @@ import logging
 import re
 import sys
 from contextlib import contextmanager, nullcontext
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Iterator
 
 from tqdm import tqdm
@@ -32,7 +32,7 @@ _handler: logging.Handler | None = None
 
 
 def _timestamp(record: logging.LogRecord) -> str:
-    stamp = datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds")
+    stamp = datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds")
     return stamp.replace("+00:00", "Z")
 
 

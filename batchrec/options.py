@@ -79,7 +79,7 @@ class Option:
 
         kind: Any = list[str] if self.multiple else Literal[self.choices] if self.choices else self.type
         if self.default is None and not self.required:
-            kind = Optional[kind]
+            kind = Optional[kind]  # noqa: UP045 (built at run time from a type object)
         default = ... if self.required else list(self.default or ()) if self.multiple else self.default
         finite = {"allow_inf_nan": False} if self.type is float else {}
         return kind, Field(default, ge=self.min, description=self.help, **finite)

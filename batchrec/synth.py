@@ -233,7 +233,7 @@ def _user_counts(n_users: int, n_items: int, n_ratings: int, rng: np.random.Gene
         add = np.minimum(np.floor(share).astype(np.int64), cap - counts)
         counts += add
         extra -= int(add.sum())
-        if 0 < extra and not (add > 0).any():  # leftovers smaller than one per user: largest weights first
+        if extra > 0 and not (add > 0).any():  # leftovers smaller than one per user: largest weights first
             open_ = np.flatnonzero(counts < cap)
             counts[open_[np.argsort(-weight[open_], kind="stable")[:extra]]] += 1
             extra = 0

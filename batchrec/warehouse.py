@@ -21,7 +21,7 @@ import re
 import socket
 import sys
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
@@ -71,7 +71,7 @@ def migrations() -> list[tuple[int, Path]]:
 
 def utcnow() -> datetime:
     """Naive UTC timestamp: every TIMESTAMP in the warehouse is UTC without a zone."""
-    return datetime.now(timezone.utc).replace(tzinfo=None)
+    return datetime.now(UTC).replace(tzinfo=None)
 
 
 def _translate(exc: duckdb.Error, path: Path) -> BatchrecError:

@@ -106,8 +106,8 @@ def run_batchrec(X: sp.csr_matrix, args, out) -> None:
 
 
 def run_implicit(X: sp.csr_matrix, args, out) -> None:
-    from threadpoolctl import threadpool_limits
     from implicit.cpu.als import AlternatingLeastSquares
+    from threadpoolctl import threadpool_limits
 
     with threadpool_limits(1, "blas"):  # implicit parallelises itself; BLAS threads would oversubscribe
         model = AlternatingLeastSquares(factors=args.factors, regularization=args.reg, alpha=args.alpha, use_cg=True,

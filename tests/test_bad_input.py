@@ -28,9 +28,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from warehouse_checks import table_checksums
 
 from batchrec.warehouse import Warehouse
-from warehouse_checks import table_checksums
 
 ROOT = Path(__file__).resolve().parent.parent
 DB = "batchrec.duckdb"

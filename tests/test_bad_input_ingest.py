@@ -23,10 +23,10 @@ from typing import Callable
 import duckdb
 import pytest
 from click.testing import CliRunner
-
-from batchrec.cli import main
 from test_ingest import FIXTURES, count, rows, utc
 from warehouse_checks import table_checksums
+
+from batchrec.cli import main
 
 RATINGS_HEADER = "userId,movieId,rating,timestamp\n"
 GOOD = "1,2,3.5,1112486027\n1,29,3.5,1112484676\n"  # two good ml-csv rows (lines 2 and 3 after the header)

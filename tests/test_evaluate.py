@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from reference import known_test_pairs, popularity_scores, protocol_ndcg, protocol_users
 
 from batchrec.cli import main
 from batchrec.data import load_snapshot
@@ -20,7 +21,6 @@ from batchrec.features import build_snapshot
 from batchrec.report import Reference, ReportInfo, ReportRun, compare_references, write_report
 from batchrec.train import fit_run
 from batchrec.warehouse import Warehouse, utcnow
-from reference import known_test_pairs, popularity_scores, protocol_ndcg, protocol_users
 
 ML_SMALL = Path(__file__).resolve().parent.parent / "batchrec" / "datasets" / "ml-latest-small"
 

@@ -9,10 +9,10 @@ import statistics
 
 import polars as pl
 import pytest
+from features_support import day, latest, load_ml_small, make_warehouse, query
 
 from batchrec.features import build_snapshot
 from batchrec.features.tfidf import tfidf
-from features_support import day, latest, load_ml_small, make_warehouse, query
 
 T = day(10)  # as_of of the hand-made snapshot
 

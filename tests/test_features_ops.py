@@ -6,13 +6,21 @@ from datetime import timedelta
 
 import pytest
 from click.testing import CliRunner
+from features_support import (
+    SNAPSHOT_COLUMNS,
+    add_rows,
+    day,
+    latest,
+    load_ml_small,
+    make_warehouse,
+    query,
+    snapshot_rows,
+)
 
 import batchrec.features.snapshots as snapshots
 from batchrec.cli import main
 from batchrec.errors import BatchrecError
 from batchrec.features import build_snapshot, latest_snapshot_id, resolve_snapshot
-from features_support import (SNAPSHOT_COLUMNS, add_rows, day, latest, load_ml_small, make_warehouse, query,
-                              snapshot_rows)
 
 SMALL = [(1, 10, 4.0, day(1)), (1, 20, 3.0, day(2)), (2, 10, 5.0, day(3)), (2, 30, 2.0, day(4))]
 

@@ -6,10 +6,10 @@ import json
 import math
 
 import pytest
+from features_support import day, latest, load_ml_small, make_warehouse, query
 
 from batchrec.errors import BatchrecError
 from batchrec.features import build_snapshot
-from features_support import day, latest, load_ml_small, make_warehouse, query
 
 AS_OF = day(1000).isoformat()
 

@@ -199,7 +199,7 @@ def ease_live(tmp_path_factory) -> Path:
     from batchrec.evaluate import run_evaluation
     from batchrec.features import build_snapshot
     from batchrec.ingest import ingest_path
-    from batchrec.score import score_command
+    from batchrec.scoring import score_command
     from batchrec.train import fit_run
     from batchrec.warehouse import Warehouse
 

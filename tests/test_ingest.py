@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import zipfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
@@ -51,7 +51,7 @@ def snapshot(wh: Path) -> dict[str, list[tuple]]:
 
 
 def utc(unix_seconds: int) -> datetime:
-    return datetime.fromtimestamp(unix_seconds, timezone.utc).replace(tzinfo=None)
+    return datetime.fromtimestamp(unix_seconds, UTC).replace(tzinfo=None)
 
 
 def copy_fixture(name: str, tmp_path: Path) -> Path:

@@ -9,9 +9,9 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from test_ingest import FIXTURES, copy_fixture, count, ingest, ingest_ok, rows, snapshot
 
 from batchrec.warehouse import Warehouse
-from test_ingest import FIXTURES, copy_fixture, count, ingest, ingest_ok, rows, snapshot
 
 
 def _edit_line(path: Path, line: int, new: str | bytes) -> None:

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import duckdb
 import pytest
+from test_ingest import FIXTURES, _ratings_dir, copy_fixture, ingest_ok, rows, snapshot, utc
 
 import batchrec.warehouse as warehouse
 from batchrec.errors import BatchrecError
 from batchrec.warehouse import Warehouse
-from test_ingest import FIXTURES, _ratings_dir, copy_fixture, ingest_ok, rows, snapshot, utc
 
 RAW = ("ratings", "items", "tags", "users")
 

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from faults import fault_env, start_batchrec, wait_until_paused
 
 from batchrec.cli import main
 from batchrec.errors import BatchrecError
 from batchrec.jobs import load_job, run_job
 from batchrec.warehouse import Warehouse
-from faults import fault_env, start_batchrec, wait_until_paused
 
 ROOT = Path(__file__).resolve().parent.parent
 PUBLISHED = ("ratings", "items", "tags", "feature_snapshots", "model_runs", "evaluations", "recommendations")

@@ -11,8 +11,17 @@ import scipy.sparse as sp
 import torch
 
 from batchrec.data import Interactions, SnapshotData
-from batchrec.metrics import (beyond_accuracy_metrics, canonical_order, evaluate_model, eventwise_metrics, mae,
-                              measure, ranking_metrics, rmse, rmse_by_item_count)
+from batchrec.metrics import (
+    beyond_accuracy_metrics,
+    canonical_order,
+    evaluate_model,
+    eventwise_metrics,
+    mae,
+    measure,
+    ranking_metrics,
+    rmse,
+    rmse_by_item_count,
+)
 from batchrec.models.base import Recommender
 
 L2, L3 = math.log2(3), 2.0  # log2(3), log2(4): discounts of ranks 2 and 3

@@ -10,16 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from model_contract import ModelContract, implicit_copy
+from reference import known_test_pairs, popularity_scores, protocol_ndcg
 
 from batchrec.errors import BatchrecError
 from batchrec.metrics import evaluate_model
 from batchrec.models import REGISTRY
-from batchrec.models.sampling import NegativeSampler
 from batchrec.models.mf import RANKING_PARAMS
+from batchrec.models.sampling import NegativeSampler
 from batchrec.train import fit_model
 from batchrec.training import Trainer
-from model_contract import ModelContract, implicit_copy
-from reference import known_test_pairs, popularity_scores, protocol_ndcg
 
 FAMILIES = ("popularity", "mf", "svd", "bpr")
 # Small settings so the interface tests stay fast; the quality tests use the defaults.

@@ -13,16 +13,21 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from model_contract import ModelContract, some_users
+from reference import EASE_LAMBDAS, ease_direct, ease_scores_by_users, plain_ease_scores, protocol_ndcg
 
 from batchrec.data import Interactions, events_from_end
 from batchrec.errors import BatchrecError
 from batchrec.models.ease import EASE
-from batchrec.models.weights import positive_weights, query_weights
-from batchrec.models.ials import ObservedPairs, conjugate_gradient, conjugate_gradient_fused, gram_matrix_fixed_order
+from batchrec.models.ials import (
+    ObservedPairs,
+    conjugate_gradient,
+    conjugate_gradient_fused,
+    gram_matrix_fixed_order,
+)
 from batchrec.models.itemknn import cosine_topk
+from batchrec.models.weights import positive_weights, query_weights
 from batchrec.train import fit_model
-from model_contract import ModelContract, some_users
-from reference import EASE_LAMBDAS, ease_direct, ease_scores_by_users, plain_ease_scores, protocol_ndcg
 
 FAMILIES = ("ease", "ials", "itemknn")
 # Small settings keep the interface tests fast; the quality tests use the defaults.

@@ -16,6 +16,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 from click.testing import CliRunner
+from model_contract import ModelContract, some_users
 
 from batchrec.cli import main
 from batchrec.errors import BatchrecError
@@ -26,7 +27,6 @@ from batchrec.models.multvae import MULT_VAE
 from batchrec.ranking import topn
 from batchrec.train import fit_model
 from batchrec.warehouse import Warehouse
-from model_contract import ModelContract, some_users
 
 ML_SMALL = Path(__file__).resolve().parent.parent / "batchrec" / "datasets" / "ml-latest-small"
 FAMILIES = ("neumf", "autorec", "two_tower", "multvae", "content_dnn")
@@ -174,8 +174,7 @@ def test_two_tower_user_tower_must_not_be_empty(ml_small):
 
 def test_a_random_cut_splits_each_history_into_a_past_and_a_future(ml_small):
     """The future term's input: rows in time order, cut once each, the prefix recency-weighted."""
-    from batchrec.data import events_from_end
-    from batchrec.data import SparseRows
+    from batchrec.data import SparseRows, events_from_end
 
     train = ml_small.train
     later = events_from_end(train).astype(np.float32)  # strictly falls along a user's time line

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import duckdb
 import pytest
-
 from faults import BATCHREC, ROOT
 from warehouse_checks import table_checksums
 

@@ -51,9 +51,8 @@ def test_newer_warehouse_fails_clearly(tmp_path):
     path = tmp_path / "w.duckdb"
     with Warehouse(path).connect() as con:
         con.execute("INSERT INTO schema_version VALUES (9999, 'future', now()::TIMESTAMP)")
-    with pytest.raises(BatchrecError, match="newer than this batchrec"):
-        with Warehouse(path).connect():
-            pass
+    with pytest.raises(BatchrecError, match="newer than this batchrec"), Warehouse(path).connect():
+        pass
 
 
 def test_read_only_open_of_missing_warehouse_says_ingest_first(tmp_path):
@@ -116,8 +115,7 @@ def test_publish_table_is_atomic_for_readers_and_failures(tmp_path):
 def test_transaction_rolls_back_on_error(tmp_path):
     with Warehouse(tmp_path / "w.duckdb").connect() as con:
         con.execute("CREATE TABLE t (x INTEGER)")
-        with pytest.raises(RuntimeError):
-            with transaction(con):
-                con.execute("INSERT INTO t VALUES (1)")
-                raise RuntimeError("interrupted")
+        with pytest.raises(RuntimeError), transaction(con):
+            con.execute("INSERT INTO t VALUES (1)")
+            raise RuntimeError("interrupted")
         assert scalar(con, "SELECT count(*) FROM t") == 0

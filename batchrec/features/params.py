@@ -7,7 +7,7 @@ parameters can be passed back verbatim to rebuild it.
 from __future__ import annotations
 
 import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Callable
 
 from batchrec.errors import BatchrecError
@@ -28,7 +28,7 @@ def parse_timestamp(text: str, what: str) -> datetime:
             f"{what}: cannot read {text!r} as a timestamp (expected e.g. 2018-01-31 or 2018-01-31T12:00:00)"
         ) from None
     if ts.tzinfo is not None:
-        ts = ts.astimezone(timezone.utc).replace(tzinfo=None)
+        ts = ts.astimezone(UTC).replace(tzinfo=None)
     return ts
 
 

@@ -23,12 +23,11 @@ from typing import Iterator
 
 import duckdb
 
-from batchrec import options
+from batchrec import options, serving
 from batchrec.errors import BatchrecError
 from batchrec.features.params import parse_params, parse_protocols, parse_timestamp
 from batchrec.features.splits import build_split, split_files
 from batchrec.features.tfidf import build_item_tag_tfidf
-from batchrec import serving
 from batchrec.serving import refresh as refresh_serving
 from batchrec.warehouse import SQL_DIR, Warehouse, run_sql_file, scalar, transaction, utcnow
 

@@ -21,7 +21,18 @@ from batchrec.errors import BatchrecError
 from batchrec.ingest import generic
 from batchrec.ingest.sources import Source, first_line, is_utf8
 from batchrec.ingest.spec import (
-    HALF_STARS, KINDS, WHOLE_STARS, Column, FileSpec, Limits, OneOf, dialect, lit, q, role_checks, select_sql,
+    HALF_STARS,
+    KINDS,
+    WHOLE_STARS,
+    Column,
+    FileSpec,
+    Limits,
+    OneOf,
+    dialect,
+    lit,
+    q,
+    role_checks,
+    select_sql,
 )
 
 FORMATS = ("ml-100k", "ml-1m", "ml-10m", "ml-csv", "generic")

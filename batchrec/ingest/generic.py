@@ -25,7 +25,16 @@ import duckdb
 from batchrec.errors import BatchrecError
 from batchrec.ingest.sources import Source
 from batchrec.ingest.spec import (
-    KINDS, TEXT, Column, FileSpec, Limits, Text, dialect, lit, role_checks, select_sql,
+    KINDS,
+    TEXT,
+    Column,
+    FileSpec,
+    Limits,
+    Text,
+    dialect,
+    lit,
+    role_checks,
+    select_sql,
 )
 from batchrec.warehouse import query_pl
 

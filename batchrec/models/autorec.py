@@ -82,7 +82,7 @@ class AutoRec(FactorModel):
         Param("patience", int, 5, "epochs without validation improvement before stopping", min=1),
     )
 
-    def fit(self, data, trainer) -> "AutoRec":
+    def fit(self, data, trainer) -> AutoRec:
         require_ratings(data, self.name)
         p = self.params
         torch.manual_seed(p["seed"])

@@ -119,7 +119,7 @@ class Recommender:
         return tuple(cls.params_spec) + seed
 
     # -- what each family implements --------------------------------------------------------
-    def fit(self, data: "SnapshotData", trainer: "Trainer") -> "Recommender":
+    def fit(self, data: SnapshotData, trainer: Trainer) -> Recommender:
         raise NotImplementedError
 
     def score(self, user_idx: torch.Tensor, item_idx: torch.Tensor | None = None) -> torch.Tensor:
@@ -145,7 +145,7 @@ class Recommender:
         return None
 
     # -- shared machinery -------------------------------------------------------------------
-    def prepare(self, data: "SnapshotData", device: torch.device) -> None:
+    def prepare(self, data: SnapshotData, device: torch.device) -> None:
         """Called by the trainer before `fit`: sizes, device and the fallback priors."""
         self.n_users, self.n_items, self.device = data.n_users, data.n_items, device
         tr = data.train
@@ -175,7 +175,7 @@ class Recommender:
             return s + torch.where(user_idx >= 0, self.priors["user_offset"][user_idx.clamp(min=0)], 0.0)
         return torch.where(known_item, self.priors["item_pop"][item], 0.0)
 
-    def to(self, device: torch.device | str) -> "Recommender":
+    def to(self, device: torch.device | str) -> Recommender:
         device = torch.device(device)
         self.load_state({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.state().items()})
         self.priors = {k: v.to(device) for k, v in self.priors.items()}
@@ -192,7 +192,7 @@ class Recommender:
         return d
 
     @staticmethod
-    def load(directory: str | Path, device: torch.device | str = "cpu", family: str | None = None) -> "Recommender":
+    def load(directory: str | Path, device: torch.device | str = "cpu", family: str | None = None) -> Recommender:
         """The model saved in `directory`, checked: an artifact that cannot be read, that is not of
         `family` (when given), or whose state does not fit what model.json says (keys, shapes)
         raises `CorruptArtifact` saying what."""

@@ -89,7 +89,7 @@ class BPRMF(Recommender):
         Param("patience", int, 4, "epochs without validation improvement before stopping", min=1),
     )
 
-    def fit(self, data, trainer) -> "BPRMF":
+    def fit(self, data, trainer) -> BPRMF:
         p = self.params
         tr = data.train
         dev = self.device

@@ -108,7 +108,7 @@ class ContentDNN(Recommender):
         p = self.params
         return _ContentNet(self.n_users, self.n_items, n_features, p["factors"], p["hidden"], p["dropout"]).to(device)
 
-    def fit(self, data, trainer) -> "ContentDNN":
+    def fit(self, data, trainer) -> ContentDNN:
         lo, hi = require_ratings(data, self.name)
         p = self.params
         torch.manual_seed(p["seed"])

@@ -125,7 +125,7 @@ class EASE(Recommender):
         m.eliminate_zeros()  # ratings at the offset say nothing
         return m
 
-    def fit(self, data, trainer) -> "EASE":
+    def fit(self, data, trainer) -> EASE:
         p = self.params
         n = data.n_items
         need_gb = 3 * n * n * 4 / 2**30

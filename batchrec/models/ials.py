@@ -217,8 +217,8 @@ def _gram_times(out, gram, v, sign):
     for j in range(v.shape[0]):
         c = sign * v[j]
         g = gram[j]
-        for l in range(v.shape[0]):
-            out[l] += c * g[l]
+        for k in range(v.shape[0]):
+            out[k] += c * g[k]
 
 
 @numba.njit(parallel=True, fastmath=False, cache=True)
@@ -271,7 +271,7 @@ class ImplicitALS(FactorModel):
               "torch (batched sparse ops, any device) or auto (numba on CPU)", choices=("auto", "numba", "torch")),
     )
 
-    def fit(self, data, trainer) -> "ImplicitALS":
+    def fit(self, data, trainer) -> ImplicitALS:
         p = self.params
         X = positive_matrix(data.train, data.n_users, data.n_items, p["min_rating"], p["weighting"], p["rating_offset"],
                             query_recency_factor(data.train, p["recency_halflife"], p["recency_floor"]))

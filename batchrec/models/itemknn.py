@@ -75,7 +75,7 @@ class ItemKNN(Recommender):
         Param("recency_floor", float, 0.1, "query weight of a user's oldest events with recency weighting", min=0.0, max=1.0),
     )
 
-    def fit(self, data, trainer) -> "ItemKNN":
+    def fit(self, data, trainer) -> ItemKNN:
         p = self.params
         X = positive_matrix(data.train, self.n_users, self.n_items, p["min_rating"], p["weighting"], p["rating_offset"])
         self.S = cosine_topk(X, p["k"], p["shrink"])

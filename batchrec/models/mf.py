@@ -131,7 +131,7 @@ class BiasedMF(Recommender):
         Param("patience", int, 3, "epochs without validation improvement before stopping", min=1),
     )
 
-    def fit(self, data, trainer) -> "BiasedMF":
+    def fit(self, data, trainer) -> BiasedMF:
         tr = data.train
         if tr.implicit:
             raise BatchrecError("mf: needs explicit ratings; this snapshot is implicit (use bpr, ials or ease)")

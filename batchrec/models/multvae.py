@@ -141,7 +141,7 @@ class _MultVAENet(nn.Module):
         return z if self.decoder_in is None else torch.tanh(self.decoder_in(z))
 
     def loss(self, rows: SparseRows, targets: SparseRows, users: torch.Tensor, beta: float, per_mass: bool = False,
-             prior_net: "_MultVAENet | None" = None, dropout: bool = True) -> torch.Tensor:
+             prior_net: _MultVAENet | None = None, dropout: bool = True) -> torch.Tensor:
         """`targets` has the sparsity of `rows`; its values weigh the reconstruction of each entry."""
         entries = rows.entries(users)
         mean, logvar = self.encode_entries(*entries, dropout=dropout)
@@ -150,7 +150,7 @@ class _MultVAENet(nn.Module):
 
     def future_loss(self, timeline: SparseRows, query_line: SparseRows, users: torch.Tensor, beta: float,
                     per_mass: bool, cut_min: float, halflife: float, floor: float,
-                    prior_net: "_MultVAENet | None" = None, dropout: bool = True) -> torch.Tensor:
+                    prior_net: _MultVAENet | None = None, dropout: bool = True) -> torch.Tensor:
         """The task scoring poses: each user's time line (`timeline`, valued as targets) cut at a
         random point; the prefix, weighted as a scoring-time query (`query_line`, same layout) is
         from the cut's point of view, is encoded, and the items after the cut are the targets."""
@@ -254,7 +254,7 @@ class MultVAE(Recommender):
         Param("patience", int, 20, "epochs without validation improvement before stopping", min=1),
     )
 
-    def fit(self, data, trainer) -> "MultVAE":
+    def fit(self, data, trainer) -> MultVAE:
         p = self.params
         torch.manual_seed(p["seed"])
         tr = data.train

@@ -129,7 +129,7 @@ class NeuMF(Recommender):
         return _NeuMFNet(self.n_users, self.n_items, p["factors"], p["hidden"], p["blocks"], p["dropout"],
                          gmf=p["variant"] == "neumf").to(device)
 
-    def fit(self, data, trainer) -> "NeuMF":
+    def fit(self, data, trainer) -> NeuMF:
         require_ratings(data, self.name)
         p = self.params
         torch.manual_seed(p["seed"])

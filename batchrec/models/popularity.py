@@ -34,7 +34,7 @@ class Popularity(Recommender):
         Param("prior_weight", float, 10.0, "bayes: pseudo-ratings at the global mean added to every item", min=0.0),
     )
 
-    def fit(self, data, trainer) -> "Popularity":
+    def fit(self, data, trainer) -> Popularity:
         tr = data.train
         counts = np.bincount(tr.item_idx, minlength=self.n_items).astype(np.float64)
         if self.params["variant"] == "count":

@@ -64,7 +64,7 @@ class TruncatedSVD(Recommender):
               "ratings (0: all equal)", min=0.0),
     )
 
-    def fit(self, data, trainer) -> "TruncatedSVD":
+    def fit(self, data, trainer) -> TruncatedSVD:
         tr = data.train
         if tr.implicit:
             raise BatchrecError("svd: needs explicit ratings; this snapshot is implicit (use ease, ials or bpr)")

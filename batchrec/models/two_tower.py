@@ -160,7 +160,7 @@ class TwoTower(FactorModel):
         Param("patience", int, 5, "epochs without validation improvement before stopping", min=1),
     )
 
-    def fit(self, data, trainer) -> "TwoTower":
+    def fit(self, data, trainer) -> TwoTower:
         p = self.params
         if not (p["history"] or p["user_id"]):
             raise BatchrecError("two_tower: history=false with user_id=false leaves the user tower empty; "

@@ -21,7 +21,15 @@ from batchrec.models.base import Recommender
 from batchrec.runs import resolve_run
 from batchrec.scoring.inputs import _check_fits_snapshot, load_inputs
 from batchrec.scoring.pairs import _lookup, read_users, score_pairs
-from batchrec.scoring.publishing import check_lists, list_sanity, publish, shard_files, shard_of, shard_path, write_parquet
+from batchrec.scoring.publishing import (
+    check_lists,
+    list_sanity,
+    publish,
+    shard_files,
+    shard_of,
+    shard_path,
+    write_parquet,
+)
 from batchrec.scoring.sources import recommend
 from batchrec.serving import refresh as refresh_serving
 from batchrec.train import load_run_model
@@ -29,6 +37,7 @@ from batchrec.training import choose_device
 from batchrec.warehouse import Warehouse, utcnow
 
 log = logging.getLogger("batchrec.score")
+DEFAULT_GATE = GateSettings()  # the publish gate with its defaults (options.py)
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*$", re.I)
 _SHARD = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
@@ -112,7 +121,7 @@ def score_command(wh: Warehouse, run_id: str | None = None, model: str | None = 
                   users_file: str | None = None, pairs: str | None = None, out: str | None = None,
                   memory_budget: str = options.MEMORY_BUDGET.default,
                   retention_days: int = options.RETENTION_DAYS.default, device: str = options.DEVICE.default,
-                  min_history: int = 1, gate: GateSettings | None = GateSettings()) -> str:
+                  min_history: int = 1, gate: GateSettings | None = DEFAULT_GATE) -> str:
     """`batchrec score`: see the module docstring; returns a one-line summary. Full publishes (not
     `--users`) go through the publish `gate` (None: the list sanity checks only)."""
     budget = parse_memory_budget(memory_budget)
