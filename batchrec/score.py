@@ -42,7 +42,7 @@ import torch
 
 from batchrec import options
 from batchrec.errors import BatchrecError, CorruptArtifact, Gated, WarehouseBusy
-from batchrec.gate import Gate, GateSettings
+from batchrec.gate import DEFAULT_GATE, Gate, GateSettings
 from batchrec.logs import progress as progress_bar
 from batchrec.models.base import Recommender
 from batchrec.runs import resolve_run
@@ -1020,7 +1020,7 @@ def score_command(wh: Warehouse, run_id: str | None = None, model: str | None = 
                   users_file: str | None = None, pairs: str | None = None, out: str | None = None,
                   memory_budget: str = options.MEMORY_BUDGET.default,
                   retention_days: int = options.RETENTION_DAYS.default, device: str = options.DEVICE.default,
-                  min_history: int = 1, gate: GateSettings | None = GateSettings()) -> str:
+                  min_history: int = 1, gate: GateSettings | None = DEFAULT_GATE) -> str:
     """`batchrec score`: see the module docstring; returns a one-line summary. Full publishes (not
     `--users`) go through the publish `gate` (None: the list sanity checks only)."""
     budget = parse_memory_budget(memory_budget)
