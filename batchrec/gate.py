@@ -64,6 +64,9 @@ class GateSettings:
             parse_metric(self.metric)
 
 
+DEFAULT_GATE = GateSettings()  # every option at its default (batchrec.options)
+
+
 def parse_metric(text: str) -> tuple[str, int | None]:
     """`ndcg@10` -> ("ndcg", 10), `rmse` -> ("rmse", None); one line for a metric without a direction."""
     name, at, k = text.strip().partition("@")
@@ -135,7 +138,9 @@ class Gate:
                             f"{figures['live_items']} in the live lists (under {COVERAGE_COLLAPSE:.0%})")
         metric, higher = self.metric, higher_is_better(self.metric)
         if live is None:
-            notes.append(f"no {metric} of a live run to compare with (first gated publish): passed")
+            live_run = figures["live_run_id"]
+            notes.append("nothing live to compare with (first publish): passed" if live_run is None else
+                         f"no {metric} of the live run {live_run} on {self.settings.protocol} to compare with: passed")
         elif candidate is None:
             failures.append(f"the candidate is not measured: no {metric} of {self.run['model']} on "
                             f"{self.settings.protocol} for snapshot {self.run['snapshot_id']} (run `batchrec "

@@ -34,6 +34,7 @@ from batchrec.warehouse import Warehouse
 
 ROOT = Path(__file__).resolve().parent.parent
 DB = "batchrec.duckdb"
+ARTIFACTS, SHARDS = "batchrec.artifacts", "batchrec.shards"  # the warehouse's own folders, beside it
 SCRIPT = Path(sys.executable).with_name("batchrec")
 
 
@@ -79,19 +80,16 @@ def base(tmp_path_factory) -> dict:
 
 def copy_warehouse(base: dict, dest: Path, artifacts: bool = True) -> Path:
     """A private copy of the shared warehouse in `dest`: the DuckDB file copied, the artifact and
-    shard files hard-linked (a case that damages one replaces the file, never writes into it), and
-    absolute artifact paths pointed at the copy. Returns the copy's DuckDB file."""
+    shard files hard-linked (a case that damages one replaces the file, never writes into it;
+    artifact paths are stored relative to the warehouse, so the copy reads its own). Returns the
+    copy's DuckDB file."""
     src = base["folder"]
     dest.mkdir(parents=True, exist_ok=True)
     for entry in src.iterdir():
-        if entry.is_dir() and (artifacts or entry.name != "artifacts"):
+        if entry.is_dir() and (artifacts or entry.name != ARTIFACTS):
             shutil.copytree(entry, dest / entry.name, copy_function=_link_or_copy)
         elif entry.is_file() and not entry.name.endswith(".lock"):
             shutil.copy(entry, dest / entry.name)
-    if artifacts:
-        con = duckdb.connect(str(dest / DB))
-        con.execute("UPDATE model_runs SET artifact_path = replace(artifact_path, ?, ?)", [str(src), str(dest)])
-        con.close()
     return dest / DB
 
 
@@ -110,11 +108,11 @@ def replace_file(path: Path, data: bytes) -> None:
 
 
 def artifact(db: Path, run_id: str) -> Path:
-    return db.parent / "artifacts" / run_id
+    return db.parent / ARTIFACTS / run_id
 
 
 def shard(db: Path, run_id: str, i: int) -> Path:
-    return db.parent / "recommendations" / f"run_id={run_id}" / f"shard={i}.parquet"
+    return db.parent / SHARDS / f"run_id={run_id}" / f"shard={i}.parquet"
 
 
 # -- what a case changes in its copy before the command runs -----------------------------------
@@ -170,6 +168,7 @@ class Case:
     setup: Callable[[Path, dict], None] | None = None  # prepares the copy before the baseline checksum
     during: Callable[[Path], object] | None = None  # a context manager around the command
     absent: list[str] = field(default_factory=list)  # paths ("{dir}"...) that must not exist afterwards
+    gated: bool = False  # the publish gate refused: publish_log records it, nothing else changes
 
 
 PARAM = r"error: {model}: parameter {name}='{value}' is not a finite number"
@@ -177,11 +176,13 @@ SANDBOX = r"error: query failed: Permission Error: Cannot access (file|directory
           r"disabled by configuration \(expected a read-only query of the warehouse's own tables\)"
 LOCKED = r"error: query failed: Invalid Input Error: Cannot change configuration option .* - the configuration " \
          r"has been locked \(expected a read-only query of the warehouse's own tables\)"
-CORRUPT = r"error: artifact \S+/artifacts/{run} is corrupt \({what}\): retrain with batchrec train {model}"
+CORRUPT = r"error: artifact \S+/batchrec\.artifacts/{run} is corrupt \({what}\): retrain with batchrec train {model}"
 SHARD = r"error: shard \S+/shard=1\.parquet is corrupt \({what}\): rescore it with `batchrec score --run {run} " \
         r"--shard 1/N` and publish again"
-REFUSED = r"error: refusing to publish run {run} \(popularity\): {what}; the previous recommendations stay: " \
-          r"check the run's parameters and data, and retrain"
+# The publish gate (batchrec/gate.py) refuses such lists with exit code 3, naming each failed check
+# (here also the coverage collapse against EASE's live lists)
+REFUSED = r"error: gated: run {run} \(popularity\) was not published: {what}(; [^;]+)*; the previous lists stay" \
+          r"( \(even with --force: scores must be finite\))? \(publish anyway with --force\)"
 
 CASES: dict[str, Case] = {
     # 5. parameters: nan and inf are not numbers a model can use; seeds fit numpy and torch
@@ -201,20 +202,20 @@ CASES: dict[str, Case] = {
                                      r"error: Invalid value for '--threshold': 'nan' is not a finite number "
                                      r"\(see `batchrec evaluate --help`\)"),
     # 6. the scorer refuses lists that are nonsense, and the previous lists stay
-    "score: every score equal": Case(["score", "--run", "{popularity}"], 1,
+    "score: every score equal": Case(["score", "--run", "{popularity}"], 3,
                                      REFUSED.format(run="{popularity}", what="every score equal within 610 of 610 lists"),
                                      setup=lambda db, r: _tamper_state(db, r["popularity"], lambda b: b["state"][
-                                         "popularity"].zero_())),
-    "score: NaN scores": Case(["score", "--run", "{popularity}"], 1,
+                                         "popularity"].zero_()), gated=True),
+    "score: NaN scores": Case(["score", "--run", "{popularity}"], 3,
                               REFUSED.format(run="{popularity}", what="no list for 610 of 610 scored users "
                                                                       r"\(no finite score\)"),
                               setup=lambda db, r: _tamper_state(db, r["popularity"], lambda b: b["state"][
-                                  "popularity"].fill_(float("nan")))),
-    "publish shards with NaN scores": Case(["score", "--publish", "{popularity}"], 1,
+                                  "popularity"].fill_(float("nan"))), gated=True),
+    "publish shards with NaN scores": Case(["score", "--publish", "{popularity}"], 3,
                                            REFUSED.format(run="{popularity}", what=r"scores not finite: \d+ of 6100 "
                                                           "rows are NaN, infinite or null"),
                                            setup=lambda db, r: _tamper_shard(db, r["popularity"], lambda t: t.set_column(
-                                               3, "score", pa.array([float("nan")] * len(t), pa.float32())))),
+                                               3, "score", pa.array([float("nan")] * len(t), pa.float32()))), gated=True),
     # 8. `batchrec sql` reads the warehouse and nothing else
     "sql COPY TO": Case(["sql", "COPY ratings TO '{dir}/stolen.csv'"], 1, SANDBOX, absent=["{dir}/stolen.csv"]),
     "sql EXPORT DATABASE": Case(["sql", "EXPORT DATABASE '{dir}/dump'"], 1, SANDBOX, absent=["{dir}/dump"]),
@@ -276,7 +277,7 @@ CASES: dict[str, Case] = {
     "score --top-n x": Case(["score", "--top-n", "x"], 2,
                             r"error: Invalid value for '--top-n': 'x' is not a valid integer range "
                             r"\(see `batchrec score --help`\)"),
-    "unknown command": Case(["teleport"], 2, r"error: No such command 'teleport' \(see `batchrec --help`\)"),
+    "unknown command": Case(["teleport"], 2, r"error: No such command 'teleport'\. Did you mean 'export'\? \(see `batchrec --help`\)"),
     "missing argument": Case(["train"], 2, r"error: Missing argument 'MODEL' \(see `batchrec train --help`\)"),
     "busy: a reader holds the file": Case(
         ["train", "popularity"], 75,
@@ -342,7 +343,13 @@ def test_bad_input_is_one_line_and_changes_nothing(base, tmp_path, name):
     assert re.fullmatch(_fill(case.line, db, base), result.stderr.strip()), result.stderr
     assert result.returncode == case.code, result.stderr
     assert "-readonly" not in result.stderr and "Traceback" not in result.stderr
-    assert table_checksums(db) == before
+    after = table_checksums(db)
+    if case.gated:
+        assert after.pop("publish_log") != before.pop("publish_log")
+        con = duckdb.connect(str(db), read_only=True)
+        assert con.execute("SELECT status FROM publish_log ORDER BY logged_at DESC LIMIT 1").fetchall() == [("gated",)]
+        con.close()
+    assert after == before
     for path in case.absent:
         assert not Path(_fill(path, db, base)).exists()
 
@@ -410,7 +417,7 @@ def _fill_up(folder: Path) -> None:
 
 DISK_FULL = r"error: no space left on device writing \S+/batchrec\.duckdb(\.wal)?: free space there and rerun \(the warehouse keeps its " \
             r"previous contents\)"
-ARTIFACT_FULL = r"error: writing the model artifact to \S+/artifacts failed part-way \(disk full\? torch says: .*" \
+ARTIFACT_FULL = r"error: writing the model artifact to \S+/batchrec\.artifacts failed part-way \(disk full\? torch says: .*" \
                 r"\): free space there and rerun \(no run was recorded\)"
 
 
@@ -422,11 +429,7 @@ ARTIFACT_FULL = r"error: writing the model artifact to \S+/artifacts failed part
 ], ids=["features", "score", "train popularity", "train ease"])
 def test_disk_full_is_one_line_and_changes_nothing(base, tmpfs, args, line):
     db = copy_warehouse(base, tmpfs, artifacts=False)
-    shutil.copytree(base["folder"] / "artifacts" / base["popularity"], tmpfs / "artifacts" / base["popularity"])
-    con = duckdb.connect(str(db))
-    con.execute("UPDATE model_runs SET artifact_path = ? WHERE run_id = ?",
-                [str(tmpfs / "artifacts" / base["popularity"]), base["popularity"]])
-    con.close()
+    shutil.copytree(artifact(base["folder"] / DB, base["popularity"]), artifact(db, base["popularity"]))
     with Warehouse(db).lock("an earlier command"):  # a warehouse written before has its lock file
         pass
     if args[-1] != "ease":
@@ -436,7 +439,7 @@ def test_disk_full_is_one_line_and_changes_nothing(base, tmpfs, args, line):
     assert result.returncode == 74 and re.fullmatch(line, result.stderr.strip()), result.stderr
     (tmpfs / "filler").unlink(missing_ok=True)
     assert table_checksums(db) == before
-    assert not list((tmpfs / "artifacts").glob(".*.partial"))  # no half artifact left behind
+    assert not list((tmpfs / ARTIFACTS).glob(".*.partial"))  # no half artifact left behind
 
 
 def test_read_only_file_system_is_one_line_and_reads_still_work(base, tmpfs):

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from batchrec import options
 from batchrec.errors import BatchrecError, Gated
-from batchrec.gate import Gate, GateSettings
+from batchrec.gate import DEFAULT_GATE, Gate, GateSettings
 from batchrec.models import get_model_class
 from batchrec.models.base import Recommender
 from batchrec.runs import resolve_run
@@ -37,7 +37,6 @@ from batchrec.training import choose_device
 from batchrec.warehouse import Warehouse, utcnow
 
 log = logging.getLogger("batchrec.score")
-DEFAULT_GATE = GateSettings()  # the publish gate with its defaults (options.py)
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*$", re.I)
 _SHARD = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
