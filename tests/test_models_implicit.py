@@ -16,7 +16,6 @@ import torch
 
 from batchrec.data import Interactions, events_from_end
 from batchrec.errors import BatchrecError
-from batchrec.metrics import evaluate_model
 from batchrec.models import create_model, parse_params
 from batchrec.models.base import Recommender
 from batchrec.models.ease import EASE, positive_weights, query_weights

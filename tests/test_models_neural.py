@@ -22,7 +22,6 @@ from batchrec.errors import BatchrecError
 from batchrec.features import build_snapshot
 from batchrec.features.tfidf import tfidf
 from batchrec.ingest import ingest_path
-from batchrec.metrics import evaluate_model
 from batchrec.models import parse_params
 from batchrec.models.base import Recommender
 from batchrec.models.multvae import MULT_VAE
