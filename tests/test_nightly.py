@@ -121,9 +121,6 @@ def test_the_nightly_job_measures_its_families_on_the_protocol(nightly):
     assert len(reports) == 1  # the job's relative report path, from the job's working directory
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "score --model takes the newest run of any protocol (here evaluate's); the serve branch (#18) makes it "
-    "take the newest run fitted on all data: remove this mark when merging it"))
 def test_scoring_the_shipped_family_again_ignores_its_newer_protocol_runs(nightly):
     """After the job, the newest run of the shipped family is the one `evaluate` fitted on the
     protocol's train part; `batchrec score --model` must still publish the run fitted on all data."""
