@@ -346,6 +346,8 @@ def run_job(wh: Warehouse, job_file: str | Path, force: bool = False) -> str:
                     log.info("job=%s step=%s status=skipped inputs=%s", job, name, row["inputs"])
                     continue
                 _record(wh, row)
+                # readers (`status`) see the step running, so a kill -9 now shows as "failed (killed)"
+                refresh_serving(wh)
                 result = RUNNERS[step["kind"]](wh, {**step, "force": force})  # force: not an input
             except BaseException as exc:  # KeyboardInterrupt too: the step did not finish
                 interrupted = not isinstance(exc, Exception)

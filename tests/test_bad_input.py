@@ -479,9 +479,13 @@ class Logged:
 
     def wait_for(self, pattern: str) -> None:
         """Until a log line matches `pattern` (the command must still be running then)."""
-        _wait_for(lambda: any(re.search(pattern, line) for line in self.lines) or self.proc.poll() is not None,
-                  pattern)
-        assert self.proc.poll() is None, "".join(self.lines)
+        try:
+            _wait_for(lambda: any(re.search(pattern, line) for line in self.lines) or self.proc.poll() is not None,
+                      pattern)
+            assert self.proc.poll() is None, "".join(self.lines)
+        except AssertionError:
+            self.proc.kill()  # never leave a long job running past a failed test
+            raise
 
     def finish(self) -> list[str]:
         self.proc.wait(timeout=60)
@@ -512,7 +516,7 @@ def test_sigint_after_a_commit_says_what_was_committed(base, tmp_path):
     (tmp_path / "job.toml").write_text('[[steps]]\nstep = "train"\nmodel = "popularity"\n\n' + SLOW_TRAIN)
     before = table_checksums(db)
     job = Logged(db, ["run", tmp_path / "job.toml"])
-    job.wait_for(r"INFO epoch=1 loss=")  # step 1 committed its run; step 2 (mf) is training
+    job.wait_for(r"\bepoch=1 loss=")  # step 1 committed its run; step 2 (mf) is training
     job.proc.send_signal(signal.SIGINT)
     lines = job.finish()
     con = duckdb.connect(str(db), read_only=True)
@@ -535,7 +539,7 @@ def test_a_killed_job_step_is_marked_failed_killed(base, tmp_path):
     (tmp_path / "quick.toml").write_text('[job]\nname = "quick"\n\n[[steps]]\nstep = "features"\n'
                                          'protocols = "user_temporal"\n')
     job = Logged(db, ["run", tmp_path / "slow.toml"])
-    job.wait_for(r"INFO epoch=1 loss=")  # the step is recorded as running and training
+    job.wait_for(r"\bepoch=1 loss=")  # the step is recorded as running and training
     job.proc.kill()
     job.finish()
     pid = job.proc.pid
