@@ -34,7 +34,7 @@ from batchrec import options
 from batchrec.errors import BatchrecError, Gated, Interrupted, as_fault
 from batchrec.runs import latest_shipped_run_id
 from batchrec.serving import refresh as refresh_serving
-from batchrec.warehouse import Warehouse, scalar, utcnow
+from batchrec.warehouse import Warehouse, pid_exists, scalar, utcnow
 
 log = logging.getLogger("batchrec.jobs")
 
@@ -250,13 +250,7 @@ def process_gone(pid: int | None, host: str | None, process_start: str | None) -
     if Path("/proc/self/stat").exists():
         now = _process_start(pid)
         return now is None or (process_start is not None and now != process_start)
-    try:  # no /proc: ask the kernel whether the pid exists at all
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    return not pid_exists(pid)  # no /proc: ask the kernel whether the pid exists at all
 
 
 def _mark_killed(wh: Warehouse) -> list[str]:

@@ -25,7 +25,7 @@ from batchrec.models.base import ARTIFACT_META, ARTIFACT_STATE, Recommender
 from batchrec.runs import insert_run, stored_artifact_path
 from batchrec.serving import refresh as refresh_serving
 from batchrec.training import Trainer, choose_device
-from batchrec.warehouse import transaction, utcnow
+from batchrec.warehouse import pid_exists, transaction, utcnow
 
 log = logging.getLogger("batchrec.train")
 
@@ -84,13 +84,7 @@ def save_artifact(model, artifacts_dir: Path, run_id: str) -> Path:
 def _owner_alive(pid: int, host: str) -> bool:
     if host != socket.gethostname():
         return True  # another machine's process: nothing here can tell, so leave its partial alone
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid_exists(pid)
 
 
 def remove_orphan_partials(artifacts_dir: Path) -> list[str]:
