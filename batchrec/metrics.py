@@ -17,6 +17,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from batchrec.options import RELEVANCE_THRESHOLD
 from batchrec.ranking import topn
 
 # Every metric name (without @k), in display order, and whether higher is better (None: a count
@@ -197,7 +198,7 @@ class Measurement:
     residuals: np.ndarray | None = None
 
 
-def measure(model, data, ks=(10,), threshold: float = 4.0, memory_budget: int = 1 << 30,
+def measure(model, data, ks=(10,), threshold: float = RELEVANCE_THRESHOLD, memory_budget: int = 1 << 30,
             eventwise: bool = False) -> Measurement:
     """Score `model` on `data.test` exactly as the protocols define it (see DESIGN.md):
 
@@ -260,7 +261,7 @@ def measure(model, data, ks=(10,), threshold: float = 4.0, memory_budget: int = 
     return Measurement(out, residuals)
 
 
-def evaluate_model(model, data, ks=(10,), threshold: float = 4.0, memory_budget: int = 1 << 30) -> dict[str, float]:
+def evaluate_model(model, data, ks=(10,), threshold: float = RELEVANCE_THRESHOLD, memory_budget: int = 1 << 30) -> dict[str, float]:
     """The like-for-like protocol measurement of `measure`, as a plain metrics dict."""
     return measure(model, data, ks, threshold, memory_budget).metrics
 
