@@ -71,31 +71,31 @@ class NeuralContract(ModelContract):
 
 
 class TestNeuMF(NeuralContract):
-    family, factor_vectors = "neumf", True
+    family = "neumf"
     bad_params = [("dropout=-0.1", "out of range"), ("variant=gmf", "must be one of"),
                   ("blocks=1.5", "not a valid int")]
 
 
 class TestAutoRec(NeuralContract):
-    family = "autorec"
+    family, factor_vectors = "autorec", True
     bad_params = [("variant=both", "must be one of"), ("activation=tanh", "must be one of"), ("reg=-1", "out of range")]
 
 
 class TestTwoTower(NeuralContract):
-    family = "two_tower"
+    family, factor_vectors = "two_tower", True
     bad_params = [("loss=warp", "must be one of"), ("id_dropout=1.5", "out of range"),
                   ("history=maybe", "not a valid bool"), ("ensemble=0", "out of range")]
 
 
 class TestMultVAE(NeuralContract):
-    family, factor_vectors = "multvae", True
+    family = "multvae"
     bad_params = [("beta_max=-1", "out of range"), ("future_cut_min=1", "out of range"), ("latent=0", "out of range"),
                   ("prior=vamp", "must be one of"), ("encoder_layers=0", "out of range"),
                   ("alternate=-1", "out of range"), ("kl_gamma=-0.1", "out of range")]
 
 
 class TestContentDNN(NeuralContract):
-    family, factor_vectors = "content_dnn", True
+    family = "content_dnn"
     bad_params = [("dropout=-0.5", "out of range"), ("hidden=1", "out of range"), ("lr=2", "out of range"),
                   ("no_such_param=1", "unknown parameter")]
 
