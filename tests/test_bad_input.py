@@ -600,7 +600,7 @@ def test_list_sanity_passes_real_lists_and_names_each_degenerate_case(base):
     con = duckdb.connect(str(base["folder"] / DB), read_only=True)
     ease = con.sql("SELECT user_id, rank, item_id, score FROM recommendations").pl()  # EASE's published lists
     con.close()
-    popularity = pl.read_parquet(sorted((base["folder"] / "recommendations").rglob("shard=*.parquet")))
+    popularity = pl.read_parquet(sorted(base["folder"].rglob("shard=*.parquet")))
     assert list_sanity(ease, users=610) == []
     assert list_sanity(popularity, users=610, personalised=False) == []
 

@@ -164,7 +164,7 @@ CASES = {
                                 "65,208,dark hero,1368150078\n65,353,,1368150079\n"},
                                r"{d}/tags.csv:3: tag is empty \(expected a tag\)$"),
     "tags.dat blank tag": Case({"ratings.dat": "1::122::5::838985046\n", "tags.dat": "15::4973::   ::1215184630\n"},
-                               r"{d}/tags.dat:1: Tag '   ' is not valid \(expected a tag\)$"),
+                               r"{d}/tags.dat:1: Tag ' +' is not valid \(expected a tag\)$"),
     # 9. faults of the input itself
     "corrupt Parquet": Case({"ratings.parquet": b"PAR1" + bytes(range(200)) + b"PAR1"},
                             r"{d}/ratings.parquet: not a readable Parquet file \(.*\) \(expected an intact Parquet file\)$"),
