@@ -512,7 +512,7 @@ def test_sigint_after_a_commit_says_what_was_committed(base, tmp_path):
     (tmp_path / "job.toml").write_text('[[steps]]\nstep = "train"\nmodel = "popularity"\n\n' + SLOW_TRAIN)
     before = table_checksums(db)
     job = Logged(db, ["run", tmp_path / "job.toml"])
-    job.wait_for(r"\bepoch=1 loss=")  # step 1 committed its run; step 2 (mf) is training
+    job.wait_for(r"INFO epoch=1 loss=")  # step 1 committed its run; step 2 (mf) is training
     job.proc.send_signal(signal.SIGINT)
     lines = job.finish()
     con = duckdb.connect(str(db), read_only=True)
@@ -535,7 +535,7 @@ def test_a_killed_job_step_is_marked_failed_killed(base, tmp_path):
     (tmp_path / "quick.toml").write_text('[job]\nname = "quick"\n\n[[steps]]\nstep = "features"\n'
                                          'protocols = "user_temporal"\n')
     job = Logged(db, ["run", tmp_path / "slow.toml"])
-    job.wait_for(r"\bepoch=1 loss=")  # the step is recorded as running and training
+    job.wait_for(r"INFO epoch=1 loss=")  # the step is recorded as running and training
     job.proc.kill()
     job.finish()
     pid = job.proc.pid
@@ -596,7 +596,7 @@ def test_list_sanity_passes_real_lists_and_names_each_degenerate_case(base):
     con = duckdb.connect(str(base["folder"] / DB), read_only=True)
     ease = con.sql("SELECT user_id, rank, item_id, score FROM recommendations").pl()  # EASE's published lists
     con.close()
-    popularity = pl.read_parquet(sorted((base["folder"] / SHARDS).rglob("shard=*.parquet")))
+    popularity = pl.read_parquet(sorted((base["folder"] / "recommendations").rglob("shard=*.parquet")))
     assert list_sanity(ease, users=610) == []
     assert list_sanity(popularity, users=610, personalised=False) == []
 
