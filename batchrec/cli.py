@@ -36,7 +36,8 @@ def _log_options() -> list[click.Option]:
 
 
 def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
+    """Line breaks joined into one line; spaces inside a line kept (a quoted value may be blanks)."""
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
 
 
 class _Group(HelpDetails, click.Group):
