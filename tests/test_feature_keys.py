@@ -12,7 +12,7 @@ import pytest
 from batchrec.features import build_snapshot
 from batchrec.ingest.run import ingest_path
 from batchrec.warehouse import SQL_DIR, Warehouse
-from tests.features_support import SNAPSHOT_COLUMNS
+from features_support import SNAPSHOT_COLUMNS
 
 DECLARATIONS = tomllib.loads((SQL_DIR / "features" / "tests.toml").read_text())
 

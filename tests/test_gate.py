@@ -22,7 +22,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from tests.warehouse_checks import table_checksums
+from warehouse_checks import table_checksums
 
 ROOT = Path(__file__).resolve().parent.parent
 ML_SMALL = ROOT / "batchrec" / "datasets" / "ml-latest-small"
