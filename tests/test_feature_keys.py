@@ -8,11 +8,11 @@ import tomllib
 
 import duckdb
 import pytest
+from features_support import SNAPSHOT_COLUMNS
 
 from batchrec.features import build_snapshot
 from batchrec.ingest.run import ingest_path
 from batchrec.warehouse import SQL_DIR, Warehouse
-from features_support import SNAPSHOT_COLUMNS
 
 DECLARATIONS = tomllib.loads((SQL_DIR / "features" / "tests.toml").read_text())
 

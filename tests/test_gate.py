@@ -21,7 +21,6 @@ import duckdb
 import numpy as np
 import polars as pl
 import pytest
-
 from warehouse_checks import table_checksums
 
 ROOT = Path(__file__).resolve().parent.parent
