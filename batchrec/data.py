@@ -7,6 +7,7 @@ edges (scorer output, reports) and are kept here as lookup arrays.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass, field, replace
 
@@ -16,7 +17,9 @@ import scipy.sparse as sp
 import torch
 
 from batchrec.errors import BatchrecError
-from batchrec.warehouse import scalar
+from batchrec.warehouse import SQL_DIR, scalar
+
+READS_DIR = SQL_DIR / "reads"  # what the steps read from a snapshot, one query per file
 
 
 @dataclass
@@ -156,13 +159,60 @@ def load_interactions(con: duckdb.DuckDBPyConnection, snapshot_id: str, protocol
                          {"s": snapshot_id, "p": protocol, "part": part})
 
 
-def _content_matrix(con: duckdb.DuckDBPyConnection, sql: str, snapshot_id: str, n_items: int
+@functools.cache
+def _read_query(name: str) -> str:
+    return (READS_DIR / f"{name}.sql").read_text()
+
+
+def query_columns(con: duckdb.DuckDBPyConnection, sql: str, params: dict) -> dict[str, np.ndarray]:
+    """A query's result as numpy columns by name (through Arrow)."""
+    table = con.sql(sql, params=params).to_arrow_table()
+    return {c: table.column(c).to_numpy() for c in table.column_names}
+
+
+def snapshot_read(con: duckdb.DuckDBPyConnection, name: str, **params) -> dict[str, np.ndarray]:
+    """The columns of `sql/reads/<name>.sql` run with `params` ($s: snapshot, $p: protocol)."""
+    return query_columns(con, _read_query(name), params)
+
+
+def snapshot_ids(con: duckdb.DuckDBPyConnection, snapshot_id: str) -> tuple[np.ndarray, np.ndarray]:
+    """The snapshot's raw user ids and raw item ids, each in dense-id order."""
+    return tuple(snapshot_read(con, name, s=snapshot_id)["id"].astype(np.int64) for name in ("user_ids", "item_ids"))
+
+
+def train_counts(con: duckdb.DuckDBPyConnection, snapshot_id: str, protocol: str | None,
+                 n_users: int, n_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per user and per item, the interactions a model fitted on `protocol`'s train part (None:
+    every interaction) has seen; `sql/reads/train_counts.sql`."""
+    got = snapshot_read(con, "train_counts", s=snapshot_id, p=protocol)
+    users, items = np.zeros(n_users, np.int64), np.zeros(n_items, np.int64)
+    for counts, kind in ((users, "user"), (items, "item")):
+        rows = got["kind"] == kind
+        counts[got["idx"][rows]] = got["n"][rows]
+    return users, items
+
+
+def rating_range(con: duckdb.DuckDBPyConnection, snapshot_id: str) -> tuple[float, float] | None:
+    """The snapshot's (lowest, highest) rating; None for implicit data."""
+    got = snapshot_read(con, "rating_range", s=snapshot_id)
+    low, high = got["low"][0], got["high"][0]
+    return None if low is None or np.isnan(low) else (float(low), float(high))
+
+
+def _content_matrix(con: duckdb.DuckDBPyConnection, name: str, snapshot_id: str, n_items: int
                     ) -> tuple[sp.csr_matrix, list[str]]:
-    cols = con.sql(sql, params={"s": snapshot_id}).fetchnumpy()
+    cols = snapshot_read(con, name, s=snapshot_id)
     names, codes = np.unique(cols["term"].astype(str), return_inverse=True) if len(cols["term"]) else (np.array([], str), np.array([], np.int64))
-    m = sp.csr_matrix((np.asarray(cols["weight"], np.float32), (np.asarray(cols["item_idx"], np.int64), codes)),
+    m = sp.csr_matrix((np.asarray(cols["weight"], np.float32), (np.asarray(cols["item_idx"], np.int64), codes.ravel())),
                       shape=(n_items, len(names)), dtype=np.float32)
     return m, names.tolist()
+
+
+def content_matrices(con: duckdb.DuckDBPyConnection, snapshot_id: str, n_items: int
+                     ) -> tuple[sp.csr_matrix, list[str], sp.csr_matrix, list[str]]:
+    """The item x genre multi-hot and the item x term TF-IDF matrices with their column names."""
+    return (*_content_matrix(con, "item_genres", snapshot_id, n_items),
+            *_content_matrix(con, "item_tags", snapshot_id, n_items))
 
 
 def load_snapshot(con: duckdb.DuckDBPyConnection, snapshot_id: str, protocol: str | None = None) -> SnapshotData:
@@ -171,27 +221,18 @@ def load_snapshot(con: duckdb.DuckDBPyConnection, snapshot_id: str, protocol: st
             con, "SELECT count(*) FROM split_protocols WHERE snapshot_id = ? AND protocol = ?", [snapshot_id, protocol]):
         raise BatchrecError(f"snapshot {snapshot_id} has no split for protocol {protocol!r}; "
                             f"rebuild it with `batchrec features --protocols {protocol}`")
-    user_ids = con.sql("SELECT user_id FROM user_index WHERE snapshot_id = $s ORDER BY user_idx",
-                       params={"s": snapshot_id}).fetchnumpy()["user_id"].astype(np.int64)
-    item_ids = con.sql("SELECT item_id FROM item_index WHERE snapshot_id = $s ORDER BY item_idx",
-                       params={"s": snapshot_id}).fetchnumpy()["item_id"].astype(np.int64)
+    user_ids, item_ids = snapshot_ids(con, snapshot_id)
     train = load_interactions(con, snapshot_id, protocol, "train")
     if len(train) == 0:
         where = f"protocol {protocol!r} of snapshot {snapshot_id}" if protocol else f"snapshot {snapshot_id}"
         raise BatchrecError(f"{where} has no training rows")
     valid = load_interactions(con, snapshot_id, protocol, "valid") if protocol else None
     test = load_interactions(con, snapshot_id, protocol, "test") if protocol else None
-    lo, hi = con.sql("SELECT min(rating), max(rating) FROM interactions WHERE snapshot_id = $s",
-                     params={"s": snapshot_id}).fetchall()[0]
-    genres, genre_names = _content_matrix(
-        con, "SELECT item_idx, genre AS term, 1.0 AS weight FROM item_genres WHERE snapshot_id = $s",
-        snapshot_id, len(item_ids))
-    tags, terms = _content_matrix(
-        con, "SELECT item_idx, term, weight FROM item_tag_tfidf WHERE snapshot_id = $s", snapshot_id, len(item_ids))
+    genres, genre_names, tags, terms = content_matrices(con, snapshot_id, len(item_ids))
     return SnapshotData(
         snapshot_id=snapshot_id, protocol=protocol, n_users=len(user_ids), n_items=len(item_ids),
         train=train, valid=valid, test=test, user_ids=user_ids, item_ids=item_ids,
-        rating_scale=None if lo is None else (float(lo), float(hi)),
+        rating_scale=rating_range(con, snapshot_id),
         item_genres=genres, genre_names=genre_names, item_tags=tags, tag_terms=terms,
     )
 

@@ -17,9 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
-import socket
 import time
 import tomllib
 import uuid
@@ -32,9 +30,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from batchrec import options
 from batchrec.errors import BatchrecError, Gated, Interrupted, as_fault
+from batchrec.processes import this_process
 from batchrec.runs import latest_shipped_run_id
 from batchrec.serving import refresh as refresh_serving
-from batchrec.warehouse import Warehouse, pid_exists, scalar, utcnow
+from batchrec.warehouse import Warehouse, scalar, utcnow
 
 log = logging.getLogger("batchrec.jobs")
 
@@ -227,32 +226,6 @@ RUNNERS: dict[str, Callable[[Warehouse, dict], StepResult]] = {
 
 
 # -- the job -----------------------------------------------------------------------------------
-def _process_start(pid: int) -> str | None:
-    """When process `pid` started (clock ticks since boot, field 22 of /proc/<pid>/stat): with the
-    pid it names one process, even after the pid is reused. None where there is no such entry."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]  # the fields after "(command name)" start at field 3
-
-
-def this_process() -> dict[str, Any]:
-    """The job_runs columns that name the running process."""
-    return {"pid": os.getpid(), "host": socket.gethostname(), "process_start": _process_start(os.getpid())}
-
-
-def process_gone(pid: int | None, host: str | None, process_start: str | None) -> bool:
-    """Whether the process that ran a step has certainly ended: it ran on this machine and no
-    process with its pid and start time exists now (unknown pid or another machine: False)."""
-    if pid is None or host != socket.gethostname():
-        return False
-    if Path("/proc/self/stat").exists():
-        now = _process_start(pid)
-        return now is None or (process_start is not None and now != process_start)
-    return not pid_exists(pid)  # no /proc: ask the kernel whether the pid exists at all
-
-
 def _mark_killed(wh: Warehouse) -> list[str]:
     """Mark steps left `running` by a job process that was killed as failed ("killed: ...").
 

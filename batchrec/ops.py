@@ -14,6 +14,7 @@ import polars as pl
 from batchrec import serving
 from batchrec.errors import BatchrecError
 from batchrec.gate import night_lines, recent_publishes
+from batchrec.processes import process_gone
 from batchrec.runs import find_runs, live_runs
 from batchrec.warehouse import Warehouse, open_readonly_sandboxed, query_pl, scalar, table_exists
 
@@ -147,7 +148,6 @@ def status_text(wh: Warehouse) -> str:
 def _job_failures(con) -> str:
     """The last failed job steps, with steps still `running` whose process is gone shown as
     failed (killed): the next `batchrec run` records them so."""
-    from batchrec.jobs import process_gone
 
     failed = query_pl(con, """SELECT job, step, started,
                                      CASE WHEN error LIKE 'killed:%' THEN 'failed (killed)' ELSE status END AS status,

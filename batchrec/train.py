@@ -22,10 +22,11 @@ from batchrec.features import resolve_snapshot
 from batchrec.metrics import validation_metrics
 from batchrec.models import create_model, parse_params
 from batchrec.models.base import ARTIFACT_META, ARTIFACT_STATE, Recommender
+from batchrec.processes import pid_exists
 from batchrec.runs import insert_run, stored_artifact_path
 from batchrec.serving import refresh as refresh_serving
 from batchrec.training import Trainer, choose_device
-from batchrec.warehouse import pid_exists, transaction, utcnow
+from batchrec.warehouse import transaction, utcnow
 
 log = logging.getLogger("batchrec.train")
 

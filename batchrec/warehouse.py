@@ -69,17 +69,6 @@ def migrations() -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def pid_exists(pid: int) -> bool:
-    """Whether a process with this pid exists on this machine (one we may not signal exists too)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def utcnow() -> datetime:
     """Naive UTC timestamp: every TIMESTAMP in the warehouse is UTC without a zone."""
     return datetime.now(UTC).replace(tzinfo=None)

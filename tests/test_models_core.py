@@ -206,17 +206,17 @@ def test_negative_sampler_never_returns_a_seen_item(ml_small):
 
 # -- quality targets (issue 5), like for like: fit on train, early-stop on valid, measure on test ---
 # The expected values are computed here from the split (tests/reference.py), not copied from output.
-def test_popularity_ndcg_is_the_plain_most_popular_ranking(ml_small_store):
+def test_popularity_ndcg_is_the_plain_most_popular_ranking(ml_small):
     """batchrec's popularity model, scorer and NDCG against most-popular and NDCG written in numpy
     from the protocol's definition (the issue's reference for most-popular here: 0.0464)."""
-    expected = protocol_ndcg(popularity_scores(ml_small_store), ml_small_store)
-    got = evaluate_model(fit_model("popularity", ml_small_store)[0], ml_small_store, ks=(10,))
+    expected = protocol_ndcg(popularity_scores(ml_small), ml_small)
+    got = evaluate_model(fit_model("popularity", ml_small)[0], ml_small, ks=(10,))
     assert got["ndcg@10"] == pytest.approx(expected, abs=1e-9) and expected == pytest.approx(0.0464, abs=5e-4)
 
 
 @pytest.mark.slow
-def test_best_rating_model_reaches_rmse_target(default_metrics, ml_small_store):
-    assert default_metrics("mf")["n_known"] == known_test_pairs(ml_small_store)
+def test_best_rating_model_reaches_rmse_target(default_metrics, ml_small):
+    assert default_metrics("mf")["n_known"] == known_test_pairs(ml_small)
     assert min(default_metrics(n)["rmse"] for n in ("mf", "svd")) <= 0.870
 
 
@@ -232,8 +232,8 @@ def test_every_family_beats_popularity_on_ndcg(name, default_metrics):
 
 
 @pytest.mark.slow
-def test_mf_as_a_ranker_beats_popularity_and_the_bpr_reference(ml_small_store, default_metrics):
-    model, trainer = fit_model("mf", ml_small_store, RANKING_PARAMS)
+def test_mf_as_a_ranker_beats_popularity_and_the_bpr_reference(ml_small, default_metrics):
+    model, trainer = fit_model("mf", ml_small, RANKING_PARAMS)
     assert "valid_ndcg@10" in trainer.history[-1]  # it early-stopped on ranking, not on RMSE
-    ndcg = evaluate_model(model, ml_small_store, ks=(10,))["ndcg@10"]
+    ndcg = evaluate_model(model, ml_small, ks=(10,))["ndcg@10"]
     assert ndcg > default_metrics("popularity")["ndcg@10"] and ndcg > 0.0519  # the issue's BPR reference

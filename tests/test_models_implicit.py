@@ -203,11 +203,11 @@ def test_the_best_ranking_family_reaches_the_target(default_metrics):
     assert max(default_metrics(n)["ndcg@10"] for n in ("ease", "ials")) >= 0.085
 
 
-def test_ease_beats_plain_ease_tuned_on_valid(default_metrics, ml_small_store):
+def test_ease_beats_plain_ease_tuned_on_valid(default_metrics, ml_small):
     """The bar computed here: EASE in closed form on the training positives, lambda chosen on the
     validation part, measured with an NDCG written from the protocol (tests/reference.py)."""
-    scores, lam = plain_ease_scores(ml_small_store)
-    plain = protocol_ndcg(scores, ml_small_store)
+    scores, lam = plain_ease_scores(ml_small)
+    plain = protocol_ndcg(scores, ml_small)
     assert lam != EASE_LAMBDAS[0] and lam != EASE_LAMBDAS[-1]  # the grid brackets the best lambda
     assert plain > default_metrics("popularity")["ndcg@10"]  # the reference itself is a real model
     assert default_metrics("ease")["ndcg@10"] >= plain, (default_metrics("ease")["ndcg@10"], plain)

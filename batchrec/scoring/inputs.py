@@ -9,6 +9,14 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
+from batchrec.data import (
+    content_matrices,
+    query_columns,
+    rating_range,
+    snapshot_ids,
+    snapshot_read,
+    train_counts,
+)
 from batchrec.errors import BatchrecError, CorruptArtifact
 from batchrec.models.base import Recommender
 from batchrec.warehouse import scalar
@@ -80,80 +88,50 @@ def _sample_rows(m: sp.csr_matrix, cap: int) -> sp.csr_matrix:
     return sp.csr_matrix((m.data[keep], m.indices[keep], indptr), shape=m.shape)
 
 
-def _np(con, sql: str, params: dict) -> dict[str, np.ndarray]:
-    table = con.sql(sql, params=params).to_arrow_table()
-    return {c: table.column(c).to_numpy() for c in table.column_names}
-
-
-def _train_counts(con, run: dict, n_users: int, n_items: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per user and per item, the interactions the run's model was fitted on: the snapshot's
-    counts (user_features / item_features), minus the protocol's holdout for a protocol run."""
-    s = {"s": run["snapshot_id"], "p": run.get("protocol")}
-    users, items = np.zeros(n_users, np.int64), np.zeros(n_items, np.int64)
-    for counts, sql in ((users, "SELECT user_idx AS idx, n_ratings AS n FROM user_features WHERE snapshot_id = $s"),
-                        (items, "SELECT item_idx AS idx, n_ratings AS n FROM item_features WHERE snapshot_id = $s")):
-        got = _np(con, sql, {"s": s["s"]})
-        counts[got["idx"]] = got["n"]
-    if s["p"]:
-        for counts, col in ((users, "user_idx"), (items, "item_idx")):
-            held = _np(con, f"SELECT {col} AS idx, count(*) AS n FROM split_holdout "
-                            f"WHERE snapshot_id = $s AND protocol = $p GROUP BY 1", s)
-            counts[held["idx"]] -= held["n"]
-    return users, items
-
-
-def _check_snapshot(con, run: dict) -> None:
+def check_snapshot_kept(con, run: dict) -> None:
     if not scalar(con, "SELECT count(*) FROM feature_snapshots WHERE snapshot_id = ?", [run["snapshot_id"]]):
         raise BatchrecError(
             f"run {run['run_id']} was trained on feature snapshot {run['snapshot_id']}, which has been pruned; "
             f"train a new run (`batchrec train {run['model']}`) or keep more snapshots (`batchrec features --keep`)")
 
 
-def _ids(con, sql: str, snapshot_id: str) -> np.ndarray:
-    return _np(con, sql, {"s": snapshot_id})["id"].astype(np.int64)
-
-
 def load_inputs(con, run: dict, min_history: int = 1) -> ScoringInputs:
     """Read what scoring needs for `run` (a model_runs row) from its snapshot and the raw tables."""
-    _check_snapshot(con, run)
+    check_snapshot_kept(con, run)
     s = run["snapshot_id"]
-    user_ids = _ids(con, "SELECT user_id AS id FROM user_index WHERE snapshot_id = $s ORDER BY user_idx", s)
+    user_ids, _ = snapshot_ids(con, s)
+    # every indexed item has an item_features row (sql/features/040), so pop_rank is never NULL
     items = con.sql("""
-        SELECT ii.item_id, coalesce(f.n_ratings, 0) AS n_ratings, f.pop_rank,
-               coalesce(t.title, 'item ' || ii.item_id) AS title
+        SELECT ii.item_id, f.n_ratings, f.pop_rank, coalesce(t.title, 'item ' || ii.item_id) AS title
         FROM item_index ii
-        LEFT JOIN item_features f ON f.snapshot_id = ii.snapshot_id AND f.item_idx = ii.item_idx
+        JOIN item_features f ON f.snapshot_id = ii.snapshot_id AND f.item_idx = ii.item_idx
         LEFT JOIN (SELECT item_id, min(title) AS title FROM items GROUP BY item_id) t ON t.item_id = ii.item_id
         WHERE ii.snapshot_id = $s ORDER BY ii.item_idx""", params={"s": s}).pl()
     n_users, n_items = len(user_ids), len(items)
     # users of the raw tables that the snapshot does not have: cold rows after the snapshot's
-    cold = _ids(con, """
+    cold = query_columns(con, """
         SELECT DISTINCT user_id AS id FROM (
             SELECT user_id FROM ratings UNION ALL SELECT user_id FROM users UNION ALL SELECT user_id FROM tags)
-        ANTI JOIN (SELECT user_id FROM user_index WHERE snapshot_id = $s) USING (user_id) ORDER BY 1""", s)
-    all_ids = np.concatenate([user_ids, cold])
+        ANTI JOIN (SELECT user_id FROM user_index WHERE snapshot_id = $s) USING (user_id) ORDER BY 1""", {"s": s})["id"]
+    all_ids = np.concatenate([user_ids, cold.astype(np.int64)])
     n_rows = len(all_ids)
 
-    user_train, item_train = _train_counts(con, run, n_users, n_items)
+    user_train, item_train = train_counts(con, s, run.get("protocol"), n_users, n_items)
     user_train = np.concatenate([user_train, np.zeros(len(cold), user_train.dtype)])
     served = user_train >= max(min_history, 1)
-    # seen = every interaction of the snapshot; liked (the "because you rated" anchors) = rated at
-    # or above the user's own mean rating (or implicit), at most ~EXPLAIN_ANCHORS per user
-    x = _np(con, "SELECT user_idx, item_idx, rating FROM interactions WHERE snapshot_id = $s", {"s": s})
+    # seen = every interaction of the snapshot; liked (the "because you rated" anchors, see
+    # sql/reads/seen_and_liked.sql) at most ~EXPLAIN_ANCHORS per user
+    x = snapshot_read(con, "seen_and_liked", s=s)
     seen = _pattern(x["user_idx"], x["item_idx"], (n_rows, n_items))
-    means = _np(con, "SELECT user_idx, mean_rating FROM user_features WHERE snapshot_id = $s", {"s": s})
-    mean = np.full(n_users, -np.inf, np.float32)  # no mean (implicit only): everything is liked
-    mean[means["user_idx"]] = np.nan_to_num(means["mean_rating"].astype(np.float32), nan=-np.inf)
-    rating = x["rating"].astype(np.float32)
-    like = np.isnan(rating) | (rating >= mean[x["user_idx"]] - 1e-6)
+    like = x["liked"]
     liked = _sample_rows(_pattern(x["user_idx"][like], x["item_idx"][like], (n_rows, n_items)), EXPLAIN_ANCHORS)
-    del x, rating, like
+    del x, like
 
     fallback = pl.DataFrame({"user_id": all_ids[~served], "row": np.flatnonzero(~served)})
     acts = {"row": np.zeros(0, np.int64), "item_idx": np.zeros(0, np.int64)}
     if len(fallback):
         con.register("scoring_fallback", fallback.to_arrow())
-        acts = _np(con, """
+        acts = query_columns(con, """
             WITH acts AS (
                 SELECT user_id, item_id FROM ratings WHERE user_id IN (SELECT user_id FROM scoring_fallback)
                 UNION SELECT user_id, item_id FROM tags WHERE user_id IN (SELECT user_id FROM scoring_fallback))
@@ -163,30 +141,17 @@ def load_inputs(con, run: dict, min_history: int = 1) -> ScoringInputs:
         con.unregister("scoring_fallback")
     profile = _pattern(acts["row"], acts["item_idx"], (n_rows, n_items))
 
-    genres, genre_names = _content(con, "SELECT item_idx, genre AS term, 1.0 AS weight FROM item_genres "
-                                        "WHERE snapshot_id = $s", s, n_items)
-    tags, tag_terms = _content(con, "SELECT item_idx, term, weight FROM item_tag_tfidf WHERE snapshot_id = $s", s, n_items)
-    lo, hi = con.sql("SELECT min(rating), max(rating) FROM interactions WHERE snapshot_id = $s",
-                     params={"s": s}).fetchall()[0]
-    pop_rank = items["pop_rank"].fill_null(items["n_ratings"].rank("ordinal", descending=True)).to_numpy()
+    genres, genre_names, tags, tag_terms = content_matrices(con, s, n_items)
     return ScoringInputs(
         run_id=run["run_id"], family=run["model"], snapshot_id=s, user_ids=all_ids, n_model_users=n_users,
         item_ids=items["item_id"].to_numpy().astype(np.int64), titles=items["title"],
-        n_ratings=items["n_ratings"].to_numpy().astype(np.float32), pop_rank=pop_rank.astype(np.int64),
+        n_ratings=items["n_ratings"].to_numpy().astype(np.float32), pop_rank=items["pop_rank"].to_numpy().astype(np.int64),
         seen=seen, liked=liked, user_train=user_train, item_train=item_train, served=served, profile=profile,
         genres=genres, genre_names=genre_names, tags=tags, tag_terms=tag_terms,
-        rating_scale=None if lo is None else (float(lo), float(hi)))
+        rating_scale=rating_range(con, s))
 
 
-def _content(con, sql: str, snapshot_id: str, n_items: int) -> tuple[sp.csr_matrix, list[str]]:
-    cols = _np(con, sql, {"s": snapshot_id})
-    names, codes = np.unique(cols["term"].astype(str), return_inverse=True)
-    m = sp.csr_matrix((cols["weight"].astype(np.float32), (cols["item_idx"].astype(np.int64), codes.ravel())),
-                      shape=(n_items, len(names)))
-    return m, names.tolist()
-
-
-def _check_fits_snapshot(model: Recommender, run: dict, n_users: int, n_items: int) -> None:
+def check_fits_snapshot(model: Recommender, run: dict, n_users: int, n_items: int) -> None:
     """The artifact was fitted on the run's snapshot: its user and item counts are the snapshot's."""
     if (model.n_users, model.n_items) != (n_users, n_items):
         raise CorruptArtifact(run["artifact_path"], f"{model.n_users} users and {model.n_items} items, but its "

@@ -10,9 +10,10 @@ import numpy as np
 import polars as pl
 import torch
 
+from batchrec.data import rating_range, snapshot_ids, train_counts
 from batchrec.errors import BatchrecError
 from batchrec.models.base import Recommender
-from batchrec.scoring.inputs import _check_fits_snapshot, _check_snapshot, _ids, _train_counts
+from batchrec.scoring.inputs import check_fits_snapshot, check_snapshot_kept
 
 
 def _read_table(path: Path, what: str) -> pl.DataFrame:
@@ -71,13 +72,12 @@ def score_pairs(model: Recommender, run: dict, con, pairs: Path, out: Path) -> s
     frame = _read_table(pairs, "--pairs")
     csv = pairs.suffix.lower() != ".parquet"
     users, items = _int_column(frame, "user_id", pairs, csv), _int_column(frame, "item_id", pairs, csv)
-    _check_snapshot(con, run)
+    check_snapshot_kept(con, run)
     s = run["snapshot_id"]
-    user_ids = _ids(con, "SELECT user_id AS id FROM user_index WHERE snapshot_id = $s ORDER BY user_idx", s)
-    item_ids = _ids(con, "SELECT item_id AS id FROM item_index WHERE snapshot_id = $s ORDER BY item_idx", s)
-    _check_fits_snapshot(model, run, len(user_ids), len(item_ids))
-    user_train, item_train = _train_counts(con, run, len(user_ids), len(item_ids))
-    lo, hi = con.sql("SELECT min(rating), max(rating) FROM interactions WHERE snapshot_id = $s", params={"s": s}).fetchall()[0]
+    user_ids, item_ids = snapshot_ids(con, s)
+    check_fits_snapshot(model, run, len(user_ids), len(item_ids))
+    user_train, item_train = train_counts(con, s, run.get("protocol"), len(user_ids), len(item_ids))
+    scale = rating_range(con, s)
     uidx, iidx = _lookup(user_ids, users), _lookup(item_ids, items)
     uidx = np.where((uidx >= 0) & (user_train[np.maximum(uidx, 0)] > 0), uidx, -1)  # the model learned nothing else
     iidx = np.where((iidx >= 0) & (item_train[np.maximum(iidx, 0)] > 0), iidx, -1)
@@ -95,8 +95,8 @@ def score_pairs(model: Recommender, run: dict, con, pairs: Path, out: Path) -> s
             if (~k).any():
                 chunk[~k] = model.score_fallback(ut[~k], it[~k]).float()
             scores[a:a + step] = chunk.cpu().numpy()
-    if model.task == "rating" and lo is not None:
-        np.clip(scores, lo, hi, out=scores)
+    if model.task == "rating" and scale is not None:
+        np.clip(scores, *scale, out=scores)
     result = frame.with_columns(pl.Series("score", scores), pl.Series("fallback", ~known))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")

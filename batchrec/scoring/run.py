@@ -19,7 +19,7 @@ from batchrec.gate import DEFAULT_GATE, Gate, GateSettings
 from batchrec.models import get_model_class
 from batchrec.models.base import Recommender
 from batchrec.runs import resolve_run
-from batchrec.scoring.inputs import _check_fits_snapshot, load_inputs
+from batchrec.scoring.inputs import check_fits_snapshot, load_inputs
 from batchrec.scoring.pairs import _lookup, read_users, score_pairs
 from batchrec.scoring.publishing import (
     check_lists,
@@ -78,7 +78,7 @@ def score_run(wh: Warehouse, run: dict, model: Recommender, top_n: int, memory_b
     t0 = time.perf_counter()
     with wh.connect(read_only=True) as con:
         inputs = load_inputs(con, run, min_history)
-    _check_fits_snapshot(model, run, inputs.n_model_users, len(inputs.item_ids))
+    check_fits_snapshot(model, run, inputs.n_model_users, len(inputs.item_ids))
     n_known = int(inputs.candidates.sum())
     if top_n > n_known:
         raise BatchrecError(f"--top-n {top_n} is larger than the catalogue: run {run['run_id']} knows {n_known} items")
