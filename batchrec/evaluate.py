@@ -274,9 +274,10 @@ def _select_metrics(metrics: dict[str, float], spec: Spec, wanted: set[str] | No
 
     out = {k: v for k, v in metrics.items() if not count(k) and chosen(k) and math.isfinite(v)}
     ranking, rating = any("@" in k for k in out), any(k in ("rmse", "mae") for k in out)
-    segments = {split_segment(k)[1:] for k in out}
+    # a segment's count goes with its kept metrics: users (users_<segment>) for ranking, pairs (n_<segment>) for rating
+    segments = {("users" if "@" in k else "n", *split_segment(k)[1:]) for k in out}
     out |= {k: v for k, v in metrics.items() if count(k) and (
-        split_segment(k)[1:] in segments if split_segment(k)[1]
+        (base_metric_name(k), *split_segment(k)[1:]) in segments if split_segment(k)[1]
         else (k in ("users", "events") and ranking) or (k.startswith("n_") and rating))}
     return out
 

@@ -209,8 +209,10 @@ def test_preset_needs_its_split_then_runs(tmp_path):
     svd_rmse = next(r["value"] for r in rows if r["metric"] == "rmse")
     assert _published_vs_ours(out) == {("genre+tag DNN", "rmse"): (0.875, f"{svd_rmse:.4f}", "svd")}
     metrics = {r["metric"] for r in rows}
-    buckets = {m for m in metrics if m.startswith(("rmse_items_", "n_items_"))}  # RMSE by item training count
+    # RMSE by item training count and by user segment, with the pairs each counts
+    buckets = {m for m in metrics if m.startswith(("rmse_items_", "n_items_", "rmse_users_", "n_users_"))}
     assert metrics - buckets == {"rmse", "mae", "n_known", "n_unknown"} and "rmse_items_1-4" in buckets
+    assert {"rmse_users_20-99", "n_users_20-99", "rmse_users_100+"} <= buckets
     assert all(r["protocol"] == "random-64-16-20" for r in rows)
     with wh.connect(read_only=True) as con:
         test_rows = con.execute("""SELECT n_test FROM split_protocols p JOIN feature_snapshots s USING (snapshot_id)
