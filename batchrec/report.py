@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from batchrec.metrics import higher_is_better, metric_sort_key, split_segment
+from batchrec.metrics import base_metric_name, higher_is_better, metric_sort_key, split_segment
 from batchrec.uncertainty import BOOTSTRAP_SAMPLES, CONFIDENCE, SIGNIFICANCE
 
 # ranking metrics drawn as metric@K curves, in this order
@@ -128,9 +128,9 @@ def best_values(runs: list[ReportRun], columns: list[str]) -> dict[str, float]:
 def format_value(name: str, value: float | None) -> str:
     if value is None or not np.isfinite(value):
         return "-"
-    if name.split("@")[0] in ("users", "events", "n_known", "n_unknown"):
+    if base_metric_name(name) in ("users", "events", "n", "n_known", "n_unknown"):  # counts, segments' too
         return f"{value:.0f}"
-    if name.split("@")[0] == "avg_popularity":
+    if base_metric_name(name) == "avg_popularity":
         return f"{value:.1f}"
     return f"{value:.4f}"
 
@@ -375,10 +375,11 @@ def _metric_table_html(table_id: str, runs, labels, columns, best) -> str:
     return "".join(rows) + "</table>"
 
 
-_SEGMENT_NOTE = ("Segments: `_users_<n>` the users by their number of training interactions (1-19, 20-99, 100+) "
-                 "and cold users (none; their rating pairs are scored by the fallback); `_items_<n>` the relevant "
-                 "items (NDCG) or rated pairs (RMSE) by the item's number of training interactions. `users_...` "
-                 "counts the users of a segment, `n_...` its rating pairs. Intervals resample all the users.")
+_SEGMENT_NOTE = ("Segments: _users_<n> are the users by their number of training interactions (1-19, 20-99, "
+                 "100+) and cold users (none; their rating pairs are scored by the fallback); _items_<n> the "
+                 "relevant items (NDCG) or rated pairs (RMSE) by the item's number of training interactions. "
+                 "users_<segment> counts the users of a segment, n_<segment> its rating pairs. Intervals resample "
+                 "all the users of the metric, the segment's count varying with the resample.")
 
 
 def _html(info, runs, labels, tables, best, figures, setup, refs, night_rows=(), night_figure=False, trend=None) -> str:
