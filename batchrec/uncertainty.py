@@ -15,6 +15,7 @@ bootstrap of their difference, which `paired_p_value` turns into a two-sided p-v
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Iterator
 
 import numpy as np
@@ -49,13 +50,28 @@ class PerUser:
 
 def count_blocks(n_users: int, samples: int, seed: int) -> Iterator[np.ndarray]:
     """The bootstrap's draw counts, B = `samples` rows of n_users counts (each row sums to n_users:
-    one multinomial resample of the users), yielded in blocks of rows that fit _BLOCK_CELLS.
+    one resample of the users with replacement), yielded in blocks of rows that fit _BLOCK_CELLS.
     The same (n_users, samples, seed) always gives the same counts: runs on the same users pair."""
-    rng = np.random.default_rng([seed, n_users])
     rows = max(1, _BLOCK_CELLS // max(n_users, 1))
-    uniform = np.full(n_users, 1.0 / n_users)
+    if samples <= rows:  # one block: drawn once for every run and group of this size
+        yield _one_block(n_users, samples, seed)
+        return
+    rng = np.random.default_rng([seed, n_users])
     for start in range(0, samples, rows):
-        yield rng.multinomial(n_users, uniform, size=min(rows, samples - start)).astype(np.float64)
+        yield _draw(rng, n_users, min(rows, samples - start))
+
+
+def _draw(rng: np.random.Generator, n_users: int, rows: int) -> np.ndarray:
+    """`rows` resamples: n_users uniform draws each, counted per user (one bincount for all rows)."""
+    draws = rng.integers(0, n_users, size=(rows, n_users)) + (np.arange(rows) * n_users)[:, None]
+    return np.bincount(draws.ravel(), minlength=rows * n_users).reshape(rows, n_users).astype(np.float64)
+
+
+@lru_cache(maxsize=2)
+def _one_block(n_users: int, samples: int, seed: int) -> np.ndarray:
+    counts = _draw(np.random.default_rng([seed, n_users]), n_users, samples)
+    counts.flags.writeable = False  # shared between calls
+    return counts
 
 
 def replicates(per_user: PerUser, samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED
