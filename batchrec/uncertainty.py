@@ -19,6 +19,7 @@ from functools import lru_cache
 from typing import Iterator
 
 import numpy as np
+import torch
 
 from batchrec.options import EVALUATE_BOOTSTRAP, EVALUATE_SEED
 
@@ -28,6 +29,10 @@ CONFIDENCE = 0.95
 SIGNIFICANCE = 0.05  # a run differs from the best when the paired test's p-value is below this
 # at most this many draw counts are held at once (float64: 32 MB), whatever the number of users
 _BLOCK_CELLS = 1 << 22
+# Products larger than this many multiply-adds go through torch: numpy's OpenBLAS threads spin and
+# slow a large product tens of times on a busy machine, while torch's small-product overhead would
+# dominate the many small ones (a few hundred users).
+_TORCH_PRODUCT = 50_000_000
 
 
 @dataclass
@@ -70,7 +75,6 @@ def _draw(rng: np.random.Generator, n_users: int, rows: int) -> np.ndarray:
 @lru_cache(maxsize=2)
 def _one_block(n_users: int, samples: int, seed: int) -> np.ndarray:
     counts = _draw(np.random.default_rng([seed, n_users]), n_users, samples)
-    counts.flags.writeable = False  # shared between calls
     return counts
 
 
@@ -82,13 +86,16 @@ def replicates(per_user: PerUser, samples: int = BOOTSTRAP_SAMPLES, seed: int = 
     n = len(per_user.users)
     if not names or n == 0 or samples <= 0:
         return {}
-    num = np.stack([per_user.parts[m][0] for m in names], axis=1).astype(np.float64)
-    den = np.stack([per_user.parts[m][1] for m in names], axis=1).astype(np.float64)
+    # numerators and denominators side by side: one product per block of resamples
+    parts = np.stack([per_user.parts[m][0] for m in names] + [per_user.parts[m][1] for m in names], axis=1)
+    parts = parts.astype(np.float64)
+    big = parts.size * min(samples, max(1, _BLOCK_CELLS // n)) > _TORCH_PRODUCT
     out = []
     for counts in count_blocks(n, samples, seed):
-        total = counts @ den
+        sums = (torch.from_numpy(counts) @ torch.from_numpy(parts)).numpy() if big else counts @ parts
+        num, total = sums[:, :len(names)], sums[:, len(names):]
         with np.errstate(invalid="ignore", divide="ignore"):
-            out.append(np.where(total > 0, (counts @ num) / total, np.nan))
+            out.append(np.where(total > 0, num / total, np.nan))
     reps = np.concatenate(out)
     roots = [j for j, m in enumerate(names) if m in per_user.sqrt]
     reps[:, roots] = np.sqrt(reps[:, roots])
