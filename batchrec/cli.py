@@ -257,13 +257,17 @@ def score(wh: Warehouse, run_id, model, top_n, shard, publish_run, users_file, p
 @click.option("--compare", is_flag=True, help="Highlight the best run per metric.")
 @options.EVALUATE_THRESHOLD.click("--threshold")
 @click.option("--metrics", default=None, help="Comma-separated metrics to keep, e.g. rmse,ndcg,recall@10 [default: all].")
+@options.EVALUATE_BOOTSTRAP.click("--bootstrap")
+@options.EVALUATE_SEED.click("--seed")
 @pass_wh
-def evaluate(wh: Warehouse, runs, model_names, protocol, ks, report_dir, compare, threshold, metrics) -> None:
-    """Evaluate runs on a protocol's test part; write `evaluations` and an HTML report."""
+def evaluate(wh: Warehouse, runs, model_names, protocol, ks, report_dir, compare, threshold, metrics, bootstrap,
+             seed) -> None:
+    """Evaluate runs on a protocol's test part; write `evaluations` (with 95% intervals) and an HTML report."""
     from batchrec.evaluate import evaluate_command
 
     click.echo(evaluate_command(wh, runs=runs, models=model_names, protocol=protocol, ks=ks,
-                                report_dir=report_dir, compare=compare, threshold=threshold, metrics=metrics))
+                                report_dir=report_dir, compare=compare, threshold=threshold, metrics=metrics,
+                                bootstrap=bootstrap, seed=seed))
 
 
 # -- operations --------------------------------------------------------------------------------

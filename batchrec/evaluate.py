@@ -12,6 +12,10 @@ snapshot's train part, has (or may have) the test rows in its training data, so 
 
 Each (run, protocol, metric, k) is one `evaluations` row; `protocol` is the name asked for (a
 preset's name for a preset), suffixed `:threshold=X` when relevance is not the default rating >= 4.
+Beside the value: the 95% bootstrap interval over users (`ci_low`, `ci_high`) and, for runs that
+are not the best on a metric, the paired bootstrap p-value against the best run (`p_vs_best`),
+see batchrec/uncertainty.py. Metrics are also measured per user segment and item bucket
+(`metrics.measure(segments=True)`).
 Scoring goes through `metrics.measure`, which uses the production scorer (`ranking.topn`).
 The database is opened read-only for the reads and once, under the writer lock, for the final
 insert (one transaction): a failure part-way writes nothing.
@@ -27,13 +31,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import torch
 
 from batchrec.data import load_snapshot
 from batchrec.errors import BatchrecError
 from batchrec.features.params import PROTOCOLS as SPLIT_PROTOCOLS
 from batchrec.gate import recent_publishes
-from batchrec.metrics import METRICS, base_metric_name, measure, metric_sort_key
+from batchrec.metrics import METRICS, base_metric_name, measure, metric_sort_key, split_segment
 from batchrec.models import available, get_model_class
 from batchrec.options import RELEVANCE_THRESHOLD
 from batchrec.report import (
@@ -47,10 +52,19 @@ from batchrec.report import (
     write_report,
 )
 from batchrec.report_nights import NIGHTS_IN_REPORT
+from batchrec.report_trend import shipped_family, trend_rows
 from batchrec.runs import find_runs, resolve_run
 from batchrec.serving import refresh as refresh_serving
 from batchrec.train import fit_run, load_run_model
 from batchrec.training import choose_device
+from batchrec.uncertainty import (
+    BOOTSTRAP_SAMPLES,
+    BOOTSTRAP_SEED,
+    PerUser,
+    interval,
+    paired_p_value,
+    replicates,
+)
 from batchrec.warehouse import Warehouse, query_pl, transaction, utcnow
 
 log = logging.getLogger("batchrec.evaluate")
@@ -252,19 +266,37 @@ def _select_metrics(metrics: dict[str, float], spec: Spec, wanted: set[str] | No
     def chosen(name: str) -> bool:
         if name == "mrr":  # the whole-list MRR duplicates mrr@max(K)
             return False
-        return keep is None or name in keep or base_metric_name(name) in keep
+        # a segment of a kept metric is kept with it
+        return keep is None or name in keep or base_metric_name(name) in keep or split_segment(name)[0] in keep
 
-    out = {k: v for k, v in metrics.items() if k not in COUNTS and chosen(k) and math.isfinite(v)}
+    def count(name: str) -> bool:
+        return base_metric_name(name) in ("users", "events", "n", "n_known", "n_unknown")
+
+    out = {k: v for k, v in metrics.items() if not count(k) and chosen(k) and math.isfinite(v)}
     ranking, rating = any("@" in k for k in out), any(k in ("rmse", "mae") for k in out)
-    out |= {k: v for k, v in metrics.items() if (k in ("users", "events") and ranking) or (k.startswith("n_") and rating)}
+    # a segment's count goes with its kept metrics: users (users_<segment>) for ranking, pairs (n_<segment>) for rating
+    segments = {("users" if "@" in k else "n", *split_segment(k)[1:]) for k in out}
+    out |= {k: v for k, v in metrics.items() if count(k) and (
+        (base_metric_name(k), *split_segment(k)[1:]) in segments if split_segment(k)[1]
+        else (k in ("users", "events") and ranking) or (k.startswith("n_") and rating))}
     return out
 
 
-def _rows_for(run_id: str, protocol: str, metrics: dict[str, float], at) -> list[tuple]:
+EVALUATION_COLUMNS = ("run_id", "protocol", "metric", "k", "value", "evaluated_at", "ci_low", "ci_high", "p_vs_best")
+
+
+def _finite_or_none(x: float | None) -> float | None:
+    return float(x) if x is not None and math.isfinite(x) else None
+
+
+def _rows_for(run: ReportRun, protocol: str, at) -> list[tuple]:
+    """The `evaluations` rows of one run, in EVALUATION_COLUMNS order."""
     rows = []
-    for name, value in metrics.items():
+    for name, value in run.metrics.items():
         base, _, k = name.partition("@")
-        rows.append((run_id, protocol, base, int(k) if k else None, float(value), at))
+        lo, hi = run.intervals.get(name, (None, None))
+        rows.append((run.run_id, protocol, base, int(k) if k else None, float(value), at, _finite_or_none(lo),
+                     _finite_or_none(hi), _finite_or_none(run.p_values.get(name))))
     return rows
 
 
@@ -272,8 +304,44 @@ def write_evaluations(wh: Warehouse, rows: list[tuple]) -> None:
     """Insert the rows in one transaction under the writer lock, then rebuild the serving database."""
     with wh.writer("evaluate") as con:
         with transaction(con, f"{len(rows)} evaluation rows"):
-            con.executemany("INSERT INTO evaluations VALUES (?, ?, ?, ?, ?, ?)", rows)
+            con.executemany(f"INSERT INTO evaluations ({', '.join(EVALUATION_COLUMNS)}) "
+                            f"VALUES ({', '.join('?' * len(EVALUATION_COLUMNS))})", rows)
         refresh_serving(wh, con)
+
+
+@dataclass
+class _Resamples:
+    """One run's bootstrap replicates per metric, with the users they resample (for pairing)."""
+
+    reps: dict[str, np.ndarray]
+    users: dict[str, np.ndarray]
+
+
+def _resample(groups: list[PerUser], kept: dict[str, float], samples: int, seed: int) -> _Resamples:
+    """Replicates of the kept metrics that have per-user parts (not coverage, not counts)."""
+    out = _Resamples({}, {})
+    for group in groups:
+        parts = {name: part for name, part in group.parts.items() if name in kept}
+        for name, reps in replicates(PerUser(group.users, parts, group.sqrt), samples, seed).items():
+            out.reps[name], out.users[name] = reps, group.users
+    return out
+
+
+def attach_uncertainty(runs: list[ReportRun], resamples: list[_Resamples]) -> None:
+    """Each run's 95% intervals, and for every metric with a direction the paired test of each run
+    against the best one (same users, same resamples); the best run gets no p-value."""
+    for run, res in zip(runs, resamples):
+        run.intervals = {name: interval(reps) for name, reps in res.reps.items()}
+    names = sorted({m for r in runs for m in r.metrics})
+    for name, best in best_values(runs, names).items():
+        leader = next((r, res) for r, res in zip(runs, resamples) if r.metrics.get(name) == best)
+        if name not in leader[1].reps:
+            continue
+        for run, res in zip(runs, resamples):
+            if run is leader[0] or run.metrics.get(name) == best or name not in res.reps:
+                continue
+            if np.array_equal(res.users[name], leader[1].users[name]):
+                run.p_values[name] = paired_p_value(res.reps[name], leader[1].reps[name])
 
 
 def _history(run_metrics: dict) -> list[dict]:
@@ -349,9 +417,10 @@ def _pick_runs(wh: Warehouse, spec: Spec, run_ids: list[str], families: list[str
 def run_evaluation(wh: Warehouse, runs: str | None = None, models: str | None = None,
                    protocol: str = "user_temporal", ks: str = "5,10,20", report_dir: str | Path | None = "reports",
                    compare: bool = False, threshold: float = RELEVANCE_THRESHOLD, metrics: str | None = None,
-                   device: str = "auto") -> Evaluation:
+                   device: str = "auto", bootstrap: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED) -> Evaluation:
     """Evaluate runs (given, or the latest of each family, trained now if missing) on a protocol's
-    test part; write the `evaluations` rows (one transaction) and the report."""
+    test part, with `bootstrap` resamples of the users (seeded by `seed`) for the intervals and the
+    paired tests; write the `evaluations` rows (one transaction) and the report."""
     spec = resolve_protocol(protocol)
     cutoffs = spec.preset.ks if spec.preset else parse_ks(ks)
     wanted = parse_metrics(metrics)
@@ -364,17 +433,20 @@ def run_evaluation(wh: Warehouse, runs: str | None = None, models: str | None = 
         get_model_class(fam)  # unknown family: one line listing the valid ones
     if not math.isfinite(threshold):
         raise BatchrecError(f"--threshold: {threshold} is not a number")
+    if bootstrap < 0 or seed < 0:
+        raise BatchrecError(f"--bootstrap {bootstrap} / --seed {seed}: negative (expected whole numbers >= 0)")
     dev = choose_device(device)
 
     split, chosen, notes, trained = _pick_runs(wh, spec, run_ids, families, device)
     with wh.connect(read_only=True) as con:
         data = load_snapshot(con, split["snapshot_id"], spec.split)
     results: list[ReportRun] = []
+    resamples: list[_Resamples] = []
     for row in chosen:
         model = load_run_model(row, dev)
         started = time.perf_counter()
         with torch.no_grad():
-            m = measure(model, data, cutoffs, threshold, eventwise=spec.eventwise)
+            m = measure(model, data, cutoffs, threshold, eventwise=spec.eventwise, segments=True)
         log.info("measured %s run %s on %s in %.1f s", row["model"], row["run_id"], spec.name, time.perf_counter() - started)
         kept = _select_metrics(m.metrics, spec, wanted)
         if not any(k not in COUNTS for k in kept):
@@ -384,35 +456,41 @@ def run_evaluation(wh: Warehouse, runs: str | None = None, models: str | None = 
         results.append(ReportRun(row["run_id"], row["model"], row["params"], kept,
                                  m.residuals if model.task == "rating" else None, _history(row["metrics"]),
                                  "trained now" if row["run_id"] in trained else ""))
+        resamples.append(_resample(m.per_user, kept, bootstrap, seed))
     if not results:
         raise BatchrecError(f"no run could be measured on {spec.name}: " + "; ".join(notes))
+    attach_uncertainty(results, resamples)
 
     at = utcnow()
     # evaluations has no threshold column: a non-default one is part of the protocol's name there
     label = spec.name if threshold == RELEVANCE_THRESHOLD else f"{spec.name}:threshold={threshold:g}"
-    rows = [r for res in results for r in _rows_for(res.run_id, label, res.metrics, at)]
+    rows = [r for res in results for r in _rows_for(res, label, at)]
     write_evaluations(wh, rows)
     report = None
     if report_dir:
+        k_trend = 10 if 10 in cutoffs else max(cutoffs)
         with wh.connect(read_only=True) as con:
             nights = recent_publishes(con, NIGHTS_IN_REPORT).to_dicts()
+            family = shipped_family(con)
+            trend = (family, trend_rows(con, family, label, k_trend)) if family else None
         info = ReportInfo(protocol=spec.name, split_protocol=spec.split, snapshot_id=split["snapshot_id"],
                           as_of=str(split["as_of"]), split_params=split["params"],
                           split_sizes={p: split[f"n_{p}"] for p in ("train", "valid", "test")},
                           ks=cutoffs, threshold=threshold, evaluated_at=at,
                           description=spec.preset.description if spec.preset else "",
                           references=list(spec.preset.references) if spec.preset else [])
-        report = write_report(report_dir, info, results, compare, nights=nights)
+        report = write_report(report_dir, info, results, compare, nights=nights, trend=trend)
     return Evaluation(spec, split, cutoffs, threshold, results, notes, len(rows), at, report)
 
 
 def evaluate_command(wh: Warehouse, runs: str | None = None, models: str | None = None,
                      protocol: str = "user_temporal", ks: str = "5,10,20", report_dir: str | Path | None = "reports",
                      compare: bool = False, threshold: float = RELEVANCE_THRESHOLD, metrics: str | None = None,
-                     device: str = "auto") -> str:
+                     device: str = "auto", bootstrap: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED) -> str:
     """`batchrec evaluate`: `run_evaluation`, summarised as text (table, published numbers, report path)."""
     ev = run_evaluation(wh, runs=runs, models=models, protocol=protocol, ks=ks, report_dir=report_dir,
-                        compare=compare, threshold=threshold, metrics=metrics, device=device)
+                        compare=compare, threshold=threshold, metrics=metrics, device=device,
+                        bootstrap=bootstrap, seed=seed)
     spec, split = ev.spec, ev.split
     out = [f"{spec.name}: snapshot {split['snapshot_id']}, split {spec.split} {json.dumps(split['params'], sort_keys=True)} "
            f"({split['n_train']:,} / {split['n_valid']:,} / {split['n_test']:,}), K = {', '.join(map(str, ev.ks))}, "

@@ -51,7 +51,8 @@ STEP_OPTIONS: dict[str, dict[str, options.Option]] = {
               "retention_days": options.RETENTION_DAYS, "device": options.DEVICE, "gate_metric": options.GATE_METRIC,
               "gate_tolerance": options.GATE_TOLERANCE, "gate_protocol": options.GATE_PROTOCOL},
     "evaluate": {"models": options.EVALUATE_MODELS, "protocol": options.EVALUATE_PROTOCOL, "k": options.EVALUATE_KS,
-                 "report": options.EVALUATE_REPORT, "threshold": options.EVALUATE_THRESHOLD},
+                 "report": options.EVALUATE_REPORT, "threshold": options.EVALUATE_THRESHOLD,
+                 "bootstrap": options.EVALUATE_BOOTSTRAP, "seed": options.EVALUATE_SEED},
 }
 
 # One pydantic model per step kind: strict types (TOML already has them: "10" is not 10) and no
@@ -216,7 +217,8 @@ def _run_evaluate(wh: Warehouse, s: dict) -> StepResult:
     from batchrec.evaluate import evaluate_command
 
     return StepResult(evaluate_command(wh, runs=None, models=s["models"], protocol=s["protocol"], ks=s["k"],
-                                       report_dir=s["report"], compare=True, threshold=s["threshold"]))
+                                       report_dir=s["report"], compare=True, threshold=s["threshold"],
+                                       bootstrap=s["bootstrap"], seed=s["seed"]))
 
 
 RUNNERS: dict[str, Callable[[Warehouse, dict], StepResult]] = {

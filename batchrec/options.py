@@ -128,6 +128,9 @@ EVALUATE_PROTOCOL = Option(str, "user_temporal", "Split protocol or preset.")
 EVALUATE_KS = Option(str, "5,10,20", "Comma-separated cut-offs.")
 EVALUATE_REPORT = Option(str, "reports", "Folder of the HTML report.")
 EVALUATE_THRESHOLD = Option(float, RELEVANCE_THRESHOLD, "Relevant = test rating >= threshold.")
+EVALUATE_BOOTSTRAP = Option(int, 1000, "Bootstrap resamples of the users for the 95% intervals and the paired "
+                                       "tests (0: none).", min=0)
+EVALUATE_SEED = Option(int, 0, "Seed of the bootstrap resamples.", min=0)
 
 # The protocol the gate reads the candidate's measurement on: the one `evaluate` measures by default.
 GATE_PROTOCOL = Option(str, EVALUATE_PROTOCOL.default, "Protocol (or preset) of the measurements the gate "

@@ -1,10 +1,12 @@
 """The evaluation report: `<reports>/<UTC timestamp>-<protocol>/index.html` and `report.md`.
 
 Fed with a results table (one `ReportRun` per evaluated run) and what produced it
-(`ReportInfo`): the table of every run x metric (best per metric highlighted with --compare),
-metric@K curves, the residual distribution of rating models, popularity bias against catalogue
-coverage, training curves from `model_runs.metrics`, the snapshot and split parameters, and for
-presets the published numbers next to ours. Plots are matplotlib PNGs (Agg, no display needed)
+(`ReportInfo`): the table of every run x metric with its 95% bootstrap interval and the paired
+test against the best run (best per metric highlighted with --compare), the same by user
+segment and item popularity, metric@K curves, the residual distribution of rating models, popularity bias against catalogue
+coverage, training curves from `model_runs.metrics`, the snapshot and split parameters, for
+presets the published numbers next to ours, the shipped family's trend over its last evaluations
+(report_trend) and the nights of the publish log (report_nights). Plots are matplotlib PNGs (Agg, no display needed)
 beside the HTML, so the folder can be copied or served as it is.
 """
 
@@ -19,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from batchrec.metrics import higher_is_better, metric_sort_key
+from batchrec.metrics import base_metric_name, higher_is_better, metric_sort_key, split_segment
+from batchrec.uncertainty import BOOTSTRAP_SAMPLES, CONFIDENCE, SIGNIFICANCE
 
 # ranking metrics drawn as metric@K curves, in this order
 CURVE_METRICS = ("precision", "recall", "ndcg", "hit_rate", "map", "mrr", "coverage", "novelty")
@@ -36,6 +39,8 @@ class ReportRun:
     residuals: np.ndarray | None = None  # clipped prediction - true rating (rating models)
     history: list[dict] = field(default_factory=list)  # training curve from model_runs.metrics
     note: str = ""  # e.g. "trained now"
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)  # 95% bootstrap interval per metric
+    p_values: dict[str, float] = field(default_factory=dict)  # paired test against the best run, per metric
 
 
 @dataclass
@@ -74,9 +79,39 @@ def run_labels(runs: list[ReportRun]) -> list[str]:
     return [r.model if models.count(r.model) == 1 else f"{r.model} {r.run_id}" for r in runs]
 
 
-def metric_columns(runs: list[ReportRun]) -> list[str]:
-    names = {m for r in runs for m in r.metrics}
+def metric_columns(runs: list[ReportRun], segments: bool = False) -> list[str]:
+    """The metrics of the runs in display order: the overall ones, or (`segments`) those of user
+    segments and item buckets."""
+    names = {m for r in runs for m in r.metrics if bool(split_segment(m)[1]) == segments}
     return sorted(names, key=metric_sort_key)
+
+
+# Said in the report beside the results, and in the docs: what each ranking metric divides by.
+METRIC_NOTE = ("Ranking metrics average over the users with a relevant test item (rating >= the threshold). "
+               "precision@k = hits / k; recall@k = hits / #relevant; ndcg@k: binary gain, ideal DCG over "
+               "min(k, #relevant); hit_rate@k: at least one hit; mrr@k: 1 / rank of the first hit; map@k is the "
+               "truncated average precision that divides by min(k, #relevant) (not by #relevant as trec_eval's "
+               f"AP does). Intervals: {CONFIDENCE:.0%} percentile bootstrap, resampling users ({BOOTSTRAP_SAMPLES} "
+               "resamples, seeded); for RMSE and MAE a resampled user brings all their test pairs.")
+WORSE, TIED = "\u25bc", "\u2248"
+SIG_NOTE = ("Beside each run that is not the best on a metric, the paired bootstrap test against the best run "
+            f"(same users, same resamples): {WORSE} p < {SIGNIFICANCE}, worse than the best; {TIED} p >= "
+            f"{SIGNIFICANCE}, not distinguishable from it.")
+
+
+def _mark(run: ReportRun, metric: str) -> str:
+    """The paired test's mark and p-value of `run` on `metric` ("" for the best run and for counts)."""
+    p = run.p_values.get(metric)
+    if p is None or not np.isfinite(p):
+        return ""
+    return f"{WORSE if p < SIGNIFICANCE else TIED} p {p:.3f}"
+
+
+def _interval_text(run: ReportRun, metric: str) -> str:
+    lo, hi = run.intervals.get(metric, (np.nan, np.nan))
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return ""
+    return f"[{format_value(metric, lo)}, {format_value(metric, hi)}]"
 
 
 def best_values(runs: list[ReportRun], columns: list[str]) -> dict[str, float]:
@@ -93,9 +128,9 @@ def best_values(runs: list[ReportRun], columns: list[str]) -> dict[str, float]:
 def format_value(name: str, value: float | None) -> str:
     if value is None or not np.isfinite(value):
         return "-"
-    if name.split("@")[0] in ("users", "events", "n_known", "n_unknown"):
+    if base_metric_name(name) in ("users", "events", "n", "n_known", "n_unknown"):  # counts, segments' too
         return f"{value:.0f}"
-    if name.split("@")[0] == "avg_popularity":
+    if base_metric_name(name) == "avg_popularity":
         return f"{value:.1f}"
     return f"{value:.4f}"
 
@@ -120,9 +155,12 @@ def _metric_at_k(runs, labels, ks, path: Path) -> bool:
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
     for ax, metric in zip(axes.flat, present):
         for run, label in zip(runs, labels):
-            pts = sorted((int(k.split("@")[1]), v) for k, v in run.metrics.items() if k.split("@")[0] == metric and "@" in k)
+            pts = sorted((int(k.split("@")[1]), v, *run.intervals.get(k, (np.nan, np.nan)))
+                         for k, v in run.metrics.items() if k.split("@")[0] == metric and "@" in k)
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=label)
+                xs, ys, lo, hi = (np.array(c, dtype=float) for c in zip(*pts))
+                err = np.nan_to_num(np.vstack([ys - lo, hi - ys]), nan=0.0).clip(min=0.0)
+                ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label)
         ax.set_title(f"{metric}@K")
         ax.set_xlabel("K")
         ax.set_xticks(ks)
@@ -269,18 +307,21 @@ def _reference_rows(info: ReportInfo, runs: list[ReportRun]) -> list[tuple[str, 
 
 
 def write_report(root: str | Path, info: ReportInfo, runs: list[ReportRun], compare: bool = False,
-                 nights: list[dict] | None = None) -> Path:
+                 nights: list[dict] | None = None, trend: tuple[str, list[dict]] | None = None) -> Path:
     """Write the report folder; returns the path of index.html. `nights`: publish_log rows, oldest
-    first, for the "Nights" section (see report_nights)."""
+    first, for the "Nights" section (see report_nights); `trend`: the shipped family and its last
+    evaluations (see report_trend)."""
     from batchrec.report_nights import nights_figure, nights_table
+    from batchrec.report_trend import trend_figure, trend_table
 
     out = report_dir(root, info)
     labels = run_labels(runs)
     columns = metric_columns(runs)
-    best = best_values(runs, columns) if compare else {}
+    segment_columns = metric_columns(runs, segments=True)
+    best = best_values(runs, columns + segment_columns) if compare else {}
     k_pop = 10 if 10 in info.ks else max(info.ks)
     figures = [(name, title) for name, title, made in (
-        ("metric_at_k.png", "Metric@K per model", _metric_at_k(runs, labels, info.ks, out / "metric_at_k.png")),
+        ("metric_at_k.png", "Metric@K per model (bars: 95% interval)", _metric_at_k(runs, labels, info.ks, out / "metric_at_k.png")),
         ("residuals.png", "Error distribution of rating models", _residuals(runs, labels, out / "residuals.png")),
         ("popularity_coverage.png", f"Popularity bias vs catalogue coverage (K = {k_pop})",
          _popularity_coverage(runs, labels, k_pop, out / "popularity_coverage.png")),
@@ -290,9 +331,13 @@ def write_report(root: str | Path, info: ReportInfo, runs: list[ReportRun], comp
     refs = _reference_rows(info, runs)
     night_rows = nights_table(nights or [])
     night_figure = nights_figure(nights or [], out / "nights.png")
-    (out / "index.html").write_text(_html(info, runs, labels, columns, best, figures, setup, refs, night_rows, night_figure))
-    (out / "report.md").write_text(_markdown(info, runs, labels, columns, best, figures, setup, refs, night_rows,
-                                             night_figure))
+    family, trend_data = trend or ("", [])
+    trend_section = (family, *trend_table(trend_data), trend_figure(trend_data, family, out / "trend.png")) if trend_data else None
+    tables = (columns, segment_columns)
+    (out / "index.html").write_text(_html(info, runs, labels, tables, best, figures, setup, refs, night_rows, night_figure,
+                                          trend_section))
+    (out / "report.md").write_text(_markdown(info, runs, labels, tables, best, figures, setup, refs, night_rows,
+                                             night_figure, trend_section))
     return out / "index.html"
 
 
@@ -300,7 +345,8 @@ _CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:13px}
 th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f3f3f3}
 td.name,th.name{text-align:left}td.best{background:#c8f0c8;font-weight:bold}
-img{max-width:100%;border:1px solid #eee;margin:0.5em 0}.note{color:#666;font-size:12px}"""
+img{max-width:100%;border:1px solid #eee;margin:0.5em 0}.note{color:#666;font-size:12px}
+.ci{display:block;color:#555;font-size:11px}.sig{display:block;font-size:11px}.sig.worse{color:#b00}"""
 
 
 _NIGHTS_NOTE = ("Each publish of a run's lists and each attempt the publish gate refused (publish_log), oldest "
@@ -308,8 +354,37 @@ _NIGHTS_NOTE = ("Each publish of a run's lists and each attempt the publish gate
                 "items never recommended before, overlap with the previous lists.")
 
 
-def _html(info, runs, labels, columns, best, figures, setup, refs, night_rows=(), night_figure=False) -> str:
+def _cell_html(run: ReportRun, metric: str, best: dict) -> str:
     e = html.escape
+    value = run.metrics.get(metric)
+    is_best = metric in best and value == best[metric]
+    ci = _interval_text(run, metric)
+    mark = _mark(run, metric)
+    worse = run.p_values.get(metric, 1.0) < SIGNIFICANCE
+    return (f"<td{' class=best' if is_best else ''}>{format_value(metric, value)}"
+            + (f"<span class='ci'>{e(ci)}</span>" if ci else "")
+            + (f"<span class='sig{' worse' if worse else ''}'>{e(mark)}</span>" if mark else "") + "</td>")
+
+
+def _metric_table_html(table_id: str, runs, labels, columns, best) -> str:
+    e = html.escape
+    rows = [f"<table id='{table_id}'><tr><th class='name'>metric</th>"
+            + "".join(f"<th>{e(label)}</th>" for label in labels) + "</tr>"]
+    for c in columns:
+        rows.append(f"<tr><th class='name'>{e(c)}</th>{''.join(_cell_html(run, c, best) for run in runs)}</tr>")
+    return "".join(rows) + "</table>"
+
+
+_SEGMENT_NOTE = ("Segments: _users_<n> are the users by their number of training interactions (1-19, 20-99, "
+                 "100+) and cold users (none; their rating pairs are scored by the fallback); _items_<n> the "
+                 "relevant items (NDCG) or rated pairs (RMSE) by the item's number of training interactions. "
+                 "users_<segment> counts the users of a segment, n_<segment> its rating pairs. Intervals resample "
+                 "all the users of the metric, the segment's count varying with the resample.")
+
+
+def _html(info, runs, labels, tables, best, figures, setup, refs, night_rows=(), night_figure=False, trend=None) -> str:
+    e = html.escape
+    columns, segment_columns = tables
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>batchrec evaluation: {e(info.protocol)}</title>"
              f"<style>{_CSS}</style></head><body>",
              f"<h1>Evaluation: {e(info.protocol)}</h1>",
@@ -322,17 +397,16 @@ def _html(info, runs, labels, columns, best, figures, setup, refs, night_rows=()
         parts.append(f"<tr><td class='name'>{e(label)}</td><td class='name'>{e(run.run_id)}{note}</td>"
                      f"<td class='name note'>{e(json.dumps(run.params, sort_keys=True))}</td></tr>")
     parts.append("</table><h2>Results</h2>")
+    parts.append(f"<p class='note' id='metric-note'>{e(METRIC_NOTE)}</p>")
+    if any(r.p_values for r in runs):
+        parts.append(f"<p class='note' id='sig-note'>{e(SIG_NOTE)}</p>")
     if best:
         parts.append("<p class='note'>Best run per metric highlighted (lower is better for RMSE and MAE; "
                      "popularity and counts are not ranked).</p>")
-    parts.append("<table id='results'><tr><th class='name'>metric</th>"
-                 + "".join(f"<th>{e(label)}</th>" for label in labels) + "</tr>")
-    for c in columns:
-        cells = "".join(
-            f"<td{' class=best' if c in best and run.metrics.get(c) == best[c] else ''}>{format_value(c, run.metrics.get(c))}</td>"
-            for run in runs)
-        parts.append(f"<tr><th class='name'>{e(c)}</th>{cells}</tr>")
-    parts.append("</table>")
+    parts.append(_metric_table_html("results", runs, labels, columns, best))
+    if segment_columns:
+        parts.append(f"<h2 id='segments-title'>Segments</h2><p class='note'>{e(_SEGMENT_NOTE)}</p>"
+                     + _metric_table_html("segments", runs, labels, segment_columns, best))
     if refs:
         parts.append("<h2>Published numbers</h2><p class='note'>Their figure on their dataset next to ours on this "
                      "snapshot; datasets differ unless named the same.</p><table id='references'><tr>"
@@ -341,6 +415,15 @@ def _html(info, runs, labels, columns, best, figures, setup, refs, night_rows=()
                      + "</table>")
     for name, title in figures:
         parts.append(f"<h2>{e(title)}</h2><img src='{e(name)}' alt='{e(title)}'>")
+    if trend:
+        family, headers, rows, drawn = trend
+        parts.append(f"<h2 id='trend'>Trend: {e(family)} (the shipped family) on {e(info.protocol)}</h2>"
+                     f"<p class='note'>Its last {len(rows)} evaluation(s) on this protocol, oldest first, with 95% "
+                     "intervals; the nightly job adds one a night.</p>"
+                     + ("<img id='trend-plot' src='trend.png' alt='trend'>" if drawn else "")
+                     + "<table id='trend-table'><tr>" + "".join(f"<th class='name'>{e(h)}</th>" for h in headers)
+                     + "</tr>" + "".join("<tr>" + "".join(f"<td class='name'>{e(c)}</td>" for c in row) + "</tr>"
+                                         for row in rows) + "</table>")
     if night_rows:
         from batchrec.report_nights import HEADERS
 
@@ -353,28 +436,43 @@ def _html(info, runs, labels, columns, best, figures, setup, refs, night_rows=()
     return "\n".join(parts)
 
 
-def _markdown(info, runs, labels, columns, best, figures, setup, refs, night_rows=(), night_figure=False) -> str:
+def _markdown(info, runs, labels, tables, best, figures, setup, refs, night_rows=(), night_figure=False,
+              trend=None) -> str:
     def row(cells):
         return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
 
+    def cell(run, c):
+        text = format_value(c, run.metrics.get(c))
+        text = f"**{text}**" if c in best and run.metrics.get(c) == best[c] else text
+        return " ".join(t for t in (text, _interval_text(run, c), _mark(run, c)) if t)
+
+    columns, segment_columns = tables
     lines = [f"# Evaluation: {info.protocol}", "", "## Setup", "", row(("", "")), row(("---", "---"))]
     lines += [row((f"**{k}**", v)) for k, v in setup]
-    lines += ["", "## Runs and results", ""]
+    lines += ["", "## Runs and results", "", METRIC_NOTE, ""]
+    if any(r.p_values for r in runs):
+        lines += [SIG_NOTE, ""]
     if best:
         lines += ["Best run per metric in **bold**.", ""]
     lines += [row(("model", "run", "parameters")), row(("---",) * 3)]
     lines += [row((label, run.run_id + (f" ({run.note})" if run.note else ""), json.dumps(run.params, sort_keys=True)))
               for run, label in zip(runs, labels)]
     lines += ["", row(("metric", *labels)), row(("---",) * (len(labels) + 1))]
-    for c in columns:
-        lines.append(row((c, *(f"**{format_value(c, r.metrics.get(c))}**" if c in best and r.metrics.get(c) == best[c]
-                              else format_value(c, r.metrics.get(c)) for r in runs))))
+    lines += [row((c, *(cell(r, c) for r in runs))) for c in columns]
+    if segment_columns:
+        lines += ["", "## Segments", "", _SEGMENT_NOTE, "", row(("metric", *labels)), row(("---",) * (len(labels) + 1))]
+        lines += [row((c, *(cell(r, c) for r in runs))) for c in segment_columns]
     if refs:
         lines += ["", "## Published numbers", "", "Their figure on their dataset next to ours on this snapshot.", "",
                   row(("approach", "metric", "theirs", "their dataset", "ours (run)", "source")), row(("---",) * 6)]
         lines += [row(r) for r in refs]
     for name, title in figures:
         lines += ["", f"## {title}", "", f"![{title}]({name})"]
+    if trend:
+        family, headers, rows, drawn = trend
+        lines += ["", f"## Trend: {family} (the shipped family) on {info.protocol}", ""]
+        lines += (["![trend](trend.png)", ""] if drawn else []) + [row(headers), row(("---",) * len(headers))]
+        lines += [row(r) for r in rows]
     if night_rows:
         from batchrec.report_nights import HEADERS
 

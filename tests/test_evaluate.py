@@ -149,11 +149,27 @@ def test_models_are_trained_measured_and_written(wh, tmp_path):
     for metric in ("precision", "recall", "ndcg", "hit_rate", "map", "mrr", "coverage", "avg_popularity", "novelty"):
         assert {("svd", metric, 5), ("svd", metric, 10)} <= by.keys()
     assert by[("svd", "coverage", 10)] > by[("popularity", "coverage", 10)]
+    # 95% intervals around every average over users; none for counts and coverage
+    for r in rows:
+        if r["metric"] in ("coverage", "users", "n_known", "n_unknown") or r["metric"].startswith(("n_", "users_")):
+            assert r["ci_low"] is None and r["ci_high"] is None, r
+        else:
+            assert r["ci_low"] - 1e-12 <= r["value"] <= r["ci_high"] + 1e-12, r
+    ndcg = {r["run_id"].split("-")[0]: r for r in rows if (r["metric"], r["k"]) == ("ndcg", 10)}
+    assert 0.0 < ndcg["svd"]["ci_high"] - ndcg["svd"]["ci_low"] < 0.05
+    # the paired test against the best run, for the other run only
+    best, other = sorted(ndcg, key=lambda f: -ndcg[f]["value"])
+    assert ndcg[best]["p_vs_best"] is None and 0.0 < ndcg[other]["p_vs_best"] <= 1.0
+    assert by[("svd", "ndcg_users_20-99", 10)] > 0 and by[("svd", "users_users_20-99", None)] > 100
+    assert {("svd", "ndcg_items_100+", 10), ("svd", "rmse_users_100+", None), ("svd", "n_users_100+", None)} <= by.keys()
     index = Path(out.rsplit("report: ", 1)[1].strip())
-    _check_report(index, sorted({r["run_id"] for r in rows}))
+    page = _check_report(index, sorted({r["run_id"] for r in rows}))
+    assert "ndcg_users_20-99@10" in page.tables["segments"] and "ndcg@10" in page.tables["results"]
 
-    again = evaluate_command(wh, models="popularity", protocol="user_temporal", ks="10", report_dir=None, threshold=3.5)
+    again = evaluate_command(wh, models="popularity", protocol="user_temporal", ks="10", report_dir=None, threshold=3.5,
+                             bootstrap=0)
     assert "trained" not in again  # the latest run of the family is reused
+    assert all(r["ci_low"] is None for r in _evaluations(wh, "protocol = 'user_temporal:threshold=3.5'"))  # no resamples
     lenient = {r["metric"]: r["value"] for r in _evaluations(wh, "protocol = 'user_temporal:threshold=3.5'") if r["k"] in (None, 10)}
     assert lenient["users"] == len(protocol_users(data, threshold=3.5)) > by[("popularity", "users", None)]
     assert lenient["ndcg"] == pytest.approx(protocol_ndcg(popularity_scores(data), data, threshold=3.5), abs=1e-9)
@@ -209,8 +225,10 @@ def test_preset_needs_its_split_then_runs(tmp_path):
     svd_rmse = next(r["value"] for r in rows if r["metric"] == "rmse")
     assert _published_vs_ours(out) == {("genre+tag DNN", "rmse"): (0.875, f"{svd_rmse:.4f}", "svd")}
     metrics = {r["metric"] for r in rows}
-    buckets = {m for m in metrics if m.startswith(("rmse_items_", "n_items_"))}  # RMSE by item training count
+    # RMSE by item training count and by user segment, with the pairs each counts
+    buckets = {m for m in metrics if m.startswith(("rmse_items_", "n_items_", "rmse_users_", "n_users_"))}
     assert metrics - buckets == {"rmse", "mae", "n_known", "n_unknown"} and "rmse_items_1-4" in buckets
+    assert {"rmse_users_20-99", "n_users_20-99", "rmse_users_100+"} <= buckets
     assert all(r["protocol"] == "random-64-16-20" for r in rows)
     with wh.connect(read_only=True) as con:
         test_rows = con.execute("""SELECT n_test FROM split_protocols p JOIN feature_snapshots s USING (snapshot_id)

@@ -4,6 +4,7 @@ items), plus the like-for-like measurement on ml-latest-small."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from batchrec.metrics import (
     eventwise_metrics,
     mae,
     measure,
+    per_user_ranking,
     ranking_metrics,
     rmse,
     rmse_by_item_count,
@@ -202,3 +204,87 @@ def test_popularity_like_for_like_on_ml_small(ml_small):
     assert m["coverage@10"] * n_catalogue < 200  # nearly the same 10 items for everyone
     assert m["avg_popularity@10"] > 20 * counts.sum() / n_catalogue  # and they are the most rated
     assert "rmse" not in m
+
+
+def _tiny_with_cold_user() -> SnapshotData:
+    """`_tiny` plus user 3, who has no training interaction and two test ratings (items 0 and 3)."""
+    data = _tiny()
+    test = data.test.concat(Interactions(np.array([3, 3]), np.array([0, 3]), np.array([5.0, 4.0], np.float32),
+                                         np.array([10, 11])))
+    return replace(data, n_users=4, test=test, user_ids=np.arange(4))
+
+
+def test_segments_by_hand():
+    data = _tiny_with_cold_user()
+    scores = [[9, 9, 9, 3.0, 6.0, 0], [9, 4.0, 9, 4.0, 1.0, 0], [2.0, 0, 0, 0, 0, 0],
+              [5.0, 0, 0, 1.0, 0, 0]]  # user 3 (cold): list [0, 3, 1], both relevant items first
+    model = FixedScores(scores)
+    model.prepare(data, torch.device("cpu"))
+    res = measure(model, data, ks=[1, 3], segments=True)
+    m = res.metrics
+    # users 0 and 1 have 2 training interactions each (segment 1-19), user 3 none (cold)
+    assert m["users"] == 3 and m["users_users_1-19"] == 2 and m["users_users_cold"] == 1
+    assert m["ndcg_users_1-19@3"] == pytest.approx((1 / L2 + 1) / 2)  # the two users of test_measure_tiny
+    assert m["ndcg_users_cold@3"] == pytest.approx(1.0)
+    assert m["ndcg@3"] == pytest.approx((1 / L2 + 1 + 1) / 3)
+    assert m["recall_users_cold@1"] == pytest.approx(1 / 2)
+    # every relevant item has 1-2 training ratings: the one item bucket is the whole NDCG
+    assert [k for k in m if k.startswith("ndcg_items_")] == ["ndcg_items_1-4@1", "ndcg_items_1-4@3"]
+    assert m["ndcg_items_1-4@3"] == pytest.approx(m["ndcg@3"]) and m["users_items_1-4"] == 3
+    # rating: the known pairs are those of users 0-2 (segment 1-19); the cold user's two pairs are
+    # scored by the fallback (user unknown: the global mean plus the item offset), clipped
+    assert m["rmse_users_1-19"] == pytest.approx(m["rmse"]) and m["n_users_1-19"] == 5
+    fallback = model.score_fallback(torch.tensor([-1, -1]), torch.tensor([0, 3])).clamp(1.0, 5.0).numpy()
+    assert m["rmse_users_cold"] == pytest.approx(math.sqrt(np.mean((fallback - np.array([5.0, 4.0])) ** 2)), rel=1e-6)
+    assert m["n_users_cold"] == 2 and m["n_unknown"] == 3  # and (0, 5): item 5 is unknown
+    # the bootstrap's per-user parts give back every averaged figure
+    for group in res.per_user:
+        for name in group.parts:
+            assert group.value(name) == pytest.approx(m[name]), name
+    assert not {k for k in measure(model, data, ks=[1, 3]).metrics if "_users_" in k or "ndcg_items_" in k}
+
+
+def test_segments_add_up_on_ml_small(ml_small):
+    counts = np.bincount(ml_small.train.item_idx, minlength=ml_small.n_items).astype(np.float32)
+    model = FixedScores([counts] * ml_small.n_users)
+    model.task = "ranking"
+    model.prepare(ml_small, torch.device("cpu"))
+    m = measure(model, ml_small, ks=[10], segments=True).metrics
+    segments = [s for s in ("1-19", "20-99", "100+", "cold") if f"users_users_{s}" in m]
+    assert segments == ["1-19", "20-99", "100+"]  # user_temporal: every user keeps a training part
+    assert sum(m[f"users_users_{s}"] for s in segments) == m["users"] == 557
+    for metric in ("ndcg@10", "recall@10"):  # the users' mean is the users-weighted mean of the segments
+        name, _, k = metric.partition("@")
+        weighted = sum(m[f"{name}_users_{s}@{k}"] * m[f"users_users_{s}"] for s in segments) / m["users"]
+        assert weighted == pytest.approx(m[metric])
+    # most-popular finds the relevant items among the most rated, never the rarely rated ones
+    assert m["ndcg_items_100+@10"] > m["ndcg@10"] > m.get("ndcg_items_5-19@10", 0.0) == 0.0
+
+
+@pytest.mark.slow  # ranx compiles its metrics with numba on first use: 20-80 s here
+def test_ranking_metrics_match_ranx(ml_small):
+    """Our P/R/NDCG/HitRate/MRR/MAP@k against ranx's on the same lists: for each user of
+    ml-latest-small's user_temporal test part with a relevant item, 20 items drawn from their test
+    items and random others. MAP: ours divides by min(k, #relevant), ranx's AP by #relevant."""
+    ranx = pytest.importorskip("ranx", reason="ranx is a dev-only dependency (pip install -e '.[dev]')")
+    test = ml_small.test
+    relevant = test.select(test.rating >= 4.0).csr(ml_small.n_users, ml_small.n_items, "ones")
+    rng = np.random.default_rng(0)
+    users = np.flatnonzero(np.diff(relevant.indptr) > 0)
+    by_user = np.split(test.item_idx, np.cumsum(np.bincount(test.user_idx, minlength=ml_small.n_users))[:-1])
+    topk = np.stack([rng.permutation(np.union1d(by_user[u], rng.choice(ml_small.n_items, 40, replace=False)))[:20]
+                     for u in range(ml_small.n_users)])
+    ks = [1, 5, 10, 20]
+    ours_rows, ours = per_user_ranking(topk, relevant, ks)
+    assert np.array_equal(ours_rows, users) and len(users) > 500
+    qrels = ranx.Qrels({f"{u:06d}": {str(i): 1 for i in relevant[u].indices} for u in users})
+    run = ranx.Run({f"{u:06d}": {str(i): float(20 - r) for r, i in enumerate(topk[u])} for u in users})
+    names = [f"{m}@{k}" for m in ("precision", "recall", "ndcg", "hit_rate", "mrr", "map") for k in ks]
+    theirs = ranx.evaluate(qrels, run, names, return_mean=False)
+    n_rel = np.diff(relevant.indptr)[users]
+    for name in names:
+        k = int(name.split("@")[1])
+        mine = ours[name] * (np.minimum(n_rel, k) / n_rel if name.startswith("map") else 1.0)
+        assert np.allclose(mine, theirs[name], atol=1e-9), name
+    assert ranking_metrics(topk, relevant, ks)["ndcg@10"] == pytest.approx(float(np.mean(theirs["ndcg@10"])))
+    assert (ours["map@20"] > theirs["map@20"] + 1e-9).any()  # the variants differ where #relevant > k
