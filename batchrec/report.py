@@ -22,6 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from batchrec.metrics import base_metric_name, higher_is_better, metric_sort_key, split_segment
+from batchrec.plots import plt
+from batchrec.report_nights import HEADERS, nights_figure, nights_table
+from batchrec.report_trend import trend_figure, trend_table
 from batchrec.uncertainty import BOOTSTRAP_SAMPLES, CONFIDENCE, SIGNIFICANCE
 
 # ranking metrics drawn as metric@K curves, in this order
@@ -136,20 +139,10 @@ def format_value(name: str, value: float | None) -> str:
 
 
 # -- plots ---------------------------------------------------------------------------------------
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _metric_at_k(runs, labels, ks, path: Path) -> bool:
     present = [m for m in CURVE_METRICS if any(k.split("@")[0] == m and "@" in k for r in runs for k in r.metrics)]
     if not present:
         return False
-    plt = _plt()
     cols = min(3, len(present))
     rows = -(-len(present) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
@@ -179,7 +172,6 @@ def _residuals(runs, labels, path: Path) -> bool:
     rated = [(r, lab) for r, lab in zip(runs, labels) if r.residuals is not None and len(r.residuals)]
     if not rated:
         return False
-    plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
     lim = max(float(np.abs(r.residuals).max()) for r, _ in rated)
     bins = np.linspace(-lim, lim, 41)
@@ -201,7 +193,6 @@ def _popularity_coverage(runs, labels, k: int, path: Path) -> bool:
            if f"coverage@{k}" in r.metrics and f"avg_popularity@{k}" in r.metrics]
     if not pts:
         return False
-    plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for x, y, label in pts:
         ax.scatter(x, y, s=40)
@@ -230,7 +221,6 @@ def _training_curves(runs, labels, path: Path) -> bool:
               if len([h for h in r.history if "epoch" in h]) > 1 and _curve_keys(r.history)]
     if not curves:
         return False
-    plt = _plt()
     cols = min(3, len(curves))
     rows = -(-len(curves) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
@@ -311,8 +301,6 @@ def write_report(root: str | Path, info: ReportInfo, runs: list[ReportRun], comp
     """Write the report folder; returns the path of index.html. `nights`: publish_log rows, oldest
     first, for the "Nights" section (see report_nights); `trend`: the shipped family and its last
     evaluations (see report_trend)."""
-    from batchrec.report_nights import nights_figure, nights_table
-    from batchrec.report_trend import trend_figure, trend_table
 
     out = report_dir(root, info)
     labels = run_labels(runs)
@@ -425,7 +413,6 @@ def _html(info, runs, labels, tables, best, figures, setup, refs, night_rows=(),
                      + "</tr>" + "".join("<tr>" + "".join(f"<td class='name'>{e(c)}</td>" for c in row) + "</tr>"
                                          for row in rows) + "</table>")
     if night_rows:
-        from batchrec.report_nights import HEADERS
 
         parts.append(f"<h2 id='nights'>Nights</h2><p class='note'>{e(_NIGHTS_NOTE)}</p>"
                      + ("<img src='nights.png' alt='nights'>" if night_figure else "")
@@ -474,7 +461,6 @@ def _markdown(info, runs, labels, tables, best, figures, setup, refs, night_rows
         lines += (["![trend](trend.png)", ""] if drawn else []) + [row(headers), row(("---",) * len(headers))]
         lines += [row(r) for r in rows]
     if night_rows:
-        from batchrec.report_nights import HEADERS
 
         lines += ["", "## Nights", "", _NIGHTS_NOTE, ""] + (["![nights](nights.png)", ""] if night_figure else [])
         lines += [row(HEADERS), row(("---",) * len(HEADERS))] + [row(r) for r in night_rows]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from batchrec.plots import plt
+
 NIGHTS_IN_REPORT = 30  # publish_log rows the report shows
 HEADERS = ("logged at (UTC)", "status", "run", "users", "coverage", "new items", "overlap@N", "metric",
            "candidate", "live", "reason")
@@ -33,9 +35,6 @@ def nights_figure(nights: list[dict], path: Path) -> bool:
     """Draw the trend of the publish_log rows (oldest first) to `path`; False when there are none."""
     if not nights:
         return False
-    from batchrec.report import _plt
-
-    plt = _plt()
     x = list(range(len(nights)))
     labels = [f"{r['logged_at']:%m-%d %H:%M}" for r in nights]
     gated = [i for i, r in enumerate(nights) if r["status"] == "gated"]

@@ -15,6 +15,7 @@ import duckdb
 import numpy as np
 
 from batchrec.metrics import metric_sort_key
+from batchrec.plots import plt
 from batchrec.runs import find_runs, live_runs
 from batchrec.warehouse import query_pl
 
@@ -77,9 +78,6 @@ def trend_figure(rows: list[dict], family: str, path: Path) -> bool:
     when there is nothing to draw."""
     if not rows:
         return False
-    from batchrec.report import _plt
-
-    plt = _plt()
     metrics = trend_metrics(rows)
     times = sorted({r["evaluated_at"] for r in rows})
     x = {t: i for i, t in enumerate(times)}

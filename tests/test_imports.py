@@ -23,7 +23,7 @@ ROOT = Path(batchrec.__file__).parent
 # is the scorer's top-N); `ranking` names `models.base.Recommender` only under TYPE_CHECKING.
 LAYERS = [
     ("commands", {"cli", "cli_help", "jobs", "ops"}),
-    ("steps", {"ingest", "features", "train", "scoring", "evaluate", "report", "report_nights", "report_trend", "gate",
+    ("steps", {"ingest", "features", "train", "scoring", "evaluate", "report", "report_nights", "report_trend", "plots", "gate",
                "serving", "synth"}),
     ("models", {"models"}),
     ("ranking and data", {"metrics", "uncertainty", "ranking", "topk", "data", "training", "runs"}),
