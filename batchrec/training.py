@@ -151,10 +151,12 @@ class Trainer:
         torch.manual_seed(self.seed)
         module.to(self.device)
         params = [p for p in module.parameters() if p.requires_grad]
+        # foreach: one kernel per step over all tensors instead of a Python loop of small ones; on
+        # CPU the same weights to the bit (fused=True was 4x faster again per step but not bitwise).
         if optimizer == "adam":
-            opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+            opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, foreach=True)
         elif optimizer == "adamw":
-            opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+            opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
         elif optimizer == "sgd":
             opt = torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=0.9)
         elif optimizer == "adagrad":

@@ -61,7 +61,7 @@ def machine() -> str:
                      for p in threadpool_info() if p.get("user_api") == "blas") or "none"
     env = " ".join(f"{k}={os.environ[k]}" for k in SLOWING if k in os.environ)
     return (f"[{cpu}, {os.cpu_count()} CPUs; torch threads {torch.get_num_threads()} at start, "
-            f"{CPU_TRAIN_THREADS} while fitting on CPU; BLAS: {blas}{'; SET: ' + env if env else ''}]")
+            f"{CPU_TRAIN_THREADS} while fitting on CPU; BLAS: {blas}{'; set here, cleared in the measured children: ' + env if env else ''}]")
 
 
 def load() -> str:
