@@ -77,6 +77,10 @@ term costs ~5x the time for +0.001, so it is off. The query re-weighted on RecVA
 ensemble of the 4: 0.0836 / 0.0810 / 0.0804 / 0.0795 (EASE 0.0838).
 Defaults now: RecVAE, no future term, recency_halflife 3, ensemble 4. Test NDCG@10 (looked at
 once, for this choice): 0.0915 (seed 0), 0.0874 (seed 1); EASE 0.0894, the bar 0.0805.
+Session 7 (issue #22, fit time; user_temporal, seed 0, one member): lr 2e-3 stopped early at
+epoch 48 with valid NDCG 0.0999 (the default 5e-4: epoch 109, 0.0975; members 0 / 1 of the
+default ensemble stopped at 109 / 118), test 0.0812 against 0.0915: fewer epochs, but the gain on
+valid did not carry to test, so lr stays. The shipped fit (no valid part) runs fixed_epochs 112.
 """
 
 
