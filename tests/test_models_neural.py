@@ -23,9 +23,11 @@ from batchrec.errors import BatchrecError
 from batchrec.features import build_snapshot
 from batchrec.features.tfidf import tfidf
 from batchrec.ingest import ingest_path
+from batchrec.models import create_model
 from batchrec.models.multvae import MULT_VAE
 from batchrec.ranking import topn
 from batchrec.train import fit_model
+from batchrec.training import CPU_TRAIN_THREADS, Trainer
 from batchrec.warehouse import Warehouse
 
 ML_SMALL = Path(__file__).resolve().parent.parent / "batchrec" / "datasets" / "ml-latest-small"
@@ -135,6 +137,40 @@ def test_training_lowers_the_loss(case, fitted):
     members = {row.get("member", 0) for row in history}
     losses = [sum(row["loss"] for row in history if row["epoch"] == epoch) / len(members) for epoch in (1, epochs)]
     assert len(history) == epochs * len(members) and losses[1] < losses[0]  # of an ensemble: the members' mean
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_fit_without_a_validation_part_runs_its_fixed_epochs(name, ml_small):
+    """Nothing can stop such a fit early (`batchrec train` without --protocol, the model shipped):
+    each member runs `fixed_epochs`, not the `epochs` cap early stopping works under, and never
+    more than `epochs`. The defaults stop under the cap."""
+    data = dataclasses.replace(ml_small, valid=None)
+    for epochs, fixed, ran in ((3, 2, 2), (1, 2, 1)):
+        history = fit_model(name, data, {**FAST[name], "epochs": epochs, "fixed_epochs": fixed})[1].history
+        members = {row.get("member", 0) for row in history}
+        assert len(history) == ran * len(members) and max(row["epoch"] for row in history) == ran
+    defaults = create_model(name).params
+    assert defaults["fixed_epochs"] < defaults["epochs"]
+
+
+def test_cpu_training_runs_on_one_thread_and_restores_the_count(ml_small):
+    """Small mini-batches on shared cores: a second intra-op thread mostly spins (see
+    training.CPU_TRAIN_THREADS); the caller's thread count comes back after the fit."""
+    seen = []
+    net = torch.nn.Linear(3, 1)
+    x = torch.randn(64, 3)
+
+    def loss(batch):
+        seen.append(torch.get_num_threads())
+        return (net(batch) ** 2).mean()
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        Trainer(progress=False).fit(net, loss, (x,), epochs=2, batch_size=16, lr=1e-2)
+        assert set(seen) == {CPU_TRAIN_THREADS} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_neumf_variants(fitted):

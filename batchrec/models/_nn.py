@@ -16,6 +16,21 @@ from batchrec.models.base import Param
 ENSEMBLE = Param("ensemble", int, 4, "independently seeded fits, each stopped early on its own, whose scores are "
                  "averaged (K x the training time)", min=1, max=64)
 
+def fixed_epochs(default: int) -> Param:
+    """The epochs of a fit that has no validation part to stop on (`batchrec train` without
+    --protocol: the model shipped, fitted on every interaction). Nothing can stop such a fit early,
+    and running to `epochs` (a cap for early stopping) overfits and costs several times the
+    validated fit, so it runs this many: about where early stopping ended on ml-latest-small
+    user_temporal (each family's TUNING)."""
+    return Param("fixed_epochs", int, default, "epochs of a fit without a validation part to stop on (at most "
+                 "`epochs`); with one, early stopping picks the epoch", min=1, max=100000)
+
+
+def epochs_to_run(params: dict, validate) -> int:
+    """`epochs` when `validate` can stop the fit early, else `fixed_epochs` (at most `epochs`)."""
+    return params["epochs"] if validate is not None else min(params["epochs"], params["fixed_epochs"])
+
+
 # Elements of one [users x items x hidden] activation block in the all-item scoring of MLP models.
 PAIR_BLOCK_ELEMENTS = 1 << 25
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from batchrec.data import SparseRows
-from batchrec.models._nn import require_ratings
+from batchrec.models._nn import epochs_to_run, fixed_epochs, require_ratings
 from batchrec.models.base import FactorModel, Param
 from batchrec.models.validation import rating_validator
 
@@ -80,6 +80,7 @@ class AutoRec(FactorModel):
         Param("batch_size", int, 256, "rows (items or users) per batch", min=1),
         Param("epochs", int, 200, "maximum epochs", min=1, max=100000),
         Param("patience", int, 5, "epochs without validation improvement before stopping", min=1),
+        fixed_epochs(30),  # early stopping's pick on user_temporal (seed 0): epoch 30
     )
 
     def fit(self, data, trainer) -> AutoRec:
@@ -104,7 +105,7 @@ class AutoRec(FactorModel):
             self._export(net, rows, item_based)
             return validate()
 
-        trainer.fit(net, lambda batch: net.loss(rows, batch, reg_scale), (present,), epochs=p["epochs"],
+        trainer.fit(net, lambda batch: net.loss(rows, batch, reg_scale), (present,), epochs=epochs_to_run(p, validate),
                     batch_size=p["batch_size"], lr=p["lr"], validate=validate and export_and_validate,
                     patience=p["patience"], lr_schedule=p["lr_schedule"], metric_name="valid_rmse", name=self.name)
         self._export(net, rows, item_based)

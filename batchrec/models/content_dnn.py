@@ -18,7 +18,15 @@ import torch
 from torch import nn
 
 from batchrec.data import SparseRows
-from batchrec.models._nn import item_content, pair_blocks, require_ratings, scale_grad, state_device
+from batchrec.models._nn import (
+    epochs_to_run,
+    fixed_epochs,
+    item_content,
+    pair_blocks,
+    require_ratings,
+    scale_grad,
+    state_device,
+)
 from batchrec.models.base import Param, Recommender
 from batchrec.models.validation import rating_validator
 from batchrec.models.weights import later_ratings_decay
@@ -102,6 +110,7 @@ class ContentDNN(Recommender):
         Param("batch_size", int, 1024, "ratings per batch", min=1),
         Param("epochs", int, 30, "maximum epochs", min=1, max=10000),
         Param("patience", int, 3, "epochs without validation improvement before stopping", min=1),
+        fixed_epochs(3),  # early stopping's pick on user_temporal (seed 0): epoch 3
     )
 
     def _net(self, n_features: int, device: torch.device) -> _ContentNet:
@@ -127,8 +136,9 @@ class ContentDNN(Recommender):
             pred, sq = self.net(self.content, u, i, keep, w)
             return torch.mean((pred - r) ** 2) + p["reg"] * sq / len(u)
 
-        trainer.fit(self.net, loss, (u, i, r, w), epochs=p["epochs"], batch_size=p["batch_size"], lr=p["lr"],
-                    validate=rating_validator(self.score, data, self.device), patience=p["patience"], metric_name="valid_rmse",
+        validate = rating_validator(self.score, data, self.device)
+        trainer.fit(self.net, loss, (u, i, r, w), epochs=epochs_to_run(p, validate), batch_size=p["batch_size"],
+                    lr=p["lr"], validate=validate, patience=p["patience"], metric_name="valid_rmse",
                     name=self.name)
         return self
 

@@ -34,7 +34,7 @@ from torch import nn
 
 from batchrec.data import SparseRows, events_from_end
 from batchrec.errors import BatchrecError
-from batchrec.models._nn import ENSEMBLE, item_content
+from batchrec.models._nn import ENSEMBLE, epochs_to_run, fixed_epochs, item_content
 from batchrec.models.base import FactorModel, Param
 from batchrec.models.validation import ranking_validator
 from batchrec.models.weights import history_weights
@@ -158,6 +158,7 @@ class TwoTower(FactorModel):
         Param("batch_size", int, 4096, "positive interactions per batch", min=2),
         Param("epochs", int, 50, "maximum epochs", min=1, max=100000),
         Param("patience", int, 5, "epochs without validation improvement before stopping", min=1),
+        fixed_epochs(15),  # early stopping's picks on user_temporal, members 0-3: epochs 24, 11, 10, 17
     )
 
     def fit(self, data, trainer) -> TwoTower:
@@ -258,7 +259,7 @@ class TwoTower(FactorModel):
             # the loss functions above read the current member's `net` (and `member`'s generator)
             net = _TwoTowerNet(self.n_users, self.n_items, self.content.n_cols, p["dim"], p["hidden"],
                                p["history"], p["user_id"]).to(self.device)
-            member.fit(net, loss, data_fn, epochs=p["epochs"], batch_size=batch_size, lr=p["lr"],
+            member.fit(net, loss, data_fn, epochs=epochs_to_run(p, validate), batch_size=batch_size, lr=p["lr"],
                        validate=validate and export_and_validate, higher_is_better=True, patience=p["patience"],
                        metric_name="valid_ndcg", name=self.name)
             self._export(net)
