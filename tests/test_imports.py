@@ -26,7 +26,7 @@ LAYERS = [
     ("steps", {"ingest", "features", "train", "scoring", "evaluate", "report", "report_nights", "gate", "serving", "synth"}),
     ("models", {"models"}),
     ("ranking and data", {"metrics", "ranking", "topk", "data", "training", "runs"}),
-    ("warehouse", {"warehouse", "errors", "options", "logs"}),
+    ("warehouse", {"warehouse", "errors", "options", "logs", "storage", "executors"}),
 ]
 LAYER_OF = {name: i for i, (_, names) in enumerate(LAYERS) for name in names}
 
