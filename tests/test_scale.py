@@ -235,7 +235,7 @@ def test_evaluate_on_ray_measures_what_it_measures_here(cluster, base, tmp_path)
             for m, p in (("mf", MF), ("popularity", {}))]
     here = run_evaluation(wh, runs=",".join(runs), ks="10", report_dir=None, device="cpu")
     result = _batchrec(wh, "evaluate", "--runs", ",".join(runs), "--k", "10", "--report", str(tmp_path / "r"),
-                       "--device", "cpu", "--executor", "ray", "--ray-address", address)
+                       "--executor", "ray", "--ray-address", address)
     assert result.returncode == 0, result.stderr
     with wh.connect(read_only=True) as con:
         latest = con.sql("""SELECT run_id, metric, k, value FROM evaluations
