@@ -7,6 +7,8 @@ the unsharded run; a task whose worker is SIGKILLed is retried by Ray and the re
 identical; a missing shard at publish is one line and nothing is published; shards written to
 S3 by Ray tasks from an artifact stored on S3 are published into the warehouse; `evaluate` on
 Ray measures what it measures locally; without Ray the option is one line naming the extra.
+The tests that need the fitted warehouse or the cluster take 10-50 s each on the 2-core CI
+machine, so they are marked slow (CI's second step).
 """
 
 from __future__ import annotations
@@ -32,9 +34,6 @@ from batchrec.runs import resolve_run
 from batchrec.scoring import load_model, publish_shards, score_run, score_shard, score_sharded
 from batchrec.train import fit_run
 from batchrec.warehouse import Warehouse, pid_exists
-
-ray = pytest.importorskip("ray")
-boto3 = pytest.importorskip("boto3")
 
 BUCKET = "batchrec-test"
 MF = {"factors": 16, "epochs": 2, "batch_size": 8192}
@@ -72,6 +71,8 @@ def _free_port() -> int:
 def s3(tmp_path_factory):
     """A moto S3 server on 127.0.0.1 (its own process) with one bucket; the AWS_* variables
     that point batchrec (and the Ray workers started after it) at it."""
+    boto3 = pytest.importorskip("boto3")
+    pytest.importorskip("moto.server")
     port = _free_port()
     with open(tmp_path_factory.mktemp("moto") / "moto.log", "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
@@ -106,6 +107,7 @@ def s3(tmp_path_factory):
 def cluster(s3, tmp_path_factory):
     """A local Ray cluster of 2 CPUs started by this process; its workers see the S3 settings and
     the fault folder (KILL_SHARD_1, armed only by the test that wants it). Yields (address, fault folder)."""
+    ray = pytest.importorskip("ray")
     faults = tmp_path_factory.mktemp("faults")
     env = fault_env(faults, KILL_SHARD_1)
     saved = os.environ.get("PYTHONPATH")
@@ -165,6 +167,7 @@ def _identical(a: pl.DataFrame, b: pl.DataFrame) -> None:
     assert a.equals(b), "published rows differ from the unsharded run"
 
 
+@pytest.mark.slow
 def test_three_shards_on_ray_publish_the_unsharded_table(cluster, base, tmp_path):
     address, _ = cluster
     wh = _copy(base, tmp_path)
@@ -176,6 +179,7 @@ def test_three_shards_on_ray_publish_the_unsharded_table(cluster, base, tmp_path
     assert not list(wh.shards_dir.rglob("*.parquet"))  # published, then removed
 
 
+@pytest.mark.slow
 def test_a_killed_ray_worker_is_retried_and_the_result_is_identical(cluster, base, tmp_path):
     _, faults = cluster
     wh = _copy(base, tmp_path)
@@ -191,6 +195,7 @@ def test_a_killed_ray_worker_is_retried_and_the_result_is_identical(cluster, bas
     _identical(_published(wh), base["expected"])  # ... and Ray's retry made the same rows
 
 
+@pytest.mark.slow
 def test_a_missing_shard_is_one_line_and_nothing_is_published(base, tmp_path):
     wh = _copy(base, tmp_path)
     out = tmp_path / "shards"
@@ -206,6 +211,7 @@ def test_a_missing_shard_is_one_line_and_nothing_is_published(base, tmp_path):
     assert _published(wh).equals(before) and before.height == 0
 
 
+@pytest.mark.slow
 def test_s3_round_trip_artifact_and_shards_through_ray(cluster, s3, base, tmp_path):
     wh = _copy(base, tmp_path)
     # the artifact goes to S3 (a real child process, settings from the environment) ...
@@ -228,6 +234,7 @@ def test_s3_round_trip_artifact_and_shards_through_ray(cluster, s3, base, tmp_pa
     assert _objects(s3, "shards/") == set()  # removed after the publish
 
 
+@pytest.mark.slow
 def test_evaluate_on_ray_measures_what_it_measures_here(cluster, base, tmp_path):
     address, _ = cluster
     wh = _copy(base, tmp_path)
@@ -248,10 +255,11 @@ def test_evaluate_on_ray_measures_what_it_measures_here(cluster, base, tmp_path)
         assert local[(run_id, metric, None if k is None else str(k))] == pytest.approx(value, abs=1e-9, nan_ok=True)
 
 
-def test_without_ray_the_executor_option_is_one_line_naming_the_extra(base, tmp_path):
+def test_without_ray_the_executor_option_is_one_line_naming_the_extra(tmp_path):
     env = fault_env(tmp_path / "noray", "import sys\nsys.modules['ray'] = None  # as if not installed\n")
+    wh = Warehouse(tmp_path / "wh" / "batchrec.duckdb")
     for args in (["score", "--executor", "ray", "--shards", "2"], ["evaluate", "--executor", "ray"]):
-        result = _batchrec(base["wh"], *args, env=env)
+        result = _batchrec(wh, *args, env=env)
         assert result.returncode == 1, result.stderr
         assert result.stderr.strip().count("\n") == 0
         assert "pip install 'batchrec[ray]'" in result.stderr and result.stderr.startswith("error: ")
