@@ -12,9 +12,10 @@ arrives, so the steps never know where they ran:
 
 Ray tasks get `cpus` CPUs (and `gpus` GPUs) each, run with every thread pool (torch, BLAS,
 OpenMP) limited to their CPUs so N tasks on one node do not oversubscribe it, and are retried by
-Ray itself when their worker dies (killed, out of memory, a lost node) up to `retries` times, or
-raise an `OSError` (a transient object-store failure). Any other failure cancels the remaining
-tasks and ends in one line naming the task.
+Ray itself when their worker dies (killed, out of memory, a lost node) up to `retries` times
+(a transient object-store error is retried below that, by the S3 client's own retry policy). Any
+other failure cancels the remaining tasks and ends in one line naming the task: retrying bad
+input or a corrupt artifact would only fail again.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ class RayExecutor:
         pending = {}
         for index, ((args, kwargs), label) in enumerate(zip(calls, labels)):
             ref = self._task.options(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=self.retries,
-                                     retry_exceptions=[OSError], name=label).remote(fn, threads, args, kwargs)
+                                     retry_exceptions=False, name=label).remote(fn, threads, args, kwargs)
             pending[ref] = index
         try:
             while pending:
@@ -111,8 +112,10 @@ class RayExecutor:
                     result = ray.get(done[0])
                 except ray.exceptions.RayTaskError as exc:
                     cause = exc.cause if isinstance(exc.cause, BaseException) else exc
-                    if isinstance(cause, BatchrecError):
-                        raise type(cause)(f"{labels[index]}: {first_line(cause)}") from None
+                    if isinstance(cause, BatchrecError):  # its line, named, with its exit code
+                        error = BatchrecError(f"{labels[index]}: {first_line(cause)}")
+                        error.exit_code = cause.exit_code
+                        raise error from None
                     raise BatchrecError(f"{labels[index]} failed on Ray: {type(cause).__name__}: {first_line(cause)}") from None
                 except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
                         ray.exceptions.OutOfMemoryError) as exc:
