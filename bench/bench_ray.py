@@ -7,9 +7,10 @@ starts a local Ray cluster of the machine's CPUs (`ray.init`; its start-up time 
 and times real `batchrec` child processes, alternating, `--repeat` times:
 
 * plain: `batchrec score --run RUN` (read, score, explain, publish in one process);
-* ray-1: `batchrec score --run RUN --executor ray --ray-address ADDR --shards 1` (one Ray task
-  scores every user and writes its Parquet shard, the driver publishes it);
-* ray-2: the same with `--shards 2` (two tasks at once, one CPU each).
+* ray-1: `batchrec score --run RUN --executor ray --ray-address ADDR --shards 1 --task-cpus C`
+  (one Ray task with every CPU scores every user and writes its Parquet shard, the driver
+  publishes it);
+* ray-2: the same with `--shards 2 --task-cpus C/2` (two tasks at once, half the CPUs each).
 
 Printed: seconds of each (median over repeats), the overhead ratio ray-N / plain (target for
 ray-1: <= 1.15), peak RSS of the plain process and of each Ray worker (its lifetime peak, from
@@ -100,8 +101,11 @@ def main() -> None:
     start_s = time.perf_counter() - t0
     address = ray.get_runtime_context().gcs_address
     base = ["--warehouse", str(path), "-q", "score", "--run", RUN_ID, "--device", "cpu", "--force"]
-    configs = {"plain": base, "ray-1": [*base, "--executor", "ray", "--ray-address", address, "--shards", "1"],
-               "ray-2": [*base, "--executor", "ray", "--ray-address", address, "--shards", "2"]}
+    # each task gets its share of the CPUs (and that many threads): ray-1 uses the whole machine
+    # as plain does; ray-2 runs two tasks at once on half each
+    ray_args = [*base, "--executor", "ray", "--ray-address", address]
+    configs = {"plain": base, "ray-1": [*ray_args, "--shards", "1", "--task-cpus", str(a.cpus)],
+               "ray-2": [*ray_args, "--shards", "2", "--task-cpus", str(a.cpus / 2)]}
     seconds: dict[str, list[float]] = {k: [] for k in configs}
     rss: dict[str, float] = {}
     try:

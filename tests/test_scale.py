@@ -14,6 +14,7 @@ machine, so they are marked slow (CI's second step).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -177,6 +178,16 @@ def test_three_shards_on_ray_publish_the_unsharded_table(cluster, base, tmp_path
     assert "3 shards" in result.stdout and "published 3 shards" in result.stdout
     _identical(_published(wh), base["expected"])
     assert not list(wh.shards_dir.rglob("*.parquet"))  # published, then removed
+    # a task that fails (not a dead worker: retrying cannot help) is one line; nothing changes
+    with wh.connect(read_only=True) as con:
+        before = con.sql("SELECT * FROM recommendations ORDER BY user_id, rank").pl()
+    shutil.rmtree(wh.artifacts_dir / base["run"])
+    result = _batchrec(wh, "score", "--run", base["run"], "--device", "cpu", "--executor", "ray",
+                       "--ray-address", address, "--shards", "2")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert re.match(rf"error: shard [01]/2 of run {base['run']}: artifact of run {base['run']} is missing", result.stderr)
+    with wh.connect(read_only=True) as con:
+        assert con.sql("SELECT * FROM recommendations ORDER BY user_id, rank").pl().equals(before)
 
 
 @pytest.mark.slow
