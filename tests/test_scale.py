@@ -289,3 +289,20 @@ def test_job_steps_take_the_executor(tmp_path):
     job.write_text('[[steps]]\nstep = "score"\nexecutor = "spark"\n')
     with pytest.raises(BatchrecError, match=r"job.toml:3: step 1 \(score\): executor = 'spark' is not valid"):
         load_job(job)
+
+
+def test_locations_are_paths_file_uris_or_s3_and_nothing_else(tmp_path):
+    from batchrec import storage
+    from batchrec.warehouse import artifact_root
+
+    local, uri = storage.location(tmp_path / "a"), storage.location(f"file://{tmp_path}/a")
+    assert local.local and uri.local and local.path == uri.path == f"{tmp_path}/a"
+    assert (local / "x.parquet").path == f"{tmp_path}/a/x.parquet"
+    assert storage.files(local) == []  # a folder that does not exist holds nothing
+    for bad, message in (("gs://bucket/p", r"unsupported storage scheme gs:// \(expected a path, file:// or s3://\)"),
+                         ("s3://", r"no bucket named")):
+        with pytest.raises(BatchrecError, match=message):
+            storage.location(bad)
+    assert artifact_root("s3://bucket/models/") == "s3://bucket/models"
+    with pytest.raises(BatchrecError, match=r"--artifacts hdfs://x: unsupported scheme hdfs://"):
+        artifact_root("hdfs://x")
