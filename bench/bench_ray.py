@@ -116,7 +116,9 @@ def main() -> None:
                 worker = re.search(r"peak RSS per worker (\d+) MB", out)
                 rss[name] = max(rss.get(name, 0.0), float(worker.group(1)) if worker else peak)
                 rss[f"{name} driver"] = max(rss.get(f"{name} driver", 0.0), peak)
-                print(f"repeat {r + 1}: {name:6s} {wall:6.1f} s  (process peak RSS {peak:,.0f} MB)", flush=True)
+                shard = re.search(r"slowest shard ([\d.]+) s", out)
+                inside = f", slowest shard task {shard.group(1)} s of it" if shard else ""
+                print(f"repeat {r + 1}: {name:6s} {wall:6.1f} s  (process peak RSS {peak:,.0f} MB{inside})", flush=True)
     finally:
         ray.shutdown()
 
