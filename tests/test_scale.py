@@ -182,7 +182,7 @@ def test_three_shards_on_ray_publish_the_unsharded_table(cluster, base, tmp_path
     with wh.connect(read_only=True) as con:
         before = con.sql("SELECT * FROM recommendations ORDER BY user_id, rank").pl()
     shutil.rmtree(wh.artifacts_dir / base["run"])
-    result = _batchrec(wh, "score", "--run", base["run"], "--device", "cpu", "--executor", "ray",
+    result = _batchrec(wh, "-q", "score", "--run", base["run"], "--device", "cpu", "--executor", "ray",
                        "--ray-address", address, "--shards", "2")
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
     assert re.match(rf"error: shard [01]/2 of run {base['run']}: artifact of run {base['run']} is missing", result.stderr)
