@@ -232,9 +232,16 @@ def models() -> None:
 @options.GATE_TOLERANCE.click("--gate-tolerance")
 @options.GATE_PROTOCOL.click("--gate-protocol")
 @options.FORCE.click("--force")
+@options.EXECUTOR.click("--executor")
+@options.RAY_ADDRESS.click("--ray-address")
+@options.SHARDS.click("--shards")
+@options.SHARDS_URI.click("--shards-uri")
+@options.TASK_CPUS.click("--task-cpus")
+@options.TASK_GPUS.click("--task-gpus")
 @pass_wh
 def score(wh: Warehouse, run_id, model, top_n, shard, publish_run, users_file, pairs, out, memory_budget,
-          retention_days, device, gate_metric, gate_tolerance, gate_protocol, force) -> None:
+          retention_days, device, gate_metric, gate_tolerance, gate_protocol, force, executor, ray_address, shards,
+          shards_uri, task_cpus, task_gpus) -> None:
     """Write every user's top-N (seen items removed, cold start served) to `recommendations`.
 
     A full publish passes the publish gate first (exit code 3 when it refuses; see the README)."""
@@ -244,7 +251,9 @@ def score(wh: Warehouse, run_id, model, top_n, shard, publish_run, users_file, p
     gate = GateSettings(metric=gate_metric, tolerance=gate_tolerance, protocol=gate_protocol, force=force)
     click.echo(scoring.score_command(
         wh, run_id=run_id, model=model, top_n=top_n, shard=shard, publish_run=publish_run, users_file=users_file,
-        pairs=pairs, out=out, memory_budget=memory_budget, retention_days=retention_days, device=device, gate=gate))
+        pairs=pairs, out=out, memory_budget=memory_budget, retention_days=retention_days, device=device, gate=gate,
+        executor=executor, ray_address=ray_address, shards=shards, shards_uri=shards_uri, task_cpus=task_cpus,
+        task_gpus=task_gpus))
 
 
 # -- evaluate ----------------------------------------------------------------------------------
@@ -259,15 +268,20 @@ def score(wh: Warehouse, run_id, model, top_n, shard, publish_run, users_file, p
 @click.option("--metrics", default=None, help="Comma-separated metrics to keep, e.g. rmse,ndcg,recall@10 [default: all].")
 @options.EVALUATE_BOOTSTRAP.click("--bootstrap")
 @options.EVALUATE_SEED.click("--seed")
+@options.EXECUTOR.click("--executor")
+@options.RAY_ADDRESS.click("--ray-address")
+@options.TASK_CPUS.click("--task-cpus")
+@options.TASK_GPUS.click("--task-gpus")
 @pass_wh
 def evaluate(wh: Warehouse, runs, model_names, protocol, ks, report_dir, compare, threshold, metrics, bootstrap,
-             seed) -> None:
+             seed, executor, ray_address, task_cpus, task_gpus) -> None:
     """Evaluate runs on a protocol's test part; write `evaluations` (with 95% intervals) and an HTML report."""
     from batchrec.evaluate import evaluate_command
 
     click.echo(evaluate_command(wh, runs=runs, models=model_names, protocol=protocol, ks=ks,
                                 report_dir=report_dir, compare=compare, threshold=threshold, metrics=metrics,
-                                bootstrap=bootstrap, seed=seed))
+                                bootstrap=bootstrap, seed=seed, executor=executor, ray_address=ray_address,
+                                task_cpus=task_cpus, task_gpus=task_gpus))
 
 
 # -- operations --------------------------------------------------------------------------------

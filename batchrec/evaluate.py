@@ -36,11 +36,12 @@ import torch
 
 from batchrec.data import load_snapshot
 from batchrec.errors import BatchrecError
+from batchrec.executors import check_executor, open_executor
 from batchrec.features.params import PROTOCOLS as SPLIT_PROTOCOLS
 from batchrec.gate import recent_publishes
 from batchrec.metrics import METRICS, base_metric_name, measure, metric_sort_key, split_segment
 from batchrec.models import available, get_model_class
-from batchrec.options import RELEVANCE_THRESHOLD
+from batchrec.options import EXECUTOR, RELEVANCE_THRESHOLD, TASK_CPUS, TASK_GPUS
 from batchrec.report import (
     Reference,
     ReportInfo,
@@ -414,10 +415,57 @@ def _pick_runs(wh: Warehouse, spec: Spec, run_ids: list[str], families: list[str
     return split, [latest[f] for f in families], notes, trained
 
 
+@dataclass(frozen=True)
+class RunMeasurement:
+    """What measuring one run returned (small: it travels back from an executor's task)."""
+
+    metrics: dict[str, float]
+    residuals: object  # the rating model's test residuals (numpy), else None
+    task: str
+    seconds: float
+    per_user: object  # the per-user parts of each metric (metrics.measure), for the bootstrap
+
+
+def measure_run(warehouse_path: str, snapshot_id: str, split: str, row: dict, cutoffs: list[int], threshold: float,
+                eventwise: bool, device: str, data=None) -> RunMeasurement:
+    """Measure one run on the test part of `split` of `snapshot_id`: an executor task (it reads
+    the snapshot itself, read-only, unless the caller passes `data` it already holds)."""
+    if data is None:
+        with Warehouse(warehouse_path).connect(read_only=True) as con:
+            data = load_snapshot(con, snapshot_id, split)
+    model = load_run_model(row, choose_device(device))
+    started = time.perf_counter()
+    with torch.no_grad():
+        m = measure(model, data, cutoffs, threshold, eventwise=eventwise, segments=True)
+    return RunMeasurement(m.metrics, m.residuals if model.task == "rating" else None, model.task,
+                          time.perf_counter() - started, m.per_user)
+
+
+def _measure_runs(wh: Warehouse, snapshot_id: str, spec: Spec, chosen: list[dict], cutoffs: list[int],
+                  threshold: float, device: str, executor: str, ray_address: str | None, task_cpus: float,
+                  task_gpus: float) -> list[RunMeasurement]:
+    """Every chosen run measured, in order: one after another here (the snapshot read once), or
+    as parallel tasks on Ray (each task reads the snapshot)."""
+    data = None
+    if executor == "local":
+        with wh.connect(read_only=True) as con:
+            data = load_snapshot(con, snapshot_id, spec.split)
+    calls = [((str(wh.path.resolve()), snapshot_id, spec.split, row, list(cutoffs), threshold, spec.eventwise, device),
+              {"data": data}) for row in chosen]
+    labels = [f"measuring run {row['run_id']} on {spec.name}" for row in chosen]
+    measured: list[RunMeasurement | None] = [None] * len(chosen)
+    with open_executor(executor, ray_address, cpus=task_cpus, gpus=task_gpus) as ex:
+        for index, result in ex.map(measure_run, calls, labels):
+            measured[index] = result
+    return measured  # type: ignore[return-value]
+
+
 def run_evaluation(wh: Warehouse, runs: str | None = None, models: str | None = None,
                    protocol: str = "user_temporal", ks: str = "5,10,20", report_dir: str | Path | None = "reports",
                    compare: bool = False, threshold: float = RELEVANCE_THRESHOLD, metrics: str | None = None,
-                   device: str = "auto", bootstrap: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED) -> Evaluation:
+                   device: str = "auto", bootstrap: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED,
+                   executor: str = EXECUTOR.default, ray_address: str | None = None,
+                   task_cpus: float = TASK_CPUS.default, task_gpus: float = TASK_GPUS.default) -> Evaluation:
     """Evaluate runs (given, or the latest of each family, trained now if missing) on a protocol's
     test part, with `bootstrap` resamples of the users (seeded by `seed`) for the intervals and the
     paired tests; write the `evaluations` rows (one transaction) and the report."""
@@ -435,26 +483,25 @@ def run_evaluation(wh: Warehouse, runs: str | None = None, models: str | None = 
         raise BatchrecError(f"--threshold: {threshold} is not a number")
     if bootstrap < 0 or seed < 0:
         raise BatchrecError(f"--bootstrap {bootstrap} / --seed {seed}: negative (expected whole numbers >= 0)")
-    dev = choose_device(device)
+    choose_device(device)  # an unusable device fails before any work
+    check_executor(executor)
+    if ray_address is not None and executor != "ray":
+        raise BatchrecError("--ray-address needs --executor ray")
 
     split, chosen, notes, trained = _pick_runs(wh, spec, run_ids, families, device)
-    with wh.connect(read_only=True) as con:
-        data = load_snapshot(con, split["snapshot_id"], spec.split)
+    measured = _measure_runs(wh, split["snapshot_id"], spec, chosen, cutoffs, threshold, device, executor,
+                             ray_address, task_cpus, task_gpus)
     results: list[ReportRun] = []
     resamples: list[_Resamples] = []
-    for row in chosen:
-        model = load_run_model(row, dev)
-        started = time.perf_counter()
-        with torch.no_grad():
-            m = measure(model, data, cutoffs, threshold, eventwise=spec.eventwise, segments=True)
-        log.info("measured %s run %s on %s in %.1f s", row["model"], row["run_id"], spec.name, time.perf_counter() - started)
+    for row, m in zip(chosen, measured):
+        log.info("measured %s run %s on %s in %.1f s", row["model"], row["run_id"], spec.name, m.seconds)
         kept = _select_metrics(m.metrics, spec, wanted)
         if not any(k not in COUNTS for k in kept):
             notes.append(f"{row['model']} run {row['run_id']}: nothing this protocol measures applies "
-                         f"(a {model.task} model); skipped")
+                         f"(a {m.task} model); skipped")
             continue
         results.append(ReportRun(row["run_id"], row["model"], row["params"], kept,
-                                 m.residuals if model.task == "rating" else None, _history(row["metrics"]),
+                                 m.residuals if m.task == "rating" else None, _history(row["metrics"]),
                                  "trained now" if row["run_id"] in trained else ""))
         resamples.append(_resample(m.per_user, kept, bootstrap, seed))
     if not results:
@@ -486,11 +533,14 @@ def run_evaluation(wh: Warehouse, runs: str | None = None, models: str | None = 
 def evaluate_command(wh: Warehouse, runs: str | None = None, models: str | None = None,
                      protocol: str = "user_temporal", ks: str = "5,10,20", report_dir: str | Path | None = "reports",
                      compare: bool = False, threshold: float = RELEVANCE_THRESHOLD, metrics: str | None = None,
-                     device: str = "auto", bootstrap: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED) -> str:
+                     device: str = "auto", bootstrap: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED,
+                     executor: str = EXECUTOR.default, ray_address: str | None = None,
+                     task_cpus: float = TASK_CPUS.default, task_gpus: float = TASK_GPUS.default) -> str:
     """`batchrec evaluate`: `run_evaluation`, summarised as text (table, published numbers, report path)."""
     ev = run_evaluation(wh, runs=runs, models=models, protocol=protocol, ks=ks, report_dir=report_dir,
                         compare=compare, threshold=threshold, metrics=metrics, device=device,
-                        bootstrap=bootstrap, seed=seed)
+                        bootstrap=bootstrap, seed=seed, executor=executor, ray_address=ray_address,
+                        task_cpus=task_cpus, task_gpus=task_gpus)
     spec, split = ev.spec, ev.split
     out = [f"{spec.name}: snapshot {split['snapshot_id']}, split {spec.split} {json.dumps(split['params'], sort_keys=True)} "
            f"({split['n_train']:,} / {split['n_valid']:,} / {split['n_test']:,}), K = {', '.join(map(str, ev.ks))}, "

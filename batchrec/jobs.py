@@ -49,10 +49,14 @@ STEP_OPTIONS: dict[str, dict[str, options.Option]] = {
               "device": options.DEVICE},
     "score": {"model": options.SCORE_MODEL, "top_n": options.TOP_N, "memory_budget": options.MEMORY_BUDGET,
               "retention_days": options.RETENTION_DAYS, "device": options.DEVICE, "gate_metric": options.GATE_METRIC,
-              "gate_tolerance": options.GATE_TOLERANCE, "gate_protocol": options.GATE_PROTOCOL},
+              "gate_tolerance": options.GATE_TOLERANCE, "gate_protocol": options.GATE_PROTOCOL,
+              "executor": options.EXECUTOR, "ray_address": options.RAY_ADDRESS, "shards": options.SHARDS,
+              "shards_uri": options.SHARDS_URI, "task_cpus": options.TASK_CPUS, "task_gpus": options.TASK_GPUS},
     "evaluate": {"models": options.EVALUATE_MODELS, "protocol": options.EVALUATE_PROTOCOL, "k": options.EVALUATE_KS,
                  "report": options.EVALUATE_REPORT, "threshold": options.EVALUATE_THRESHOLD,
-                 "bootstrap": options.EVALUATE_BOOTSTRAP, "seed": options.EVALUATE_SEED},
+                 "bootstrap": options.EVALUATE_BOOTSTRAP, "seed": options.EVALUATE_SEED,
+                 "executor": options.EXECUTOR, "ray_address": options.RAY_ADDRESS, "task_cpus": options.TASK_CPUS,
+                 "task_gpus": options.TASK_GPUS},
 }
 
 # One pydantic model per step kind: strict types (TOML already has them: "10" is not 10) and no
@@ -209,7 +213,9 @@ def _run_score(wh: Warehouse, s: dict) -> StepResult:
                         force=s["force"])
     summary = score_command(wh, run_id=None, model=s["model"], top_n=s["top_n"], shard=None, publish_run=None,
                             users_file=None, pairs=None, out=None, memory_budget=s["memory_budget"],
-                            retention_days=s["retention_days"], device=s["device"], gate=gate)
+                            retention_days=s["retention_days"], device=s["device"], gate=gate,
+                            executor=s["executor"], ray_address=s["ray_address"], shards=s["shards"],
+                            shards_uri=s["shards_uri"], task_cpus=s["task_cpus"], task_gpus=s["task_gpus"])
     return StepResult(summary, _latest(wh, "SELECT count(*) FROM recommendations"))
 
 
@@ -218,7 +224,9 @@ def _run_evaluate(wh: Warehouse, s: dict) -> StepResult:
 
     return StepResult(evaluate_command(wh, runs=None, models=s["models"], protocol=s["protocol"], ks=s["k"],
                                        report_dir=s["report"], compare=True, threshold=s["threshold"],
-                                       bootstrap=s["bootstrap"], seed=s["seed"]))
+                                       bootstrap=s["bootstrap"], seed=s["seed"],
+                                       executor=s["executor"], ray_address=s["ray_address"],
+                                       task_cpus=s["task_cpus"], task_gpus=s["task_gpus"]))
 
 
 RUNNERS: dict[str, Callable[[Warehouse, dict], StepResult]] = {

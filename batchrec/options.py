@@ -18,6 +18,7 @@ import click
 SEED_MIN, SEED_MAX = 0, 2**32 - 1
 
 DEVICES = ("auto", "cpu", "cuda")
+EXECUTORS = ("local", "ray")  # where independent tasks run: batchrec.executors
 
 # An explicit rating at or above this marks an item the user liked: relevant when evaluating, and
 # a positive where the protocols and validators need one.
@@ -114,6 +115,17 @@ SCORE_MODEL = Option(str, None, "Use the latest run of this model family.")
 TOP_N = Option(int, 10, "List length per user.", min=1)
 MEMORY_BUDGET = Option(str, "1GB", "Scores held at once per block, e.g. 512MB, 2GB.")
 RETENTION_DAYS = Option(int, 30, "Days of earlier runs kept in recommendation_history.", min=0)
+
+# -- executors: where shards and evaluation runs run (batchrec.executors) -------------------------
+EXECUTOR = Option(str, "local", "Where tasks run: local (this process) or ray (a Ray cluster; "
+                                "pip install 'batchrec[ray]').", choices=EXECUTORS)
+RAY_ADDRESS = Option(str, None, "Address of a running Ray cluster, e.g. 10.0.0.5:6379 or auto "
+                                "[default: $RAY_ADDRESS, else a local cluster for this command].")
+TASK_CPUS = Option(float, 1.0, "CPUs per task on the executor (also each task's thread limit).", min=0.0)
+TASK_GPUS = Option(float, 0.0, "GPUs per task on the executor (score with --device cuda then).", min=0.0)
+SHARDS = Option(int, None, "Score in N shards, one task each, then publish once when all are in.", min=1)
+SHARDS_URI = Option(str, None, "Where shard files go: a path, file:// or s3://bucket/prefix "
+                               "[default: <warehouse stem>.shards/ beside the warehouse].")
 
 # -- the publish gate (batchrec.gate) ---------------------------------------------------------
 GATE_METRIC = Option(str, None, "Headline metric the gate compares, e.g. ndcg@10, recall@20, rmse "

@@ -11,8 +11,8 @@ Two kinds of run share the table:
 Artifacts: `artifact_path` is stored relative to the folder of the warehouse file when the
 artifact lies under it (the default, `<warehouse stem>.artifacts/<run_id>`), so a warehouse moved,
 copied or mounted elsewhere together with its folder loads its models; an artifact root outside
-that folder (`--artifacts`) is stored as given. Rows come back decoded: params and metrics as
-dicts, `artifact_path` resolved against the folder of the database they were read from.
+that folder (`--artifacts`) is stored as given, an object-store URI (`s3://...`) too. Rows come
+back decoded: params and metrics as dicts, `artifact_path` resolved against the folder of the database they were read from.
 """
 
 from __future__ import annotations
@@ -39,10 +39,13 @@ def database_folder(con: duckdb.DuckDBPyConnection) -> Path | None:
     return Path(path).resolve().parent if path else None
 
 
-def stored_artifact_path(warehouse_path: Path, artifact: Path) -> str:
+def stored_artifact_path(warehouse_path: Path, artifact: Path | str) -> str:
     """What `model_runs.artifact_path` records for an artifact written at `artifact`: relative to
-    the warehouse's folder when it lies under it, else the absolute path."""
-    folder, artifact = warehouse_path.resolve().parent, artifact.resolve()
+    the warehouse's folder when it lies under it, else the absolute path (an object-store URI:
+    as it is)."""
+    if isinstance(artifact, str) and "://" in artifact:
+        return artifact
+    folder, artifact = warehouse_path.resolve().parent, Path(artifact).resolve()
     return artifact.relative_to(folder).as_posix() if artifact.is_relative_to(folder) else str(artifact)
 
 

@@ -9,13 +9,14 @@ import re
 import secrets
 import shutil
 import socket
+import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from batchrec import options
+from batchrec import options, storage
 from batchrec.data import load_snapshot
 from batchrec.errors import BatchrecError, Fault, first_line
 from batchrec.features import resolve_snapshot
@@ -59,12 +60,20 @@ def new_run_id(model_name: str, created) -> str:
     return f"{model_name}-{created:%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
 
 
-def save_artifact(model, artifacts_dir: Path, run_id: str) -> Path:
+def save_artifact(model, artifacts_dir: Path | str, run_id: str) -> Path | str:
     """Write the artifact under a temporary name that records its owner (pid and host), then
-    rename: there is never a half artifact at the final name.
+    rename: there is never a half artifact at the final name. An object-store root (a URI,
+    batchrec.storage) gets the artifact written locally first, then uploaded; it returns the URI
+    (only a complete upload is ever recorded in `model_runs`).
 
     torch reports a failed write (a full disk) as a RuntimeError from its zip writer
     ("PytorchStreamWriter failed writing file", "unexpected pos"): that becomes one line."""
+    if storage.is_remote(artifacts_dir):
+        with tempfile.TemporaryDirectory(prefix="batchrec-artifact-") as tmp:
+            local = save_artifact(model, Path(tmp), run_id)
+            dest = storage.location(artifacts_dir) / run_id
+            storage.upload_dir(Path(local), dest)
+        return dest.uri
     final = artifacts_dir / run_id
     tmp = artifacts_dir / f".{run_id}.{os.getpid()}@{socket.gethostname()}.partial"
     try:
@@ -88,11 +97,13 @@ def _owner_alive(pid: int, host: str) -> bool:
     return pid_exists(pid)
 
 
-def remove_orphan_partials(artifacts_dir: Path) -> list[str]:
+def remove_orphan_partials(artifacts_dir: Path | str) -> list[str]:
     """Delete the temporary artifacts in `artifacts_dir` whose writing process is gone (killed
     mid-save; no run row points at them); a live writer's partial is never touched. Returns the
-    names removed."""
-    removed = []
+    names removed. (An object store has no partials: an upload is written locally first.)"""
+    removed: list[str] = []
+    if storage.is_remote(artifacts_dir):
+        return removed
     for path in artifacts_dir.glob(".*.partial") if artifacts_dir.is_dir() else ():
         owner = _PARTIAL.match(path.name)
         if owner is None or _owner_alive(int(owner["pid"]), owner["host"]):
@@ -127,7 +138,8 @@ def _fit_run(wh, model_name: str, snapshot: str, protocol: str | None, params: d
             with wh.connect() as con, transaction(con, f"model run {run_id}"):
                 insert_run(con, row)
         except BaseException:
-            shutil.rmtree(artifact, ignore_errors=True)
+            if not storage.is_remote(artifact):
+                shutil.rmtree(artifact, ignore_errors=True)
             raise
         if publish:
             refresh_serving(wh)
@@ -156,10 +168,19 @@ def train_model(wh, model: str, snapshot: str = options.TRAIN_SNAPSHOT.default, 
 
 def load_run_model(run_row: dict, device: torch.device | str = "auto"):
     """The fitted model of a run (a row as `batchrec.runs` returns it, artifact path resolved), on
-    `device` ('auto'/'cpu'/'cuda' or a torch device)."""
+    `device` ('auto'/'cpu'/'cuda' or a torch device). An artifact in an object store (a URI) is
+    downloaded into a temporary folder first."""
     dev = device if isinstance(device, torch.device) else choose_device(device)
-    path = Path(run_row["artifact_path"])
-    if not ((path / ARTIFACT_META).exists() and (path / ARTIFACT_STATE).exists()):
-        raise BatchrecError(f"artifact of run {run_row['run_id']} is missing at {path} (deleted or moved?); "
+    stored = run_row["artifact_path"]
+    missing = BatchrecError(f"artifact of run {run_row['run_id']} is missing at {stored} (deleted or moved?); "
                             f"retrain with `batchrec train {run_row['model']}`")
+    if storage.is_remote(stored):
+        remote = storage.location(stored)
+        if not storage.exists(remote / ARTIFACT_META) or not storage.exists(remote / ARTIFACT_STATE):
+            raise missing
+        with tempfile.TemporaryDirectory(prefix="batchrec-artifact-") as tmp:
+            return Recommender.load(storage.download_dir(remote, Path(tmp)), dev, family=run_row["model"])
+    path = Path(stored)
+    if not ((path / ARTIFACT_META).exists() and (path / ARTIFACT_STATE).exists()):
+        raise missing
     return Recommender.load(path, dev, family=run_row["model"])

@@ -86,22 +86,25 @@ def _translate(exc: duckdb.Error, path: Path) -> BatchrecError:
     return BatchrecError(f"cannot open warehouse {path}: {text.splitlines()[0]}")
 
 
-def artifact_root(uri: str | os.PathLike) -> Path:
-    """The folder an `--artifacts` URI names. Local paths (or file:// URIs) only for now; the
-    registry stores any other location as written, ready for a pyarrow.fs-backed store."""
+def artifact_root(uri: str | os.PathLike) -> Path | str:
+    """The folder an `--artifacts` URI names: a local path (or file:// URI) as a Path; an
+    object-store URI (s3://bucket/prefix, see batchrec.storage) as the URI itself."""
     text = str(uri)
     if text.startswith("file://"):
         return Path(text[len("file://"):])
     if "://" in text:
-        raise BatchrecError(f"--artifacts {text}: only local folders are supported for now "
-                            "(expected a path or a file:// URI)")
+        scheme = text.split("://", 1)[0]
+        if scheme != "s3":
+            raise BatchrecError(f"--artifacts {text}: unsupported scheme {scheme}:// "
+                                "(expected a path, a file:// URI or s3://bucket/prefix)")
+        return text.rstrip("/")
     return Path(text)
 
 
 class Warehouse:
     """A warehouse file plus what belongs to it, named after its stem so that two warehouses in
     one folder never share anything: `<stem>.artifacts/` (model artifacts, unless `artifacts`
-    points elsewhere), `<stem>.shards/` (sharded scoring output), `<stem>.serving.duckdb` (the
+    points elsewhere: another folder, or an object store as a URI string), `<stem>.shards/` (sharded scoring output), `<stem>.serving.duckdb` (the
     read-only copy readers use, see serving.py)."""
 
     def __init__(self, path: str | os.PathLike | None = None, artifacts: str | os.PathLike | None = None):

@@ -27,7 +27,7 @@ LAYERS = [
                "serving", "synth"}),
     ("models", {"models"}),
     ("ranking and data", {"metrics", "uncertainty", "ranking", "topk", "data", "training", "runs"}),
-    ("warehouse", {"warehouse", "errors", "options", "logs", "processes"}),
+    ("warehouse", {"warehouse", "errors", "options", "logs", "processes", "storage", "executors"}),
 ]
 LAYER_OF = {name: i for i, (_, names) in enumerate(LAYERS) for name in names}
 

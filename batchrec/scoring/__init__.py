@@ -1,6 +1,6 @@
 """Nightly scoring: every user's top-N into `recommendations`, blocked, explained, atomic, shardable.
 
-`batchrec score` (`run.score_command`) runs in three steps:
+`batchrec score` (`command.score_command`) runs in three steps:
 
 1. Read (one short read-only session; `inputs.load_inputs`): the run, its model artifact, and
    from the run's snapshot the users, items, seen items and content features. Users in the raw
@@ -18,30 +18,43 @@
    or kill -9 before the commit leaves the old run in place.
 
 `--shard i/N` scores a fixed hash partition of users to a Parquet file (no lock, read-only
-warehouse) and `--publish RUN` swaps in the union of a run's N shards the same way; `--pairs`
+warehouse) and `--publish RUN` swaps in the union of a run's N shards the same way; both are
+thin wrappers of the public API in `shards` (`score_shard`, `publish_shards`, and
+`score_sharded`: every shard as a task on an executor, local or Ray, then one publish); shard
+files live under any `batchrec.storage` location (a path, file://, s3://). `--pairs`
 scores given (user, item) pairs (`pairs`). `batchrec.ranking.topn` is the blocked core that
 evaluation shares, so what is measured is what ships.
 """
 
+from batchrec.scoring.command import score_command
 from batchrec.scoring.explain import explain_anchors, explanation_similarity
 from batchrec.scoring.inputs import ScoringInputs, load_inputs
 from batchrec.scoring.pairs import read_users, score_pairs
-from batchrec.scoring.publishing import (
-    check_lists,
-    list_sanity,
-    mix64,
-    publish,
-    shard_files,
-    shard_of,
-    shard_path,
-    write_parquet,
+from batchrec.scoring.publishing import check_lists, list_sanity, mix64, publish, shard_of, write_parquet
+from batchrec.scoring.run import (
+    load_model,
+    parse_memory_budget,
+    parse_shard,
+    resolve_shipped,
+    score_and_publish,
+    score_run,
 )
-from batchrec.scoring.run import parse_memory_budget, parse_shard, score_and_publish, score_command, score_run
+from batchrec.scoring.shards import (
+    PublishResult,
+    ShardResult,
+    find_shards,
+    publish_shards,
+    score_shard,
+    score_sharded,
+    shard_location,
+    shards_root,
+)
 from batchrec.scoring.sources import recommend, serve_model, serve_popular, serve_profile
 
 __all__ = [
-    "ScoringInputs", "check_lists", "explain_anchors", "explanation_similarity", "list_sanity", "load_inputs",
-    "mix64", "parse_memory_budget", "parse_shard", "publish", "read_users", "recommend", "score_and_publish",
-    "score_command", "score_pairs", "score_run", "serve_model", "serve_popular", "serve_profile", "shard_files",
-    "shard_of", "shard_path", "write_parquet",
+    "PublishResult", "ScoringInputs", "ShardResult", "check_lists", "explain_anchors", "explanation_similarity",
+    "find_shards", "list_sanity", "load_inputs", "load_model", "mix64", "parse_memory_budget", "parse_shard",
+    "publish", "publish_shards", "read_users", "recommend", "resolve_shipped", "score_and_publish", "score_command",
+    "score_pairs", "score_run", "score_shard", "score_sharded", "serve_model", "serve_popular", "serve_profile",
+    "shard_location", "shard_of", "shards_root", "write_parquet",
 ]

@@ -1,11 +1,11 @@
 """Publishing a run's lists: the sanity checks that gate it (`list_sanity`), the one-transaction
-swap into `recommendations` with history (`publish`), and the Parquet shards of `--shard i/N`."""
+swap into `recommendations` with history (`publish`), and the partition of users into shards
+(`shard_of`; the shard files themselves: `shards.py`)."""
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from contextlib import ExitStack
 from datetime import timedelta
@@ -145,60 +145,3 @@ def publish(wh: Warehouse, rows: pl.DataFrame | list[Path], retention_days: int,
             if gate is not None:
                 gate.record(con)
     return published, moved, expired
-
-
-def shard_path(wh: Warehouse, run_id: str, shard: int) -> Path:
-    return wh.shards_dir / f"run_id={run_id}" / f"shard={shard}.parquet"
-
-
-# The columns of a shard file, as `write_parquet` writes a `recommend` frame
-SHARD_SCHEMA = {"user_id": pl.Int64, "rank": pl.Int32, "item_id": pl.Int64, "score": pl.Float32,
-                "run_id": pl.String, "scored_at": pl.Datetime("us"), "reason": pl.String}
-
-
-def _shard_metadata(path: Path, run_id: str) -> dict:
-    """A shard's batchrec metadata, after checking that the file is a whole shard of the
-    `recommendations` layout; a one-line error naming the file and how to rewrite it."""
-    def corrupt(what: str) -> BatchrecError:
-        shard = re.search(r"shard=(\d+)", path.name)
-        return BatchrecError(f"shard {path} is corrupt ({what}): rescore it with `batchrec score --run {run_id} "
-                             f"--shard {shard.group(1) if shard else 'i'}/N` and publish again")
-
-    try:
-        schema = pq.read_schema(path)
-        columns = dict(pl.read_parquet_schema(path))
-    except (OSError, ValueError, pl.exceptions.PolarsError) as exc:  # pyarrow's ArrowInvalid is a ValueError
-        raise corrupt(f"not a readable Parquet file: {str(exc).splitlines()[0]}") from None
-    wrong = [f"column {name} is {columns[name]} (expected {kind})" if name in columns else f"no column {name}"
-             for name, kind in SHARD_SCHEMA.items() if columns.get(name) != kind]
-    wrong += [f"unexpected column {name}" for name in columns if name not in SHARD_SCHEMA]
-    if wrong:
-        raise corrupt("; ".join(wrong))
-    try:
-        meta = json.loads((schema.metadata or {})[b"batchrec"])
-        if not {"run_id", "shard", "n_shards", "top_n", "users"} <= set(meta):
-            raise KeyError("n_shards")
-    except (KeyError, TypeError, ValueError):
-        raise corrupt("its batchrec metadata (run, shard i/N, top-n) is missing") from None
-    return meta
-
-
-def shard_files(wh: Warehouse, run_id: str) -> list[Path]:
-    """The complete set of a run's shard files; a one-line error when any is missing or they
-    come from different shardings."""
-    folder = wh.shards_dir / f"run_id={run_id}"
-    found = sorted(folder.glob("shard=*.parquet")) if folder.is_dir() else []
-    if not found:
-        raise BatchrecError(f"no shards of run {run_id} in {folder}: run `batchrec score --run {run_id} --shard i/N` first")
-    meta = [_shard_metadata(f, run_id) for f in found]
-    n_shards = {m["n_shards"] for m in meta}
-    top_n = {m["top_n"] for m in meta}
-    if len(n_shards) > 1 or len(top_n) > 1 or {m["run_id"] for m in meta} != {run_id}:
-        raise BatchrecError(f"shards in {folder} mix different settings (N {sorted(n_shards)}, top-n {sorted(top_n)}); "
-                            f"delete the folder and rescore")
-    n = n_shards.pop()
-    missing = sorted(set(range(n)) - {m["shard"] for m in meta})
-    if missing:
-        raise BatchrecError(f"run {run_id}: shard {missing[0]}/{n} is missing in {folder} ({len(missing)} of {n} "
-                            f"missing); run `batchrec score --run {run_id} --shard {missing[0]}/{n}`")
-    return [shard_path(wh, run_id, i) for i in range(n)]
