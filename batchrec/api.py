@@ -274,14 +274,15 @@ def evaluate(runs: Run | str | Iterable[Run | str] | None = None, protocol: str 
                         pl.exclude("run_id"))
 
 
-def tune(family: str, protocol: str = options.EVALUATE_PROTOCOL.default, *,
-         warehouse: Warehouse | str | os.PathLike | None = None, **settings: Any):
-    """Tune `family`'s parameters on `protocol`'s valid part (`batchrec tune`; needs the extra
-    `batchrec[tune]`): `settings` are the tuning module's (trials, timeout, metric, seed)."""
+def tune(family: str, protocol: str | None = None, *, warehouse: Warehouse | str | os.PathLike | None = None,
+         **settings: Any):
+    """Search `family`'s parameters on `protocol`'s valid part (None: the tuning module's default)
+    and store the best as its tuned setting (`batchrec tune`; needs the extra `batchrec[tune]`).
+    `settings` are the tuning module's keywords (trials, timeout, metric, seed, params, ...)."""
     try:  # the tuning module loads optuna, an optional extra; `import batchrec` never pays for it
         tuning = importlib.import_module("batchrec.tune")
     except ModuleNotFoundError as exc:
         if exc.name != "batchrec.tune":
             raise
         raise BatchrecError("tuning is not available in this installation (expected the module batchrec.tune)") from None
-    return tuning.tune(_warehouse(warehouse), family, protocol=protocol, **settings)
+    return tuning.tune(_warehouse(warehouse), family, **({"protocol": protocol} if protocol else {}), **settings)

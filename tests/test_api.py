@@ -150,3 +150,15 @@ def test_the_documented_example_runs(tmp_path, monkeypatch):
     assert set(results["family"]) == {"ease", "mf"} and (results["value"] >= 0).all()
     assert lists.filter(pl.col("user_id") == NEVER_SEEN)["reason"].unique().to_list() == ["popular"]
     assert namespace["wh"].path.parent == Path(namespace["folder"]) and str(tmp_path) in str(namespace["folder"])
+
+
+@pytest.mark.slow  # two EASE fits; runs once the tuning module (batchrec/tune.py, extra batchrec[tune]) is there
+def test_tune_is_reachable_from_the_api(published):
+    pytest.importorskip("optuna")
+    tuning = pytest.importorskip("batchrec.tune")
+    wh, _, _ = published
+    first = batchrec.tune("ease", "user_temporal", trials=2, seed=0, warehouse=wh)
+    assert isinstance(first, tuning.TuneResult) and first.family == "ease" and first.trials == 2
+    # the module is imported now, and bound on the package: batchrec.tune is still the function
+    again = batchrec.tune("ease", "user_temporal", trials=2, seed=0, warehouse=wh)
+    assert again.best_params == first.best_params and again.resumed == 2
