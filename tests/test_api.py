@@ -125,13 +125,16 @@ def test_evaluate_returns_the_rows_it_wrote(published):
     wh, _, _ = published
     run = batchrec.train("popularity", protocol="user_temporal", warehouse=wh)
     frame = batchrec.evaluate(run, k=[5, 10])
-    assert frame.columns == ["run_id", "family", "protocol", "metric", "k", "value"]
+    assert frame.columns == ["run_id", "family", "protocol", "metric", "k", "value", "evaluated_at", "ci_low",
+                             "ci_high", "p_vs_best"]
     assert set(frame["run_id"]) == {run.run_id} and set(frame["family"]) == {"popularity"}
     assert {"ndcg", "recall", "precision"} <= set(frame["metric"]) and set(frame["k"].drop_nulls()) == {5, 10}
-    table = wh.sql("SELECT run_id, protocol, metric, k, value FROM evaluations WHERE run_id = $r",
-                   {"r": run.run_id})
+    ndcg = frame.filter(pl.col("metric") == "ndcg", pl.col("k") == 10).row(0, named=True)
+    assert ndcg["ci_low"] < ndcg["value"] < ndcg["ci_high"]  # the 95% interval comes with the value
+    table = wh.sql("SELECT * FROM evaluations WHERE run_id = $r", {"r": run.run_id})
     order = ["metric", "k"]
-    assert frame.drop("family").sort(order, nulls_last=True).equals(table.sort(order, nulls_last=True))
+    assert frame.drop("family").sort(order, nulls_last=True).equals(
+        table.select(frame.drop("family").columns).sort(order, nulls_last=True))
     with pytest.raises(BatchrecError, match="leakage risk"):
         batchrec.evaluate(wh.run(published[1].run_id), protocol="user_temporal")
 
