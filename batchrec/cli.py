@@ -140,14 +140,11 @@ pass_wh = click.make_pass_decorator(Warehouse)
 def ingest(wh: Warehouse, path, dataset, fmt, quarantine, columns, rating_scale, max_future, zip_max_size,
            zip_max_ratio) -> None:
     """Load raw MovieLens (any release) or generic CSV/Parquet files into the warehouse."""
-    from batchrec.ingest import ingest_path
+    from batchrec import api
 
-    if (path is None) == (dataset is None):
-        raise BatchrecError("give exactly one of PATH or --dataset")
-    summary = ingest_path(wh, path=path, dataset=dataset, fmt=fmt, quarantine=quarantine, columns=columns,
+    click.echo(api.ingest(path, dataset=dataset, format=fmt, quarantine=quarantine, columns=columns,
                           rating_scale=rating_scale, max_future=max_future, zip_max_size=zip_max_size,
-                          zip_max_ratio=zip_max_ratio)
-    click.echo(summary)
+                          zip_max_ratio=zip_max_ratio, warehouse=wh))
 
 
 # -- synth -------------------------------------------------------------------------------------
@@ -176,9 +173,10 @@ def features(ctx: click.Context, as_of, protocols, params, keep) -> None:
     """Build a point-in-time feature snapshot (or `features list`)."""
     if ctx.invoked_subcommand is not None:
         return
-    from batchrec.features import build_snapshot
+    from batchrec import api
 
-    click.echo(build_snapshot(ctx.find_object(Warehouse), as_of=as_of, protocols=protocols, params=params, keep=keep))
+    click.echo(api.build_features(as_of, protocols=protocols, params=params, keep=keep,
+                                  warehouse=ctx.find_object(Warehouse)))
 
 
 @features.command("list")
@@ -197,12 +195,14 @@ def features_list(wh: Warehouse) -> None:
 @options.TRAIN_PROTOCOL.click("--protocol")
 @options.TRAIN_PARAMS.click("--param", "params", metavar="KEY=VALUE")
 @options.DEVICE.click("--device")
+@options.MLFLOW.click("--mlflow")
 @pass_wh
-def train(wh: Warehouse, model, snapshot, protocol, params, device) -> None:
+def train(wh: Warehouse, model, snapshot, protocol, params, device, mlflow) -> None:
     """Fit MODEL on a feature snapshot and record a model run."""
-    from batchrec.train import train_model
+    from batchrec import api
 
-    click.echo(train_model(wh, model, snapshot=snapshot, protocol=protocol, params=params, device=device))
+    # no --mlflow: tracking only when MLFLOW_TRACKING_URI is set (None), never switched off here
+    click.echo(api.train(model, params, protocol, snapshot, device=device, mlflow=mlflow or None, warehouse=wh))
 
 
 @main.command()
@@ -272,16 +272,17 @@ def score(wh: Warehouse, run_id, model, top_n, shard, publish_run, users_file, p
 @options.RAY_ADDRESS.click("--ray-address")
 @options.TASK_CPUS.click("--task-cpus")
 @options.TASK_GPUS.click("--task-gpus")
+@options.MLFLOW.click("--mlflow")
 @pass_wh
 def evaluate(wh: Warehouse, runs, model_names, protocol, ks, report_dir, compare, threshold, metrics, bootstrap,
-             seed, executor, ray_address, task_cpus, task_gpus) -> None:
+             seed, executor, ray_address, task_cpus, task_gpus, mlflow) -> None:
     """Evaluate runs on a protocol's test part; write `evaluations` (with 95% intervals) and an HTML report."""
-    from batchrec.evaluate import evaluate_command
+    from batchrec.evaluate import evaluate_command  # the text form of what `batchrec.api.evaluate` returns
 
     click.echo(evaluate_command(wh, runs=runs, models=model_names, protocol=protocol, ks=ks,
                                 report_dir=report_dir, compare=compare, threshold=threshold, metrics=metrics,
                                 bootstrap=bootstrap, seed=seed, executor=executor, ray_address=ray_address,
-                                task_cpus=task_cpus, task_gpus=task_gpus))
+                                task_cpus=task_cpus, task_gpus=task_gpus, mlflow=mlflow or None))
 
 
 # -- operations --------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ import duckdb
 import numpy as np
 import torch
 
+from batchrec import tracking
 from batchrec.data import load_snapshot
 from batchrec.errors import BatchrecError
 from batchrec.executors import check_executor, open_executor
@@ -377,10 +378,22 @@ class Evaluation:
     rows_written: int
     evaluated_at: object
     report: Path | None
+    mlflow_runs: dict[str, str | None] = field(default_factory=dict)  # batchrec run id -> MLflow run id
+    rows: list[tuple] = field(default_factory=list)  # the `evaluations` rows written (EVALUATION_COLUMNS)
+
+    @property
+    def label(self) -> str:
+        """The protocol as `evaluations.protocol` records it (see `protocol_label`)."""
+        return protocol_label(self.spec.name, self.threshold)
 
 
-def _pick_runs(wh: Warehouse, spec: Spec, run_ids: list[str], families: list[str], device: str
-               ) -> tuple[dict, list[dict], list[str], set[str]]:
+def protocol_label(name: str, threshold: float) -> str:
+    """`evaluations` has no threshold column: a non-default one is part of the protocol's name there."""
+    return name if threshold == RELEVANCE_THRESHOLD else f"{name}:threshold={threshold:g}"
+
+
+def _pick_runs(wh: Warehouse, spec: Spec, run_ids: list[str], families: list[str], device: str,
+               track: bool = False) -> tuple[dict, list[dict], list[str], set[str]]:
     """The split to measure and the runs to measure on it: the given runs (checked for leakage),
     else the latest run of each family on that split, fitted now where there is none."""
     notes, trained = [], set()
@@ -406,7 +419,7 @@ def _pick_runs(wh: Warehouse, spec: Spec, run_ids: list[str], families: list[str
     for fam in families:
         if fam in latest:
             continue
-        run_id = fit_run(wh, fam, snapshot, spec.split, {}, device)  # takes the writer lock; we hold nothing
+        run_id = fit_run(wh, fam, snapshot, spec.split, {}, device, mlflow=track)  # takes the writer lock
         trained.add(run_id)
         notes.append(f"trained {fam} now with default parameters: run {run_id} "
                      f"(no run of it on protocol {spec.split} of snapshot {snapshot})")
@@ -465,10 +478,12 @@ def run_evaluation(wh: Warehouse, runs: str | None = None, models: str | None = 
                    compare: bool = False, threshold: float = RELEVANCE_THRESHOLD, metrics: str | None = None,
                    device: str = "auto", bootstrap: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED,
                    executor: str = EXECUTOR.default, ray_address: str | None = None,
-                   task_cpus: float = TASK_CPUS.default, task_gpus: float = TASK_GPUS.default) -> Evaluation:
+                   task_cpus: float = TASK_CPUS.default, task_gpus: float = TASK_GPUS.default,
+                   mlflow: bool | None = None) -> Evaluation:
     """Evaluate runs (given, or the latest of each family, trained now if missing) on a protocol's
     test part, with `bootstrap` resamples of the users (seeded by `seed`) for the intervals and the
-    paired tests; write the `evaluations` rows (one transaction) and the report."""
+    paired tests; write the `evaluations` rows (one transaction) and the report. `mlflow`: log each
+    run's metrics to MLflow after the commit (None: when MLFLOW_TRACKING_URI is set)."""
     spec = resolve_protocol(protocol)
     cutoffs = spec.preset.ks if spec.preset else parse_ks(ks)
     wanted = parse_metrics(metrics)
@@ -487,8 +502,9 @@ def run_evaluation(wh: Warehouse, runs: str | None = None, models: str | None = 
     check_executor(executor)
     if ray_address is not None and executor != "ray":
         raise BatchrecError("--ray-address needs --executor ray")
+    track = tracking.start(mlflow)
 
-    split, chosen, notes, trained = _pick_runs(wh, spec, run_ids, families, device)
+    split, chosen, notes, trained = _pick_runs(wh, spec, run_ids, families, device, track)
     measured = _measure_runs(wh, split["snapshot_id"], spec, chosen, cutoffs, threshold, device, executor,
                              ray_address, task_cpus, task_gpus)
     results: list[ReportRun] = []
@@ -509,8 +525,7 @@ def run_evaluation(wh: Warehouse, runs: str | None = None, models: str | None = 
     attach_uncertainty(results, resamples)
 
     at = utcnow()
-    # evaluations has no threshold column: a non-default one is part of the protocol's name there
-    label = spec.name if threshold == RELEVANCE_THRESHOLD else f"{spec.name}:threshold={threshold:g}"
+    label = protocol_label(spec.name, threshold)
     rows = [r for res in results for r in _rows_for(res, label, at)]
     write_evaluations(wh, rows)
     report = None
@@ -527,7 +542,11 @@ def run_evaluation(wh: Warehouse, runs: str | None = None, models: str | None = 
                           description=spec.preset.description if spec.preset else "",
                           references=list(spec.preset.references) if spec.preset else [])
         report = write_report(report_dir, info, results, compare, nights=nights, trend=trend)
-    return Evaluation(spec, split, cutoffs, threshold, results, notes, len(rows), at, report)
+    tracked = {res.run_id: tracking.log_evaluation(
+        {"run_id": res.run_id, "model": res.model}, label, res.metrics,
+        {"snapshot_id": split["snapshot_id"], "ks": ",".join(map(str, cutoffs)), "threshold": threshold,
+         "evaluated_at": f"{at:%Y-%m-%d %H:%M:%S}"}) for res in results} if track else {}
+    return Evaluation(spec, split, cutoffs, threshold, results, notes, len(rows), at, report, tracked, rows)
 
 
 def evaluate_command(wh: Warehouse, runs: str | None = None, models: str | None = None,
@@ -535,12 +554,13 @@ def evaluate_command(wh: Warehouse, runs: str | None = None, models: str | None 
                      compare: bool = False, threshold: float = RELEVANCE_THRESHOLD, metrics: str | None = None,
                      device: str = "auto", bootstrap: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED,
                      executor: str = EXECUTOR.default, ray_address: str | None = None,
-                     task_cpus: float = TASK_CPUS.default, task_gpus: float = TASK_GPUS.default) -> str:
+                     task_cpus: float = TASK_CPUS.default, task_gpus: float = TASK_GPUS.default,
+                     mlflow: bool | None = None) -> str:
     """`batchrec evaluate`: `run_evaluation`, summarised as text (table, published numbers, report path)."""
     ev = run_evaluation(wh, runs=runs, models=models, protocol=protocol, ks=ks, report_dir=report_dir,
                         compare=compare, threshold=threshold, metrics=metrics, device=device,
                         bootstrap=bootstrap, seed=seed, executor=executor, ray_address=ray_address,
-                        task_cpus=task_cpus, task_gpus=task_gpus)
+                        task_cpus=task_cpus, task_gpus=task_gpus, mlflow=mlflow)
     spec, split = ev.spec, ev.split
     out = [f"{spec.name}: snapshot {split['snapshot_id']}, split {spec.split} {json.dumps(split['params'], sort_keys=True)} "
            f"({split['n_train']:,} / {split['n_valid']:,} / {split['n_test']:,}), K = {', '.join(map(str, ev.ks))}, "
@@ -556,4 +576,8 @@ def evaluate_command(wh: Warehouse, runs: str | None = None, models: str | None 
             out.append(f"  {ref.approach:<15} {ref.metric:<12} theirs {ref.value:<7g} on {ref.dataset:<17} ours {ours}")
     if ev.report:
         out.append(f"report: {ev.report}")
+    if ev.mlflow_runs:
+        logged = [f"{run} -> {mlflow_run}" for run, mlflow_run in ev.mlflow_runs.items() if mlflow_run]
+        out.append(f"mlflow: {len(logged)} of {len(ev.mlflow_runs)} run(s) logged"
+                   + (f" ({', '.join(logged)})" if logged else " (see the warnings above)"))
     return "\n".join(out)

@@ -109,6 +109,8 @@ TRAIN_SNAPSHOT = Option(str, "latest", "Feature snapshot id.")
 TRAIN_PROTOCOL = Option(str, None, "Fit on this protocol's train part, early-stop on its valid part.")
 TRAIN_PARAMS = Option(str, (), "Model parameter KEY=VALUE (repeatable); see `batchrec models`.", multiple=True)
 DEVICE = Option(str, "auto", "Where to fit or score.", choices=DEVICES)
+MLFLOW = Option(bool, False, "Log to MLflow (needs the extra batchrec[mlflow]; also on whenever "
+                             "MLFLOW_TRACKING_URI is set).")
 
 # -- score ------------------------------------------------------------------------------------
 SCORE_MODEL = Option(str, None, "Use the latest run of this model family.")

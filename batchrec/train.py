@@ -12,11 +12,11 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
-from batchrec import options, storage
+from batchrec import options, storage, tracking
 from batchrec.data import load_snapshot
 from batchrec.errors import BatchrecError, Fault, first_line
 from batchrec.features import resolve_snapshot
@@ -114,11 +114,14 @@ def remove_orphan_partials(artifacts_dir: Path | str) -> list[str]:
 
 
 def _fit_run(wh, model_name: str, snapshot: str, protocol: str | None, params: dict, device: str,
-             publish: bool = False) -> dict:
+             publish: bool = False, mlflow: bool | None = False) -> dict:
     """Fit and record one run under the writer lock; `publish`: rebuild the serving database
-    after (a command's last step; evaluate's own fits leave that to evaluate)."""
+    after (a command's last step; evaluate's own fits leave that to evaluate). `mlflow`: log the
+    committed run to MLflow (None: when MLFLOW_TRACKING_URI is set; see batchrec.tracking); the
+    returned row then carries `mlflow_run_id`."""
     dev = choose_device(device)
     create_model(model_name, params)  # unknown model or bad parameter: fail before any work
+    track = tracking.start(mlflow)  # asked for but unusable: fail before any work too
     with wh.lock("train"):
         remove_orphan_partials(wh.artifacts_dir)
         with wh.connect(read_only=True) as con:
@@ -143,27 +146,56 @@ def _fit_run(wh, model_name: str, snapshot: str, protocol: str | None, params: d
             raise
         if publish:
             refresh_serving(wh)
+    if track:
+        row["mlflow_run_id"] = tracking.log_train(row, artifact)
     return row
 
 
 def fit_run(wh, model_name: str, snapshot: str = "latest", protocol: str | None = None,
-            params: dict | None = None, device: str = "auto") -> str:
+            params: dict | None = None, device: str = "auto", mlflow: bool | None = False) -> str:
     """Fit `model_name` on a snapshot (a protocol's train part, or every interaction), save the
     artifact beside the warehouse and record a `model_runs` row; returns the run id. A failed fit
     leaves neither a row nor an artifact."""
-    return _fit_run(wh, model_name, snapshot, protocol, dict(params or {}), device)["run_id"]
+    return _fit_run(wh, model_name, snapshot, protocol, dict(params or {}), device, mlflow=mlflow)["run_id"]
+
+
+def model_params(model: str, params: Mapping[str, Any] | Sequence[str] | None) -> dict:
+    """A family's parameters from a dict (Python values) or KEY=VALUE strings (the command line's
+    `--param`); both are checked against the family when the model is created."""
+    if params is None:
+        return {}
+    if isinstance(params, Mapping):
+        return dict(params)
+    if isinstance(params, str):  # one KEY=VALUE given as a plain string, not a list of them
+        params = (params,)
+    return parse_params(model, tuple(params))
+
+
+def train_run(wh, model: str, snapshot: str | None = options.TRAIN_SNAPSHOT.default, protocol: str | None = None,
+              params: Mapping[str, Any] | Sequence[str] | None = None, device: str = options.DEVICE.default,
+              mlflow: bool | None = None) -> dict:
+    """`batchrec train` (and the API's `train`): fit, record, rebuild the serving database; returns
+    the recorded run as `batchrec.runs` rows look (artifact path as stored)."""
+    return _fit_run(wh, model, snapshot or options.TRAIN_SNAPSHOT.default, protocol, model_params(model, params),
+                    device, publish=True, mlflow=mlflow)
+
+
+def run_summary(row: dict) -> str:
+    """The one line `batchrec train` prints for a recorded run."""
+    valid = row["metrics"].get("valid") or {}
+    shown = [f"{k}={valid[k]:.4f}" for k in ("rmse", "ndcg@10", "recall@10", "precision@10")
+             if isinstance(valid.get(k), (int, float))]
+    scope = f"protocol {row['protocol']} train part" if row["protocol"] else "all interactions"
+    tracked = f"; mlflow run {row['mlflow_run_id']}" if row.get("mlflow_run_id") else ""
+    return (f"run {row['run_id']}: {row['model']} on snapshot {row['snapshot_id']} ({scope}, "
+            f"{row['metrics'].get('n_train')} rows) fitted in {row['fit_seconds']:.1f} s on {row['device']}"
+            + (f"; valid {' '.join(shown)}" if shown else "") + f"; artifact {row['artifact_path']}" + tracked)
 
 
 def train_model(wh, model: str, snapshot: str = options.TRAIN_SNAPSHOT.default, protocol: str | None = None,
-                params: Sequence[str] = (), device: str = options.DEVICE.default) -> str:
+                params: Sequence[str] = (), device: str = options.DEVICE.default, mlflow: bool | None = None) -> str:
     """`batchrec train`: parse KEY=VALUE parameters, fit, record; returns a one-line summary."""
-    row = _fit_run(wh, model, snapshot, protocol, parse_params(model, tuple(params)), device, publish=True)
-    valid = row["metrics"]["valid"]
-    shown = [f"{k}={valid[k]:.4f}" for k in ("rmse", "ndcg@10", "recall@10", "precision@10") if k in valid]
-    scope = f"protocol {protocol} train part" if protocol else "all interactions"
-    return (f"run {row['run_id']}: {model} on snapshot {row['snapshot_id']} ({scope}, "
-            f"{row['metrics']['n_train']} rows) fitted in {row['fit_seconds']:.1f} s on {row['device']}"
-            + (f"; valid {' '.join(shown)}" if shown else "") + f"; artifact {row['artifact_path']}")
+    return run_summary(train_run(wh, model, snapshot, protocol, tuple(params), device, mlflow))
 
 
 def load_run_model(run_row: dict, device: torch.device | str = "auto"):

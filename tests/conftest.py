@@ -4,6 +4,8 @@ default fits the quality tests share."""
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -65,3 +67,18 @@ def default_metrics(ml_small):
         return cache[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def copy_warehouse(ml_small_warehouse):
+    """copy_warehouse(folder) -> a copy of `ml_small_warehouse` (the file and its serving copy; no
+    artifacts) in `folder`, for tests that write."""
+
+    def copy(folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        for source in (ml_small_warehouse.path, ml_small_warehouse.serving_path):
+            if source.exists():
+                shutil.copy(source, folder / source.name)
+        return folder / ml_small_warehouse.path.name
+
+    return copy

@@ -5,6 +5,14 @@
 """
 
 from batchrec.features.params import PROTOCOLS
-from batchrec.features.snapshots import build_snapshot, latest_snapshot_id, list_snapshots, resolve_snapshot
+from batchrec.features.snapshots import (
+    Snapshot,
+    build_snapshot,
+    latest_snapshot_id,
+    list_snapshots,
+    make_snapshot,
+    resolve_snapshot,
+)
 
-__all__ = ["PROTOCOLS", "build_snapshot", "latest_snapshot_id", "list_snapshots", "resolve_snapshot"]
+__all__ = ["PROTOCOLS", "Snapshot", "build_snapshot", "latest_snapshot_id", "list_snapshots", "make_snapshot",
+           "resolve_snapshot"]

@@ -18,6 +18,7 @@ import logging
 import secrets
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Iterator
 
@@ -125,9 +126,26 @@ def _prune(con: duckdb.DuckDBPyConnection, keep: int) -> list[str]:
     return old
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """A feature snapshot just built: its id and the one-line summary `batchrec features` prints."""
+
+    snapshot_id: str
+    summary: str
+
+    def __str__(self) -> str:
+        return self.summary
+
+
 def build_snapshot(wh: Warehouse, as_of: str | None = None, protocols: str = options.FEATURES_PROTOCOLS.default,
                    params: tuple[str, ...] = (), keep: int = options.FEATURES_KEEP.default) -> str:
     """Build one feature snapshot (nothing at or after `as_of`, default now); returns a summary line."""
+    return make_snapshot(wh, as_of, protocols, params, keep).summary
+
+
+def make_snapshot(wh: Warehouse, as_of: str | None = None, protocols: str = options.FEATURES_PROTOCOLS.default,
+                  params: tuple[str, ...] = (), keep: int = options.FEATURES_KEEP.default) -> Snapshot:
+    """`build_snapshot`, returning the new snapshot's id beside its summary (the Python API's)."""
     chosen = parse_protocols(protocols)
     values = parse_params(params)
     cutoff = parse_timestamp(as_of, "--as-of") if as_of else utcnow()
@@ -159,7 +177,7 @@ def build_snapshot(wh: Warehouse, as_of: str | None = None, protocols: str = opt
                f"{time.perf_counter() - started:.1f} s")
     if pruned:
         summary += f"; pruned {len(pruned)} older snapshot(s) beyond --keep {keep}: {', '.join(pruned)}"
-    return summary
+    return Snapshot(snapshot_id, summary)
 
 
 def list_snapshots(wh: Warehouse) -> str:

@@ -3,7 +3,7 @@ training counts, content features) and the raw tables' users the snapshot lacks 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import polars as pl
@@ -149,6 +149,23 @@ def load_inputs(con, run: dict, min_history: int = 1) -> ScoringInputs:
         seen=seen, liked=liked, user_train=user_train, item_train=item_train, served=served, profile=profile,
         genres=genres, genre_names=genre_names, tags=tags, tag_terms=tag_terms,
         rating_scale=rating_range(con, s))
+
+
+def with_unknown_users(inputs: ScoringInputs, user_ids: np.ndarray) -> ScoringInputs:
+    """`inputs` with rows appended for user ids the warehouse has never seen: nothing known about
+    them, so they are served what `batchrec score` serves a user it knows nothing about (the most
+    popular items). Ids already present are not added again."""
+    new = np.setdiff1d(np.asarray(user_ids, np.int64), inputs.user_ids)
+    if not len(new):
+        return inputs
+
+    def grow(m: sp.csr_matrix) -> sp.csr_matrix:
+        return sp.vstack([m, sp.csr_matrix((len(new), m.shape[1]), dtype=m.dtype)], format="csr")
+
+    return replace(inputs, user_ids=np.concatenate([inputs.user_ids, new]), seen=grow(inputs.seen),
+                   liked=grow(inputs.liked), profile=grow(inputs.profile),
+                   user_train=np.concatenate([inputs.user_train, np.zeros(len(new), inputs.user_train.dtype)]),
+                   served=np.concatenate([inputs.served, np.zeros(len(new), bool)]))
 
 
 def check_fits_snapshot(model: Recommender, run: dict, n_users: int, n_items: int) -> None:

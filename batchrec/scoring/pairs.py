@@ -25,7 +25,7 @@ def _read_table(path: Path, what: str) -> pl.DataFrame:
         raise BatchrecError(f"{what} {path}: cannot read it ({str(exc).splitlines()[0]})") from None
 
 
-def _int_column(df: pl.DataFrame, column: str, path: Path, csv: bool) -> np.ndarray:
+def _int_column(df: pl.DataFrame, column: str, path: Path | str, csv: bool) -> np.ndarray:
     """An integer id column; names the first bad line (CSV) or row (Parquet)."""
     if column not in df.columns:
         raise BatchrecError(f"{path}: no {column!r} column (columns: {', '.join(df.columns) or 'none'})")
@@ -67,11 +67,12 @@ def _lookup(ids: np.ndarray, query: np.ndarray) -> np.ndarray:
     return np.where(ids[order][pos] == query, order[pos], -1)
 
 
-def score_pairs(model: Recommender, run: dict, con, pairs: Path, out: Path) -> str:
-    """Score (user_id, item_id) pairs with the run's model; extra columns and row order kept."""
-    frame = _read_table(pairs, "--pairs")
-    csv = pairs.suffix.lower() != ".parquet"
-    users, items = _int_column(frame, "user_id", pairs, csv), _int_column(frame, "item_id", pairs, csv)
+def score_pair_frame(model: Recommender, run: dict, con, frame: pl.DataFrame, what: str | Path = "pairs",
+                     csv: bool = False) -> pl.DataFrame:
+    """`frame` (user_id, item_id, any other columns) with `score` and `fallback` columns added,
+    rows in order: the run's model where it knows both ids, its fallback otherwise (an unknown
+    user or item), rating models clipped to the snapshot's scale. `what` names the input in errors."""
+    users, items = _int_column(frame, "user_id", what, csv), _int_column(frame, "item_id", what, csv)
     check_snapshot_kept(con, run)
     s = run["snapshot_id"]
     user_ids, item_ids = snapshot_ids(con, s)
@@ -97,7 +98,13 @@ def score_pairs(model: Recommender, run: dict, con, pairs: Path, out: Path) -> s
             scores[a:a + step] = chunk.cpu().numpy()
     if model.task == "rating" and scale is not None:
         np.clip(scores, *scale, out=scores)
-    result = frame.with_columns(pl.Series("score", scores), pl.Series("fallback", ~known))
+    return frame.with_columns(pl.Series("score", scores), pl.Series("fallback", ~known))
+
+
+def score_pairs(model: Recommender, run: dict, con, pairs: Path, out: Path) -> str:
+    """Score (user_id, item_id) pairs with the run's model; extra columns and row order kept."""
+    frame = _read_table(pairs, "--pairs")
+    result = score_pair_frame(model, run, con, frame, pairs, csv=pairs.suffix.lower() != ".parquet")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     if out.suffix.lower() == ".parquet":
@@ -106,4 +113,4 @@ def score_pairs(model: Recommender, run: dict, con, pairs: Path, out: Path) -> s
         result.write_csv(tmp)
     os.replace(tmp, out)
     return (f"scored {len(frame)} pairs from {pairs} with run {run['run_id']} ({run['model']}): "
-            f"{int((~known).sum())} by the fallback (unknown user or item) -> {out}")
+            f"{int(result['fallback'].sum())} by the fallback (unknown user or item) -> {out}")
