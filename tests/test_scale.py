@@ -31,10 +31,11 @@ from batchrec.evaluate import run_evaluation
 from batchrec.executors import open_executor
 from batchrec.features import build_snapshot
 from batchrec.ingest.run import ingest_path
+from batchrec.processes import pid_exists
 from batchrec.runs import resolve_run
 from batchrec.scoring import load_model, publish_shards, score_run, score_shard, score_sharded
 from batchrec.train import fit_run
-from batchrec.warehouse import Warehouse, pid_exists
+from batchrec.warehouse import Warehouse
 
 BUCKET = "batchrec-test"
 MF = {"factors": 16, "epochs": 2, "batch_size": 8192}
