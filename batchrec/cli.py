@@ -197,12 +197,13 @@ def features_list(wh: Warehouse) -> None:
 @options.TRAIN_PROTOCOL.click("--protocol")
 @options.TRAIN_PARAMS.click("--param", "params", metavar="KEY=VALUE")
 @options.DEVICE.click("--device")
+@options.TRAIN_NPROC.click("--nproc")
 @pass_wh
-def train(wh: Warehouse, model, snapshot, protocol, params, device) -> None:
+def train(wh: Warehouse, model, snapshot, protocol, params, device, nproc) -> None:
     """Fit MODEL on a feature snapshot and record a model run."""
     from batchrec.train import train_model
 
-    click.echo(train_model(wh, model, snapshot=snapshot, protocol=protocol, params=params, device=device))
+    click.echo(train_model(wh, model, snapshot=snapshot, protocol=protocol, params=params, device=device, nproc=nproc))
 
 
 @main.command()

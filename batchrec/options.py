@@ -108,6 +108,9 @@ TRAIN_SNAPSHOT = Option(str, "latest", "Feature snapshot id.")
 TRAIN_PROTOCOL = Option(str, None, "Fit on this protocol's train part, early-stop on its valid part.")
 TRAIN_PARAMS = Option(str, (), "Model parameter KEY=VALUE (repeatable); see `batchrec models`.", multiple=True)
 DEVICE = Option(str, "auto", "Where to fit or score.", choices=DEVICES)
+TRAIN_NPROC = Option(int, 1, "Train data-parallel in this many processes on this machine (torch DDP: gloo on CPU, "
+                             "nccl with one GPU each on CUDA; neural families). Under torchrun leave it out: the "
+                             "launcher decides.", min=1)
 
 # -- score ------------------------------------------------------------------------------------
 SCORE_MODEL = Option(str, None, "Use the latest run of this model family.")

@@ -1,23 +1,33 @@
 """`batchrec train`: fit a model on a snapshot (with the shared `batchrec.training.Trainer`),
-save its artifact atomically and record a `model_runs` row."""
+save its artifact atomically and record a `model_runs` row.
+
+`--nproc N` trains the neural families data-parallel (torch DDP, `batchrec.distributed`): this
+process holds the writer lock and starts N ranks on this machine; under torchrun (or any launcher
+setting RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT) each process is one rank of the launcher's group.
+Either way rank 0 alone reads the warehouse (and hands the data to the others), writes the
+artifact and records the one run."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import secrets
 import shutil
 import socket
+import sys
 import time
+import traceback
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from batchrec import options
+from batchrec import distributed, logs, options
 from batchrec.data import load_snapshot
-from batchrec.errors import BatchrecError, Fault, first_line
+from batchrec.errors import BatchrecError, Fault, as_fault, first_line
 from batchrec.features import resolve_snapshot
 from batchrec.metrics import validation_metrics
 from batchrec.models import create_model, parse_params
@@ -25,11 +35,14 @@ from batchrec.models.base import ARTIFACT_META, ARTIFACT_STATE, Recommender
 from batchrec.runs import insert_run, stored_artifact_path
 from batchrec.serving import refresh as refresh_serving
 from batchrec.training import Trainer, choose_device
-from batchrec.warehouse import pid_exists, transaction, utcnow
+from batchrec.warehouse import Warehouse, pid_exists, transaction, utcnow
 
 log = logging.getLogger("batchrec.train")
 
 _PARTIAL = re.compile(r"^\.(?P<run>[^.]+)\.(?P<pid>\d+)@(?P<host>.+)\.partial$")
+# The families `--nproc` trains data-parallel: those whose whole fit is `Trainer.fit` over
+# per-user rows with dense gradients (mf and bpr step sparse embeddings with LazyAdam instead).
+DDP_FAMILIES = ("neumf", "multvae", "autorec", "two_tower", "content_dnn")
 # How torch's zip writer reports a write the file system refused (a full disk, an I/O error)
 _TORCH_WRITE_FAILED = re.compile(r"inline_container|PytorchStreamWriter|iostream error|file write failed")
 
@@ -42,7 +55,9 @@ def fit_model(model_name: str, data, params: dict | None = None, device: torch.d
     non-finite is rejected here, so a broken model is never saved.
     """
     model = create_model(model_name, params)
-    trainer = Trainer(device=torch.device(device), seed=model.params.get("seed", 0), progress=progress)
+    group = distributed.current()  # in a DDP group: this rank's own random streams
+    trainer = Trainer(device=torch.device(device), seed=distributed.rank_seed(model.params.get("seed", 0), group),
+                      progress=progress)
     model.prepare(data, trainer.device)
     model.fit(data, trainer)
     with torch.no_grad():
@@ -102,20 +117,31 @@ def remove_orphan_partials(artifacts_dir: Path) -> list[str]:
 
 
 def _fit_run(wh, model_name: str, snapshot: str, protocol: str | None, params: dict, device: str,
-             publish: bool = False) -> dict:
+             publish: bool = False) -> dict | None:
     """Fit and record one run under the writer lock; `publish`: rebuild the serving database
-    after (a command's last step; evaluate's own fits leave that to evaluate)."""
+    after (a command's last step; evaluate's own fits leave that to evaluate). In a DDP group
+    every rank fits, rank 0 alone reads, records and returns the row (the others: None)."""
     dev = choose_device(device)
     create_model(model_name, params)  # unknown model or bad parameter: fail before any work
-    with wh.lock("train"):
-        remove_orphan_partials(wh.artifacts_dir)
-        with wh.connect(read_only=True) as con:
-            snapshot_id = resolve_snapshot(con, snapshot)
-            data = load_snapshot(con, snapshot_id, protocol)
+    group = distributed.current()
+    leader = group is None or group.leader
+    with wh.lock("train") if leader else nullcontext():
+
+        def read_inputs():
+            remove_orphan_partials(wh.artifacts_dir)
+            with wh.connect(read_only=True) as con:
+                snapshot_id = resolve_snapshot(con, snapshot)
+                return snapshot_id, load_snapshot(con, snapshot_id, protocol)
+
+        snapshot_id, data = read_inputs() if group is None else distributed.share(read_inputs, group)
         started = time.perf_counter()
-        model, trainer = fit_model(model_name, data, params, dev)
+        model, trainer = fit_model(model_name, data, params, dev if group is None else group.device)
         fit_seconds = time.perf_counter() - started
+        if not leader:
+            return None
         metrics = {"valid": validation_metrics(model, data), "n_train": len(data.train), "history": trainer.history}
+        if group is not None:
+            metrics["distributed"] = {"processes": group.world, "backend": group.backend}
         created = utcnow()
         run_id = new_run_id(model_name, created)
         artifact = save_artifact(model, wh.artifacts_dir, run_id)
@@ -142,15 +168,90 @@ def fit_run(wh, model_name: str, snapshot: str = "latest", protocol: str | None 
 
 
 def train_model(wh, model: str, snapshot: str = options.TRAIN_SNAPSHOT.default, protocol: str | None = None,
-                params: Sequence[str] = (), device: str = options.DEVICE.default) -> str:
-    """`batchrec train`: parse KEY=VALUE parameters, fit, record; returns a one-line summary."""
-    row = _fit_run(wh, model, snapshot, protocol, parse_params(model, tuple(params)), device, publish=True)
+                params: Sequence[str] = (), device: str = options.DEVICE.default,
+                nproc: int = options.TRAIN_NPROC.default) -> str:
+    """`batchrec train`: parse KEY=VALUE parameters, fit, record; returns a one-line summary.
+
+    `nproc` > 1: start that many DDP ranks on this machine (a neural family only); started by a
+    launcher (torchrun), this process is one rank of its group whatever `nproc` says."""
+    parsed = parse_params(model, tuple(params))
+    if distributed.launched():
+        return _train_rank(wh, model, snapshot, protocol, parsed, device, nproc)
+    if nproc > 1:
+        return _train_local_ranks(wh, model, snapshot, protocol, params, device, nproc)
+    return _summary(_fit_run(wh, model, snapshot, protocol, parsed, device, publish=True))
+
+
+def _summary(row: dict) -> str:
     valid = row["metrics"]["valid"]
     shown = [f"{k}={valid[k]:.4f}" for k in ("rmse", "ndcg@10", "recall@10", "precision@10") if k in valid]
-    scope = f"protocol {protocol} train part" if protocol else "all interactions"
-    return (f"run {row['run_id']}: {model} on snapshot {row['snapshot_id']} ({scope}, "
-            f"{row['metrics']['n_train']} rows) fitted in {row['fit_seconds']:.1f} s on {row['device']}"
+    scope = f"protocol {row['protocol']} train part" if row["protocol"] else "all interactions"
+    ddp = row["metrics"].get("distributed")
+    where = row["device"] + (f" x {ddp['processes']} processes (DDP, {ddp['backend']})" if ddp else "")
+    return (f"run {row['run_id']}: {row['model']} on snapshot {row['snapshot_id']} ({scope}, "
+            f"{row['metrics']['n_train']} rows) fitted in {row['fit_seconds']:.1f} s on {where}"
             + (f"; valid {' '.join(shown)}" if shown else "") + f"; artifact {row['artifact_path']}")
+
+
+def _check_distributable(model: str, device: str, nproc: int) -> None:
+    if model not in DDP_FAMILIES:
+        raise BatchrecError(f"--nproc {nproc}: {model} is not trained data-parallel "
+                            f"(expected one of {', '.join(DDP_FAMILIES)}, or --nproc 1)")
+    dev = choose_device(device)
+    if dev.type == "cuda" and nproc > torch.cuda.device_count():
+        raise BatchrecError(f"--nproc {nproc} on CUDA needs {nproc} GPUs (one per process), this machine has "
+                            f"{torch.cuda.device_count()} (expected --nproc {torch.cuda.device_count()} or --device cpu)")
+
+
+def _train_rank(wh, model: str, snapshot: str, protocol: str | None, params: dict, device: str, nproc: int) -> str:
+    """This process as one rank of a launcher's group: train; rank 0 records the run."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+    if nproc not in (1, local_world):
+        raise BatchrecError(f"--nproc {nproc}, but the launcher started {local_world} processes on this machine "
+                            "(expected --nproc left out: under torchrun the launcher decides)")
+    _check_distributable(model, device, local_world)
+    with distributed.process_group(choose_device(device)) as group:
+        if not group.leader:
+            logs.adjust(quiet=1)  # one rank logs the epochs
+        row = _fit_run(wh, model, snapshot, protocol, params, device, publish=True)
+    return _summary(row) if row is not None else f"rank {group.rank} of {group.world}: done (rank 0 records the run)"
+
+
+def _train_local_ranks(wh, model: str, snapshot: str, protocol: str | None, params: Sequence[str], device: str,
+                       nproc: int) -> str:
+    """Hold the writer lock and run `nproc` ranks on this machine (`distributed.launch_local`):
+    rank 0 works under this lock (`Warehouse.lock_of_parent`)."""
+    _check_distributable(model, device, nproc)
+    spec = {"warehouse": str(wh.path), "artifacts": str(wh.artifacts_dir), "model": model, "snapshot": snapshot,
+            "protocol": protocol, "params": list(params), "device": device, "logs": logs.settings()}
+    with wh.lock(f"train {model} --nproc {nproc}"):
+        result = distributed.launch_local(nproc, "batchrec.train:rank_main", spec)
+    return result["summary"]
+
+
+def rank_main(spec_path: str, result_path: str) -> None:
+    """Entry point of a rank started by `_train_local_ranks`: train, write {"summary"} or
+    {"error", "exit_code"} as JSON to `result_path`, exit with that code (errors are reported
+    by the parent, in one line)."""
+    spec = json.loads(Path(spec_path).read_text())
+    settings = spec["logs"]
+    rank = int(os.environ["RANK"])
+    logs.configure(settings["verbose"], settings["quiet"], settings["format"])
+    wh = Warehouse(spec["warehouse"], artifacts=spec["artifacts"])
+    code, result = 0, {}
+    try:
+        with wh.lock_of_parent("train") if rank == 0 else nullcontext():
+            result = {"summary": train_model(wh, spec["model"], spec["snapshot"], spec["protocol"], spec["params"],
+                                             spec["device"])}
+    except BaseException as exc:
+        error = exc if isinstance(exc, BatchrecError) else as_fault(exc)
+        if error is None:
+            if settings["verbose"]:
+                traceback.print_exc()
+            error = BatchrecError(f"unexpected {type(exc).__name__}: {first_line(exc)} (run with -v for the traceback)")
+        code, result = error.exit_code, {"error": first_line(error), "exit_code": error.exit_code}
+    Path(result_path).write_text(json.dumps(result))
+    sys.exit(code)
 
 
 def load_run_model(run_row: dict, device: torch.device | str = "auto"):
