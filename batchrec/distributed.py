@@ -268,6 +268,9 @@ def launch_local(nproc: int, entry: str, spec: dict, extra_env: dict[str, str] |
                     "RANK": str(r), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": str(nproc),
                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
                 env.setdefault("OMP_NUM_THREADS", threads)
+                # torch's C++ warnings (DDP's note that a step left no parameter unused: expected
+                # for the families that never freeze part of the network) off unless asked for
+                env.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
                 procs.append(subprocess.Popen([sys.executable, "-c", code.format(result=str(results[r]))], env=env))
             failed = _wait(procs)
         except BaseException:
