@@ -27,7 +27,7 @@ import torch
 
 from batchrec import distributed, logs, options
 from batchrec.data import load_snapshot
-from batchrec.errors import BatchrecError, Fault, as_fault, first_line
+from batchrec.errors import BatchrecError, Fault, Interrupted, as_fault, first_line
 from batchrec.features import resolve_snapshot
 from batchrec.metrics import validation_metrics
 from batchrec.models import create_model, parse_params
@@ -245,6 +245,8 @@ def rank_main(spec_path: str, result_path: str) -> None:
                                              spec["device"])}
     except BaseException as exc:
         error = exc if isinstance(exc, BatchrecError) else as_fault(exc)
+        if isinstance(exc, KeyboardInterrupt):
+            error = Interrupted(f"rank {rank} interrupted (SIGINT)")
         if error is None:
             if settings["verbose"]:
                 traceback.print_exc()
