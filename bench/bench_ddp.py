@@ -15,7 +15,7 @@ run's seed, measured by `batchrec evaluate` on the test part; target |delta NDCG
 (ranking families), |delta RMSE| <= 0.005 (rating families).
 
     .venv/bin/python bench/bench_ddp.py [--families multvae,neumf] [--epochs 3] [--ratings 1000000]
-    .venv/bin/python bench/bench_ddp.py --quality [--param multvae:ensemble=1 ...]
+    .venv/bin/python bench/bench_ddp.py --quality [--spread] [--param multvae:ensemble=1 ...]
 """
 
 from __future__ import annotations
@@ -95,26 +95,37 @@ def speed(wh: Path, args, extra: dict[str, list[str]]) -> None:
               f"{ddp / results[1]['epoch_s']:.2f} (vs 1 thread)", flush=True)
 
 
+def _test_metric(wh: Path, family: str, run_ids: list[str]) -> tuple[str, float, list[float]]:
+    """(metric name, target, test values of the runs) from `batchrec evaluate` on user_temporal."""
+    subprocess.run(CLI + ["-q", "--warehouse", str(wh), "evaluate", "--runs", ",".join(run_ids),
+                          "--protocol", "user_temporal", "--k", "10", "--report", str(wh.parent / "report")],
+                   check=True, capture_output=True)
+    metric, k, target = ("ndcg", 10, 0.002) if family in RANKING else ("rmse", 0, 0.005)
+    quoted = ", ".join(f"'{r}'" for r in run_ids)
+    query = f"SELECT run_id, value FROM evaluations WHERE metric = '{metric}' AND k = {k} AND run_id IN ({quoted})"
+    out = subprocess.run(CLI + ["--warehouse", str(wh), "sql", query, "--format", "csv"], check=True,
+                         capture_output=True, text=True).stdout.strip().splitlines()[1:]
+    value = {line.split(",")[0]: float(line.split(",")[1]) for line in out}
+    return (f"{metric}@{k}" if k else metric), target, [value[r] for r in run_ids]
+
+
 def quality(wh: Path, args, extra: dict[str, list[str]]) -> None:
+    """1 process against 2 on the test part; with --spread, also 1 process with seed=1: how far
+    two seeds of one process land apart, the noise any change of random streams brings."""
     cores = os.cpu_count() or 1
-    print(f"{'family':<10}{'metric':<9}{'1 process':>11}{'2 processes':>13}{'delta':>9}{'target':>8}  epochs (1 / 2)")
+    print(f"{'family':<10}{'metric':<9}{'1 process':>11}{'2 processes':>13}{'delta':>9}{'target':>8}"
+          f"{'seed-1 delta':>14}  epochs (1 / 2)")
     for family in args.families.split(","):
         params = extra.get(family, [])
-        one = train(wh, family, 1, 1, params, "user_temporal")
-        two = train(wh, family, 2, max(1, cores // 2), params, "user_temporal")
-        subprocess.run(CLI + ["-q", "--warehouse", str(wh), "evaluate", "--runs", f"{one['run_id']},{two['run_id']}",
-                              "--protocol", "user_temporal", "--k", "10", "--report", str(wh.parent / "report")],
-                       check=True, capture_output=True)
-        metric, k, target = ("ndcg", 10, 0.002) if family in RANKING else ("rmse", 0, 0.005)
-        query = (f"SELECT run_id, value FROM evaluations WHERE metric = '{metric}' AND k = {k} "
-                 f"AND run_id IN ('{one['run_id']}', '{two['run_id']}')")
-        out = subprocess.run(CLI + ["--warehouse", str(wh), "sql", query, "--format", "csv"], check=True,
-                             capture_output=True, text=True).stdout.strip().splitlines()[1:]
-        value = {line.split(",")[0]: float(line.split(",")[1]) for line in out}
-        a, b = value[one["run_id"]], value[two["run_id"]]
-        name = f"{metric}@{k}" if k else metric
-        print(f"{family:<10}{name:<9}{a:>11.4f}{b:>13.4f}{b - a:>+9.4f}{target:>8.3f}  "
-              f"{one['epochs']} / {two['epochs']} {'ok' if abs(b - a) <= target else 'MISSED'}", flush=True)
+        fits = [train(wh, family, 1, 1, params, "user_temporal"),
+                train(wh, family, 2, max(1, cores // 2), params, "user_temporal")]
+        if args.spread:
+            fits.append(train(wh, family, 1, 1, [*params, "seed=1"], "user_temporal"))
+        name, target, values = _test_metric(wh, family, [f["run_id"] for f in fits])
+        a, b = values[0], values[1]
+        spread = f"{values[2] - a:>+14.4f}" if args.spread else f"{'':>14}"
+        print(f"{family:<10}{name:<9}{a:>11.4f}{b:>13.4f}{b - a:>+9.4f}{target:>8.3f}{spread}  "
+              f"{fits[0]['epochs']} / {fits[1]['epochs']} {'ok' if abs(b - a) <= target else 'MISSED'}", flush=True)
 
 
 def main() -> None:
@@ -128,6 +139,7 @@ def main() -> None:
     ap.add_argument("--param", action="append", default=[], metavar="FAMILY:KEY=VALUE",
                     help="a model parameter for one family (repeatable), e.g. multvae:ensemble=1")
     ap.add_argument("--quality", action="store_true", help="compare test metrics of 1 and 2 processes instead")
+    ap.add_argument("--spread", action="store_true", help="quality: also fit one process with seed=1 (the noise floor)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
