@@ -159,7 +159,7 @@ def user_shard(users: torch.Tensor, group: Group) -> torch.Tensor:
     return rank_of_user[users] == group.rank
 
 
-def _gather(values: list[float], group: Group) -> np.ndarray:
+def gather(values: list[float], group: Group) -> np.ndarray:
     """[world x len(values)] float64: every rank's values, in rank order, on every rank."""
     mine = torch.tensor(values, dtype=torch.float64, device=group.device)
     parts = [torch.empty_like(mine) for _ in range(group.world)]
@@ -169,14 +169,14 @@ def _gather(values: list[float], group: Group) -> np.ndarray:
 
 def sum_over_ranks(values: list[float], group: Group) -> list[float]:
     """Each value summed over the ranks in rank order: bit-identical on every rank."""
-    table = _gather(values, group)
+    table = gather(values, group)
     return [float(sum(table[r, j] for r in range(group.world))) for j in range(len(values))]
 
 
 def epoch_batches(n_rows: int, batch_size: int, group: Group) -> int:
     """Optimiser steps this epoch, the same on every rank: the global rows over `batch_size`
     (the global batch stays `batch_size`, as with one process), at most the smallest rank's rows."""
-    sizes = _gather([float(n_rows)], group)[:, 0].astype(np.int64)
+    sizes = gather([float(n_rows)], group)[:, 0].astype(np.int64)
     if sizes.min() == 0:
         raise BatchrecError(f"{group.world} training processes but rank {int(sizes.argmin())} got no training rows "
                             f"(rows per rank: {', '.join(map(str, sizes))}): use fewer processes")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -137,11 +138,13 @@ def _fit_run(wh, model_name: str, snapshot: str, protocol: str | None, params: d
         started = time.perf_counter()
         model, trainer = fit_model(model_name, data, params, dev if group is None else group.device)
         fit_seconds = time.perf_counter() - started
+        if group is not None:
+            decisions = _check_same_decisions(trainer.history, group)
         if not leader:
             return None
         metrics = {"valid": validation_metrics(model, data), "n_train": len(data.train), "history": trainer.history}
         if group is not None:
-            metrics["distributed"] = {"processes": group.world, "backend": group.backend}
+            metrics["distributed"] = {"processes": group.world, "backend": group.backend, "epochs_per_rank": decisions}
         created = utcnow()
         run_id = new_run_id(model_name, created)
         artifact = save_artifact(model, wh.artifacts_dir, run_id)
@@ -157,6 +160,18 @@ def _fit_run(wh, model_name: str, snapshot: str, protocol: str | None, params: d
         if publish:
             refresh_serving(wh)
     return row
+
+
+def _check_same_decisions(history: list[dict], group) -> list[int]:
+    """Every rank's epoch count (the early-stopping decisions), checked equal, with the validation
+    figures they saw: they must be, as the ranks combine them identically (a difference is a bug,
+    and recording that run would hide it)."""
+    seen = math.fsum(v for row in history for k, v in row.items() if k.startswith("valid") and not math.isnan(v))
+    table = distributed.gather([float(len(history)), seen], group)
+    if not (table == table[0]).all():
+        raise BatchrecError(f"the {group.world} training ranks disagreed on early stopping (epochs per rank: "
+                            f"{', '.join(str(int(n)) for n in table[:, 0])}); no run was recorded")
+    return [int(n) for n in table[:, 0]]
 
 
 def fit_run(wh, model_name: str, snapshot: str = "latest", protocol: str | None = None,
