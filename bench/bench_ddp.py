@@ -102,7 +102,8 @@ def _test_metric(wh: Path, family: str, run_ids: list[str]) -> tuple[str, float,
                    check=True, capture_output=True)
     metric, k, target = ("ndcg", 10, 0.002) if family in RANKING else ("rmse", 0, 0.005)
     quoted = ", ".join(f"'{r}'" for r in run_ids)
-    query = f"SELECT run_id, value FROM evaluations WHERE metric = '{metric}' AND k = {k} AND run_id IN ({quoted})"
+    query = (f"SELECT run_id, value FROM evaluations WHERE metric = '{metric}' AND coalesce(k, 0) = {k} "
+             f"AND run_id IN ({quoted})")
     out = subprocess.run(CLI + ["--warehouse", str(wh), "sql", query, "--format", "csv"], check=True,
                          capture_output=True, text=True).stdout.strip().splitlines()[1:]
     value = {line.split(",")[0]: float(line.split(",")[1]) for line in out}
@@ -121,6 +122,7 @@ def quality(wh: Path, args, extra: dict[str, list[str]]) -> None:
                 train(wh, family, 2, max(1, cores // 2), params, "user_temporal")]
         if args.spread:
             fits.append(train(wh, family, 1, 1, [*params, "seed=1"], "user_temporal"))
+        print(f"{family:<10}runs: {', '.join(f['run_id'] for f in fits)}", flush=True)
         name, target, values = _test_metric(wh, family, [f["run_id"] for f in fits])
         a, b = values[0], values[1]
         spread = f"{values[2] - a:>+14.4f}" if args.spread else f"{'':>14}"
