@@ -196,13 +196,15 @@ def features_list(wh: Warehouse) -> None:
 @options.TRAIN_PARAMS.click("--param", "params", metavar="KEY=VALUE")
 @options.DEVICE.click("--device")
 @options.MLFLOW.click("--mlflow")
+@options.TRAIN_NPROC.click("--nproc")
 @pass_wh
-def train(wh: Warehouse, model, snapshot, protocol, params, device, mlflow) -> None:
+def train(wh: Warehouse, model, snapshot, protocol, params, device, mlflow, nproc) -> None:
     """Fit MODEL on a feature snapshot and record a model run."""
     from batchrec import api
 
     # no --mlflow: tracking only when MLFLOW_TRACKING_URI is set (None), never switched off here
-    click.echo(api.train(model, params, protocol, snapshot, device=device, mlflow=mlflow or None, warehouse=wh))
+    run = api.train(model, params, protocol, snapshot, device=device, mlflow=mlflow or None, nproc=nproc, warehouse=wh)
+    click.echo(run if run is not None else "this rank is done (rank 0 records the run)")
 
 
 @main.command()

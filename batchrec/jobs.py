@@ -46,7 +46,7 @@ STEP_OPTIONS: dict[str, dict[str, options.Option]] = {
     "features": {"as_of": options.FEATURES_AS_OF, "protocols": options.FEATURES_PROTOCOLS,
                  "params": options.FEATURES_PARAMS, "keep": options.FEATURES_KEEP},
     "train": {"model": options.TRAIN_MODEL, "protocol": options.TRAIN_PROTOCOL, "params": options.TRAIN_PARAMS,
-              "device": options.DEVICE},
+              "device": options.DEVICE, "nproc": options.TRAIN_NPROC},
     "score": {"model": options.SCORE_MODEL, "top_n": options.TOP_N, "memory_budget": options.MEMORY_BUDGET,
               "retention_days": options.RETENTION_DAYS, "device": options.DEVICE, "gate_metric": options.GATE_METRIC,
               "gate_tolerance": options.GATE_TOLERANCE, "gate_protocol": options.GATE_PROTOCOL,
@@ -202,7 +202,7 @@ def _run_train(wh: Warehouse, s: dict) -> StepResult:
     from batchrec.train import train_model
 
     return StepResult(train_model(wh, s["model"], snapshot="latest", protocol=s["protocol"],
-                                  params=tuple(s["params"]), device=s["device"]))
+                                  params=tuple(s["params"]), device=s["device"], nproc=s["nproc"]))
 
 
 def _run_score(wh: Warehouse, s: dict) -> StepResult:

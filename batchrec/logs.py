@@ -100,6 +100,11 @@ def adjust(verbose: int = 0, quiet: int = 0, fmt: str | None = None) -> None:
     _apply()
 
 
+def settings() -> dict:
+    """The current verbosity and format, to start a worker process logging alike (`configure`)."""
+    return dict(_state)
+
+
 def bars_enabled() -> bool:
     """Bars only on a terminal, and not when asked to be quiet."""
     return sys.stderr.isatty() and logging.getLogger().getEffectiveLevel() <= logging.INFO

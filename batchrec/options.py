@@ -111,6 +111,9 @@ TRAIN_PARAMS = Option(str, (), "Model parameter KEY=VALUE (repeatable); see `bat
 DEVICE = Option(str, "auto", "Where to fit or score.", choices=DEVICES)
 MLFLOW = Option(bool, False, "Log to MLflow (needs the extra batchrec[mlflow]; also on whenever "
                              "MLFLOW_TRACKING_URI is set).")
+TRAIN_NPROC = Option(int, 1, "Train data-parallel in this many processes on this machine (torch DDP: gloo on CPU, "
+                             "nccl with one GPU each on CUDA; neural families). Under torchrun leave it out: the "
+                             "launcher decides.", min=1)
 
 # -- score ------------------------------------------------------------------------------------
 SCORE_MODEL = Option(str, None, "Use the latest run of this model family.")

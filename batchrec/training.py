@@ -1,7 +1,10 @@
 """The shared trainer: device choice, mini-batching, early stopping, schedules, checkpoints.
 
 Gradient models hand the trainer their module, a loss over one batch and the training tensors;
-closed-form models (EASE, SVD, iALS, ...) only use its device, seed and logging.
+closed-form models (EASE, SVD, iALS, ...) only use its device, seed and logging. In a DDP group
+(`batchrec.distributed`, `batchrec train --nproc N`) the same `fit` trains data-parallel: each rank
+on its users' rows, gradients averaged by DistributedDataParallel, loss and validation combined
+over the ranks, so the models need no code of their own for it.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
+from batchrec import distributed
 from batchrec.errors import BatchrecError
 from batchrec.logs import bars_enabled, progress as progress_bar
 
@@ -98,6 +103,8 @@ class Trainer:
     history: list[dict] = field(default_factory=list)
     member: int = 0  # the member of an ensemble this trainer fits (see `for_member`)
     cpu_threads: int | None = CPU_TRAIN_THREADS  # intra-op threads while fitting on CPU (None: torch's)
+    # The DDP group this process trains in (None: alone); see `_DistributedSteps`.
+    group: distributed.Group | None = field(default_factory=distributed.current)
 
     def __post_init__(self) -> None:
         if self.progress is None:
@@ -145,7 +152,10 @@ class Trainer:
         resampled each epoch, e.g. BPR negatives). After each epoch `validate()` (if given) is
         called; the best state is kept and restored, and training stops after `patience` epochs
         without improvement. A non-finite loss stops training with a clear error. `name` (the
-        model family) labels the progress bar and errors.
+        model family) labels the progress bar and errors. In a DDP group (`self.group`), the first
+        tensor of `data` is the user (or row) each example belongs to: each rank trains on its
+        users' rows, in as many steps per epoch as the global rows over `batch_size` (so the global
+        batch is about `batch_size`, as with one process), and every rank calls `validate()`.
         """
         name = name or type(module).__name__
         torch.manual_seed(self.seed)
@@ -179,25 +189,32 @@ class Trainer:
             raise BatchrecError(f"unknown lr_schedule {lr_schedule!r}; valid: none, cosine, plateau")
 
         gen = self.generator()
+        steps = loss_fn if self.group is None else _DistributedSteps(module, loss_fn, self.group)
         best, best_state, stale = -math.inf if higher_is_better else math.inf, None, 0
         threads = self.cpu_threads if self.device.type == "cpu" else None
         with torch_threads(threads), progress_bar(epochs, name, unit="epoch", enabled=self.progress) as bar:
             for epoch in range(1, epochs + 1):
                 t0 = time.perf_counter()
                 tensors = data(epoch) if callable(data) else data
+                if self.group is not None:
+                    tensors = steps.shard(tensors, reuse=not callable(data))
                 n = len(tensors[0])
                 order = torch.randperm(n, generator=gen, device=self.device)
+                batches = order.split(batch_size) if self.group is None else \
+                    order.tensor_split(distributed.epoch_batches(n, batch_size, self.group))
                 module.train()
                 total = torch.zeros((), device=self.device)
-                for start in range(0, n, batch_size):
-                    idx = order[start:start + batch_size]
-                    loss = loss_fn(*(t[idx] for t in tensors))
+                for idx in batches:
+                    loss = steps(*(t[idx] for t in tensors))
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     if grad_clip:
                         torch.nn.utils.clip_grad_norm_(params, grad_clip)
                     opt.step()
                     total += loss.detach() * len(idx)
+                if self.group is not None:  # the mean over every rank's rows, the same on each
+                    total_all, n = distributed.sum_over_ranks([float(total), float(n)], self.group)
+                    total = torch.tensor(total_all)
                 mean_loss = float(total) / max(n, 1)
                 if not math.isfinite(mean_loss):
                     raise BatchrecError(f"{name}: training diverged (loss is {mean_loss} at epoch "
@@ -206,13 +223,13 @@ class Trainer:
                     ({"member": self.member} if self.member else {})
                 if validate is not None:
                     module.eval()
-                    with torch.no_grad():
+                    with torch.no_grad(), distributed.split_validation(self.group):
                         metric = float(validate())
                     row[metric_name] = metric
                     improved = metric > best if higher_is_better else metric < best
                     if improved:
                         best, best_state, stale = metric, copy.deepcopy(module.state_dict()), 0
-                        if self.checkpoint_dir is not None:
+                        if self.checkpoint_dir is not None and (self.group is None or self.group.leader):
                             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
                             torch.save(best_state, self.checkpoint_dir / "checkpoint.pt")
                     else:
@@ -229,3 +246,43 @@ class Trainer:
             module.load_state_dict(best_state)
         module.eval()
         return self.history
+
+
+
+class _StepLoss(torch.nn.Module):
+    """One training step's loss as a module (the network as its child, so it owns its parameters)."""
+
+    def __init__(self, net: torch.nn.Module, loss_fn: Callable[..., torch.Tensor]):
+        super().__init__()
+        self.net, self.loss_fn = net, loss_fn
+
+    def forward(self, *batch: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(*batch)
+
+
+class _DistributedSteps:
+    """The loss of a training step through DistributedDataParallel. The models' losses call their
+    network (or its methods) directly, so the loss itself is what goes through DDP's forward: that
+    arms the gradient all-reduce of the backward pass. DDP broadcasts rank 0's parameters when it
+    wraps them, so every rank starts from the same weights. `find_unused_parameters`: some models
+    train only part of the network in a step (RecVAE's alternating encoder and decoder epochs)."""
+
+    def __init__(self, net: torch.nn.Module, loss_fn: Callable[..., torch.Tensor], group: distributed.Group):
+        self.group = group
+        self.ddp = DistributedDataParallel(
+            _StepLoss(net, loss_fn), device_ids=[group.device.index] if group.device.type == "cuda" else None,
+            find_unused_parameters=True)
+        self._shard_cache: tuple | None = None
+
+    def __call__(self, *batch: torch.Tensor) -> torch.Tensor:
+        return self.ddp(*batch)
+
+    def shard(self, tensors: Sequence[torch.Tensor], reuse: bool) -> tuple[torch.Tensor, ...]:
+        """This rank's rows of the training tensors, by their first column (the user, or the row
+        of an autoencoder): each user's rows on one rank (`distributed.user_shard`)."""
+        if reuse and self._shard_cache is not None and self._shard_cache[0] is tensors:
+            return self._shard_cache[1]
+        keep = distributed.user_shard(tensors[0], self.group)
+        mine = tuple(t[keep] for t in tensors)
+        self._shard_cache = (tensors, mine)
+        return mine

@@ -156,6 +156,35 @@ class Warehouse:
         finally:
             os.close(fd)  # closing the descriptor releases the flock
 
+    @contextmanager
+    def lock_of_parent(self, command: str) -> Iterator[None]:
+        """Work under the writer lock the parent process holds (a command that started this
+        process as one of its workers, e.g. rank 0 of `train --nproc`), re-entrant like `lock`.
+        Checked, not assumed: the lock file must be locked and name the parent as its holder."""
+        key = str(self.path.resolve())
+        parent = os.getppid()
+        fd = os.open(self.lock_path, os.O_RDONLY) if self.lock_path.exists() else None
+        try:
+            held = False
+            if fd is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                except BlockingIOError:
+                    held = True
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() if fd is not None else ""
+            if not (held and holder.startswith(f"pid {parent} on {socket.gethostname()}:")):
+                raise BatchrecError(f"batchrec {command}: expected the parent process (pid {parent}) to hold the "
+                                    f"writer lock of {self.path}, but it is held by {holder or 'nobody'}")
+        finally:
+            if fd is not None:
+                os.close(fd)
+        _HELD_LOCKS.add(key)
+        try:
+            yield
+        finally:
+            _HELD_LOCKS.discard(key)
+
     # -- connections ------------------------------------------------------------------------
     @contextmanager
     def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:

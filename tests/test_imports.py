@@ -22,11 +22,11 @@ ROOT = Path(batchrec.__file__).parent
 # measure with the metrics and fit with the trainer; `ranking` below `metrics` (what is measured
 # is the scorer's top-N); `ranking` names `models.base.Recommender` only under TYPE_CHECKING.
 LAYERS = [
-    ("commands", {"api", "cli", "cli_help", "jobs", "ops"}),
+    ("commands", {"api", "__main__", "cli", "cli_help", "jobs", "ops"}),
     ("steps", {"ingest", "features", "train", "scoring", "evaluate", "report", "report_nights", "report_trend", "plots", "gate",
                "serving", "synth"}),
     ("models", {"models"}),
-    ("ranking and data", {"metrics", "uncertainty", "ranking", "topk", "data", "training", "runs"}),
+    ("ranking and data", {"metrics", "uncertainty", "ranking", "topk", "data", "training", "distributed", "runs"}),
     ("warehouse", {"warehouse", "errors", "options", "logs", "processes", "storage", "executors", "tracking"}),
 ]
 LAYER_OF = {name: i for i, (_, names) in enumerate(LAYERS) for name in names}

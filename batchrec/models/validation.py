@@ -1,5 +1,7 @@
 """The validation figures early stopping watches, measured the way the test protocol measures:
-RMSE for rating models, NDCG@k for ranking models."""
+RMSE for rating models, NDCG@k for ranking models. In DDP training each rank measures its part of
+the users or pairs and the parts are combined (`distributed.my_part`, `mean_of_parts`), so every
+rank gets the same figure and takes the same early-stopping decision."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from batchrec import distributed
 from batchrec.metrics import ranking_metrics
 from batchrec.options import RELEVANCE_THRESHOLD
 from batchrec.ranking import topn
@@ -29,8 +32,10 @@ def rating_validator(predict, data, device: torch.device) -> Callable[[], float]
     lo, hi = data.rating_scale or (-np.inf, np.inf)
 
     def valid_rmse() -> float:
-        pred = predict(u, i).clamp(lo, hi)
-        return float(torch.sqrt(((pred - r) ** 2).mean()))
+        mu, mi, mr = distributed.my_part(u), distributed.my_part(i), distributed.my_part(r)
+        mse = ((predict(mu, mi).clamp(lo, hi) - mr) ** 2).mean() if len(mu) else r.new_zeros(())
+        # back to the tensor's dtype before the root: alone, exactly the figure of one process
+        return float(torch.sqrt(torch.tensor(distributed.mean_of_parts(float(mse), len(mu)), dtype=mse.dtype)))
 
     return valid_rmse
 
@@ -52,7 +57,10 @@ def ranking_validator(model, data, k: int = 10, threshold: float = RELEVANCE_THR
     seen = data.seen_csr()
 
     def valid_ndcg() -> float:
-        items, _ = topn(model, users, k, exclude=seen, candidates=in_train)
-        return ranking_metrics(items, relevant[users], [k])[f"ndcg@{k}"]
+        mine = distributed.my_part(users)
+        if len(mine) == 0:
+            return distributed.mean_of_parts(0.0, 0)
+        items, _ = topn(model, mine, k, exclude=seen, candidates=in_train)
+        return distributed.mean_of_parts(ranking_metrics(items, relevant[mine], [k])[f"ndcg@{k}"], len(mine))
 
     return valid_ndcg
