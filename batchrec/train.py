@@ -11,7 +11,7 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -26,6 +26,7 @@ from batchrec.processes import pid_exists
 from batchrec.runs import insert_run, stored_artifact_path
 from batchrec.serving import refresh as refresh_serving
 from batchrec.training import Trainer, choose_device
+from batchrec.tuned import tuned_or_defaults
 from batchrec.warehouse import transaction, utcnow
 
 log = logging.getLogger("batchrec.train")
@@ -36,14 +37,16 @@ _TORCH_WRITE_FAILED = re.compile(r"inline_container|PytorchStreamWriter|iostream
 
 
 def fit_model(model_name: str, data, params: dict | None = None, device: torch.device | str = "cpu",
-              progress: bool | None = None):
+              progress: bool | None = None, on_epoch: Callable[[dict], None] | None = None):
     """Create, prepare and fit one model on `data` (a SnapshotData); returns (model, trainer).
 
-    The one place a model gets fitted (CLI, evaluation, benchmarks). A model whose scores come out
-    non-finite is rejected here, so a broken model is never saved.
+    The one place a model gets fitted (CLI, evaluation, tuning, benchmarks). A model whose scores
+    come out non-finite is rejected here, so a broken model is never saved. `on_epoch` sees each
+    epoch's logged row (see `Trainer.on_epoch`).
     """
     model = create_model(model_name, params)
-    trainer = Trainer(device=torch.device(device), seed=model.params.get("seed", 0), progress=progress)
+    trainer = Trainer(device=torch.device(device), seed=model.params.get("seed", 0), progress=progress,
+                      on_epoch=on_epoch)
     model.prepare(data, trainer.device)
     model.fit(data, trainer)
     with torch.no_grad():
@@ -143,15 +146,21 @@ def fit_run(wh, model_name: str, snapshot: str = "latest", protocol: str | None 
 
 
 def train_model(wh, model: str, snapshot: str = options.TRAIN_SNAPSHOT.default, protocol: str | None = None,
-                params: Sequence[str] = (), device: str = options.DEVICE.default) -> str:
-    """`batchrec train`: parse KEY=VALUE parameters, fit, record; returns a one-line summary."""
-    row = _fit_run(wh, model, snapshot, protocol, parse_params(model, tuple(params)), device, publish=True)
+                params: Sequence[str] = (), device: str = options.DEVICE.default,
+                tuned: bool = options.TRAIN_TUNED.default) -> str:
+    """`batchrec train`: parse KEY=VALUE parameters (on top of the family's tuned setting with
+    `tuned`), fit, record; returns a one-line summary."""
+    given = parse_params(model, tuple(params))
+    create_model(model, given)  # unknown model or bad parameter: fail before reading the tuned setting
+    start, source = tuned_or_defaults(wh, model) if tuned else ({}, None)
+    row = _fit_run(wh, model, snapshot, protocol, start | given, device, publish=True)
     valid = row["metrics"]["valid"]
     shown = [f"{k}={valid[k]:.4f}" for k in ("rmse", "ndcg@10", "recall@10", "precision@10") if k in valid]
     scope = f"protocol {protocol} train part" if protocol else "all interactions"
     return (f"run {row['run_id']}: {model} on snapshot {row['snapshot_id']} ({scope}, "
             f"{row['metrics']['n_train']} rows) fitted in {row['fit_seconds']:.1f} s on {row['device']}"
-            + (f"; valid {' '.join(shown)}" if shown else "") + f"; artifact {row['artifact_path']}")
+            + (f"; valid {' '.join(shown)}" if shown else "") + (f"; params {source}" if source else "")
+            + f"; artifact {row['artifact_path']}")
 
 
 def load_run_model(run_row: dict, device: torch.device | str = "auto"):

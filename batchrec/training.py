@@ -77,6 +77,9 @@ class Trainer:
     checkpoint_dir: Path | None = None
     history: list[dict] = field(default_factory=list)
     member: int = 0  # the member of an ensemble this trainer fits (see `for_member`)
+    # Called with each epoch's row after it is logged (`batchrec tune` feeds its pruner from it);
+    # it may raise to stop the fit.
+    on_epoch: Callable[[dict], None] | None = None
 
     def __post_init__(self) -> None:
         if self.progress is None:
@@ -98,6 +101,8 @@ class Trainer:
         """Record one epoch in the history and log it as one key=value line."""
         self.history.append(fields)
         log.info(" ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items()))
+        if self.on_epoch is not None:
+            self.on_epoch(fields)
 
     def fit(
         self,
