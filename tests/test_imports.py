@@ -23,9 +23,10 @@ ROOT = Path(batchrec.__file__).parent
 # is the scorer's top-N); `ranking` names `models.base.Recommender` only under TYPE_CHECKING.
 LAYERS = [
     ("commands", {"cli", "cli_help", "jobs", "ops"}),
-    ("steps", {"ingest", "features", "train", "scoring", "evaluate", "report", "report_nights", "gate", "serving", "synth"}),
+    ("steps", {"ingest", "features", "train", "scoring", "evaluate", "report", "report_nights", "gate", "serving", "synth",
+               "tune"}),
     ("models", {"models"}),
-    ("ranking and data", {"metrics", "ranking", "topk", "data", "training", "runs"}),
+    ("ranking and data", {"metrics", "ranking", "topk", "data", "training", "runs", "tuned"}),
     ("warehouse", {"warehouse", "errors", "options", "logs", "processes"}),
 ]
 LAYER_OF = {name: i for i, (_, names) in enumerate(LAYERS) for name in names}
