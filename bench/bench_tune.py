@@ -6,12 +6,12 @@ its tuned setting, per protocol, with the trials and wall time each study took.
                                [--param multvae:ensemble=1 ...]
 
 Each study runs `batchrec.tune.tune` (the command's function: trial 0 the defaults, TPE, median
-pruning) on the protocol's valid part; the test part is read only after every study of the run
-has finished, to report: the defaults and the tuned setting are each fitted once more on the
+pruning) on the protocol's valid part; the test part is read only after the study has finished,
+to report: the defaults and the tuned setting are each fitted once more on the
 protocol's train part (early stopping on valid, as `batchrec evaluate` fits them) and measured on
 test. `--param FAMILY:KEY=VALUE` holds a parameter fixed in the study and in both test fits (the
 defaults row is then "defaults + that"). Prints one row per study and the tuned/defaults ratio of
-each figure, measured in the same run.
+each figure, measured in the same run (the table so far after each study).
 
 The warehouse (ingested and split by the script when it does not exist; default a fresh temporary
 one) keeps the studies: run again with the same `--warehouse` and a killed run resumes them.
@@ -20,6 +20,7 @@ one) keeps the studies: run again with the same `--warehouse` and a killed run r
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import tempfile
 import time
@@ -50,6 +51,8 @@ def main() -> None:
     ap.add_argument("--param", action="append", default=[], metavar="FAMILY:KEY=VALUE",
                     help="held fixed for that family (repeatable)")
     args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(message)s")
+    logging.getLogger("batchrec.tune").setLevel(logging.INFO)  # one line per finished trial
     families, protocols = args.families.split(","), args.protocols.split(",")
     fixed: dict[str, list[str]] = {}
     for item in args.param:
@@ -64,32 +67,34 @@ def main() -> None:
     print(f"warehouse {path}; {args.trials} trials or {args.timeout:.0f} s per study, seed {args.seed}, "
           f"metric {METRIC}", flush=True)
 
-    studies = []
+    header = (f"{'family':8s} {'protocol':14s} {'trials':>6s} {'pruned':>6s} {'wall s':>7s} | "
+              f"{'valid def':>9s} {'tuned':>7s} {'ratio':>6s} | {'test def':>8s} {'tuned':>7s} {'ratio':>6s}")
+    rows = []
     for family in families:
         for protocol in protocols:
             result = tune(wh, family, protocol, args.trials, args.timeout, METRIC, args.seed,
                           params=fixed.get(family, []))
-            print(f"  {family:8s} {protocol:14s} {result.summary()}", flush=True)
-            studies.append(result)
+            print(f"  {result.summary()}", flush=True)
+            # Only now, with this study finished, is the test part read: for the report.
+            rows.append(_report(wh, result, parse_params(family, tuple(fixed.get(family, [])))))
+            print(f"{header}\n" + "\n".join(rows), flush=True)
+    print(f"(tuned setting chosen on valid {METRIC} only; test read after each study; {time.strftime('%Y-%m-%d %H:%M')})")
 
-    # Only now, with every study finished, is the test part read: for the report.
-    print(f"\n{'family':8s} {'protocol':14s} {'trials':>6s} {'pruned':>6s} {'wall s':>7s} | "
-          f"{'valid def':>9s} {'tuned':>7s} {'ratio':>6s} | {'test def':>8s} {'tuned':>7s} {'ratio':>6s}")
+
+def _report(wh: Warehouse, r, base: dict) -> str:
+    """One table row: the study's figures, and the test figure of the defaults (+ fixed) and of
+    the tuned setting, each fitted on the protocol's train part as `batchrec evaluate` fits it."""
     with wh.connect(read_only=True) as con:
-        snapshot_id = resolve_snapshot(con, "latest")
-        data = {p: load_snapshot(con, snapshot_id, p) for p in protocols}
-    for r in studies:
-        base = parse_params(r.family, tuple(fixed.get(r.family, [])))
-        tests = []
-        for params in (base, r.best_params):
-            model, _ = fit_model(r.family, data[r.protocol], params, progress=False)
-            tests.append(evaluate_model(model, data[r.protocol], ks=(10,))[METRIC])
-            del model
-        default = r.default_value if r.default_value is not None else float("nan")  # trial 0 pruned or failed
-        print(f"{r.family:8s} {r.protocol:14s} {r.trials:6d} {r.pruned:6d} {r.seconds:7.0f} | "
-              f"{default:9.4f} {r.best_value:7.4f} {r.best_value / default:6.3f} | "
-              f"{tests[0]:8.4f} {tests[1]:7.4f} {tests[1] / tests[0]:6.3f}", flush=True)
-    print(f"(tuned setting chosen on valid {METRIC} only; test read after all studies; {time.strftime('%Y-%m-%d %H:%M')})")
+        data = load_snapshot(con, resolve_snapshot(con, "latest"), r.protocol)
+    tests = []
+    for params in (base, r.best_params):
+        model, _ = fit_model(r.family, data, params, progress=False)
+        tests.append(evaluate_model(model, data, ks=(10,))[METRIC])
+        del model
+    default = r.default_value if r.default_value is not None else float("nan")  # trial 0 pruned or failed
+    return (f"{r.family:8s} {r.protocol:14s} {r.trials:6d} {r.pruned:6d} {r.seconds:7.0f} | "
+            f"{default:9.4f} {r.best_value:7.4f} {r.best_value / default:6.3f} | "
+            f"{tests[0]:8.4f} {tests[1]:7.4f} {tests[1] / tests[0]:6.3f}")
 
 
 if __name__ == "__main__":
