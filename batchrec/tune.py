@@ -102,7 +102,9 @@ def _optuna():
     except ImportError:
         raise BatchrecError("batchrec tune needs Optuna, which is not installed "
                             "(expected the extra: pip install 'batchrec[tune]')") from None
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the trial lines are ours (key=value)
+    # The trial lines are ours (key=value; a failed trial's one names its error): Optuna's own would add a
+    # traceback for each failed trial.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     return optuna
 
 
