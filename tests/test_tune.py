@@ -183,19 +183,20 @@ def test_the_study_never_reads_the_test_part(base, tmp_path):
 @pytest.mark.slow
 def test_per_epoch_validation_feeds_the_pruner(base, tmp_path):
     wh = _copy(base, tmp_path)
-    result = tune(wh, "mf", "user_temporal", trials=6, metric="rmse", seed=0,
-                  params=["factors=8", "epochs=6", "patience=6", "missing_weight=0", "batch_size=4096"])
+    result = tune(wh, "mf", "user_temporal", trials=3, metric="rmse", seed=0,
+                  params=["factors=8", "epochs=4", "patience=4", "missing_weight=0", "batch_size=4096"])
     with wh.connect(read_only=True) as con:
         rows = con.sql("SELECT trial, state, value, intermediate FROM tuning_trials ORDER BY trial").fetchall()
         run_valid = con.execute("SELECT count(*) FROM model_runs").fetchone()[0]
     assert run_valid == 0  # a study records trials, never runs
+    assert len(rows) == 3
     for trial, state, value, intermediate in rows:
         curve = json.loads(intermediate)
         assert [step for step, _ in curve] == list(range(len(curve))) and curve, trial
         if state == "complete":
-            assert len(curve) == 6 and value == pytest.approx(min(v for _, v in curve), rel=1e-3)
+            assert len(curve) == 4 and value == pytest.approx(min(v for _, v in curve), rel=1e-3)
         if state == "pruned":
-            assert len(curve) < 6 and value == curve[-1][1]
+            assert len(curve) < 4 and value == curve[-1][1]
     print(f"mf study: {result.trials} trials, {result.pruned} pruned; rmse {result.default_value:.4f} -> "
           f"{result.best_value:.4f}")
 

@@ -255,11 +255,11 @@ class ImplicitALS(FactorModel):
     name = "ials"
     task = "ranking"
     params_spec = (
-        Param("factors", int, 128, "latent dimensions", min=1, max=4096, search=IntRange(32, 256, log=True)),
+        Param("factors", int, 128, "latent dimensions", min=1, max=4096, search=IntRange(64, 256, log=True)),
         Param("reg", float, 10.0, "L2 regularisation of user and item factors", min=0.0,
-              search=LogUniform(0.1, 200.0)),
+              search=LogUniform(2.0, 50.0)),
         Param("alpha", float, 1.0, "confidence c = 1 + alpha * w of an observed pair", min=0.0,
-              search=LogUniform(0.1, 50.0)),
+              search=LogUniform(0.3, 10.0)),
         Param("iterations", int, 15, "alternating user/item half-steps pairs", min=1, max=1000),
         Param("cg_steps", int, 3, "conjugate-gradient steps per half-step", min=1, max=256),
         Param("min_rating", float, 4.0, "ratings below this are not positives (0: every interaction)", min=0.0,
