@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from batchrec import options
@@ -206,7 +207,10 @@ def tune(warehouse: Warehouse | str | Path, family: str, protocol: str = options
         higher = metric not in RATING_METRICS
         study = optuna.create_study(
             study_name=name, direction="maximize" if higher else "minimize",
-            sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(3, min(10, trials // 3))),
+            # A resumed study reseeds from (seed, finished trials): with the plain seed its sampler
+            # would draw the first run's random trials again.
+            sampler=optuna.samplers.TPESampler(seed=_sampler_seed(seed, len(done)),
+                                               n_startup_trials=max(3, min(10, trials // 3))),
             pruner=optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS,
                                                n_warmup_steps=PRUNER_WARMUP_EPOCHS))
         _replay(optuna, study, done, distributions)
@@ -250,6 +254,12 @@ class _Recorder:
         log.info("study=%s trial=%d state=%s %s=%s seconds=%.1f params=%s%s", self.study, trial.number, state,
                  self.metric, shown, seconds, json.dumps(row["params"], separators=(",", ":")),
                  f" error=\"{row['error']}\"" if row["error"] else "")
+
+
+def _sampler_seed(seed: int, finished: int) -> int:
+    """The sampler's seed: `seed` for a new study, one derived from it and the number of trials
+    already finished for a resumed one (deterministic, and a stream the first run did not use)."""
+    return seed if finished == 0 else int(np.random.SeedSequence([seed, finished]).generate_state(1)[0])
 
 
 def suggest(trial, name: str, space: SearchSpace) -> Any:

@@ -244,7 +244,8 @@ def test_a_killed_tune_keeps_its_finished_trials_and_resumes(base, tmp_path):
     after = _trials(wh)
     assert after[:len(before)] == before  # the finished trials kept as they were
     assert [t[0] for t in after] == list(range(total)) and all(t[3] in ("complete", "pruned") for t in after)
-    assert len({t[1] for t in after}) == total  # the resumed sampler does not repeat the replayed trials
+    searched = [{k: v for k, v in json.loads(t[1]).items() if k not in ("factors", "iterations")} for t in after]
+    assert all(s not in searched[:n] for n, s in enumerate(searched))  # the resumed sampler repeats no trial
     with wh.connect(read_only=True) as con:
         family, params, value, trials = con.execute("SELECT family, params, value, trials FROM tuned_params").fetchone()
     assert (family, trials) == ("ials", total)
@@ -301,3 +302,14 @@ def test_bad_tune_job_steps_are_one_line(tmp_path, text, message):
     with pytest.raises(BatchrecError, match=re.escape(message)) as caught:
         load_job(bad)
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.slow  # three small trials
+def test_a_resumed_study_does_not_draw_its_first_run_trials_again(base, tmp_path):
+    """Trial 2 of a study resumed after 2 trials is still a random startup trial: drawn from the
+    plain seed again, it would repeat trial 1."""
+    wh = _copy(base, tmp_path)
+    tune(wh, "ials", "random", trials=2, seed=5, params=SMALL_IALS)
+    tune(wh, "ials", "random", trials=3, seed=5, params=SMALL_IALS)
+    params = [json.loads(t[1]) for t in _trials(wh)]
+    assert len(params) == 3 and params[2] != params[1] and params[2] != params[0]
