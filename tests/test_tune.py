@@ -4,7 +4,7 @@ pruner feed, a real `kill -9` mid-study and the resume, and the tuned setting th
 and a job's `params = "tuned"` use.
 
 Studies here hold iALS small (factors 8, 2 iterations) so that they test the machinery, not the
-search; the tests that run studies are marked slow (CI's second step)."""
+search; the longer ones (a killed subprocess, mf epochs, the job) are marked slow (CI's second step)."""
 
 from __future__ import annotations
 
@@ -148,7 +148,6 @@ def test_without_optuna_the_error_names_the_extra(base, tmp_path, monkeypatch):
 
 
 # -- the study never reads the test part -----------------------------------------------------------
-@pytest.mark.slow  # a few small studies: about a minute or more on a shared 2-core machine
 def test_the_study_never_reads_the_test_part(base, tmp_path):
     """The same study on a copy whose test rows are corrupted (ratings flipped, which changes what
     a test measurement says) gives the same trials, parameters and values, and the same tuned setting."""
@@ -213,7 +212,7 @@ class _Logged:
         return sum(" trial=" in line and " state=" in line for line in list(self.lines))
 
 
-@pytest.mark.slow  # a few small studies: about a minute or more on a shared 2-core machine
+@pytest.mark.slow  # 5-15 s unloaded, minutes on a busy shared 2-core machine
 def test_a_killed_tune_keeps_its_finished_trials_and_resumes(base, tmp_path):
     wh = _copy(base, tmp_path)
     args = ["tune", "ials", "--protocol", "random", "--seed", "1", *[a for p in SMALL_IALS for a in ("--param", p)]]
@@ -259,7 +258,7 @@ def test_a_killed_tune_keeps_its_finished_trials_and_resumes(base, tmp_path):
 
 
 # -- the tuned setting: train --tuned, params = "tuned" in a job -----------------------------------
-@pytest.mark.slow  # a few small studies: about a minute or more on a shared 2-core machine
+@pytest.mark.slow  # 5-15 s unloaded, minutes on a busy shared 2-core machine
 def test_train_tuned_and_the_job_step_use_the_tuned_setting(base, tmp_path):
     from batchrec.jobs import run_job
     from batchrec.runs import find_runs
@@ -304,7 +303,6 @@ def test_bad_tune_job_steps_are_one_line(tmp_path, text, message):
     assert "\n" not in str(caught.value)
 
 
-@pytest.mark.slow  # three small trials
 def test_a_resumed_study_does_not_draw_its_first_run_trials_again(base, tmp_path):
     """Trial 2 of a study resumed after 2 trials is still a random startup trial: drawn from the
     plain seed again, it would repeat trial 1."""
