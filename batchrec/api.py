@@ -224,15 +224,17 @@ def build_features(as_of: str | None = None, *, protocols: str | Sequence[str] =
 
 def train(family: str, params: Mapping[str, Any] | Sequence[str] | None = None, protocol: str | None = None,
           snapshot: str | None = None, *, device: str = options.DEVICE.default, mlflow: bool | None = None,
-          nproc: int = options.TRAIN_NPROC.default, warehouse: Warehouse | str | os.PathLike | None = None) -> Run | None:
+          nproc: int = options.TRAIN_NPROC.default, tuned: bool = options.TRAIN_TUNED.default,
+          warehouse: Warehouse | str | os.PathLike | None = None) -> Run | None:
     """Fit `family` (`params`: a dict, or KEY=VALUE strings; unset ones keep their defaults) on
     a snapshot (None: the latest): on every interaction (a shipped run, what `score` publishes),
     or on `protocol`'s train part with early stopping on its valid part (what `evaluate`
     measures). `mlflow`: log it to MLflow (None: when MLFLOW_TRACKING_URI is set). `nproc` > 1:
     data-parallel in that many local processes (torch DDP; neural families). Returns the `Run`
-    (None in a DDP rank other than 0 under a launcher such as torchrun: rank 0 records the run)."""
+    (None in a DDP rank other than 0 under a launcher such as torchrun: rank 0 records the run).
+    `tuned`: start from the family's tuned setting (`tune`), `params` on top."""
     wh = _warehouse(warehouse)
-    row = train_run(wh, family, snapshot, protocol, params, device, mlflow, nproc)
+    row = train_run(wh, family, snapshot, protocol, params, device, mlflow, nproc, tuned)
     if row is None:
         return None
     return Run(wh.run(row["run_id"])._row, wh, row.get("mlflow_run_id"), run_summary(row))

@@ -194,17 +194,38 @@ def features_list(wh: Warehouse) -> None:
 @options.TRAIN_SNAPSHOT.click("--snapshot")
 @options.TRAIN_PROTOCOL.click("--protocol")
 @options.TRAIN_PARAMS.click("--param", "params", metavar="KEY=VALUE")
+@options.TRAIN_TUNED.click("--tuned")
 @options.DEVICE.click("--device")
 @options.MLFLOW.click("--mlflow")
 @options.TRAIN_NPROC.click("--nproc")
 @pass_wh
-def train(wh: Warehouse, model, snapshot, protocol, params, device, mlflow, nproc) -> None:
+def train(wh: Warehouse, model, snapshot, protocol, params, tuned, device, mlflow, nproc) -> None:
     """Fit MODEL on a feature snapshot and record a model run."""
     from batchrec import api
 
     # no --mlflow: tracking only when MLFLOW_TRACKING_URI is set (None), never switched off here
-    run = api.train(model, params, protocol, snapshot, device=device, mlflow=mlflow or None, nproc=nproc, warehouse=wh)
+    run = api.train(model, params, protocol, snapshot, device=device, mlflow=mlflow or None, nproc=nproc, tuned=tuned,
+                    warehouse=wh)
     click.echo(run if run is not None else "this rank is done (rank 0 records the run)")
+
+
+@main.command()
+@click.argument("model")
+@options.TUNE_PROTOCOL.click("--protocol")
+@options.TUNE_TRIALS.click("--trials")
+@options.TUNE_TIMEOUT.click("--timeout")
+@options.TUNE_METRIC.click("--metric")
+@options.TUNE_SEED.click("--seed")
+@options.TUNE_PARAMS.click("--param", "params", metavar="KEY=VALUE")
+@options.TRAIN_SNAPSHOT.click("--snapshot")
+@options.DEVICE.click("--device")
+@pass_wh
+def tune(wh: Warehouse, model, protocol, trials, timeout, metric, seed, params, snapshot, device) -> None:
+    """Search MODEL's parameters on a protocol's validation part (Optuna); store the best as its tuned setting."""
+    from batchrec.tune import tune as run_study
+
+    click.echo(run_study(wh, model, protocol, trials, timeout, metric, seed, params=params, snapshot=snapshot,
+                         device=device).summary())
 
 
 @main.command()

@@ -22,6 +22,7 @@ EXAMPLES: dict[str, str] = {
     "features list": "batchrec features list",
     "train": "batchrec train mf --protocol user_temporal --param factors=128",
     "models": "batchrec models",
+    "tune": "batchrec tune ease --protocol random --trials 20 --timeout 1800",
     "score": "batchrec score --model ease --top-n 10",
     "evaluate": "batchrec evaluate --models ease,popularity --protocol user_temporal --k 5,10,20",
     "run": "batchrec run jobs/nightly.toml",
@@ -67,8 +68,15 @@ def _job_keys() -> str:
     return "\n".join(lines)
 
 
+def _tunable() -> str:
+    from batchrec.models import available, get_model_class
+
+    return ("Families with a search space (its ranges: `batchrec models`, marked [tune: ...]): "
+            + ", ".join(f for f in available() if get_model_class(f).search_space()))
+
+
 DETAILS: dict[str, Callable[[], str]] = {"train": _families, "score": _families, "evaluate": _evaluate,
-                                         "features": _protocols, "run": _job_keys}
+                                         "features": _protocols, "run": _job_keys, "tune": _tunable}
 
 
 class HelpDetails:

@@ -215,8 +215,10 @@ def content_matrices(con: duckdb.DuckDBPyConnection, snapshot_id: str, n_items: 
             *_content_matrix(con, "item_tags", snapshot_id, n_items))
 
 
-def load_snapshot(con: duckdb.DuckDBPyConnection, snapshot_id: str, protocol: str | None = None) -> SnapshotData:
-    """Load a snapshot for training/scoring; with a protocol, its train/valid/test parts."""
+def load_snapshot(con: duckdb.DuckDBPyConnection, snapshot_id: str, protocol: str | None = None,
+                  with_test: bool = True) -> SnapshotData:
+    """Load a snapshot for training/scoring; with a protocol, its train/valid/test parts
+    (`with_test=False`: the test part is never read, `test` is None; what tuning loads)."""
     if protocol is not None and not scalar(
             con, "SELECT count(*) FROM split_protocols WHERE snapshot_id = ? AND protocol = ?", [snapshot_id, protocol]):
         raise BatchrecError(f"snapshot {snapshot_id} has no split for protocol {protocol!r}; "
@@ -227,7 +229,7 @@ def load_snapshot(con: duckdb.DuckDBPyConnection, snapshot_id: str, protocol: st
         where = f"protocol {protocol!r} of snapshot {snapshot_id}" if protocol else f"snapshot {snapshot_id}"
         raise BatchrecError(f"{where} has no training rows")
     valid = load_interactions(con, snapshot_id, protocol, "valid") if protocol else None
-    test = load_interactions(con, snapshot_id, protocol, "test") if protocol else None
+    test = load_interactions(con, snapshot_id, protocol, "test") if protocol and with_test else None
     genres, genre_names, tags, terms = content_matrices(con, snapshot_id, len(item_ids))
     return SnapshotData(
         snapshot_id=snapshot_id, protocol=protocol, n_users=len(user_ids), n_items=len(item_ids),

@@ -37,7 +37,7 @@ from batchrec.warehouse import Warehouse, scalar, utcnow
 
 log = logging.getLogger("batchrec.jobs")
 
-STEP_KINDS = ("ingest", "features", "train", "score", "evaluate")
+STEP_KINDS = ("ingest", "features", "train", "tune", "score", "evaluate")
 
 # Keys each step kind accepts in a job file: the command line's options (batchrec.options).
 STEP_OPTIONS: dict[str, dict[str, options.Option]] = {
@@ -47,6 +47,9 @@ STEP_OPTIONS: dict[str, dict[str, options.Option]] = {
                  "params": options.FEATURES_PARAMS, "keep": options.FEATURES_KEEP},
     "train": {"model": options.TRAIN_MODEL, "protocol": options.TRAIN_PROTOCOL, "params": options.TRAIN_PARAMS,
               "device": options.DEVICE, "nproc": options.TRAIN_NPROC},
+    "tune": {"model": options.TUNE_MODEL, "protocol": options.TUNE_PROTOCOL, "trials": options.TUNE_TRIALS,
+             "timeout": options.TUNE_TIMEOUT, "metric": options.TUNE_METRIC, "seed": options.TUNE_SEED,
+             "params": options.TUNE_PARAMS, "device": options.DEVICE},
     "score": {"model": options.SCORE_MODEL, "top_n": options.TOP_N, "memory_budget": options.MEMORY_BUDGET,
               "retention_days": options.RETENTION_DAYS, "device": options.DEVICE, "gate_metric": options.GATE_METRIC,
               "gate_tolerance": options.GATE_TOLERANCE, "gate_protocol": options.GATE_PROTOCOL,
@@ -154,6 +157,10 @@ def _latest(wh: Warehouse, sql: str, params: list | None = None) -> Any:
         return scalar(con, sql, params)
 
 
+def _has_table(wh: Warehouse, name: str) -> bool:
+    return bool(_latest(wh, "SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [name]))
+
+
 def _ingest_files(opts: dict) -> list[Path]:
     if opts["dataset"]:
         root = Path(__file__).resolve().parent / "datasets" / opts["dataset"]
@@ -175,6 +182,11 @@ def _fingerprint(wh: Warehouse, step: dict) -> str:
         return _digest(kind, opts, _raw_state(wh))
     snapshot = _latest(wh, "SELECT snapshot_id FROM feature_snapshots ORDER BY created_at DESC LIMIT 1")
     if kind == "train":
+        # params = "tuned": a new tuned setting is a new input
+        tuned = _latest(wh, "SELECT max(tuned_at) FROM tuned_params WHERE family = ?", [step["model"]]) \
+            if step["params"] == "tuned" and _has_table(wh, "tuned_params") else None
+        return _digest(kind, opts, snapshot, tuned)
+    if kind == "tune":
         return _digest(kind, opts, snapshot)
     run = None
     if wh.path.exists():  # the run the step would publish or measure against: the registry's answer
@@ -201,8 +213,18 @@ def _run_features(wh: Warehouse, s: dict) -> StepResult:
 def _run_train(wh: Warehouse, s: dict) -> StepResult:
     from batchrec.train import train_model
 
+    tuned = s["params"] == "tuned"
     return StepResult(train_model(wh, s["model"], snapshot="latest", protocol=s["protocol"],
-                                  params=tuple(s["params"]), device=s["device"], nproc=s["nproc"]))
+                                  params=() if tuned else tuple(s["params"]), device=s["device"], tuned=tuned,
+                                  nproc=s["nproc"]))
+
+
+def _run_tune(wh: Warehouse, s: dict) -> StepResult:
+    from batchrec.tune import tune
+
+    result = tune(wh, s["model"], s["protocol"], s["trials"], s["timeout"], s["metric"], s["seed"],
+                  params=tuple(s["params"]), device=s["device"])
+    return StepResult(result.summary(), result.trials)
 
 
 def _run_score(wh: Warehouse, s: dict) -> StepResult:
@@ -230,7 +252,7 @@ def _run_evaluate(wh: Warehouse, s: dict) -> StepResult:
 
 
 RUNNERS: dict[str, Callable[[Warehouse, dict], StepResult]] = {
-    "ingest": _run_ingest, "features": _run_features, "train": _run_train, "score": _run_score,
+    "ingest": _run_ingest, "features": _run_features, "train": _run_train, "tune": _run_tune, "score": _run_score,
     "evaluate": _run_evaluate,
 }
 

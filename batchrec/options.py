@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import click
 
@@ -56,6 +56,7 @@ class Option:
     choices: tuple[str, ...] | None = None
     multiple: bool = False  # repeatable on the command line, a list of strings in a job file
     required: bool = False  # job files only (on the command line it is an argument)
+    keywords: tuple[str, ...] = ()  # job files only: words accepted instead of a list (params = "tuned")
 
     def click(self, *flags: str, **extra: Any):
         """The click option decorator for `flags` (extra keywords go to `click.option`)."""
@@ -79,6 +80,8 @@ class Option:
         from pydantic import Field
 
         kind: Any = list[str] if self.multiple else Literal[self.choices] if self.choices else self.type
+        if self.keywords:
+            kind = Union[kind, Literal[self.keywords]]  # noqa: UP007 (built at run time from type objects)
         if self.default is None and not self.required:
             kind = Optional[kind]  # noqa: UP045 (built at run time from a type object)
         default = ... if self.required else list(self.default or ()) if self.multiple else self.default
@@ -107,7 +110,10 @@ MODEL = Option(str, None, "Model family (see `batchrec models`).")
 TRAIN_MODEL = Option(str, None, "Model family (see `batchrec models`).", required=True)
 TRAIN_SNAPSHOT = Option(str, "latest", "Feature snapshot id.")
 TRAIN_PROTOCOL = Option(str, None, "Fit on this protocol's train part, early-stop on its valid part.")
-TRAIN_PARAMS = Option(str, (), "Model parameter KEY=VALUE (repeatable); see `batchrec models`.", multiple=True)
+TRAIN_PARAMS = Option(str, (), "Model parameter KEY=VALUE (repeatable); see `batchrec models`.", multiple=True,
+                      keywords=("tuned",))
+TRAIN_TUNED = Option(bool, False, "Start from the family's tuned setting (`batchrec tune`; its defaults, logged, when "
+                                   "it has none); --param overrides it. In a job file: params = \"tuned\".")
 DEVICE = Option(str, "auto", "Where to fit or score.", choices=DEVICES)
 MLFLOW = Option(bool, False, "Log to MLflow (needs the extra batchrec[mlflow]; also on whenever "
                              "MLFLOW_TRACKING_URI is set).")
@@ -152,6 +158,18 @@ EVALUATE_SEED = Option(int, 0, "Seed of the bootstrap resamples.", min=0)
 # The protocol the gate reads the candidate's measurement on: the one `evaluate` measures by default.
 GATE_PROTOCOL = Option(str, EVALUATE_PROTOCOL.default, "Protocol (or preset) of the measurements the gate "
                                                        "compares; the job's evaluate step must measure it.")
+
+# -- tune -------------------------------------------------------------------------------------
+TUNE_MODEL = Option(str, None, "Model family to tune (one with a search space: see `batchrec models`).", required=True)
+TUNE_PROTOCOL = Option(str, EVALUATE_PROTOCOL.default, "Split protocol whose valid part measures each trial "
+                                                       "(its test part is never read).")
+TUNE_TRIALS = Option(int, 20, "Trials of the study in all (a resumed study counts its finished ones).", min=1)
+TUNE_TIMEOUT = Option(float, None, "Seconds after which no new trial starts [default: no limit].", min=1.0)
+TUNE_METRIC = Option(str, None, "Validation metric to optimise: ndcg@10 (or precision/recall/hit_rate/map/mrr@K) "
+                                "or rmse [default: ndcg@10 for rankers, rmse for rating models].")
+TUNE_SEED = Option(int, 0, "Seed of the TPE sampler.", min=SEED_MIN)
+TUNE_PARAMS = Option(str, (), "Parameter KEY=VALUE held fixed in every trial (repeatable; a searched one is then "
+                              "not searched).", multiple=True)
 
 # -- recommend --------------------------------------------------------------------------------
 HISTORY = Option(int, 10, "Recent ratings to show.", min=0)

@@ -36,7 +36,7 @@ log = logging.getLogger("batchrec.serving")
 # history for `recommend`), the small operational tables `status` shows, and what ingest reports.
 SERVING_TABLES = ("recommendations", "recommendation_history", "items", "ratings", "tags", "users", "sources",
                   "evaluations", "model_runs", "feature_snapshots", "split_protocols", "job_runs", "ingest_log",
-                  "quarantine", "schema_version", "publish_log")
+                  "quarantine", "schema_version", "publish_log", "tuning_trials", "tuned_params")
 # Analyst views over those tables; their definitions are copied from the warehouse (written once, in sql/schema).
 SERVING_VIEWS = ("recommendations_with_titles", "ratings_with_source", "items_with_source", "tags_with_source",
                  "users_with_source")

@@ -23,7 +23,7 @@ import time
 import traceback
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -38,6 +38,7 @@ from batchrec.processes import pid_exists
 from batchrec.runs import insert_run, stored_artifact_path
 from batchrec.serving import refresh as refresh_serving
 from batchrec.training import Trainer, choose_device
+from batchrec.tuned import tuned_or_defaults
 from batchrec.warehouse import Warehouse, transaction, utcnow
 
 log = logging.getLogger("batchrec.train")
@@ -51,16 +52,17 @@ _TORCH_WRITE_FAILED = re.compile(r"inline_container|PytorchStreamWriter|iostream
 
 
 def fit_model(model_name: str, data, params: dict | None = None, device: torch.device | str = "cpu",
-              progress: bool | None = None):
+              progress: bool | None = None, on_epoch: Callable[[dict], None] | None = None):
     """Create, prepare and fit one model on `data` (a SnapshotData); returns (model, trainer).
 
-    The one place a model gets fitted (CLI, evaluation, benchmarks). A model whose scores come out
-    non-finite is rejected here, so a broken model is never saved.
+    The one place a model gets fitted (CLI, evaluation, tuning, benchmarks). A model whose scores
+    come out non-finite is rejected here, so a broken model is never saved. `on_epoch` sees each
+    epoch's logged row (see `Trainer.on_epoch`).
     """
     model = create_model(model_name, params)
     group = distributed.current()  # in a DDP group: this rank's own random streams
     trainer = Trainer(device=torch.device(device), seed=distributed.rank_seed(model.params.get("seed", 0), group),
-                      progress=progress)
+                      progress=progress, on_epoch=on_epoch)
     model.prepare(data, trainer.device)
     model.fit(data, trainer)
     with torch.no_grad():
@@ -214,20 +216,31 @@ def model_params(model: str, params: Mapping[str, Any] | Sequence[str] | None) -
 
 def train_run(wh, model: str, snapshot: str | None = options.TRAIN_SNAPSHOT.default, protocol: str | None = None,
               params: Mapping[str, Any] | Sequence[str] | None = None, device: str = options.DEVICE.default,
-              mlflow: bool | None = None, nproc: int = options.TRAIN_NPROC.default) -> dict | None:
+              mlflow: bool | None = None, nproc: int = options.TRAIN_NPROC.default,
+              tuned: bool = options.TRAIN_TUNED.default) -> dict | None:
     """`batchrec train` (and the API's `train`): fit, record, rebuild the serving database; returns
     the recorded run as `batchrec.runs` rows look (artifact path as stored).
 
     `nproc` > 1: start that many DDP ranks on this machine (a neural family only); started by a
     launcher (torchrun), this process is one rank of its group whatever `nproc` says, and ranks
-    other than 0 return None."""
+    other than 0 return None. `tuned`: start from the family's tuned setting (`batchrec tune`;
+    the defaults, logged, when there is none), `params` on top."""
     snapshot = snapshot or options.TRAIN_SNAPSHOT.default
     parsed = model_params(model, params)
+    source = None
+    if tuned:
+        create_model(model, parsed)  # unknown model or bad parameter: fail before reading the tuned setting
+        start, source = tuned_or_defaults(wh, model)
+        parsed = start | parsed
     if distributed.launched():
-        return _train_rank(wh, model, snapshot, protocol, parsed, device, nproc, mlflow)
-    if nproc > 1:
-        return _train_local_ranks(wh, model, snapshot, protocol, parsed, device, nproc, mlflow)
-    return _fit_run(wh, model, snapshot, protocol, parsed, device, publish=True, mlflow=mlflow)
+        row = _train_rank(wh, model, snapshot, protocol, parsed, device, nproc, mlflow)
+    elif nproc > 1:
+        row = _train_local_ranks(wh, model, snapshot, protocol, parsed, device, nproc, mlflow)
+    else:
+        row = _fit_run(wh, model, snapshot, protocol, parsed, device, publish=True, mlflow=mlflow)
+    if row is not None and source:
+        row["params_source"] = source
+    return row
 
 
 def _where(row: dict) -> str:
@@ -244,14 +257,17 @@ def run_summary(row: dict) -> str:
     tracked = f"; mlflow run {row['mlflow_run_id']}" if row.get("mlflow_run_id") else ""
     return (f"run {row['run_id']}: {row['model']} on snapshot {row['snapshot_id']} ({scope}, "
             f"{row['metrics'].get('n_train')} rows) fitted in {row['fit_seconds']:.1f} s on {_where(row)}"
-            + (f"; valid {' '.join(shown)}" if shown else "") + f"; artifact {row['artifact_path']}" + tracked)
+            + (f"; valid {' '.join(shown)}" if shown else "")
+            + (f"; params {row['params_source']}" if row.get("params_source") else "")
+            + f"; artifact {row['artifact_path']}" + tracked)
 
 
 def train_model(wh, model: str, snapshot: str = options.TRAIN_SNAPSHOT.default, protocol: str | None = None,
                 params: Sequence[str] = (), device: str = options.DEVICE.default, mlflow: bool | None = None,
-                nproc: int = options.TRAIN_NPROC.default) -> str:
-    """`batchrec train`: parse KEY=VALUE parameters, fit, record; returns a one-line summary."""
-    row = train_run(wh, model, snapshot, protocol, tuple(params), device, mlflow, nproc)
+                nproc: int = options.TRAIN_NPROC.default, tuned: bool = options.TRAIN_TUNED.default) -> str:
+    """`batchrec train`: parse KEY=VALUE parameters (on top of the family's tuned setting with
+    `tuned`), fit, record; returns a one-line summary."""
+    row = train_run(wh, model, snapshot, protocol, tuple(params), device, mlflow, nproc, tuned)
     if row is None:  # a rank other than 0 under a launcher: rank 0 records and reports the run
         group = distributed.current()
         return f"rank {group.rank} of {group.world}: done (rank 0 records the run)" if group else "done"

@@ -105,6 +105,9 @@ class Trainer:
     cpu_threads: int | None = CPU_TRAIN_THREADS  # intra-op threads while fitting on CPU (None: torch's)
     # The DDP group this process trains in (None: alone); see `_DistributedSteps`.
     group: distributed.Group | None = field(default_factory=distributed.current)
+    # Called with each epoch's row after it is logged (`batchrec tune` feeds its pruner from it);
+    # it may raise to stop the fit.
+    on_epoch: Callable[[dict], None] | None = None
 
     def __post_init__(self) -> None:
         if self.progress is None:
@@ -126,6 +129,8 @@ class Trainer:
         """Record one epoch in the history and log it as one key=value line."""
         self.history.append(fields)
         log.info(" ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items()))
+        if self.on_epoch is not None:
+            self.on_epoch(fields)
 
     def fit(
         self,

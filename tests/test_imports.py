@@ -24,9 +24,9 @@ ROOT = Path(batchrec.__file__).parent
 LAYERS = [
     ("commands", {"api", "__main__", "cli", "cli_help", "jobs", "ops"}),
     ("steps", {"ingest", "features", "train", "scoring", "evaluate", "report", "report_nights", "report_trend", "plots", "gate",
-               "serving", "synth"}),
+               "serving", "synth", "tune"}),
     ("models", {"models"}),
-    ("ranking and data", {"metrics", "uncertainty", "ranking", "topk", "data", "training", "distributed", "runs"}),
+    ("ranking and data", {"metrics", "uncertainty", "ranking", "topk", "data", "training", "distributed", "runs", "tuned"}),
     ("warehouse", {"warehouse", "errors", "options", "logs", "processes", "storage", "executors", "tracking"}),
 ]
 LAYER_OF = {name: i for i, (_, names) in enumerate(LAYERS) for name in names}

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from batchrec.errors import BatchrecError, CorruptArtifact, first_line
+from batchrec.models.search import SearchSpace, check_space
 from batchrec.options import SEED_MAX, SEED_MIN
 
 if TYPE_CHECKING:
@@ -42,7 +43,8 @@ ARTIFACT_META = "model.json"
 
 @dataclass(frozen=True)
 class Param:
-    """One hyper-parameter: name, type, default, bounds and a short help text."""
+    """One hyper-parameter: name, type, default, bounds, a short help text and, for the
+    parameters `batchrec tune` searches, its search space (`models.search`)."""
 
     name: str
     type: type
@@ -52,6 +54,7 @@ class Param:
     max: float | None = None
     choices: tuple | None = None
     finite: bool = True  # a float must be a finite number (nan passes every bound check; inf is no setting)
+    search: SearchSpace | None = None  # where `batchrec tune` looks (None: the parameter stays as given)
 
     def parse(self, value: Any, model: str) -> Any:
         """Convert a CLI string (or a Python value) and check bounds; one-line error if bad."""
@@ -82,7 +85,8 @@ class Param:
             rng = f" one of {{{', '.join(map(str, self.choices))}}}"
         elif self.min is not None or self.max is not None:
             rng = f" in [{'-inf' if self.min is None else self.min}, {'inf' if self.max is None else self.max}]"
-        return f"{self.name} ({self.type.__name__}, default {self.default!r}{rng}): {self.help}"
+        tune = f" [tune: {self.search.describe()}]" if self.search is not None else ""
+        return f"{self.name} ({self.type.__name__}, default {self.default!r}{rng}): {self.help}{tune}"
 
 
 def _first_sentence(exc: BaseException) -> str:
@@ -98,6 +102,12 @@ class Recommender:
     params_spec: ClassVar[tuple[Param, ...]] = ()
     seed_param: ClassVar[bool] = True  # families with a random step take `seed`
     personalised: ClassVar[bool] = True  # False: one global ranking (lists overlap by design)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for param in cls.params_spec:  # a space that does not fit its parameter fails at import, in every test
+            if param.search is not None:
+                check_space(param.search, param)
 
     def __init__(self, **params: Any):
         spec = {p.name: p for p in self.all_params()}
@@ -117,6 +127,11 @@ class Recommender:
     def all_params(cls) -> tuple[Param, ...]:
         seed = (Param("seed", int, 0, "random seed", min=SEED_MIN, max=SEED_MAX),) if cls.seed_param else ()
         return tuple(cls.params_spec) + seed
+
+    @classmethod
+    def search_space(cls) -> dict[str, SearchSpace]:
+        """The parameters `batchrec tune` searches, with their spaces (empty: not tunable)."""
+        return {p.name: p.search for p in cls.params_spec if p.search is not None}
 
     # -- what each family implements --------------------------------------------------------
     def fit(self, data: SnapshotData, trainer: Trainer) -> Recommender:

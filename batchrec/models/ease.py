@@ -37,6 +37,7 @@ import torch
 from batchrec.data import csr_from_state, csr_state, csr_to_torch
 from batchrec.errors import BatchrecError
 from batchrec.models.base import Param, Recommender
+from batchrec.models.search import Choice, LogUniform, Uniform
 from batchrec.models.weights import positive_matrix, query_weights
 
 TUNING = """
@@ -103,17 +104,22 @@ class EASE(Recommender):
     task = "ranking"
     seed_param = False
     params_spec = (
-        Param("lam", float, 500.0, "L2 regularisation (added to the Gram matrix diagonal)", min=1e-6),
-        Param("min_rating", float, 0.0, "ratings below this are not positives (0: every interaction)", min=0.0),
+        Param("lam", float, 500.0, "L2 regularisation (added to the Gram matrix diagonal)", min=1e-6,
+              search=LogUniform(20.0, 5000.0)),
+        Param("min_rating", float, 0.0, "ratings below this are not positives (0: every interaction)", min=0.0,
+              search=Choice((0.0, 3.0, 3.5, 4.0))),
         Param("weighting", str, "rating", "weight of a positive: binary (1) or rating (max(r - rating_offset, 0.5))",
-              choices=("binary", "rating")),
-        Param("rating_offset", float, 2.0, "subtracted from the rating with weighting=rating"),
-        Param("query_offset", float, 2.5, "query weight of a rated item = rating - query_offset (below: disliked)"),
+              choices=("binary", "rating"), search=Choice(("binary", "rating"))),
+        Param("rating_offset", float, 2.0, "subtracted from the rating with weighting=rating",
+              search=Uniform(0.0, 3.0)),
+        Param("query_offset", float, 2.5, "query weight of a rated item = rating - query_offset (below: disliked)",
+              search=Uniform(0.0, 3.5)),
         Param("dislike_weight", float, 0.5, "factor on the (negative) query weight of disliked items (0: ignore them)",
-              min=0.0),
+              min=0.0, search=Uniform(0.0, 1.0)),
         Param("recency_halflife", float, 5.0, "query weight halves every this many later events of the user "
-              "(0: no recency weighting)", min=0.0),
-        Param("recency_floor", float, 0.1, "query weight of a user's oldest events with recency weighting", min=0.0, max=1.0),
+              "(0: no recency weighting)", min=0.0, search=Choice((0.0, 2.0, 5.0, 10.0, 20.0, 50.0))),
+        Param("recency_floor", float, 0.1, "query weight of a user's oldest events with recency weighting", min=0.0, max=1.0,
+              search=Uniform(0.0, 1.0)),
         Param("max_memory_gb", float, 12.0, "refuse catalogues whose dense fit would need more memory", min=0.01),
     )
 

@@ -35,6 +35,7 @@ from torch.nn import functional as F
 from batchrec.data import csr_to_torch
 from batchrec.errors import BatchrecError
 from batchrec.models.base import FactorModel, Param
+from batchrec.models.search import Choice, IntRange, LogUniform, Uniform
 from batchrec.models.weights import positive_matrix, query_recency_factor
 from batchrec.topk import numba_threads
 
@@ -254,18 +255,22 @@ class ImplicitALS(FactorModel):
     name = "ials"
     task = "ranking"
     params_spec = (
-        Param("factors", int, 128, "latent dimensions", min=1, max=4096),
-        Param("reg", float, 10.0, "L2 regularisation of user and item factors", min=0.0),
-        Param("alpha", float, 1.0, "confidence c = 1 + alpha * w of an observed pair", min=0.0),
+        Param("factors", int, 128, "latent dimensions", min=1, max=4096, search=IntRange(64, 256, log=True)),
+        Param("reg", float, 10.0, "L2 regularisation of user and item factors", min=0.0,
+              search=LogUniform(2.0, 50.0)),
+        Param("alpha", float, 1.0, "confidence c = 1 + alpha * w of an observed pair", min=0.0,
+              search=LogUniform(0.3, 10.0)),
         Param("iterations", int, 15, "alternating user/item half-steps pairs", min=1, max=1000),
         Param("cg_steps", int, 3, "conjugate-gradient steps per half-step", min=1, max=256),
-        Param("min_rating", float, 4.0, "ratings below this are not positives (0: every interaction)", min=0.0),
+        Param("min_rating", float, 4.0, "ratings below this are not positives (0: every interaction)", min=0.0,
+              search=Choice((0.0, 3.0, 3.5, 4.0))),
         Param("weighting", str, "binary", "w of a positive: binary (1) or rating (max(r - rating_offset, 0.5))",
-              choices=("binary", "rating")),
+              choices=("binary", "rating"), search=Choice(("binary", "rating"))),
         Param("rating_offset", float, 2.0, "subtracted from the rating with weighting=rating"),
         Param("recency_halflife", float, 10.0, "confidence weight halves every this many later events of the user "
-              "(0: no recency weighting)", min=0.0),
-        Param("recency_floor", float, 0.1, "weight of a user's oldest events with recency weighting", min=0.0, max=1.0),
+              "(0: no recency weighting)", min=0.0, search=Choice((0.0, 2.0, 5.0, 10.0, 20.0, 50.0))),
+        Param("recency_floor", float, 0.1, "weight of a user's oldest events with recency weighting", min=0.0, max=1.0,
+              search=Uniform(0.0, 1.0)),
         Param("init_std", float, 0.01, "standard deviation of the random initial factors", min=0.0),
         Param("cg_kernel", str, "auto", "conjugate-gradient implementation: numba (fused per row, CPU only), "
               "torch (batched sparse ops, any device) or auto (numba on CPU)", choices=("auto", "numba", "torch")),

@@ -36,6 +36,7 @@ from torch import nn
 from batchrec.errors import BatchrecError
 from batchrec.models.base import Param, Recommender
 from batchrec.models.sampling import NegativeSampler
+from batchrec.models.search import Choice, IntRange, LogUniform, Uniform
 from batchrec.models.validation import ranking_validator, rating_validator
 from batchrec.models.weights import later_ratings_decay
 
@@ -112,23 +113,25 @@ class BiasedMF(Recommender):
     name = "mf"
     task = "rating"
     params_spec = (
-        Param("factors", int, 64, "latent dimensions", min=1, max=4096),
+        Param("factors", int, 64, "latent dimensions", min=1, max=4096, search=IntRange(16, 128, log=True)),
         Param("biased", bool, True, "learn global mean and user/item biases (false: plain Funk-SVD)"),
-        Param("lr", float, 5e-3, "learning rate", min=1e-7, max=10.0),
-        Param("reg", float, 1.0, "L2 on the factor rows of each batch (see reg_exponent)", min=0.0),
-        Param("bias_reg", float, 0.2, "L2 on the biases, relative to reg", min=0.0),
+        Param("lr", float, 5e-3, "learning rate", min=1e-7, max=10.0, search=LogUniform(1e-3, 2e-2)),
+        Param("reg", float, 1.0, "L2 on the factor rows of each batch (see reg_exponent)", min=0.0,
+              search=LogUniform(0.05, 10.0)),
+        Param("bias_reg", float, 0.2, "L2 on the biases, relative to reg", min=0.0, search=LogUniform(0.02, 2.0)),
         Param("reg_exponent", float, 0.5, "a row seen n times is penalised reg/n^reg_exponent per occurrence: "
-              "0 = per rating (SGD style), 1 = once per row", min=0.0, max=1.0),
+              "0 = per rating (SGD style), 1 = once per row", min=0.0, max=1.0, search=Uniform(0.0, 1.0)),
         Param("init_std", float, 0.01, "standard deviation of the initial factors", min=0.0, max=1.0),
         Param("recency", float, 100.0, "user rows learn from a rating with weight exp(-k/recency), k = the "
-              "user's later ratings (0: all alike)", min=0.0),
+              "user's later ratings (0: all alike)", min=0.0, search=Choice((0.0, 25.0, 50.0, 100.0, 200.0, 400.0))),
         Param("missing_weight", float, 0.0, "weight of sampled unrated pairs pulled towards missing_rating "
-              "(0: off)", min=0.0, max=1.0),
-        Param("missing_rating", float, 1.0, "target rating of the sampled unrated pairs"),
+              "(0: off)", min=0.0, max=1.0, search=Uniform(0.0, 1.0)),
+        Param("missing_rating", float, 1.0, "target rating of the sampled unrated pairs", search=Uniform(0.0, 3.0)),
         Param("epochs", int, 30, "maximum epochs (all of them when there is no validation part)", min=1, max=10_000),
         Param("batch_size", int, 1024, "interactions per mini-batch", min=1),
         Param("optimizer", str, "adam", "adam or sgd (momentum 0.9)", choices=("adam", "sgd")),
-        Param("patience", int, 3, "epochs without validation improvement before stopping", min=1),
+        Param("patience", int, 3, "epochs without validation improvement before stopping", min=1,
+              search=IntRange(3, 10)),
     )
 
     def fit(self, data, trainer) -> BiasedMF:

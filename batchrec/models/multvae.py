@@ -30,6 +30,7 @@ from torch import nn
 from batchrec.data import SparseRows
 from batchrec.models._nn import ENSEMBLE, epochs_to_run, fixed_epochs, state_device
 from batchrec.models.base import Param, Recommender
+from batchrec.models.search import Choice, IntRange, LogUniform, Uniform
 from batchrec.models.validation import ranking_validator
 from batchrec.models.weights import history_weights, query_weights
 
@@ -224,23 +225,25 @@ class MultVAE(Recommender):
     name = "multvae"
     task = "ranking"
     params_spec = (
-        Param("hidden", int, 600, "width of the encoder's and decoder's hidden layer", min=1, max=16384),
-        Param("latent", int, 200, "latent dimensions", min=1, max=4096),
-        Param("dropout", float, 0.5, "dropout on the input entries", min=0.0, max=0.95),
+        Param("hidden", int, 600, "width of the encoder's and decoder's hidden layer", min=1, max=16384,
+              search=IntRange(200, 1000, step=100)),
+        Param("latent", int, 200, "latent dimensions", min=1, max=4096, search=IntRange(50, 400, step=50)),
+        Param("dropout", float, 0.5, "dropout on the input entries", min=0.0, max=0.95, search=Uniform(0.1, 0.8)),
         Param("beta_max", float, 0.2, "final weight of the KL term, annealed (with kl_gamma 0)", min=0.0, max=10.0),
         Param("anneal_steps", int, 0, "optimiser steps to anneal beta from 0 to beta_max (0: the whole run)",
               min=0),
         Param("min_rating", float, 0.0, "ratings below this are left out of the rows (0: every interaction)",
               min=0.0),
         Param("weighting", str, "rating", "row entries: binary (1) or rating (max(rating - rating_offset, 0.5))",
-              choices=("binary", "rating")),
+              choices=("binary", "rating"), search=Choice(("binary", "rating"))),
         Param("rating_offset", float, 2.0, "subtracted from the rating with weighting=rating"),
         Param("query_offset", float, 2.75, "scoring query: a rated item weighs rating - query_offset (items rated "
-              "at or below it are left out)"),
+              "at or below it are left out)", search=Uniform(0.0, 3.5)),
         Param("recency_halflife", float, 3.0, "in the query (and the cut history of the future term), an entry's "
-              "weight halves every this many later events of the user (0: no recency weighting)", min=0.0),
+              "weight halves every this many later events of the user (0: no recency weighting)", min=0.0,
+              search=Choice((0.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0))),
         Param("recency_floor", float, 0.1, "weight factor of a user's oldest events with recency weighting",
-              min=0.0, max=1.0),
+              min=0.0, max=1.0, search=Uniform(0.0, 1.0)),
         Param("target_halflife", float, 0.0, "in training, the reconstruction weight of an entry halves every "
               "this many later events of the user (0: every entry alike)", min=0.0),
         ENSEMBLE,
@@ -255,10 +258,10 @@ class MultVAE(Recommender):
         Param("prior", str, "composite", "standard: N(0, I); composite: RecVAE's mixture with the previous encoder's "
               "posterior", choices=("standard", "composite")),
         Param("kl_gamma", float, 0.005, "if > 0, each user's KL weighs kl_gamma x their reconstruction mass (RecVAE) "
-              "instead of the annealed beta", min=0.0),
+              "instead of the annealed beta", min=0.0, search=LogUniform(1e-3, 5e-2)),
         Param("alternate", int, 3, "if > 0, RecVAE's alternating updates: this many epochs of the encoder, then one "
               "of the decoder without input dropout", min=0),
-        Param("lr", float, 5e-4, "Adam learning rate", min=1e-6, max=1.0),
+        Param("lr", float, 5e-4, "Adam learning rate", min=1e-6, max=1.0, search=LogUniform(1e-4, 3e-3)),
         Param("batch_size", int, 128, "users per batch", min=1),
         Param("epochs", int, 200, "maximum epochs", min=1, max=100000),
         Param("patience", int, 20, "epochs without validation improvement before stopping", min=1),
