@@ -28,6 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import clean_env, describe, reexec_clean  # noqa: E402
+
 FAMILIES = ("mf", "neumf", "autorec", "two_tower", "multvae", "content_dnn")  # mf first: the baseline
 CLI = [str(Path(sys.executable).parent / "batchrec")]  # the console script of this environment
 
@@ -80,6 +83,8 @@ def main() -> None:
     if args.one:
         one_fit(args.one[0], args.one[1], args.epochs, args.threads)
         return
+    reexec_clean()
+    print(f"{describe()}; each fit's process: torch threads {args.threads}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_neural_") as tmp:
         print(f"{'dataset':<24}{'family':<13}{'rows':>10}{'s/epoch':>10}{'x mf':>8}{'peak RSS MB':>13}")
         for name in ("ml-latest-small", f"synth-{args.ratings // 1000}k"):
@@ -87,7 +92,8 @@ def main() -> None:
             baseline = None
             for family in ["mf"] + [f for f in args.families.split(",") if f != "mf"]:
                 out = subprocess.run([sys.executable, __file__, "--one", str(wh), family, "--epochs", str(args.epochs),
-                                      "--threads", str(args.threads)], check=True, capture_output=True, text=True)
+                                      "--threads", str(args.threads)], check=True, capture_output=True, text=True,
+                                     env=clean_env())
                 r = json.loads(out.stdout.strip().splitlines()[-1])
                 baseline = baseline or r["epoch_s"]
                 print(f"{name:<24}{family:<13}{r['rows']:>10}{r['epoch_s']:>10.2f}{r['epoch_s'] / baseline:>8.1f}"
