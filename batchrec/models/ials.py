@@ -232,9 +232,8 @@ def _add_pairs(out, Y, cols, e, v, sign, b):
 def _gram_times_rows(out, gram, v, sign, n):
     """out[i] = sign * gram @ v[i] for i < n (gram symmetric: summed by rows, which vectorises),
     each row's sum in the same order as for a row alone, but every row of gram read once for all
-    n rows: at
-    128 factors gram (64 KiB) does not fit in L1, and one pass per row made these products a
-    third of the user half-step."""
+    n rows: at 128 factors gram (64 KiB) does not fit in L1, and one pass per row made these
+    products about a third of the user half-step."""
     for i in range(n):
         out[i, :] = 0.0
     for j in range(gram.shape[0]):
