@@ -22,9 +22,19 @@ if TYPE_CHECKING:
 POOL_MARGIN = 4  # extra candidates per row rescored one by one before the final top-n
 
 
+FASTEST_BLOCK_BYTES = 256 << 20  # larger score blocks were no faster at ML-20M shape (bench_score.py)
+
+
 def block_size(n_items: int, memory_budget: int) -> int:
-    """Users per block so that the score block (+ a mask copy) fits in the budget."""
-    return max(1, memory_budget // (max(n_items, 1) * 4 * 2))
+    """Users per block: the score block (+ a mask copy) fits in the budget, and is no larger than
+    FASTEST_BLOCK_BYTES (beyond that a block only costs memory: the matmul is as fast and the
+    top-k reads the block from main memory either way)."""
+    per_user = max(n_items, 1) * 4
+    return max(1, min(memory_budget // (per_user * 2), FASTEST_BLOCK_BYTES // per_user))
+
+
+def _consecutive(rows: np.ndarray) -> bool:
+    return bool(len(rows)) and rows[-1] - rows[0] == len(rows) - 1 and bool((np.diff(rows) == 1).all())
 
 
 def _ragged(indptr: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | slice]:
@@ -32,10 +42,38 @@ def _ragged(indptr: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarra
     starts = indptr[rows]
     counts = indptr[rows + 1] - starts
     pos = np.repeat(np.arange(len(rows)), counts)
-    if len(rows) and rows[-1] - rows[0] == len(rows) - 1 and (np.diff(rows) == 1).all():
+    if _consecutive(rows):
         return pos, slice(starts[0], starts[0] + counts.sum())  # consecutive rows: one slice, no copy
     first = np.cumsum(counts) - counts
     return pos, np.repeat(starts - first, counts) + np.arange(counts.sum())
+
+
+def _excluded_pairs(m: sp.csr_matrix, block: np.ndarray, col_of: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(position in `block`, column) of every stored entry of `m`'s rows `block` that is a column."""
+    pos, offs = _ragged(m.indptr, block)
+    cols = m.indices[offs]
+    if col_of is not None:
+        cols = col_of[cols]
+        pos, cols = pos[cols >= 0], cols[cols >= 0]
+    return pos, cols
+
+
+def _excluded(exclude: tuple, block: np.ndarray, col_of: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """The columns to skip for each row of `block`, as (indptr, columns) for `row_topk`: for one
+    CSR, consecutive rows and every item a column (the nightly run), views of the CSR itself."""
+    if len(exclude) == 1 and col_of is None and _consecutive(block):
+        m = exclude[0]
+        ptr = m.indptr[block[0]:block[-1] + 2]
+        return ptr - ptr[0], m.indices[ptr[0]:ptr[-1]]
+    pairs = [_excluded_pairs(m, block, col_of) for m in exclude]
+    pos = np.concatenate([p for p, _ in pairs]) if pairs else np.zeros(0, np.int64)
+    cols = np.concatenate([c for _, c in pairs]) if pairs else np.zeros(0, np.int64)
+    if len(pairs) > 1:
+        order = np.argsort(pos, kind="stable")
+        pos, cols = pos[order], cols[order]
+    ptr = np.zeros(len(block) + 1, np.int64)
+    np.cumsum(np.bincount(pos, minlength=len(block)), out=ptr[1:])
+    return ptr, cols
 
 
 def blocked_topk(
@@ -52,9 +90,11 @@ def blocked_topk(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-`n` columns per row, scoring `block_size` rows at a time.
 
-    `score_block(rows)` returns a fresh contiguous float32 [len(rows), n_cols] tensor; every
-    stored (row, item) of each CSR in `exclude` is set to -inf (items mapped to columns by
-    `col_of`, -1 = not a column). `on_block(span, rows, cols)` sees each block's top columns.
+    `score_block(rows)` returns a contiguous float32 [len(rows), n_cols] tensor, which is only
+    read until the next call (a CPU scorer may reuse one buffer for every block); no stored
+    (row, item) of a CSR in `exclude` is ever chosen (items mapped to columns by `col_of`, -1 =
+    not a column): on the CPU the top-k kernel skips them, elsewhere they are set to -inf in the
+    (then fresh) tensor. `on_block(span, rows, cols)` sees each block's top columns.
     Returns (cols int64 [len(rows), n], scores float32), padded with -1 / NaN where
     a row has fewer than `n` finite scores.
 
@@ -73,16 +113,15 @@ def blocked_topk(
         for start in range(0, len(rows), step):
             block = rows[start:start + step]
             s = score_block(block)
-            for m in exclude:
-                pos, offs = _ragged(m.indptr, block)
-                cols = m.indices[offs]
-                if col_of is not None:
-                    cols = col_of[cols]
-                    pos, cols = pos[cols >= 0], cols[cols >= 0]
-                if len(pos):  # flat index_fill: about twice as fast as a 2-D index_put
-                    flat = torch.from_numpy(pos * n_cols + cols).to(s.device)
-                    s.view(-1).index_fill_(0, flat, -torch.inf)
-            val, ind = row_topk(s, pool)
+            if s.device.type == "cpu" and s.dtype == torch.float32:  # the top-k kernel skips them: no writes
+                val, ind = row_topk(s, pool, skip=_excluded(exclude, block, col_of))
+            else:
+                for m in exclude:
+                    pos, cols = _excluded_pairs(m, block, col_of)
+                    if len(pos):  # flat index_fill: about twice as fast as a 2-D index_put
+                        flat = torch.from_numpy(pos * n_cols + cols).to(s.device)
+                        s.view(-1).index_fill_(0, flat, -torch.inf)
+                val, ind = row_topk(s, pool)
             if rescore is not None:
                 val = torch.where(torch.isfinite(val), rescore(block, ind), val)
             val, ind = val.cpu().numpy(), ind.cpu().numpy()
@@ -124,11 +163,18 @@ def model_scorer(model: Recommender, cand: np.ndarray | None) -> Scorer:
 
         if dev.type == "cpu":  # numpy's BLAS (OpenBLAS) multiplies ~1.7x faster than torch's here (DESIGN)
             U_np, V_np = U.numpy(), Vc.numpy()
+            out = [np.empty((0, len(V_np)), np.float32)]
+
+            def score(rows: np.ndarray) -> torch.Tensor:
+                # One output buffer for every block: a fresh one costs a page fault per 4 KiB, and at
+                # ML-20M shape that made the matmul several times slower than writing into warm pages
+                if len(out[0]) < len(rows):
+                    out[0] = np.empty((len(rows), len(V_np)), np.float32)
+                return torch.from_numpy(np.matmul(_rows(U_np, rows), V_np.T, out=out[0][:len(rows)]))
+
             # einsum without `optimize` is a plain loop per (row, column): no BLAS, 3x cheaper than torch here
-            # np.take gathers rows ~1.5x faster than fancy indexing
-            return ((lambda rows: torch.from_numpy(np.take(U_np, rows, 0) @ V_np.T)),
-                    lambda rows, cols: torch.from_numpy(np.einsum("bd,bkd->bk", np.take(U_np, rows, 0),
-                                                                  np.take(V_np, cols.numpy(), 0))))
+            return score, lambda rows, cols: torch.from_numpy(np.einsum("bd,bkd->bk", _rows(U_np, rows),
+                                                                        np.take(V_np, cols.numpy(), 0)))
 
         def rescore(rows: np.ndarray, cols: torch.Tensor) -> torch.Tensor:  # equal-shaped matrices per row
             return torch.bmm(U[torch.from_numpy(rows).to(dev)][:, None, :], Vc[cols].transpose(1, 2))[:, 0]
@@ -140,6 +186,14 @@ def model_scorer(model: Recommender, cand: np.ndarray | None) -> Scorer:
         return (s if cand_t is None else s.index_select(1, cand_t)).contiguous()  # masking writes in place
 
     return score, None
+
+
+def _rows(m: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """m[rows]: a view when the rows are consecutive (a nightly run's blocks), else a gather
+    (np.take: ~1.5x faster than fancy indexing)."""
+    if _consecutive(rows):
+        return m[rows[0]:rows[-1] + 1]
+    return np.take(m, rows, 0)
 
 
 def topn(

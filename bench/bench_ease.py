@@ -3,17 +3,18 @@
 The subset: the `--items` most popular items of the ml-20m-shaped set (/tmp/synth20m/ratings.csv
 when present, else a Zipf-like random matrix drawn here) and every user. `ease` fits the whole
 model (positives matrix -> Gram matrix -> Cholesky inverse -> B); the baseline only inverts the
-Gram matrix (X'X + lam I, computed outside its timing). Prints both timings, the ratio (target
-<= 1.3) and the peak RSS of each (each in its own process; target < 8 GB).
+Gram matrix (X'X + lam I, computed outside its timing). Each side runs in its own process
+(target < 8 GB peak RSS for ease), `--repeat` rounds alternating their order, without
+OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE (bench/_common.py); prints the median ratio (target <= 1.3)
+with each process's thread pools and BLAS kernel beside it.
 
-    .venv/bin/python bench/bench_ease.py [--items 20000] [--threads 2]
+    python bench/bench_ease.py --repeat 3 [--items 20000] [--threads 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import os
 import resource
 import sys
 import time
@@ -23,6 +24,7 @@ import numpy as np
 import scipy.sparse as sp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import alternate, describe, load_line, median, reexec_clean, runtime  # noqa: E402
 from bench_ials import SYNTH, interactions  # noqa: E402  (same ml-20m-shaped matrix)
 
 
@@ -55,7 +57,7 @@ def run_ease(X: sp.csr_matrix, args, out) -> None:
     model.prepare(data, trainer.device)
     t0 = time.perf_counter()
     model.fit(data, trainer)
-    out.put(("ease fit", time.perf_counter() - t0, peak_rss_gb()))
+    out.put(("ease fit", time.perf_counter() - t0, peak_rss_gb(), runtime()))
 
 
 def run_inverse(X: sp.csr_matrix, args, out) -> None:
@@ -66,7 +68,7 @@ def run_inverse(X: sp.csr_matrix, args, out) -> None:
     G.diagonal().add_(args.lam)
     t0 = time.perf_counter()
     torch.linalg.inv(G)
-    out.put(("bare inv", time.perf_counter() - t0, peak_rss_gb()))
+    out.put(("bare inv", time.perf_counter() - t0, peak_rss_gb(), runtime()))
 
 
 def main() -> None:
@@ -74,25 +76,31 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=20_000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--lam", type=float, default=500.0)
+    ap.add_argument("--repeat", type=int, default=3, help="rounds of (ease fit, bare inverse), alternating")
     args = ap.parse_args()
+    reexec_clean(args.threads)
     X = subset(args.items)
     print(f"subset: {X.shape[0]:,} users x {X.shape[1]:,} items, {X.nnz:,} interactions "
           f"({SYNTH if SYNTH.exists() else 'random Zipf-like'}); threads={args.threads}", flush=True)
     ctx = mp.get_context("fork")
-    results = {}
-    for fn in (run_ease, run_inverse):
-        q = ctx.Queue()
-        p = ctx.Process(target=fn, args=(X, args, q))
-        p.start()
-        name, sec, rss = q.get()
-        p.join()
-        results[name] = (sec, rss)
-        print(f"{name:9s} {sec:8.1f} s   peak RSS {rss:5.2f} GB", flush=True)
-    ratio = results["ease fit"][0] / results["bare inv"][0]
-    print(f"ratio ease fit / bare inverse: {ratio:.2f} (target <= 1.3); ease peak RSS "
-          f"{results['ease fit'][1]:.2f} GB (target < 8 GB); load average {os.getloadavg()[0]:.1f} "
-          f"on {os.cpu_count()} CPUs")
 
+    def side(fn):
+        def run():
+            q = ctx.Queue()
+            p = ctx.Process(target=fn, args=(X, args, q))
+            p.start()
+            name, sec, rss, info = q.get()
+            p.join()
+            print(f"{name:9s} {sec:8.1f} s   peak RSS {rss:5.2f} GB", flush=True)
+            return sec, rss, info
+        return run
+
+    got = alternate(args.repeat, {"ease": side(run_ease), "inverse": side(run_inverse)})
+    ratios = [e[0] / i[0] for e, i in zip(got["ease"], got["inverse"])]
+    print(f"ease fit {median([e[0] for e in got['ease']]):.1f} s {describe(got['ease'][0][2])}")
+    print(f"bare inv {median([i[0] for i in got['inverse']]):.1f} s {describe(got['inverse'][0][2])}")
+    print(f"ratio ease fit / bare inverse: {median(ratios):.2f} (median of {len(ratios)} alternating rounds; "
+          f"target <= 1.3); ease peak RSS {max(e[1] for e in got['ease']):.2f} GB (target < 8 GB); {load_line()}")
 
 if __name__ == "__main__":
     main()

@@ -6,11 +6,14 @@ Zipf-like item popularity. Both models get the same binary user x item matrix, t
 confidence (alpha), regularisation, 3 CG steps per half-step and the same number of threads.
 batchrec runs its CPU default, the fused numba CG kernel (`--cg-kernel torch`: the torch path); its
 one-off JIT compile (cached in __pycache__ after the first run) falls in the dropped first iteration.
-Prints both timings (wall and CPU seconds per iteration, the first iteration dropped), their
-ratios (target <= 1.0) and the peak RSS of each fit (target < 8 GB; each runs in its own process
-so one does not count the other's memory).
+Each fit runs in its own process (so one does not count the other's memory), `--repeat` rounds
+of (batchrec, implicit), the order alternating round by round, without OPENBLAS_CORETYPE /
+OPENBLAS_L2_SIZE (bench/_common.py). Prints each fit's wall and CPU seconds per iteration (the
+first iteration dropped), the median ratios over the rounds (target issue 22: <= 0.8 wall) with
+each process's thread pools and BLAS kernel beside them, and the peak RSS (target < 8 GB).
 
-    .venv/bin/python bench/bench_ials.py [--iterations 3] [--threads 2] [--sample 1.0] [--cg-kernel auto]
+    python bench/bench_ials.py --repeat 3 [--iterations 3] [--threads 2] [--sample 1.0] [--cg-kernel auto]
+    # ~2 min on 2 idle cores at the full shape, after a one-off ~1 min to draw the matrix
 Needs the bench extra: pip install 'batchrec[bench]' (implicit, psutil).
 """
 
@@ -18,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import os
 import resource
 import sys
 import time
@@ -26,6 +28,9 @@ from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import alternate, describe, load_line, median, reexec_clean, runtime  # noqa: E402
 
 SYNTH = Path("/tmp/synth20m/ratings.csv")
 N_USERS, N_ITEMS, N_EVENTS = 138_493, 26_744, 20_000_263
@@ -102,7 +107,7 @@ def run_batchrec(X: sp.csr_matrix, args, out) -> None:
     stamps = [(time.perf_counter(), time.process_time())]
     model.fit(data, trainer)
     stamps += [(h["wall"], h["cpu"]) for h in trainer.history]
-    out.put(("batchrec", *per_iteration(stamps), peak_rss_gb()))
+    out.put(("batchrec", *per_iteration(stamps), peak_rss_gb(), runtime()))
 
 
 def run_implicit(X: sp.csr_matrix, args, out) -> None:
@@ -114,7 +119,8 @@ def run_implicit(X: sp.csr_matrix, args, out) -> None:
                                         iterations=args.iterations, num_threads=args.threads, random_state=0)
         stamps = [(time.perf_counter(), time.process_time())]
         model.fit(X, show_progress=False, callback=lambda *_: stamps.append((time.perf_counter(), time.process_time())))
-    out.put(("implicit", *per_iteration(stamps), peak_rss_gb()))
+        info = runtime()
+    out.put(("implicit", *per_iteration(stamps), peak_rss_gb(), info))
 
 
 def main() -> None:
@@ -127,8 +133,10 @@ def main() -> None:
     ap.add_argument("--sample", type=float, default=1.0, help="fraction of interactions (quick runs)")
     ap.add_argument("--cg-kernel", default="auto", choices=("auto", "numba", "torch"),
                     help="batchrec's CG implementation (auto: the fused numba kernel on CPU)")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds of (batchrec, implicit) fits, alternating; "
+                    "median ratios are reported")
     args = ap.parse_args()
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    reexec_clean(args.threads)  # every pool at --threads, OpenBLAS at its own kernel choice
 
     t0 = time.perf_counter()
     X = interactions(sample=args.sample)
@@ -137,22 +145,32 @@ def main() -> None:
           f"{time.perf_counter() - t0:.1f} s to load); factors={args.factors} threads={args.threads} "
           f"iterations={args.iterations} cg_kernel={args.cg_kernel}", flush=True)
     ctx = mp.get_context("fork")
-    results = {}
-    for fn in (run_batchrec, run_implicit):
-        q = ctx.Queue()
-        p = ctx.Process(target=fn, args=(X, args, q))
-        p.start()
-        name, wall, cpu, rss = q.get()
-        p.join()
-        results[name] = (wall, cpu, rss)
-        print(f"{name:9s} {wall:7.2f} s/iteration (CPU {cpu:7.2f} s)   peak RSS {rss:5.2f} GB", flush=True)
-    (wall, cpu, rss), (ref_wall, ref_cpu, _) = results["batchrec"], results["implicit"]
-    print(f"ratio batchrec/implicit seconds per iteration: {wall / ref_wall:.2f} wall, {cpu / ref_cpu:.2f} CPU "
-          f"(target <= 1.0); batchrec peak RSS {rss:.2f} GB (target < 8 GB)")
-    print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (wall ratios are only "
-          "meaningful on an otherwise idle machine; CPU ratios are less sensitive)")
-    sys.exit(0)
 
+    def fit(fn):
+        def run():
+            q = ctx.Queue()
+            p = ctx.Process(target=fn, args=(X, args, q))
+            p.start()
+            name, wall, cpu, rss, info = q.get()
+            p.join()
+            print(f"{name:9s} {wall:7.2f} s/iteration (CPU {cpu:7.2f} s)   peak RSS {rss:5.2f} GB", flush=True)
+            return wall, cpu, rss, info
+        return run
+
+    got = alternate(args.repeat, {"batchrec": fit(run_batchrec), "implicit": fit(run_implicit)})
+    ours, ref = got["batchrec"], got["implicit"]
+    walls = [o[0] / r[0] for o, r in zip(ours, ref)]
+    cpus = [o[1] / r[1] for o, r in zip(ours, ref)]
+    print(f"batchrec {median([o[0] for o in ours]):.2f} s/iteration (CPU {median([o[1] for o in ours]):.2f} s) "
+          f"{describe(ours[0][3])}")
+    print(f"implicit {median([r[0] for r in ref]):.2f} s/iteration (CPU {median([r[1] for r in ref]):.2f} s) "
+          f"{describe(ref[0][3])}")
+    print(f"ratio batchrec/implicit seconds per iteration: {median(walls):.2f} wall, {median(cpus):.2f} CPU "
+          f"(medians of {len(walls)} alternating rounds; per round wall {', '.join(f'{w:.2f}' for w in walls)}; "
+          f"target <= 0.8 wall); batchrec peak RSS {max(o[2] for o in ours):.2f} GB (target < 8 GB)")
+    print(f"{load_line()} at the end (wall ratios are only meaningful on an otherwise idle machine; CPU ratios are "
+          "less sensitive)")
+    sys.exit(0)
 
 if __name__ == "__main__":
     main()

@@ -24,6 +24,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import describe, reexec_clean  # noqa: E402
 
 from batchrec.data import shifted_back  # noqa: E402
 from batchrec.metrics import evaluate_model  # noqa: E402
@@ -61,6 +64,7 @@ def main() -> None:
     ap.add_argument("--param", action="append", default=[], metavar="FAMILY:KEY=VALUE",
                     help="a parameter of one family (repeatable)")
     args = ap.parse_args()
+    reexec_clean(args.threads)
     if args.threads:
         torch.set_num_threads(args.threads)
     names = args.models.split(",") if args.models else [n for n in available()]
@@ -72,8 +76,7 @@ def main() -> None:
         family, _, pair = item.partition(":")
         params.setdefault(family, []).append(pair)
     seeds = [int(s) for s in args.seeds.split(",")]
-    print(f"data: {source}; {len(data.train)}/{len(data.valid)}/{len(data.test)} rows; "
-          f"torch threads {torch.get_num_threads()}")
+    print(f"data: {source}; {len(data.train)}/{len(data.valid)}/{len(data.test)} rows; {describe()}")
     rows = []
     for name in names:
         given = parse_params(name, params.get(name, []))

@@ -17,6 +17,10 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import describe, reexec_clean  # noqa: E402
+
 from batchrec.evaluate import PRESETS, choose_split, resolve_protocol, run_evaluation, summary_table
 from batchrec.features import build_snapshot
 from batchrec.ingest import ingest_path
@@ -49,6 +53,8 @@ def main() -> int:
     ap.add_argument("--families", default=None, help="only these families (comma-separated) [default: every available one]")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
+    reexec_clean()
+    print(describe(), flush=True)
     args.families = set(args.families.split(",")) if args.families else None
     root = Path(args.warehouse or tempfile.mkdtemp(prefix="bench_reproduce_"))
     wh = Warehouse(root / "batchrec.duckdb")

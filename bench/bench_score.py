@@ -6,22 +6,29 @@ Zipf-like item popularity, the raw `ratings` too (the scorer scans them for user
 lacks), item features, titles and genres; plus random 128-wide user/item factors and a
 `model_runs` row for them. Then, in one child process (peak RSS from its own rusage):
 
-* floor: a bare blocked `U @ V.T` (numpy's matmul, the faster library here; torch's is timed
-  too) + `torch.topk(10)` over the factors with the scorer's block size: no seen filtering, no
-  reading, no writing; timed before and after the scoring run and averaged, because the machine
-  is shared and its load drifts. For reference also with batchrec's own top-k kernel (what the
-  scorer selects with) in place of torch.topk;
+* floor: a bare blocked `U @ V.T` (numpy's matmul into one reused output block, as the scorer
+  does) + batchrec's own top-k kernel over the factors at the scorer's block size
+  (`batchrec.ranking.block_size`, the fastest it chooses under the budget): no seen filtering,
+  no reading, no writing; timed right before and right after each scoring run, and the two
+  averaged, because the machine is shared and its load drifts;
 * score: `score_and_publish`, the body of `batchrec score` after it loads the model, with a bare
   factor model object: reading the snapshot (20M interactions) and raw users, blocked scoring
-  with seen masking, cold start, "because you rated" explanations, and
+  with seen filtering, cold start, "because you rated" explanations, and
   the one-transaction DuckDB publish, timed end to end (explanation time measured inside);
-  `--repeat N` alternates N score runs with N + 1 floor runs and reports the median ratio.
+* implicit: the implicit library's batched recommend-all over the same factors, seen items
+  filtered, in its own process.
+
+`--repeat N` runs N rounds, each a (floor, score, floor) process and an implicit process, their
+order alternating round by round; the ratios are medians over the rounds. Every measured process
+runs without OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE (bench/_common.py) and reports its own thread
+pools and BLAS kernel, printed beside the ratios.
+
+    python bench/bench_score.py --repeat 3      # ~1 min per round on 2 idle cores (+ a one-off build)
 
 `--ease`: a non-factor model (sparse user rows x a dense item-item matrix: how EASE scores) on a
 smaller catalogue through the same path; users per second vs its own bare loop.
 
-Reference (issue): implicit's recommend-all for this shape took 22.9 s on this machine; a numpy
-blocked matmul + exact top-10 about 11.5 s.
+Targets (issue 22): score / floor <= 1.15 and score / implicit <= 0.6, medians of 3.
 """
 
 from __future__ import annotations
@@ -29,15 +36,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import alternate, clean_env, describe, load_line, median, reexec_clean, run_child, runtime  # noqa: E402
 
 RUN_ID = "bench-mf"
 
@@ -110,24 +117,6 @@ def build_warehouse(path: Path, n_users: int, n_items: int, nnz: int, factors: i
           flush=True)
 
 
-def run_child(args: list[str], threads: int | None = None) -> tuple[float, float, str]:
-    """(wall seconds, peak RSS GB, stdout) of one child process; RSS from its own rusage."""
-    env = dict(os.environ)
-    if threads:  # every thread pool (OpenBLAS for numpy, OpenMP for torch) at the same size
-        env |= {k: str(threads) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(args, stdout=out, stderr=err, text=True, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
-        out.seek(0)
-        err.seek(0)
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise SystemExit(f"child failed: {' '.join(args)}\n{err.read()}")
-        sys.stderr.write(err.read())
-        return wall, usage.ru_maxrss / 1024 ** 2, out.read()
-
-
 def factors(workdir: Path):
     """The bench's model: random factors behind the `Recommender` interface (user/item vectors)."""
     import torch
@@ -153,31 +142,27 @@ def factors(workdir: Path):
     return Factors(torch.from_numpy(np.load(workdir / "U.npy")), torch.from_numpy(np.load(workdir / "V.npy")))
 
 
-def floor(model, budget: str, top_n: int, library: str, select: str = "torch") -> tuple[float, float]:
-    """(wall, CPU) seconds of a bare blocked U @ V.T + torch.topk over the model's factors with the scorer's
-    block size; the matmul by numpy (OpenBLAS) or torch (from_numpy shares memory, no copy); with
-    select="batchrec" the top-k is batchrec's own kernel (what the scorer uses) instead of torch.topk."""
+def floor(model, budget: str, top_n: int) -> tuple[float, float]:
+    """(wall, CPU) seconds of a bare blocked U @ V.T (numpy, into one reused output block) +
+    batchrec's top-k kernel over the model's factors, at the scorer's block size."""
     import torch
 
     from batchrec.ranking import block_size
     from batchrec.scoring import parse_memory_budget
     from batchrec.topk import row_topk
 
-    topk = (lambda s: torch.topk(s, top_n, dim=1)) if select == "torch" else (lambda s: row_topk(s, top_n))
-
-    U, V = model.user_vectors(), model.item_vectors()
-    U_np, Vt_np = U.numpy(), V.numpy().T
-    step = block_size(len(V), parse_memory_budget(budget))
+    U_np, Vt_np = model.user_vectors().numpy(), model.item_vectors().numpy().T
+    step = block_size(Vt_np.shape[1], parse_memory_budget(budget))
+    out = np.empty((min(step, len(U_np)), Vt_np.shape[1]), np.float32)
     t0, c0 = time.perf_counter(), time.process_time()
-    with torch.no_grad():
-        for a in range(0, len(U), step):
-            s = torch.from_numpy(U_np[a:a + step] @ Vt_np) if library == "numpy" else U[a:a + step] @ V.T
-            topk(s)
+    for a in range(0, len(U_np), step):
+        s = np.matmul(U_np[a:a + step], Vt_np, out=out[:len(U_np[a:a + step])])
+        row_topk(torch.from_numpy(s), top_n)
     return time.perf_counter() - t0, time.process_time() - c0
 
 
-def implicit_recommend_all(workdir: Path, model, top_n: int) -> float | None:
-    """Wall seconds of the implicit library's batched recommend for every user over the same
+def implicit_recommend_all(workdir: Path, model, top_n: int) -> tuple[float, float] | None:
+    """(wall, CPU) seconds of the implicit library's batched recommend for every user over the same
     factors, seen items filtered (its CSR built untimed); None when implicit is not installed."""
     try:
         from implicit.cpu.als import AlternatingLeastSquares
@@ -193,17 +178,16 @@ def implicit_recommend_all(workdir: Path, model, top_n: int) -> float | None:
                          shape=(model.n_users, model.n_items))
     als = AlternatingLeastSquares(factors=model.U.shape[1])
     als.user_factors, als.item_factors = model.U.numpy(), model.V.numpy()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     als.recommend(np.arange(model.n_users), seen, N=top_n, filter_already_liked_items=True)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
-def measure(workdir: Path, budget: str, top_n: int, repeat: int) -> None:
-    """Child: `repeat` times the floor, then what `batchrec score` runs after loading the model
-    (`score_and_publish`: read the warehouse, score, explain, publish in DuckDB) timed end to end
-    with the time in explanations measured inside it; then the floor once more (the machine is
-    shared: each score run is compared with the mean of the floors either side of it), then the
-    torch-matmul floor for reference."""
+def measure(workdir: Path, budget: str, top_n: int) -> None:
+    """Child: the floor, what `batchrec score` runs after loading the model (`score_and_publish`:
+    read the warehouse, score, explain, publish in DuckDB) timed end to end with the time in
+    explanations measured inside it, then the floor again (the machine is shared: the score run
+    is compared with the mean of the floors either side of it)."""
     import batchrec.scoring as scoring
     import batchrec.scoring.sources as sources
     from batchrec.runs import resolve_run
@@ -222,26 +206,22 @@ def measure(workdir: Path, budget: str, top_n: int, repeat: int) -> None:
     sources.explain_anchors = timed
     wh = Warehouse(workdir / "batchrec.duckdb")
     model = factors(workdir)
-    floors, runs = [], []
-    for _ in range(repeat):
-        with wh.connect() as con:  # untimed: like a nightly run, a previous run to move and a short history
-            con.execute("DELETE FROM recommendation_history")
-            if not scalar(con, "SELECT count(*) FROM recommendations"):
-                con.execute("""INSERT INTO recommendations SELECT u.range + 1, r.range + 1, (u.range * 7 + r.range) % ? + 1,
-                                   0, 'previous', now()::TIMESTAMP - INTERVAL 1 DAY, 'popular'
-                               FROM range(?) u, range(?) r""", [model.n_items, model.n_users, top_n])
-        floors.append(floor(model, budget, top_n, "numpy"))
-        spent[0] = 0.0
-        t0, c0 = time.perf_counter(), time.process_time()
-        with wh.lock("bench"):
-            with wh.connect(read_only=True) as con:
-                run = resolve_run(con, RUN_ID)
-            info = scoring.score_and_publish(wh, run, model, top_n, scoring.parse_memory_budget(budget), 30)
-        runs.append({"seconds": time.perf_counter() - t0, "cpu": time.process_time() - c0, "explain": spent[0],
-                     "rows": info["published"]})
-    floors.append(floor(model, budget, top_n, "numpy"))
-    print(json.dumps({"runs": runs, "floors": floors, "floor_torch": floor(model, budget, top_n, "torch"),
-                      "floor_own_topk": floor(model, budget, top_n, "numpy", "batchrec")}))
+    with wh.connect() as con:  # untimed: like a nightly run, a previous run to move and a short history
+        con.execute("DELETE FROM recommendation_history")
+        if not scalar(con, "SELECT count(*) FROM recommendations"):
+            con.execute("""INSERT INTO recommendations SELECT u.range + 1, r.range + 1, (u.range * 7 + r.range) % ? + 1,
+                               0, 'previous', now()::TIMESTAMP - INTERVAL 1 DAY, 'popular'
+                           FROM range(?) u, range(?) r""", [model.n_items, model.n_users, top_n])
+    floors = [floor(model, budget, top_n)]
+    t0, c0 = time.perf_counter(), time.process_time()
+    with wh.lock("bench"):
+        with wh.connect(read_only=True) as con:
+            run = resolve_run(con, RUN_ID)
+        info = scoring.score_and_publish(wh, run, model, top_n, scoring.parse_memory_budget(budget), 30)
+    score = {"seconds": time.perf_counter() - t0, "cpu": time.process_time() - c0, "explain": spent[0],
+             "rows": info["published"]}
+    floors.append(floor(model, budget, top_n))
+    print(json.dumps({"score": score, "floors": floors, "runtime": runtime()}))
 
 
 def ease(workdir: Path, n_users: int, n_items: int, budget: str, top_n: int) -> None:
@@ -291,7 +271,7 @@ def ease(workdir: Path, n_users: int, n_items: int, budget: str, top_n: int) -> 
     with wh.lock("bench"):
         scoring.score_and_publish(wh, run, model, top_n, budget_bytes, 30)
     full = time.perf_counter() - t0
-    print(f"EASE-like ({n_users:,} users x {n_items:,} items, dense item-item): batchrec score {n_users / full:,.0f} "
+    print(f"EASE-like ({n_users:,} users x {n_items:,} items, dense item-item; in this process {describe()}): batchrec score {n_users / full:,.0f} "
           f"users/s ({full:.1f} s incl. reading, explanations, writing); bare X @ B + topk {n_users / bare:,.0f} users/s "
           f"({bare:.1f} s); ratio {full / bare:.2f}  [{utcnow():%Y-%m-%d}]")
 
@@ -310,17 +290,19 @@ def main() -> None:
     p.add_argument("--ease-items", type=int, default=8_000)
     p.add_argument("--threads", type=int, default=None,
                    help="threads for numpy's and torch's pools in the measured process [default: theirs]")
-    p.add_argument("--repeat", type=int, default=1, help="score runs, each between two floor runs; the median "
-                   "ratio is reported (the machine's speed drifts)")
+    p.add_argument("--repeat", type=int, default=3, help="rounds of (floor, score, floor) and implicit, alternating; "
+                   "median ratios are reported (the machine's speed drifts)")
     p.add_argument("--setup-only", action="store_true", help="build the cached warehouse and stop")
     p.add_argument("--child", choices=["measure", "implicit"], help=argparse.SUPPRESS)
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="  %(message)s", stream=sys.stderr)
     if a.child == "measure":
-        return measure(a.workdir, a.memory_budget, a.top_n, a.repeat)
+        return measure(a.workdir, a.memory_budget, a.top_n)
     if a.child == "implicit":  # its own process, so the scorer's peak RSS is the scorer's alone
-        return print(json.dumps(implicit_recommend_all(a.workdir, factors(a.workdir), a.top_n)))
+        return print(json.dumps({"implicit": implicit_recommend_all(a.workdir, factors(a.workdir), a.top_n),
+                                 "runtime": runtime()}))
 
+    reexec_clean()  # the --ease part runs in this process
     shape = f"v2-{a.users}x{a.items}x{a.nnz}x{a.factors}"
     workdir = a.workdir / shape
     if not (workdir / "V.npy").exists():  # written last: its absence means no (complete) build
@@ -329,36 +311,50 @@ def main() -> None:
         build_warehouse(workdir / "batchrec.duckdb", a.users, a.items, a.nnz, a.factors)
     if a.setup_only:
         return
-    me = [sys.executable, __file__, "--workdir", str(workdir), "--memory-budget", a.memory_budget, "--top-n", str(a.top_n),
-          "--repeat", str(a.repeat)]
-    _, rss, out = run_child(me + ["--child", "measure"], a.threads)
-    got = json.loads(out)
-    implicit_s = json.loads(run_child(me + ["--child", "implicit"], a.threads)[2])
+    me = [sys.executable, __file__, "--workdir", str(workdir), "--memory-budget", a.memory_budget, "--top-n", str(a.top_n)]
+    env = clean_env(a.threads)
+
+    def ours() -> dict:
+        _, _, rss, out = run_child(me + ["--child", "measure"], env)
+        return json.loads(out) | {"rss": rss}
+
+    def peer() -> dict:
+        return json.loads(run_child(me + ["--child", "implicit"], env)[3])
+
+    got = alternate(a.repeat, {"batchrec": ours, "implicit": peer})
+    runs = got["batchrec"]
     print(f"shape {a.users:,} users x {a.items:,} items, {a.factors} dims, top-{a.top_n}, seen filtering on, "
-          f"--memory-budget {a.memory_budget}, {os.cpu_count()} CPUs, threads {a.threads or 'default'}; "
-          f"{got['runs'][0]['rows']:,} rows published; load average {os.getloadavg()[0]:.1f} at the end")
+          f"--memory-budget {a.memory_budget}, threads {a.threads or 'default'}; "
+          f"{runs[0]['score']['rows']:,} rows published; this shell {describe()}")
     walls, cpus = [], []
-    for i, run in enumerate(got["runs"]):
-        floor_s, floor_cpu = ((b + f) / 2 for b, f in zip(got["floors"][i], got["floors"][i + 1]))
-        walls.append(run["seconds"] / floor_s)
-        cpus.append(run["cpu"] / floor_cpu)
-        print(f"floor  bare blocked U @ V.T (numpy) + torch.topk           {floor_s:7.1f} s   CPU {floor_cpu:6.1f} s   "
-              f"(wall before {got['floors'][i][0]:.1f} s, after {got['floors'][i + 1][0]:.1f} s)")
-        print(f"score  read + score + seen mask + explain + publish        {run['seconds']:7.1f} s   CPU {run['cpu']:6.1f} s   "
-              f"explanations {run['explain']:.1f} s; ratio wall {walls[-1]:.2f}, CPU {cpus[-1]:.2f}")
-    print(f"floor with torch's matmul instead of numpy's: {got['floor_torch'][0]:.1f} s; with batchrec's top-k "
-          f"kernel instead of torch.topk: {got['floor_own_topk'][0]:.1f} s (the scorer's own bare loop)")
-    print(f"ratio  score / floor: wall {np.median(walls):.2f}, CPU time {np.median(cpus):.2f}"
-          f"{f' (median of {len(walls)})' if len(walls) > 1 else ''}   (target <= 1.3); peak RSS {rss:.2f} GB")
-    score_s = float(np.median([r["seconds"] for r in got["runs"]]))
-    if implicit_s is None:
-        print("implicit not installed (pip install -e '.[bench]'): the issue quotes 22.9 s for its recommend-all here")
+    for i, r in enumerate(runs):
+        (fw0, fc0), (fw1, fc1) = r["floors"]
+        floor_s, floor_cpu = (fw0 + fw1) / 2, (fc0 + fc1) / 2
+        s = r["score"]
+        walls.append(s["seconds"] / floor_s)
+        cpus.append(s["cpu"] / floor_cpu)
+        imp = got["implicit"][i]["implicit"]
+        print(f"round {i + 1}: floor (blocked numpy U @ V.T + batchrec top-k) {floor_s:6.1f} s CPU {floor_cpu:6.1f} s "
+              f"(before {fw0:.1f} s, after {fw1:.1f} s); score {s['seconds']:6.1f} s CPU {s['cpu']:6.1f} s "
+              f"(explanations {s['explain']:.1f} s); ratio wall {walls[-1]:.2f} CPU {cpus[-1]:.2f}"
+              + ("" if imp is None else f"; implicit {imp[0]:6.1f} s CPU {imp[1]:6.1f} s"))
+    print(f"batchrec process {describe(runs[0]['runtime'])}; peak RSS {max(r['rss'] for r in runs):.2f} GB")
+    print(f"ratio  score / floor: wall {median(walls):.2f}, CPU {median(cpus):.2f} (median of {len(walls)}; "
+          f"target <= 1.15)")
+    score_s = median([r["score"]["seconds"] for r in runs])
+    score_cpu = median([r["score"]["cpu"] for r in runs])
+    if got["implicit"][0]["implicit"] is None:
+        print("implicit not installed (pip install -e '.[bench]'): no peer ratio")
     else:
-        print(f"implicit recommend-all, same factors, seen filtered: {implicit_s:7.1f} s   "
-              f"score / implicit {score_s / implicit_s:.2f}   (target < 1)")
+        imp_s = median([g["implicit"][0] for g in got["implicit"]])
+        imp_cpu = median([g["implicit"][1] for g in got["implicit"]])
+        print(f"implicit process {describe(got['implicit'][0]['runtime'])}")
+        print(f"ratio  score / implicit recommend-all (same factors, seen filtered): wall {score_s / imp_s:.2f} "
+              f"({score_s:.1f} s vs {imp_s:.1f} s), CPU {score_cpu / imp_cpu:.2f} (medians of {len(walls)}; "
+              f"target <= 0.6)")
+    print(load_line() + " at the end (wall ratios need an otherwise idle machine; CPU ratios are steadier)")
     if a.ease:
         ease(a.workdir, a.ease_users, a.ease_items, a.memory_budget, a.top_n)
-
 
 if __name__ == "__main__":
     main()

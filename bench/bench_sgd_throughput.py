@@ -9,7 +9,11 @@ negative sampling for bpr included) and compared with a bare loop of the same sh
 embedding lookups, dot product, squared-error (mf) or BPR (bpr) loss, backward and a SparseAdam
 step over the same mini-batches (for bpr, the same sampled triples, drawn outside the timing).
 Prints examples (ratings; for bpr positive x negative triples) per second and the ratio ours/bare
-(target >= 0.7), and the peak RSS of the process so far (target < 8 GB).
+(target >= 0.7; the median of `--repeats` alternating epochs of each loop), and the peak RSS of
+the process so far (target < 8 GB). The process restarts itself without OPENBLAS_CORETYPE /
+OPENBLAS_L2_SIZE (bench/_common.py) and prints its thread pools and BLAS kernel.
+
+    python bench/bench_sgd_throughput.py --repeats 3   # a few minutes on 2 idle cores
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ from torch import nn
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import describe, median, reexec_clean  # noqa: E402
 
 from batchrec.data import Interactions, SnapshotData  # noqa: E402
 from batchrec.models.bpr import NegativeSampler  # noqa: E402
@@ -85,8 +92,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None, help="[default: each family's default]")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--models", default="mf,bpr")
-    ap.add_argument("--repeats", type=int, default=2, help="epochs timed per loop, alternating; the best counts")
+    ap.add_argument("--repeats", "--repeat", type=int, default=3, help="epochs timed per loop, alternating; the medians count")
     args = ap.parse_args()
+    reexec_clean(args.threads)
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -111,15 +119,19 @@ def main() -> None:
             j, ok = NegativeSampler(data.train.tensors()[0], data.train.tensors()[1], N_ITEMS, None,
                                     Trainer(seed=0).generator(offset=2)).sample(u)
             tensors = (u[ok], i[ok], j[ok])
-        # Alternate the two loops and keep each one's best epoch, so a load change on a shared
+        # Alternate the two loops (A B, B A, ...) and compare medians, so a load change on a shared
         # machine does not masquerade as a difference between them.
-        ours, bare = trainer.history[0]["seconds"], bare_epoch(tensors, batch, factors, name)
-        for _ in range(args.repeats - 1):
-            ours = min(ours, fit_model(name, data, params, progress=False)[1].history[0]["seconds"])
-            bare = min(bare, bare_epoch(tensors, batch, factors, name))
+        ours, bare = [trainer.history[0]["seconds"]], [bare_epoch(tensors, batch, factors, name)]
+        for r in range(1, args.repeats):
+            for side in ("bare", "ours") if r % 2 else ("ours", "bare"):
+                if side == "bare":
+                    bare.append(bare_epoch(tensors, batch, factors, name))
+                else:
+                    ours.append(fit_model(name, data, params, progress=False)[1].history[0]["seconds"])
+        ours, bare = median(ours), median(bare)
         n = len(tensors[0])  # examples per epoch, the same for both loops
         print(f"{name:<6}{batch:>7}{factors:>8}{n:>12,}{ours:>14.1f}{n / ours:>13,.0f}{bare:>14.1f}{n / bare:>13,.0f}"
-              f"{bare / ours:>7.2f}{peak_rss_gb():>13.2f}", flush=True)
+              f"{bare / ours:>7.2f}{peak_rss_gb():>13.2f}  {describe()}", flush=True)
         del model, trainer, tensors
 
 

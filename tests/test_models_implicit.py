@@ -21,6 +21,8 @@ from batchrec.errors import BatchrecError
 from batchrec.models.ease import EASE
 from batchrec.models.ials import (
     ObservedPairs,
+    _cg_group,
+    balanced_spans,
     conjugate_gradient,
     conjugate_gradient_fused,
     gram_matrix_fixed_order,
@@ -168,6 +170,38 @@ def test_ials_gram_matrix_is_summed_in_a_fixed_order():
     assert np.array_equal(single, double)
     exact = Y.double().T @ Y.double() + 2.5 * torch.eye(48, dtype=torch.float64)
     np.testing.assert_allclose(single, exact.numpy(), rtol=1e-6, atol=1e-3)
+
+
+def test_ials_work_is_split_into_runs_of_equal_cost():
+    """The CPU kernel's tasks (numba hands each thread a fixed contiguous share of them): every
+    row in exactly one run, and each run's cost (pairs + k/2 per row) within one row of the mean,
+    here on item rows as skewed as a popularity curve with the popular items first."""
+    pairs = np.maximum(1, (200_000 / np.arange(1, 3001) ** 0.9).astype(np.int64))
+    indptr = np.concatenate([[0], np.cumsum(pairs)])
+    spans = balanced_spans(indptr, 64, 2)
+    assert spans[0] == 0 and spans[-1] == len(pairs) and (np.diff(spans) > 0).all()
+    cost = np.diff(np.concatenate([[0], np.cumsum(pairs + 32)])[spans])
+    assert len(cost) == 8 and cost.max() - cost.mean() <= (pairs + 32).max()
+    half = len(cost) // 2  # each of the two threads' contiguous share: about half the work
+    assert abs(cost[:half].sum() / cost.sum() - 0.5) < 0.05
+
+
+def test_ials_rows_solved_side_by_side_equal_each_row_solved_alone():
+    """`_cg_group` interleaves the Gram products of up to GROUP rows; each row's result must be
+    the same bits as when it is solved alone (whatever rows share its group)."""
+    rng = np.random.default_rng(6)
+    X = sp.random(11, 30, density=0.3, random_state=2, format="csr", dtype=np.float32)
+    X.data[:] = rng.random(X.nnz).astype(np.float32) * 2
+    Y = rng.standard_normal((30, 16)).astype(np.float32)
+    gram = gram_matrix_fixed_order(torch.from_numpy(Y), 0.5)
+    x0 = rng.standard_normal((11, 16)).astype(np.float32)
+    args = (Y, X.indptr.astype(np.int64), X.indices.astype(np.int32), X.data, gram, 3)
+    together, alone = x0.copy(), x0.copy()
+    _cg_group(together, *args, 0, 8)
+    _cg_group(together, *args, 8, 11)
+    for row in range(11):
+        _cg_group(alone, *args, row, row + 1)
+    assert np.array_equal(together, alone) and not np.array_equal(together, x0)
 
 
 def test_ials_numba_kernel_refuses_a_non_cpu_device(ml_small):

@@ -83,3 +83,25 @@ def test_one_thread_chooses_the_serial_kernel(monkeypatch):
         torch.set_num_threads(before)
     pool = numba.config.NUMBA_NUM_THREADS  # numba's pool: the CPU count unless set
     assert calls == ["_topk_rows_serial", "_topk_rows_parallel" if pool >= 2 else "_topk_rows_serial"]
+
+
+def test_skipped_columns_are_never_chosen_as_if_their_score_were_nan():
+    """`skip` (the seen items: CSR-like, unsorted, repeats allowed) gives what NaN scores in those
+    places give, on the serial and the parallel kernel, with rows that keep fewer than k."""
+    rng = np.random.default_rng(3)
+    scores = torch.from_numpy(rng.integers(0, 40, (150, 90)).astype(np.float32))  # many ties
+    counts = rng.integers(0, 95, 150)
+    counts[7] = 300  # repeats: more skips than columns
+    cols = np.concatenate([rng.integers(0, 90, c) for c in counts])
+    ptr = np.concatenate([[0], np.cumsum(counts)])
+    masked = scores.clone()
+    masked[np.repeat(np.arange(150), counts), cols] = float("nan")
+    for threads in (1, 2):
+        before = torch.get_num_threads()
+        try:
+            torch.set_num_threads(threads)
+            got, want = row_topk(scores, 12, skip=(ptr, cols)), row_topk(masked, 12)
+        finally:
+            torch.set_num_threads(before)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert (got[0][7] == -float("inf")).sum() > 0  # a row with fewer than k left is padded

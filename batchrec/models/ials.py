@@ -115,16 +115,34 @@ def conjugate_gradient_fused(x: torch.Tensor, Y: torch.Tensor, pairs: sp.csr_mat
     """`conjugate_gradient` on CPU as one fused numba kernel, from `x` (updated in place).
 
     `pairs` is the CSR of e = c - 1 with one row per row of x (user-major for the user half-step,
-    item-major for the item one): rows are split among numba's threads (as many as torch's), each
-    row solved whole by one thread, and the Gram matrix is summed in a fixed order
-    (`gram_matrix_fixed_order`), so the factors are bit-identical whatever the thread count."""
-    numba.set_num_threads(numba_threads())
+    item-major for the item one): rows are split among numba's threads (as many as torch's) in
+    runs of equal work (`balanced_spans`), each row solved whole by one thread, and the Gram
+    matrix is summed in a fixed order (`gram_matrix_fixed_order`), so the factors are
+    bit-identical whatever the thread count."""
+    threads = numba_threads()
+    numba.set_num_threads(threads)
     gram = gram_matrix_fixed_order(Y, reg)
-    with numba.parallel_chunksize(16):  # rows handed out 16 at a time: item rows' lengths are very skewed
-        _cg_rows(x.numpy(), Y.numpy(), pairs.indptr.astype(np.int64, copy=False),  # one compiled signature
-                 pairs.indices.astype(np.int32, copy=False), pairs.data.astype(np.float32, copy=False),
-                 gram, steps)
+    indptr = pairs.indptr.astype(np.int64, copy=False)  # one compiled signature
+    _cg_rows(x.numpy(), Y.numpy(), indptr, pairs.indices.astype(np.int32, copy=False),
+             pairs.data.astype(np.float32, copy=False), gram, steps, balanced_spans(indptr, x.shape[1], threads))
     return x
+
+
+SPANS_PER_THREAD = 4
+
+
+def balanced_spans(indptr: np.ndarray, k: int, threads: int) -> np.ndarray:
+    """Bounds of SPANS_PER_THREAD * threads runs of consecutive rows of about equal work (a row
+    costs its pairs plus k/2 for its Gram products), one task each for `_cg_rows`.
+
+    numba's OpenMP layer hands each thread one contiguous share of a prange's tasks, decided
+    before the loop starts (a `parallel_chunksize` does not make it dynamic); with equal rows per
+    task, the item half-step's thread that got the popular items ran long after the other
+    finished. Which thread solves a row does not change its result."""
+    cost = np.diff(indptr) + k // 2
+    total = np.concatenate([[0], np.cumsum(cost)])
+    n_spans = max(1, SPANS_PER_THREAD * threads)
+    return np.unique(np.searchsorted(total, np.linspace(0, total[-1], n_spans + 1), side="left")).astype(np.int64)
 
 
 GRAM_BLOCK = 64  # rows of Y summed in float32 before each addition to the float64 total
@@ -212,41 +230,63 @@ def _add_pairs(out, Y, cols, e, v, sign, b):
 
 
 @numba.njit(inline="always")
-def _gram_times(out, gram, v, sign):
-    """out = sign * gram @ v (gram symmetric: summed by rows, which vectorises)."""
-    out[:] = 0.0
-    for j in range(v.shape[0]):
-        c = sign * v[j]
+def _gram_times_rows(out, gram, v, sign, n):
+    """out[i] = sign * gram @ v[i] for i < n (gram symmetric: summed by rows, which vectorises),
+    each row's sum in the same order as for a row alone, but every row of gram read once for all
+    n rows: at 128 factors gram (64 KiB) does not fit in L1, and one pass per row made these
+    products about a third of the user half-step."""
+    for i in range(n):
+        out[i, :] = 0.0
+    for j in range(gram.shape[0]):
         g = gram[j]
-        for k in range(v.shape[0]):
-            out[k] += c * g[k]
+        for i in range(n):
+            c = sign * v[i, j]
+            for m in range(gram.shape[0]):
+                out[i, m] += c * g[m]
+
+
+GROUP = 8  # rows solved side by side by one thread (their r, p, Ap: 3 x 8 x k floats, in L1 at k = 128)
+
+
+@numba.njit(fastmath=False, cache=True)
+def _cg_group(x, Y, indptr, indices, e, gram, steps, lo, hi):
+    """`steps` CG steps on the systems of rows lo..hi-1 (at most GROUP), as in
+    `conjugate_gradient`: row by row the same arithmetic in the same order as solving each row
+    alone, only the Gram products are interleaved (`_gram_times_rows`)."""
+    n, k = hi - lo, x.shape[1]
+    tiny = np.float32(np.finfo(np.float32).tiny)
+    r, p, Ap = np.empty((n, k), np.float32), np.empty((n, k), np.float32), np.empty((n, k), np.float32)
+    rs = np.empty(n, np.float32)
+    xs = x[lo:hi]
+    _gram_times_rows(r, gram, xs, np.float32(-1.0), n)
+    for i in range(n):
+        a, b = indptr[lo + i], indptr[lo + i + 1]
+        _add_pairs(r[i], Y, indices[a:b], e[a:b], xs[i], np.float32(-1.0), np.float32(1.0))  # r = b - A x
+        p[i] = r[i]
+        rs[i] = _dot(r[i], r[i])
+    for _ in range(steps):
+        _gram_times_rows(Ap, gram, p, np.float32(1.0), n)
+        for i in range(n):
+            a, b = indptr[lo + i], indptr[lo + i + 1]
+            _add_pairs(Ap[i], Y, indices[a:b], e[a:b], p[i], np.float32(1.0), np.float32(0.0))  # Ap = gram p + sum_i e_i (y_i . p) y_i
+            step = rs[i] / max(_dot(p[i], Ap[i]), tiny)
+            for j in range(k):
+                xs[i, j] += step * p[i, j]
+                r[i, j] -= step * Ap[i, j]
+            rs_new = _dot(r[i], r[i])
+            beta = rs_new / max(rs[i], tiny)
+            for j in range(k):
+                p[i, j] = r[i, j] + beta * p[i, j]
+            rs[i] = rs_new
 
 
 @numba.njit(parallel=True, fastmath=False, cache=True)
-def _cg_rows(x, Y, indptr, indices, e, gram, steps):
-    """`steps` CG steps on each row's system, as in `conjugate_gradient`; each row's r, p, Ap live
-    in L1 and each step makes one pass over the row's pairs."""
-    k = x.shape[1]
-    tiny = np.float32(np.finfo(np.float32).tiny)
-    for row in numba.prange(x.shape[0]):
-        cols, ev, xr = indices[indptr[row]:indptr[row + 1]], e[indptr[row]:indptr[row + 1]], x[row]
-        r, Ap = np.empty(k, np.float32), np.empty(k, np.float32)
-        _gram_times(r, gram, xr, np.float32(-1.0))
-        _add_pairs(r, Y, cols, ev, xr, np.float32(-1.0), np.float32(1.0))  # r = b - A x
-        p = r.copy()
-        rs = _dot(r, r)
-        for _ in range(steps):
-            _gram_times(Ap, gram, p, np.float32(1.0))
-            _add_pairs(Ap, Y, cols, ev, p, np.float32(1.0), np.float32(0.0))  # Ap = gram p + sum_i e_i (y_i . p) y_i
-            step = rs / max(_dot(p, Ap), tiny)
-            for j in range(k):
-                xr[j] += step * p[j]
-                r[j] -= step * Ap[j]
-            rs_new = _dot(r, r)
-            beta = rs_new / max(rs, tiny)
-            for j in range(k):
-                p[j] = r[j] + beta * p[j]
-            rs = rs_new
+def _cg_rows(x, Y, indptr, indices, e, gram, steps, spans):
+    """CG for every row of x (`_cg_group`, GROUP rows at a time), one task per run of rows
+    between consecutive `spans`."""
+    for t in numba.prange(spans.shape[0] - 1):
+        for lo in range(spans[t], spans[t + 1], GROUP):
+            _cg_group(x, Y, indptr, indices, e, gram, steps, lo, min(lo + GROUP, spans[t + 1]))
 
 
 class ImplicitALS(FactorModel):
