@@ -487,7 +487,7 @@ con = duckdb.connect(db, read_only=True)
 print("open", flush=True)
 states, end = set(), time.monotonic() + hold
 while time.monotonic() < end and not os.path.exists(release):
-    states.add(con.sql("SELECT count(*), CAST(max(scored_at) AS VARCHAR) FROM recommendations").fetchall()[0])
+    states.add(con.sql("SELECT count(*), strftime(max(scored_at), '%Y-%m-%d %H:%M:%S.%f') FROM recommendations").fetchall()[0])
     time.sleep(0.1)
 con.close()
 print(json.dumps({"closed": time.time(), "states": sorted(states)}), flush=True)
@@ -502,7 +502,8 @@ def _start_reader(wh: Warehouse, hold: float, release: Path) -> subprocess.Popen
 
 
 def _live(frame: pl.DataFrame) -> list:
-    return [len(frame), str(frame["scored_at"].max())]
+    # the same text as the reader's strftime: str() and a VARCHAR cast differ on trailing zeros
+    return [len(frame), frame["scored_at"].max().strftime("%Y-%m-%d %H:%M:%S.%f")]
 
 
 def test_a_reader_in_another_process_sees_the_old_run_and_the_publish_waits_for_it(base, tmp_path):
