@@ -11,8 +11,18 @@ import types
 
 __version__ = "0.1.0"
 
-_API = ("BatchrecError", "Run", "Snapshot", "Warehouse", "build_features", "evaluate", "ingest", "score", "train",
-        "tune")
+_API = (
+    "BatchrecError",
+    "Run",
+    "Snapshot",
+    "Warehouse",
+    "build_features",
+    "evaluate",
+    "ingest",
+    "score",
+    "train",
+    "tune",
+)
 # API functions named like the step module that implements them (batchrec/train.py, ...)
 _STEP_MODULES = ("evaluate", "ingest", "train", "tune")
 __all__ = [*_API, "__version__"]
@@ -50,7 +60,9 @@ def __getattr__(name: str):
     if name in _STEP_MODULES:
         try:
             return importlib.import_module(f"{__name__}.{name}")  # bound here as a _StepModule
-        except ModuleNotFoundError as exc:  # batchrec.tune comes with the tuning work; until then the function
+        except (
+            ModuleNotFoundError
+        ) as exc:  # batchrec.tune comes with the tuning work; until then the function
             if exc.name != f"{__name__}.{name}":
                 raise
     if name in _API:

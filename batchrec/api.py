@@ -36,14 +36,32 @@ from batchrec.scoring.pairs import _lookup, score_pair_frame
 from batchrec.train import load_run_model, run_summary, train_run
 from batchrec.warehouse import query_pl, utcnow
 
-__all__ = ["BatchrecError", "Run", "Snapshot", "Warehouse", "build_features", "evaluate", "ingest", "score",
-           "train", "tune"]
+__all__ = [
+    "BatchrecError",
+    "Run",
+    "Snapshot",
+    "Warehouse",
+    "build_features",
+    "evaluate",
+    "ingest",
+    "score",
+    "train",
+    "tune",
+]
 
 RECOMMENDATION_COLUMNS = ("user_id", "rank", "item_id", "score", "reason")
 # `evaluations` columns (batchrec.evaluate.EVALUATION_COLUMNS) as polars types
-EVALUATION_TYPES = {"run_id": pl.Utf8, "protocol": pl.Utf8, "metric": pl.Utf8, "k": pl.Int64, "value": pl.Float64,
-                    "evaluated_at": pl.Datetime("us"), "ci_low": pl.Float64, "ci_high": pl.Float64,
-                    "p_vs_best": pl.Float64}
+EVALUATION_TYPES = {
+    "run_id": pl.Utf8,
+    "protocol": pl.Utf8,
+    "metric": pl.Utf8,
+    "k": pl.Int64,
+    "value": pl.Float64,
+    "evaluated_at": pl.Datetime("us"),
+    "ci_low": pl.Float64,
+    "ci_high": pl.Float64,
+    "p_vs_best": pl.Float64,
+}
 
 
 class Warehouse(store.Warehouse):
@@ -52,17 +70,36 @@ class Warehouse(store.Warehouse):
     `<stem>.artifacts/` unless `artifacts` says elsewhere, the readers' copy
     `<stem>.serving.duckdb`). Nothing is opened until a step needs it."""
 
-    def runs(self, family: str | None = None, *, protocol: str | None = None, shipped: bool = False) -> pl.DataFrame:
+    def runs(
+        self, family: str | None = None, *, protocol: str | None = None, shipped: bool = False
+    ) -> pl.DataFrame:
         """The model runs, newest first (of `family`; on `protocol`; `shipped`: only runs fitted on
         every interaction, the ones `score` publishes by default)."""
         with self.connect(read_only=True) as con:
             rows = find_runs(con, model=family, protocol=protocol, shipped=shipped)
         return pl.DataFrame(
-            [{"run_id": r["run_id"], "family": r["model"], "protocol": r["protocol"], "snapshot_id": r["snapshot_id"],
-              "created_at": r["created_at"], "fit_seconds": r["fit_seconds"],
-              "params": json.dumps(r["params"], sort_keys=True)} for r in rows],
-            schema={"run_id": pl.Utf8, "family": pl.Utf8, "protocol": pl.Utf8, "snapshot_id": pl.Utf8,
-                    "created_at": pl.Datetime("us"), "fit_seconds": pl.Float64, "params": pl.Utf8})
+            [
+                {
+                    "run_id": r["run_id"],
+                    "family": r["model"],
+                    "protocol": r["protocol"],
+                    "snapshot_id": r["snapshot_id"],
+                    "created_at": r["created_at"],
+                    "fit_seconds": r["fit_seconds"],
+                    "params": json.dumps(r["params"], sort_keys=True),
+                }
+                for r in rows
+            ],
+            schema={
+                "run_id": pl.Utf8,
+                "family": pl.Utf8,
+                "protocol": pl.Utf8,
+                "snapshot_id": pl.Utf8,
+                "created_at": pl.Datetime("us"),
+                "fit_seconds": pl.Float64,
+                "params": pl.Utf8,
+            },
+        )
 
     def run(self, run_id: str = "latest", *, family: str | None = None) -> Run:
         """One run by id, or 'latest' (of `family`)."""
@@ -89,7 +126,9 @@ class Run:
     `recommend` and `predict` answer in raw ids with the same code `batchrec score` publishes
     with, so a user's `recommend` list is the list `score` would write for this run."""
 
-    def __init__(self, row: dict, warehouse: Warehouse, mlflow_run_id: str | None = None, summary: str | None = None):
+    def __init__(
+        self, row: dict, warehouse: Warehouse, mlflow_run_id: str | None = None, summary: str | None = None
+    ):
         self._row = row
         self.warehouse = warehouse
         self.mlflow_run_id = mlflow_run_id  # set when `train` logged it to MLflow
@@ -98,9 +137,13 @@ class Run:
 
     run_id = property(lambda self: self._row["run_id"], doc="The run's id.")
     family = property(lambda self: self._row["model"], doc="Its model family.")
-    protocol = property(lambda self: self._row["protocol"],
-                        doc="The protocol whose train part it was fitted on; None: every interaction (shipped).")
-    snapshot_id = property(lambda self: self._row["snapshot_id"], doc="The feature snapshot it was fitted on.")
+    protocol = property(
+        lambda self: self._row["protocol"],
+        doc="The protocol whose train part it was fitted on; None: every interaction (shipped).",
+    )
+    snapshot_id = property(
+        lambda self: self._row["snapshot_id"], doc="The feature snapshot it was fitted on."
+    )
     params = property(lambda self: dict(self._row["params"]), doc="Its parameters, defaults included.")
     created_at = property(lambda self: self._row["created_at"], doc="When it was recorded (UTC).")
     artifact_path = property(lambda self: self._row["artifact_path"], doc="Its model artifact folder.")
@@ -130,8 +173,14 @@ class Run:
             self._model = load_run_model(self._row, options.DEVICE.default)
         return self._model
 
-    def recommend(self, user_ids: int | Iterable[int], n: int = options.TOP_N.default, *,
-                  memory_budget: str = options.MEMORY_BUDGET.default, explain: bool = True) -> pl.DataFrame:
+    def recommend(
+        self,
+        user_ids: int | Iterable[int],
+        n: int = options.TOP_N.default,
+        *,
+        memory_budget: str = options.MEMORY_BUDGET.default,
+        explain: bool = True,
+    ) -> pl.DataFrame:
         """Each user's top-`n` (user_id, rank, item_id, score, reason), sorted by user and rank:
         seen items removed; users the model cannot serve get the genre/tag-profile list, users
         the warehouse knows nothing about (even ids it has never seen) the popular items, as
@@ -146,14 +195,18 @@ class Run:
         check_fits_snapshot(model, self._row, inputs.n_model_users, len(inputs.item_ids))
         known = int(inputs.candidates.sum())
         if n > known:
-            raise BatchrecError(f"n: {n} is larger than the catalogue (expected at most {known}: run {self.run_id} "
-                                f"knows {known} items)")
+            raise BatchrecError(
+                f"n: {n} is larger than the catalogue (expected at most {known}: run {self.run_id} "
+                f"knows {known} items)"
+            )
         inputs = with_unknown_users(inputs, ids)
         rows = np.sort(_lookup(inputs.user_ids, ids))
         frame, _ = rank_users(model, inputs, rows, int(n), budget, self.run_id, utcnow(), explain=explain)
         return frame.select(RECOMMENDATION_COLUMNS)
 
-    def predict(self, pairs: pl.DataFrame | Mapping[str, Sequence[int]] | Iterable[tuple[int, int]]) -> pl.DataFrame:
+    def predict(
+        self, pairs: pl.DataFrame | Mapping[str, Sequence[int]] | Iterable[tuple[int, int]]
+    ) -> pl.DataFrame:
         """Scores of (user_id, item_id) pairs: a frame with those columns (others kept), a dict of
         the two columns, or (user, item) tuples. Adds `score` and `fallback` (True where the
         model does not know the user or the item and its fallback scored it), rows in order."""
@@ -182,8 +235,10 @@ def _pairs(pairs) -> pl.DataFrame:
         return pl.DataFrame(dict(pairs))
     rows = list(pairs)
     if any(not isinstance(p, (tuple, list)) or len(p) != 2 for p in rows[:1]):
-        raise BatchrecError(f"pairs: {rows[0]!r} is not a (user_id, item_id) pair (expected a frame with user_id "
-                            "and item_id columns, or (user, item) tuples)")
+        raise BatchrecError(
+            f"pairs: {rows[0]!r} is not a (user_id, item_id) pair (expected a frame with user_id "
+            "and item_id columns, or (user, item) tuples)"
+        )
     return pl.DataFrame(rows, schema={"user_id": pl.Int64, "item_id": pl.Int64}, orient="row")
 
 
@@ -199,33 +254,66 @@ def _strings(values: Mapping[str, Any] | Sequence[str] | str | None) -> tuple[st
 
 
 # -- the steps ---------------------------------------------------------------------------------
-def ingest(path: str | os.PathLike | None = None, *, dataset: str | None = None, format: str = "auto",
-           quarantine: bool = False, columns: str | None = None, rating_scale: str | None = None,
-           max_future: str = MAX_FUTURE, zip_max_size: str = ZIP_MAX_SIZE, zip_max_ratio: str | float = ZIP_MAX_RATIO,
-           warehouse: Warehouse | str | os.PathLike | None = None) -> str:
+def ingest(
+    path: str | os.PathLike | None = None,
+    *,
+    dataset: str | None = None,
+    format: str = "auto",
+    quarantine: bool = False,
+    columns: str | None = None,
+    rating_scale: str | None = None,
+    max_future: str = MAX_FUTURE,
+    zip_max_size: str = ZIP_MAX_SIZE,
+    zip_max_ratio: str | float = ZIP_MAX_RATIO,
+    warehouse: Warehouse | str | os.PathLike | None = None,
+) -> str:
     """Load raw files (a file, folder or zip: any MovieLens release, or generic CSV/Parquet with
     `format="generic"` and `columns`) or an embedded `dataset` ("ml-latest-small"); returns the
     summary line `batchrec ingest` prints. Options as on the command line."""
     if (path is None) == (dataset is None):
         raise BatchrecError("give exactly one of PATH or --dataset")
-    return ingest_path(_warehouse(warehouse), path=None if path is None else str(path), dataset=dataset, fmt=format,
-                       quarantine=quarantine, columns=columns, rating_scale=rating_scale, max_future=max_future,
-                       zip_max_size=zip_max_size, zip_max_ratio=zip_max_ratio)
+    return ingest_path(
+        _warehouse(warehouse),
+        path=None if path is None else str(path),
+        dataset=dataset,
+        fmt=format,
+        quarantine=quarantine,
+        columns=columns,
+        rating_scale=rating_scale,
+        max_future=max_future,
+        zip_max_size=zip_max_size,
+        zip_max_ratio=zip_max_ratio,
+    )
 
 
-def build_features(as_of: str | None = None, *, protocols: str | Sequence[str] = options.FEATURES_PROTOCOLS.default,
-                   params: Mapping[str, Any] | Sequence[str] | None = None, keep: int = options.FEATURES_KEEP.default,
-                   warehouse: Warehouse | str | os.PathLike | None = None) -> Snapshot:
+def build_features(
+    as_of: str | None = None,
+    *,
+    protocols: str | Sequence[str] = options.FEATURES_PROTOCOLS.default,
+    params: Mapping[str, Any] | Sequence[str] | None = None,
+    keep: int = options.FEATURES_KEEP.default,
+    warehouse: Warehouse | str | os.PathLike | None = None,
+) -> Snapshot:
     """Build a point-in-time feature snapshot with its split protocols (`batchrec features`);
     `params` e.g. {"random.test_frac": 0.2}. Returns the `Snapshot` (its id and summary)."""
     chosen = protocols if isinstance(protocols, str) else ",".join(protocols)
-    return make_snapshot(_warehouse(warehouse), as_of=as_of, protocols=chosen, params=_strings(params), keep=keep)
+    return make_snapshot(
+        _warehouse(warehouse), as_of=as_of, protocols=chosen, params=_strings(params), keep=keep
+    )
 
 
-def train(family: str, params: Mapping[str, Any] | Sequence[str] | None = None, protocol: str | None = None,
-          snapshot: str | None = None, *, device: str = options.DEVICE.default, mlflow: bool | None = None,
-          nproc: int = options.TRAIN_NPROC.default, tuned: bool = options.TRAIN_TUNED.default,
-          warehouse: Warehouse | str | os.PathLike | None = None) -> Run | None:
+def train(
+    family: str,
+    params: Mapping[str, Any] | Sequence[str] | None = None,
+    protocol: str | None = None,
+    snapshot: str | None = None,
+    *,
+    device: str = options.DEVICE.default,
+    mlflow: bool | None = None,
+    nproc: int = options.TRAIN_NPROC.default,
+    tuned: bool = options.TRAIN_TUNED.default,
+    warehouse: Warehouse | str | os.PathLike | None = None,
+) -> Run | None:
     """Fit `family` (`params`: a dict, or KEY=VALUE strings; unset ones keep their defaults) on
     a snapshot (None: the latest): on every interaction (a shipped run, what `score` publishes),
     or on `protocol`'s train part with early stopping on its valid part (what `evaluate`
@@ -240,26 +328,52 @@ def train(family: str, params: Mapping[str, Any] | Sequence[str] | None = None, 
     return Run(wh.run(row["run_id"])._row, wh, row.get("mlflow_run_id"), run_summary(row))
 
 
-def score(run: Run | str | None = None, top_n: int = options.TOP_N.default, *, family: str | None = None,
-          memory_budget: str = options.MEMORY_BUDGET.default, retention_days: int = options.RETENTION_DAYS.default,
-          device: str = options.DEVICE.default, gate_metric: str | None = options.GATE_METRIC.default,
-          gate_tolerance: float = options.GATE_TOLERANCE.default, gate_protocol: str = options.GATE_PROTOCOL.default,
-          force: bool = False, warehouse: Warehouse | str | os.PathLike | None = None) -> str:
+def score(
+    run: Run | str | None = None,
+    top_n: int = options.TOP_N.default,
+    *,
+    family: str | None = None,
+    memory_budget: str = options.MEMORY_BUDGET.default,
+    retention_days: int = options.RETENTION_DAYS.default,
+    device: str = options.DEVICE.default,
+    gate_metric: str | None = options.GATE_METRIC.default,
+    gate_tolerance: float = options.GATE_TOLERANCE.default,
+    gate_protocol: str = options.GATE_PROTOCOL.default,
+    force: bool = False,
+    warehouse: Warehouse | str | os.PathLike | None = None,
+) -> str:
     """Publish every user's top-`top_n` of `run` (a Run or run id; None: the latest shipped run
     of `family`, else of any family) to `recommendations`, through the publish gate
     (`batchrec score`); a refused publish raises `Gated` (a BatchrecError) and keeps the live
     lists. Returns the summary line."""
     wh = _warehouse(run.warehouse if isinstance(run, Run) and warehouse is None else warehouse)
     gate = GateSettings(metric=gate_metric, tolerance=gate_tolerance, protocol=gate_protocol, force=force)
-    return score_command(wh, run_id=run.run_id if isinstance(run, Run) else run, model=family, top_n=top_n,
-                         memory_budget=memory_budget, retention_days=retention_days, device=device, gate=gate)
+    return score_command(
+        wh,
+        run_id=run.run_id if isinstance(run, Run) else run,
+        model=family,
+        top_n=top_n,
+        memory_budget=memory_budget,
+        retention_days=retention_days,
+        device=device,
+        gate=gate,
+    )
 
 
-def evaluate(runs: Run | str | Iterable[Run | str] | None = None, protocol: str = options.EVALUATE_PROTOCOL.default,
-             k: int | Sequence[int] | str = options.EVALUATE_KS.default, *, families: str | Sequence[str] | None = None,
-             threshold: float = options.EVALUATE_THRESHOLD.default, metrics: str | Sequence[str] | None = None,
-             report: str | os.PathLike | None = None, compare: bool = False, device: str = options.DEVICE.default,
-             mlflow: bool | None = None, warehouse: Warehouse | str | os.PathLike | None = None) -> pl.DataFrame:
+def evaluate(
+    runs: Run | str | Iterable[Run | str] | None = None,
+    protocol: str = options.EVALUATE_PROTOCOL.default,
+    k: int | Sequence[int] | str = options.EVALUATE_KS.default,
+    *,
+    families: str | Sequence[str] | None = None,
+    threshold: float = options.EVALUATE_THRESHOLD.default,
+    metrics: str | Sequence[str] | None = None,
+    report: str | os.PathLike | None = None,
+    compare: bool = False,
+    device: str = options.DEVICE.default,
+    mlflow: bool | None = None,
+    warehouse: Warehouse | str | os.PathLike | None = None,
+) -> pl.DataFrame:
     """Measure `runs` (Runs or run ids; or the latest run of each of `families` on the protocol,
     trained now where there is none) on `protocol`'s test part (or a preset), write the
     `evaluations` rows (and the HTML report to `report` when given), and return them: one row
@@ -272,16 +386,35 @@ def evaluate(runs: Run | str | Iterable[Run | str] | None = None, protocol: str 
     ks = str(k) if isinstance(k, (int, np.integer)) else k if isinstance(k, str) else ",".join(map(str, k))
     fams = families if families is None or isinstance(families, str) else ",".join(families)
     wanted = metrics if metrics is None or isinstance(metrics, str) else ",".join(metrics)
-    ev = run_evaluation(wh, runs=ids, models=fams, protocol=protocol, ks=ks, report_dir=report, compare=compare,
-                        threshold=threshold, metrics=wanted, device=device, mlflow=mlflow)
+    ev = run_evaluation(
+        wh,
+        runs=ids,
+        models=fams,
+        protocol=protocol,
+        ks=ks,
+        report_dir=report,
+        compare=compare,
+        threshold=threshold,
+        metrics=wanted,
+        device=device,
+        mlflow=mlflow,
+    )
     family = {res.run_id: res.model for res in ev.runs}
     frame = pl.DataFrame(ev.rows, schema={c: EVALUATION_TYPES[c] for c in EVALUATION_COLUMNS}, orient="row")
-    return frame.select("run_id", pl.col("run_id").replace_strict(family, return_dtype=pl.Utf8).alias("family"),
-                        pl.exclude("run_id"))
+    return frame.select(
+        "run_id",
+        pl.col("run_id").replace_strict(family, return_dtype=pl.Utf8).alias("family"),
+        pl.exclude("run_id"),
+    )
 
 
-def tune(family: str, protocol: str | None = None, *, warehouse: Warehouse | str | os.PathLike | None = None,
-         **settings: Any):
+def tune(
+    family: str,
+    protocol: str | None = None,
+    *,
+    warehouse: Warehouse | str | os.PathLike | None = None,
+    **settings: Any,
+):
     """Search `family`'s parameters on `protocol`'s valid part (None: the tuning module's default)
     and store the best as its tuned setting (`batchrec tune`; needs the extra `batchrec[tune]`).
     `settings` are the tuning module's keywords (trials, timeout, metric, seed, params, ...)."""
@@ -290,5 +423,9 @@ def tune(family: str, protocol: str | None = None, *, warehouse: Warehouse | str
     except ModuleNotFoundError as exc:
         if exc.name != "batchrec.tune":
             raise
-        raise BatchrecError("tuning is not available in this installation (expected the module batchrec.tune)") from None
-    return tuning.tune(_warehouse(warehouse), family, **({"protocol": protocol} if protocol else {}), **settings)
+        raise BatchrecError(
+            "tuning is not available in this installation (expected the module batchrec.tune)"
+        ) from None
+    return tuning.tune(
+        _warehouse(warehouse), family, **({"protocol": protocol} if protocol else {}), **settings
+    )

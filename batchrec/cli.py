@@ -26,12 +26,28 @@ _FORMAT_HELP = "Log lines: text, kv (key=value) or json [default: text on a term
 def _log_options() -> list[click.Option]:
     """-v/-q/--log-format after a subcommand too: added to every subcommand, on top of the group's."""
     return [
-        click.Option(["-v", "--verbose"], count=True, expose_value=False, help=_VERBOSE_HELP,
-                     callback=lambda ctx, param, n: n and logs.adjust(verbose=n)),
-        click.Option(["-q", "--quiet"], count=True, expose_value=False, help=_QUIET_HELP,
-                     callback=lambda ctx, param, n: n and logs.adjust(quiet=n)),
-        click.Option(["--log-format"], type=click.Choice(logs.LOG_FORMATS), default=None, expose_value=False,
-                     help=_FORMAT_HELP, callback=lambda ctx, param, fmt: fmt and logs.adjust(fmt=fmt)),
+        click.Option(
+            ["-v", "--verbose"],
+            count=True,
+            expose_value=False,
+            help=_VERBOSE_HELP,
+            callback=lambda ctx, param, n: n and logs.adjust(verbose=n),
+        ),
+        click.Option(
+            ["-q", "--quiet"],
+            count=True,
+            expose_value=False,
+            help=_QUIET_HELP,
+            callback=lambda ctx, param, n: n and logs.adjust(quiet=n),
+        ),
+        click.Option(
+            ["--log-format"],
+            type=click.Choice(logs.LOG_FORMATS),
+            default=None,
+            expose_value=False,
+            help=_FORMAT_HELP,
+            callback=lambda ctx, param, fmt: fmt and logs.adjust(fmt=fmt),
+        ),
     ]
 
 
@@ -68,8 +84,10 @@ class _Group(HelpDetails, click.Group):
             if error is None:
                 if ctx.params.get("verbose"):
                     traceback.print_exc()
-                error = BatchrecError(f"unexpected {type(exc).__name__}: {_one_line(exc) or 'no message'} "
-                                      "(run with -v for the traceback)")
+                error = BatchrecError(
+                    f"unexpected {type(exc).__name__}: {_one_line(exc) or 'no message'} "
+                    "(run with -v for the traceback)"
+                )
             click.echo(f"error: {_one_line(error)}", err=True)
             ctx.exit(error.exit_code)
 
@@ -81,7 +99,9 @@ class _Group(HelpDetails, click.Group):
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.ClickException as exc:
             where = exc.ctx.command_path if getattr(exc, "ctx", None) else "batchrec"
-            click.echo(f"error: {_one_line(exc.format_message()).rstrip('.')} (see `{where} --help`)", err=True)
+            click.echo(
+                f"error: {_one_line(exc.format_message()).rstrip('.')} (see `{where} --help`)", err=True
+            )
             sys.exit(exc.exit_code)
         except click.Abort:  # SIGINT while click itself was parsing
             click.echo(f"error: {_one_line(_interrupted())}", err=True)
@@ -96,22 +116,41 @@ def _interrupted() -> Interrupted:
     done = committed()
     if not done:
         return Interrupted("interrupted (SIGINT) before anything was committed: the warehouse is unchanged")
-    return Interrupted(f"interrupted (SIGINT) after committing {'; '.join(done)}: that is in the warehouse, "
-                       "the rest of the command did not run")
+    return Interrupted(
+        f"interrupted (SIGINT) after committing {'; '.join(done)}: that is in the warehouse, "
+        "the rest of the command did not run"
+    )
 
 
 @click.group(cls=_Group)
-@click.option("--warehouse", "warehouse_path", type=click.Path(dir_okay=False), default=None,
-              help="DuckDB warehouse file [default: $BATCHREC_WAREHOUSE or warehouse/batchrec.duckdb].")
-@click.option("--artifacts", default=None, metavar="URI",
-              help="Where model artifacts are written [default: <warehouse stem>.artifacts/ beside the warehouse].")
+@click.option(
+    "--warehouse",
+    "warehouse_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="DuckDB warehouse file [default: $BATCHREC_WAREHOUSE or warehouse/batchrec.duckdb].",
+)
+@click.option(
+    "--artifacts",
+    default=None,
+    metavar="URI",
+    help="Where model artifacts are written [default: <warehouse stem>.artifacts/ beside the warehouse].",
+)
 @click.option("-v", "--verbose", count=True, help=_VERBOSE_HELP)
 @click.option("-q", "--quiet", count=True, help=_QUIET_HELP)
-@click.option("--log-format", type=click.Choice(logs.LOG_FORMATS), default=logs.DEFAULT_FORMAT, help=_FORMAT_HELP)
+@click.option(
+    "--log-format", type=click.Choice(logs.LOG_FORMATS), default=logs.DEFAULT_FORMAT, help=_FORMAT_HELP
+)
 @click.version_option(package_name="batchrec")
 @click.pass_context
-def main(ctx: click.Context, warehouse_path: str | None, artifacts: str | None, verbose: int, quiet: int,
-         log_format: str) -> None:
+def main(
+    ctx: click.Context,
+    warehouse_path: str | None,
+    artifacts: str | None,
+    verbose: int,
+    quiet: int,
+    log_format: str,
+) -> None:
     """Batch recommendations: ingest -> features -> train -> score -> evaluate."""
     logs.configure(verbose, quiet, log_format)
     ctx.obj = Warehouse(warehouse_path, artifacts=artifacts)
@@ -127,24 +166,65 @@ pass_wh = click.make_pass_decorator(Warehouse)
 @options.INGEST_FORMAT.click("--format", "fmt")
 @options.INGEST_QUARANTINE.click("--quarantine")
 @options.INGEST_COLUMNS.click("--columns")
-@click.option("--rating-scale", default=None, metavar="MIN..MAX[:STEP]",
-              help=f"Scale of generic ratings, e.g. 1..10 or 0.5..5:0.5 [default: the warehouse's, set by its first "
-                   f"load; {HALF_STARS} in a new warehouse].")
-@click.option("--max-future", default=MAX_FUTURE, show_default=True, metavar="DURATION",
-              help="Timestamps later than the ingest time plus this are bad rows (e.g. 0s, 12h, 2d).")
-@click.option("--zip-max-size", default=ZIP_MAX_SIZE, show_default=True, metavar="SIZE",
-              help="Largest size a zip member may unzip to.")
-@click.option("--zip-max-ratio", default=ZIP_MAX_RATIO, show_default=True, type=str, metavar="N",
-              help="Most a zip member may expand, in times its compressed size (members under 1 MiB excepted).")
+@click.option(
+    "--rating-scale",
+    default=None,
+    metavar="MIN..MAX[:STEP]",
+    help=f"Scale of generic ratings, e.g. 1..10 or 0.5..5:0.5 [default: the warehouse's, set by its first "
+    f"load; {HALF_STARS} in a new warehouse].",
+)
+@click.option(
+    "--max-future",
+    default=MAX_FUTURE,
+    show_default=True,
+    metavar="DURATION",
+    help="Timestamps later than the ingest time plus this are bad rows (e.g. 0s, 12h, 2d).",
+)
+@click.option(
+    "--zip-max-size",
+    default=ZIP_MAX_SIZE,
+    show_default=True,
+    metavar="SIZE",
+    help="Largest size a zip member may unzip to.",
+)
+@click.option(
+    "--zip-max-ratio",
+    default=ZIP_MAX_RATIO,
+    show_default=True,
+    type=str,
+    metavar="N",
+    help="Most a zip member may expand, in times its compressed size (members under 1 MiB excepted).",
+)
 @pass_wh
-def ingest(wh: Warehouse, path, dataset, fmt, quarantine, columns, rating_scale, max_future, zip_max_size,
-           zip_max_ratio) -> None:
+def ingest(
+    wh: Warehouse,
+    path,
+    dataset,
+    fmt,
+    quarantine,
+    columns,
+    rating_scale,
+    max_future,
+    zip_max_size,
+    zip_max_ratio,
+) -> None:
     """Load raw MovieLens (any release) or generic CSV/Parquet files into the warehouse."""
     from batchrec import api
 
-    click.echo(api.ingest(path, dataset=dataset, format=fmt, quarantine=quarantine, columns=columns,
-                          rating_scale=rating_scale, max_future=max_future, zip_max_size=zip_max_size,
-                          zip_max_ratio=zip_max_ratio, warehouse=wh))
+    click.echo(
+        api.ingest(
+            path,
+            dataset=dataset,
+            format=fmt,
+            quarantine=quarantine,
+            columns=columns,
+            rating_scale=rating_scale,
+            max_future=max_future,
+            zip_max_size=zip_max_size,
+            zip_max_ratio=zip_max_ratio,
+            warehouse=wh,
+        )
+    )
 
 
 # -- synth -------------------------------------------------------------------------------------
@@ -153,7 +233,9 @@ def ingest(wh: Warehouse, path, dataset, fmt, quarantine, columns, rating_scale,
 @click.option("--users", type=click.IntRange(min=1), default=1000, show_default=True)
 @click.option("--items", type=click.IntRange(min=1), default=2000, show_default=True)
 @click.option("--ratings", type=click.IntRange(min=1), default=100_000, show_default=True)
-@click.option("--tags", type=click.IntRange(min=0), default=None, help="Tag applications [default: ratings/40].")
+@click.option(
+    "--tags", type=click.IntRange(min=0), default=None, help="Tag applications [default: ratings/40]."
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 def synth(out, users, items, ratings, tags, seed) -> None:
     """Write a synthetic MovieLens-format dataset (ratings/movies/tags CSV) to OUT."""
@@ -175,8 +257,11 @@ def features(ctx: click.Context, as_of, protocols, params, keep) -> None:
         return
     from batchrec import api
 
-    click.echo(api.build_features(as_of, protocols=protocols, params=params, keep=keep,
-                                  warehouse=ctx.find_object(Warehouse)))
+    click.echo(
+        api.build_features(
+            as_of, protocols=protocols, params=params, keep=keep, warehouse=ctx.find_object(Warehouse)
+        )
+    )
 
 
 @features.command("list")
@@ -204,8 +289,17 @@ def train(wh: Warehouse, model, snapshot, protocol, params, tuned, device, mlflo
     from batchrec import api
 
     # no --mlflow: tracking only when MLFLOW_TRACKING_URI is set (None), never switched off here
-    run = api.train(model, params, protocol, snapshot, device=device, mlflow=mlflow or None, nproc=nproc, tuned=tuned,
-                    warehouse=wh)
+    run = api.train(
+        model,
+        params,
+        protocol,
+        snapshot,
+        device=device,
+        mlflow=mlflow or None,
+        nproc=nproc,
+        tuned=tuned,
+        warehouse=wh,
+    )
     click.echo(run if run is not None else "this rank is done (rank 0 records the run)")
 
 
@@ -224,8 +318,20 @@ def tune(wh: Warehouse, model, protocol, trials, timeout, metric, seed, params, 
     """Search MODEL's parameters on a protocol's validation part (Optuna); store the best as its tuned setting."""
     from batchrec.tune import tune as run_study
 
-    click.echo(run_study(wh, model, protocol, trials, timeout, metric, seed, params=params, snapshot=snapshot,
-                         device=device).summary())
+    click.echo(
+        run_study(
+            wh,
+            model,
+            protocol,
+            trials,
+            timeout,
+            metric,
+            seed,
+            params=params,
+            snapshot=snapshot,
+            device=device,
+        ).summary()
+    )
 
 
 @main.command()
@@ -238,15 +344,33 @@ def models() -> None:
 
 # -- score -------------------------------------------------------------------------------------
 @main.command()
-@click.option("--run", "run_id", default=None, help="Run id, or 'latest' [default: latest run of --model, else latest run].")
+@click.option(
+    "--run",
+    "run_id",
+    default=None,
+    help="Run id, or 'latest' [default: latest run of --model, else latest run].",
+)
 @options.SCORE_MODEL.click("--model")
 @options.TOP_N.click("--top-n")
-@click.option("--shard", default=None, metavar="i/N", help="Score one deterministic partition of users to Parquet.")
-@click.option("--publish", "publish_run", default=None, metavar="RUN", help="Publish the union of RUN's shards.")
-@click.option("--users", "users_file", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Score only the user ids listed in this file (one per line / a user_id column).")
-@click.option("--pairs", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Score the (user_id, item_id) pairs in this CSV/Parquet file instead.")
+@click.option(
+    "--shard", default=None, metavar="i/N", help="Score one deterministic partition of users to Parquet."
+)
+@click.option(
+    "--publish", "publish_run", default=None, metavar="RUN", help="Publish the union of RUN's shards."
+)
+@click.option(
+    "--users",
+    "users_file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Score only the user ids listed in this file (one per line / a user_id column).",
+)
+@click.option(
+    "--pairs",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Score the (user_id, item_id) pairs in this CSV/Parquet file instead.",
+)
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Output file for --pairs.")
 @options.MEMORY_BUDGET.click("--memory-budget")
 @options.RETENTION_DAYS.click("--retention-days")
@@ -262,9 +386,30 @@ def models() -> None:
 @options.TASK_CPUS.click("--task-cpus")
 @options.TASK_GPUS.click("--task-gpus")
 @pass_wh
-def score(wh: Warehouse, run_id, model, top_n, shard, publish_run, users_file, pairs, out, memory_budget,
-          retention_days, device, gate_metric, gate_tolerance, gate_protocol, force, executor, ray_address, shards,
-          shards_uri, task_cpus, task_gpus) -> None:
+def score(
+    wh: Warehouse,
+    run_id,
+    model,
+    top_n,
+    shard,
+    publish_run,
+    users_file,
+    pairs,
+    out,
+    memory_budget,
+    retention_days,
+    device,
+    gate_metric,
+    gate_tolerance,
+    gate_protocol,
+    force,
+    executor,
+    ray_address,
+    shards,
+    shards_uri,
+    task_cpus,
+    task_gpus,
+) -> None:
     """Write every user's top-N (seen items removed, cold start served) to `recommendations`.
 
     A full publish passes the publish gate first (exit code 3 when it refuses; see the README)."""
@@ -272,11 +417,29 @@ def score(wh: Warehouse, run_id, model, top_n, shard, publish_run, users_file, p
     from batchrec.gate import GateSettings
 
     gate = GateSettings(metric=gate_metric, tolerance=gate_tolerance, protocol=gate_protocol, force=force)
-    click.echo(scoring.score_command(
-        wh, run_id=run_id, model=model, top_n=top_n, shard=shard, publish_run=publish_run, users_file=users_file,
-        pairs=pairs, out=out, memory_budget=memory_budget, retention_days=retention_days, device=device, gate=gate,
-        executor=executor, ray_address=ray_address, shards=shards, shards_uri=shards_uri, task_cpus=task_cpus,
-        task_gpus=task_gpus))
+    click.echo(
+        scoring.score_command(
+            wh,
+            run_id=run_id,
+            model=model,
+            top_n=top_n,
+            shard=shard,
+            publish_run=publish_run,
+            users_file=users_file,
+            pairs=pairs,
+            out=out,
+            memory_budget=memory_budget,
+            retention_days=retention_days,
+            device=device,
+            gate=gate,
+            executor=executor,
+            ray_address=ray_address,
+            shards=shards,
+            shards_uri=shards_uri,
+            task_cpus=task_cpus,
+            task_gpus=task_gpus,
+        )
+    )
 
 
 # -- evaluate ----------------------------------------------------------------------------------
@@ -288,7 +451,11 @@ def score(wh: Warehouse, run_id, model, top_n, shard, publish_run, users_file, p
 @options.EVALUATE_REPORT.click("--report", "report_dir")
 @click.option("--compare", is_flag=True, help="Highlight the best run per metric.")
 @options.EVALUATE_THRESHOLD.click("--threshold")
-@click.option("--metrics", default=None, help="Comma-separated metrics to keep, e.g. rmse,ndcg,recall@10 [default: all].")
+@click.option(
+    "--metrics",
+    default=None,
+    help="Comma-separated metrics to keep, e.g. rmse,ndcg,recall@10 [default: all].",
+)
 @options.EVALUATE_BOOTSTRAP.click("--bootstrap")
 @options.EVALUATE_SEED.click("--seed")
 @options.EXECUTOR.click("--executor")
@@ -297,15 +464,47 @@ def score(wh: Warehouse, run_id, model, top_n, shard, publish_run, users_file, p
 @options.TASK_GPUS.click("--task-gpus")
 @options.MLFLOW.click("--mlflow")
 @pass_wh
-def evaluate(wh: Warehouse, runs, model_names, protocol, ks, report_dir, compare, threshold, metrics, bootstrap,
-             seed, executor, ray_address, task_cpus, task_gpus, mlflow) -> None:
+def evaluate(
+    wh: Warehouse,
+    runs,
+    model_names,
+    protocol,
+    ks,
+    report_dir,
+    compare,
+    threshold,
+    metrics,
+    bootstrap,
+    seed,
+    executor,
+    ray_address,
+    task_cpus,
+    task_gpus,
+    mlflow,
+) -> None:
     """Evaluate runs on a protocol's test part; write `evaluations` (with 95% intervals) and an HTML report."""
     from batchrec.evaluate import evaluate_command  # the text form of what `batchrec.api.evaluate` returns
 
-    click.echo(evaluate_command(wh, runs=runs, models=model_names, protocol=protocol, ks=ks,
-                                report_dir=report_dir, compare=compare, threshold=threshold, metrics=metrics,
-                                bootstrap=bootstrap, seed=seed, executor=executor, ray_address=ray_address,
-                                task_cpus=task_cpus, task_gpus=task_gpus, mlflow=mlflow or None))
+    click.echo(
+        evaluate_command(
+            wh,
+            runs=runs,
+            models=model_names,
+            protocol=protocol,
+            ks=ks,
+            report_dir=report_dir,
+            compare=compare,
+            threshold=threshold,
+            metrics=metrics,
+            bootstrap=bootstrap,
+            seed=seed,
+            executor=executor,
+            ray_address=ray_address,
+            task_cpus=task_cpus,
+            task_gpus=task_gpus,
+            mlflow=mlflow or None,
+        )
+    )
 
 
 # -- operations --------------------------------------------------------------------------------
@@ -342,7 +541,13 @@ def status(wh: Warehouse) -> None:
 
 @main.command()
 @click.option("--table", default="recommendations", show_default=True, help="Serving table or view to write.")
-@click.option("--to", "to", required=True, type=click.Path(dir_okay=False), help="Output file: PATH.parquet or PATH.csv.")
+@click.option(
+    "--to",
+    "to",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Output file: PATH.parquet or PATH.csv.",
+)
 @pass_wh
 def export(wh: Warehouse, table, to) -> None:
     """Write a table of the serving database to Parquet or CSV for downstream systems (atomically)."""

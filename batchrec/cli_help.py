@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import textwrap
-from typing import Callable
+from collections.abc import Callable
 
 import click
 
@@ -59,24 +59,37 @@ def _job_keys() -> str:
             return "(unset)"
         return str(value).lower() if isinstance(value, bool) else json.dumps(value)
 
-    lines = ["A job file is TOML: [job] name = \"...\", then one [[steps]] table per step, run in order, each "
-             "with step = KIND, an optional name = \"...\", and that step's options (the CLI's, with their defaults):"]
+    lines = [
+        'A job file is TOML: [job] name = "...", then one [[steps]] table per step, run in order, each '
+        "with step = KIND, an optional name = \"...\", and that step's options (the CLI's, with their defaults):"
+    ]
     for kind, options in STEP_OPTIONS.items():  # key -> batchrec.options.Option
-        lines.append(f"  {kind}: " + ", ".join(
-            f"{key} = {'(required)' if o.required else toml(list(o.default or ()) if o.multiple else o.default)}"
-            for key, o in options.items()))
+        lines.append(
+            f"  {kind}: "
+            + ", ".join(
+                f"{key} = {'(required)' if o.required else toml(list(o.default or ()) if o.multiple else o.default)}"
+                for key, o in options.items()
+            )
+        )
     return "\n".join(lines)
 
 
 def _tunable() -> str:
     from batchrec.models import available, get_model_class
 
-    return ("Families with a search space (its ranges: `batchrec models`, marked [tune: ...]): "
-            + ", ".join(f for f in available() if get_model_class(f).search_space()))
+    return "Families with a search space (its ranges: `batchrec models`, marked [tune: ...]): " + ", ".join(
+        f for f in available() if get_model_class(f).search_space()
+    )
 
 
-DETAILS: dict[str, Callable[[], str]] = {"train": _families, "score": _families, "evaluate": _evaluate,
-                                         "features": _protocols, "run": _job_keys, "tune": _tunable}
+DETAILS: dict[str, Callable[[], str]] = {
+    "train": _families,
+    "score": _families,
+    "evaluate": _evaluate,
+    "features": _protocols,
+    "run": _job_keys,
+    "tune": _tunable,
+}
 
 
 class HelpDetails:
@@ -85,8 +98,10 @@ class HelpDetails:
 
     def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         key = " ".join(ctx.command_path.split()[1:])
-        for title, text in (("Details", DETAILS[key]() if key in DETAILS else None),
-                            ("Example", EXAMPLES.get(key))):
+        for title, text in (
+            ("Details", DETAILS[key]() if key in DETAILS else None),
+            ("Example", EXAMPLES.get(key)),
+        ):
             if text:
                 with formatter.section(title):
                     indent = " " * formatter.current_indent
@@ -94,9 +109,18 @@ class HelpDetails:
                         if title == "Example" or line.startswith(" "):
                             formatter.write(indent + line + "\n")
                         else:  # names (leave-last-5-positive-events) never broken at their hyphens
-                            formatter.write("".join(f"{indent}{part}\n" for part in textwrap.wrap(
-                                line, max(formatter.width - len(indent), 40), break_on_hyphens=False,
-                                break_long_words=False)) or "\n")
+                            formatter.write(
+                                "".join(
+                                    f"{indent}{part}\n"
+                                    for part in textwrap.wrap(
+                                        line,
+                                        max(formatter.width - len(indent), 40),
+                                        break_on_hyphens=False,
+                                        break_long_words=False,
+                                    )
+                                )
+                                or "\n"
+                            )
         super().format_epilog(ctx, formatter)
 
 

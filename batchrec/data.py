@@ -47,13 +47,22 @@ class Interactions:
 
     def tensors(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(user_idx, item_idx, rating) as torch tensors on `device`."""
-        return (torch.from_numpy(self.user_idx).to(device), torch.from_numpy(self.item_idx).to(device),
-                torch.from_numpy(self.rating).to(device))
+        return (
+            torch.from_numpy(self.user_idx).to(device),
+            torch.from_numpy(self.item_idx).to(device),
+            torch.from_numpy(self.rating).to(device),
+        )
 
     def concat(self, other: Interactions) -> Interactions:
-        return Interactions(*(np.concatenate([a, b]) for a, b in
-                              zip((self.user_idx, self.item_idx, self.rating, self.ts),
-                                  (other.user_idx, other.item_idx, other.rating, other.ts))))
+        return Interactions(
+            *(
+                np.concatenate([a, b])
+                for a, b in zip(
+                    (self.user_idx, self.item_idx, self.rating, self.ts),
+                    (other.user_idx, other.item_idx, other.rating, other.ts),
+                )
+            )
+        )
 
     def select(self, mask: np.ndarray) -> Interactions:
         return Interactions(self.user_idx[mask], self.item_idx[mask], self.rating[mask], self.ts[mask])
@@ -68,7 +77,9 @@ class Interactions:
             user_idx=np.asarray(cols["user_idx"], dtype=np.int64),
             item_idx=np.asarray(cols["item_idx"], dtype=np.int64),
             rating=np.asarray(rating, dtype=np.float32),
-            ts=np.asarray(ts.astype("datetime64[s]").astype(np.int64) if ts.dtype.kind == "M" else ts, dtype=np.int64),
+            ts=np.asarray(
+                ts.astype("datetime64[s]").astype(np.int64) if ts.dtype.kind == "M" else ts, dtype=np.int64
+            ),
         )
 
 
@@ -136,8 +147,9 @@ def _interactions(con: duckdb.DuckDBPyConnection, sql: str, params: dict) -> Int
     return Interactions.from_columns(con.sql(sql, params=params).fetchnumpy())
 
 
-def load_interactions(con: duckdb.DuckDBPyConnection, snapshot_id: str, protocol: str | None = None,
-                      part: str = "train") -> Interactions:
+def load_interactions(
+    con: duckdb.DuckDBPyConnection, snapshot_id: str, protocol: str | None = None, part: str = "train"
+) -> Interactions:
     """One part of a protocol (or, without a protocol, every interaction of the snapshot).
 
     Sorted by (user_idx, ts, item_idx) so downstream order never depends on storage order.
@@ -145,18 +157,26 @@ def load_interactions(con: duckdb.DuckDBPyConnection, snapshot_id: str, protocol
     cols = "i.user_idx, i.item_idx, i.rating, i.ts"
     order = "ORDER BY 1, 4, 2"
     if protocol is None:
-        return _interactions(con, f"SELECT {cols} FROM interactions i WHERE i.snapshot_id = $s {order}",
-                             {"s": snapshot_id})
+        return _interactions(
+            con, f"SELECT {cols} FROM interactions i WHERE i.snapshot_id = $s {order}", {"s": snapshot_id}
+        )
     if part == "train":
-        return _interactions(con, f"""
+        return _interactions(
+            con,
+            f"""
             SELECT {cols} FROM interactions i
             ANTI JOIN (SELECT user_idx, item_idx FROM split_holdout WHERE snapshot_id = $s AND protocol = $p) h
               USING (user_idx, item_idx)
-            WHERE i.snapshot_id = $s {order}""", {"s": snapshot_id, "p": protocol})
-    return _interactions(con, f"""
+            WHERE i.snapshot_id = $s {order}""",
+            {"s": snapshot_id, "p": protocol},
+        )
+    return _interactions(
+        con,
+        f"""
         SELECT {cols} FROM split_holdout i
         WHERE i.snapshot_id = $s AND i.protocol = $p AND i.part = $part {order}""",
-                         {"s": snapshot_id, "p": protocol, "part": part})
+        {"s": snapshot_id, "p": protocol, "part": part},
+    )
 
 
 @functools.cache
@@ -177,11 +197,14 @@ def snapshot_read(con: duckdb.DuckDBPyConnection, name: str, **params) -> dict[s
 
 def snapshot_ids(con: duckdb.DuckDBPyConnection, snapshot_id: str) -> tuple[np.ndarray, np.ndarray]:
     """The snapshot's raw user ids and raw item ids, each in dense-id order."""
-    return tuple(snapshot_read(con, name, s=snapshot_id)["id"].astype(np.int64) for name in ("user_ids", "item_ids"))
+    return tuple(
+        snapshot_read(con, name, s=snapshot_id)["id"].astype(np.int64) for name in ("user_ids", "item_ids")
+    )
 
 
-def train_counts(con: duckdb.DuckDBPyConnection, snapshot_id: str, protocol: str | None,
-                 n_users: int, n_items: int) -> tuple[np.ndarray, np.ndarray]:
+def train_counts(
+    con: duckdb.DuckDBPyConnection, snapshot_id: str, protocol: str | None, n_users: int, n_items: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Per user and per item, the interactions a model fitted on `protocol`'s train part (None:
     every interaction) has seen; `sql/reads/train_counts.sql`."""
     got = snapshot_read(con, "train_counts", s=snapshot_id, p=protocol)
@@ -199,30 +222,47 @@ def rating_range(con: duckdb.DuckDBPyConnection, snapshot_id: str) -> tuple[floa
     return None if low is None or np.isnan(low) else (float(low), float(high))
 
 
-def _content_matrix(con: duckdb.DuckDBPyConnection, name: str, snapshot_id: str, n_items: int
-                    ) -> tuple[sp.csr_matrix, list[str]]:
+def _content_matrix(
+    con: duckdb.DuckDBPyConnection, name: str, snapshot_id: str, n_items: int
+) -> tuple[sp.csr_matrix, list[str]]:
     cols = snapshot_read(con, name, s=snapshot_id)
-    names, codes = np.unique(cols["term"].astype(str), return_inverse=True) if len(cols["term"]) else (np.array([], str), np.array([], np.int64))
-    m = sp.csr_matrix((np.asarray(cols["weight"], np.float32), (np.asarray(cols["item_idx"], np.int64), codes.ravel())),
-                      shape=(n_items, len(names)), dtype=np.float32)
+    names, codes = (
+        np.unique(cols["term"].astype(str), return_inverse=True)
+        if len(cols["term"])
+        else (np.array([], str), np.array([], np.int64))
+    )
+    m = sp.csr_matrix(
+        (np.asarray(cols["weight"], np.float32), (np.asarray(cols["item_idx"], np.int64), codes.ravel())),
+        shape=(n_items, len(names)),
+        dtype=np.float32,
+    )
     return m, names.tolist()
 
 
-def content_matrices(con: duckdb.DuckDBPyConnection, snapshot_id: str, n_items: int
-                     ) -> tuple[sp.csr_matrix, list[str], sp.csr_matrix, list[str]]:
+def content_matrices(
+    con: duckdb.DuckDBPyConnection, snapshot_id: str, n_items: int
+) -> tuple[sp.csr_matrix, list[str], sp.csr_matrix, list[str]]:
     """The item x genre multi-hot and the item x term TF-IDF matrices with their column names."""
-    return (*_content_matrix(con, "item_genres", snapshot_id, n_items),
-            *_content_matrix(con, "item_tags", snapshot_id, n_items))
+    return (
+        *_content_matrix(con, "item_genres", snapshot_id, n_items),
+        *_content_matrix(con, "item_tags", snapshot_id, n_items),
+    )
 
 
-def load_snapshot(con: duckdb.DuckDBPyConnection, snapshot_id: str, protocol: str | None = None,
-                  with_test: bool = True) -> SnapshotData:
+def load_snapshot(
+    con: duckdb.DuckDBPyConnection, snapshot_id: str, protocol: str | None = None, with_test: bool = True
+) -> SnapshotData:
     """Load a snapshot for training/scoring; with a protocol, its train/valid/test parts
     (`with_test=False`: the test part is never read, `test` is None; what tuning loads)."""
     if protocol is not None and not scalar(
-            con, "SELECT count(*) FROM split_protocols WHERE snapshot_id = ? AND protocol = ?", [snapshot_id, protocol]):
-        raise BatchrecError(f"snapshot {snapshot_id} has no split for protocol {protocol!r}; "
-                            f"rebuild it with `batchrec features --protocols {protocol}`")
+        con,
+        "SELECT count(*) FROM split_protocols WHERE snapshot_id = ? AND protocol = ?",
+        [snapshot_id, protocol],
+    ):
+        raise BatchrecError(
+            f"snapshot {snapshot_id} has no split for protocol {protocol!r}; "
+            f"rebuild it with `batchrec features --protocols {protocol}`"
+        )
     user_ids, item_ids = snapshot_ids(con, snapshot_id)
     train = load_interactions(con, snapshot_id, protocol, "train")
     if len(train) == 0:
@@ -232,10 +272,20 @@ def load_snapshot(con: duckdb.DuckDBPyConnection, snapshot_id: str, protocol: st
     test = load_interactions(con, snapshot_id, protocol, "test") if protocol and with_test else None
     genres, genre_names, tags, terms = content_matrices(con, snapshot_id, len(item_ids))
     return SnapshotData(
-        snapshot_id=snapshot_id, protocol=protocol, n_users=len(user_ids), n_items=len(item_ids),
-        train=train, valid=valid, test=test, user_ids=user_ids, item_ids=item_ids,
+        snapshot_id=snapshot_id,
+        protocol=protocol,
+        n_users=len(user_ids),
+        n_items=len(item_ids),
+        train=train,
+        valid=valid,
+        test=test,
+        user_ids=user_ids,
+        item_ids=item_ids,
         rating_scale=rating_range(con, snapshot_id),
-        item_genres=genres, genre_names=genre_names, item_tags=tags, tag_terms=terms,
+        item_genres=genres,
+        genre_names=genre_names,
+        item_tags=tags,
+        tag_terms=terms,
     )
 
 
@@ -246,23 +296,33 @@ def csr_to_torch(m: sp.csr_matrix, device: torch.device | str = "cpu") -> torch.
         # torch says its CSR support "is in beta" on the first CSR tensor of every process (each train
         # and score printed it); the few operations used here are stable. Invariant checks stay off,
         # as torch's default (said explicitly, which silences its reminder of that default).
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
-        t = torch.sparse_csr_tensor(torch.from_numpy(m.indptr.astype(np.int64)),
-                                    torch.from_numpy(m.indices.astype(np.int64)),
-                                    torch.from_numpy(m.data.astype(np.float32, copy=False)), size=m.shape,
-                                    check_invariants=False)
+        warnings.filterwarnings(
+            "ignore", message="Sparse CSR tensor support is in beta", category=UserWarning
+        )
+        t = torch.sparse_csr_tensor(
+            torch.from_numpy(m.indptr.astype(np.int64)),
+            torch.from_numpy(m.indices.astype(np.int64)),
+            torch.from_numpy(m.data.astype(np.float32, copy=False)),
+            size=m.shape,
+            check_invariants=False,
+        )
     return t.to(device)
 
 
 def csr_state(m: sp.csr_matrix) -> dict[str, torch.Tensor]:
     """A scipy CSR matrix as the three tensors a model's saved state holds (see `csr_from_state`)."""
-    return {"indptr": torch.from_numpy(m.indptr.astype(np.int64)), "indices": torch.from_numpy(m.indices.astype(np.int64)),
-            "data": torch.from_numpy(m.data.astype(np.float32))}
+    return {
+        "indptr": torch.from_numpy(m.indptr.astype(np.int64)),
+        "indices": torch.from_numpy(m.indices.astype(np.int64)),
+        "data": torch.from_numpy(m.data.astype(np.float32)),
+    }
 
 
 def csr_from_state(s: dict[str, torch.Tensor], shape) -> sp.csr_matrix:
     """The scipy CSR matrix of `csr_state`, on the CPU."""
-    return sp.csr_matrix((s["data"].cpu().numpy(), s["indices"].cpu().numpy(), s["indptr"].cpu().numpy()), shape=shape)
+    return sp.csr_matrix(
+        (s["data"].cpu().numpy(), s["indices"].cpu().numpy(), s["indptr"].cpu().numpy()), shape=shape
+    )
 
 
 class SparseRows:
@@ -275,41 +335,73 @@ class SparseRows:
     def from_scipy(cls, m: sp.spmatrix, device: torch.device | str) -> SparseRows:
         m = m.tocsr()
         m.sum_duplicates()
-        return cls(torch.from_numpy(m.indptr.astype(np.int64)).to(device),
-                   torch.from_numpy(m.indices.astype(np.int64)).to(device),
-                   torch.from_numpy(m.data.astype(np.float32)).to(device), m.shape[1])
+        return cls(
+            torch.from_numpy(m.indptr.astype(np.int64)).to(device),
+            torch.from_numpy(m.indices.astype(np.int64)).to(device),
+            torch.from_numpy(m.data.astype(np.float32)).to(device),
+            m.shape[1],
+        )
 
     @classmethod
-    def from_events(cls, events, values: np.ndarray, keep: np.ndarray, n_users: int, n_items: int,
-                    device: torch.device | str) -> SparseRows:
+    def from_events(
+        cls,
+        events,
+        values: np.ndarray,
+        keep: np.ndarray,
+        n_users: int,
+        n_items: int,
+        device: torch.device | str,
+    ) -> SparseRows:
         """The user x item rows of the `keep` events, valued by `values` (repeated pairs summed)."""
-        return cls.from_scipy(sp.csr_matrix((values[keep], (events.user_idx[keep], events.item_idx[keep])),
-                                            shape=(n_users, n_items)), device)
+        return cls.from_scipy(
+            sp.csr_matrix(
+                (values[keep], (events.user_idx[keep], events.item_idx[keep])), shape=(n_users, n_items)
+            ),
+            device,
+        )
 
     @classmethod
-    def in_time_order(cls, events, values: np.ndarray, keep: np.ndarray, n_users: int, n_items: int,
-                      device: torch.device | str) -> SparseRows:
+    def in_time_order(
+        cls,
+        events,
+        values: np.ndarray,
+        keep: np.ndarray,
+        n_users: int,
+        n_items: int,
+        device: torch.device | str,
+    ) -> SparseRows:
         """The user x item rows of the `keep` events, each row's entries in time order (by ts, then
         item), valued by `values`; repeated pairs stay separate entries."""
         idx = time_order(events)
         idx = idx[keep[idx]]
         indptr = np.concatenate([[0], np.cumsum(np.bincount(events.user_idx[idx], minlength=n_users))])
-        return cls(torch.from_numpy(indptr.astype(np.int64)).to(device),
-                   torch.from_numpy(events.item_idx[idx].astype(np.int64)).to(device),
-                   torch.from_numpy(values[idx].astype(np.float32)).to(device), n_items)
+        return cls(
+            torch.from_numpy(indptr.astype(np.int64)).to(device),
+            torch.from_numpy(events.item_idx[idx].astype(np.int64)).to(device),
+            torch.from_numpy(values[idx].astype(np.float32)).to(device),
+            n_items,
+        )
 
     @property
     def n_rows(self) -> int:
         return len(self.indptr) - 1
 
     def state(self, prefix: str) -> dict:
-        return {f"{prefix}_indptr": self.indptr, f"{prefix}_indices": self.indices, f"{prefix}_values": self.values,
-                f"{prefix}_cols": self.n_cols}
+        return {
+            f"{prefix}_indptr": self.indptr,
+            f"{prefix}_indices": self.indices,
+            f"{prefix}_values": self.values,
+            f"{prefix}_cols": self.n_cols,
+        }
 
     @classmethod
     def from_state(cls, state: dict, prefix: str) -> SparseRows:
-        return cls(state[f"{prefix}_indptr"], state[f"{prefix}_indices"], state[f"{prefix}_values"],
-                   state[f"{prefix}_cols"])
+        return cls(
+            state[f"{prefix}_indptr"],
+            state[f"{prefix}_indices"],
+            state[f"{prefix}_values"],
+            state[f"{prefix}_cols"],
+        )
 
     def entries(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The stored entries of rows `rows`: (position in `rows`, column, value) per entry, ordered by
@@ -321,8 +413,9 @@ class SparseRows:
         pos = start[row_of] + torch.arange(len(row_of), device=rows.device) - first[row_of]
         return row_of, self.indices[pos], self.values[pos], first
 
-    def cut_at_random(self, rows: torch.Tensor, cut_min: float, halflife: float, floor: float
-                      ) -> tuple[torch.Tensor, ...]:
+    def cut_at_random(
+        self, rows: torch.Tensor, cut_min: float, halflife: float, floor: float
+    ) -> tuple[torch.Tensor, ...]:
         """For rows built `in_time_order`: each row cut at a random point, uniform over the
         fractions [cut_min, 1) of its length, at least one entry on each side. Returns the rows'
         entries (position in `rows`, column, value, row offsets) and, per entry, whether it lies
@@ -335,8 +428,11 @@ class SparseRows:
         cut = torch.minimum((fraction * lens).long(), lens - 1).clamp(min=1)[row_of]
         k = cut - 1 - (torch.arange(len(cols), device=vals.device) - offsets[row_of])
         before = k >= 0
-        recency = floor + (1.0 - floor) * 0.5 ** (k.clamp(min=0) / halflife) if halflife > 0 \
+        recency = (
+            floor + (1.0 - floor) * 0.5 ** (k.clamp(min=0) / halflife)
+            if halflife > 0
             else torch.ones_like(vals)
+        )
         return row_of, cols, vals, offsets, before, recency
 
     def dense(self, rows: torch.Tensor) -> torch.Tensor:
@@ -348,6 +444,9 @@ class SparseRows:
 
     def torch_sparse(self) -> torch.Tensor:
         """The whole matrix as a torch sparse COO tensor (for `torch.sparse.mm`)."""
-        rows = torch.repeat_interleave(torch.arange(self.n_rows, device=self.indptr.device), torch.diff(self.indptr))
-        return torch.sparse_coo_tensor(torch.stack([rows, self.indices]), self.values,
-                                       (self.n_rows, self.n_cols)).coalesce()
+        rows = torch.repeat_interleave(
+            torch.arange(self.n_rows, device=self.indptr.device), torch.diff(self.indptr)
+        )
+        return torch.sparse_coo_tensor(
+            torch.stack([rows, self.indices]), self.values, (self.n_rows, self.n_cols)
+        ).coalesce()

@@ -24,11 +24,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -77,8 +78,10 @@ def _int_env(name: str, default: int | None = None) -> int:
     text = os.environ.get(name)
     if text is None:
         if default is None:
-            raise BatchrecError(f"launched for distributed training but ${name} is not set "
-                                f"(expected RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT, as torchrun sets them)")
+            raise BatchrecError(
+                f"launched for distributed training but ${name} is not set "
+                f"(expected RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT, as torchrun sets them)"
+            )
         return default
     try:
         return int(text)
@@ -98,11 +101,15 @@ def _env_layout() -> tuple[int, int, int, int]:
     local_world = _int_env("LOCAL_WORLD_SIZE", world)
     missing = [name for name in _REQUIRED_ENV if not os.environ.get(name)]
     if missing:
-        raise BatchrecError(f"launched as rank {rank} of {world} but {', '.join('$' + m for m in missing)} "
-                            "not set (expected the rendezvous address torchrun sets)")
+        raise BatchrecError(
+            f"launched as rank {rank} of {world} but {', '.join('$' + m for m in missing)} "
+            "not set (expected the rendezvous address torchrun sets)"
+        )
     if not (world >= 1 and 0 <= rank < world and 0 <= local_rank < local_world):
-        raise BatchrecError(f"RANK={rank} WORLD_SIZE={world} LOCAL_RANK={local_rank} LOCAL_WORLD_SIZE={local_world} "
-                            "is not a valid layout (expected 0 <= RANK < WORLD_SIZE)")
+        raise BatchrecError(
+            f"RANK={rank} WORLD_SIZE={world} LOCAL_RANK={local_rank} LOCAL_WORLD_SIZE={local_world} "
+            "is not a valid layout (expected 0 <= RANK < WORLD_SIZE)"
+        )
     return rank, world, local_rank, local_world
 
 
@@ -114,20 +121,24 @@ def process_group(device: torch.device) -> Iterator[Group]:
     rank, world, local_rank, local_world = _env_layout()
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
-            raise BatchrecError(f"rank {rank}: local rank {local_rank} needs GPU {local_rank} but this machine has "
-                                f"{torch.cuda.device_count()} (expected one process per GPU, or --device cpu)")
+            raise BatchrecError(
+                f"rank {rank}: local rank {local_rank} needs GPU {local_rank} but this machine has "
+                f"{torch.cuda.device_count()} (expected one process per GPU, or --device cpu)"
+            )
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         backend = "nccl"
     else:
         backend = "gloo"
     try:
-        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world,
-                                timeout=COLLECTIVE_TIMEOUT)
+        dist.init_process_group(
+            backend, init_method="env://", rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT
+        )
     except (RuntimeError, ValueError) as exc:
-        raise BatchrecError(f"rank {rank} of {world} could not join the group at {os.environ.get('MASTER_ADDR')}:"
-                            f"{os.environ.get('MASTER_PORT')} ({str(exc).splitlines()[0] if str(exc) else exc!r})"
-                            ) from None
+        raise BatchrecError(
+            f"rank {rank} of {world} could not join the group at {os.environ.get('MASTER_ADDR')}:"
+            f"{os.environ.get('MASTER_PORT')} ({str(exc).splitlines()[0] if str(exc) else exc!r})"
+        ) from None
     _current = Group(rank, world, local_rank, local_world, backend, device)
     try:
         yield _current
@@ -178,8 +189,10 @@ def epoch_batches(n_rows: int, batch_size: int, group: Group) -> int:
     (the global batch stays `batch_size`, as with one process), at most the smallest rank's rows."""
     sizes = gather([float(n_rows)], group)[:, 0].astype(np.int64)
     if sizes.min() == 0:
-        raise BatchrecError(f"{group.world} training processes but rank {int(sizes.argmin())} got no training rows "
-                            f"(rows per rank: {', '.join(map(str, sizes))}): use fewer processes")
+        raise BatchrecError(
+            f"{group.world} training processes but rank {int(sizes.argmin())} got no training rows "
+            f"(rows per rank: {', '.join(map(str, sizes))}): use fewer processes"
+        )
     return int(max(1, min(math.ceil(sizes.sum() / batch_size), sizes.min())))
 
 
@@ -199,7 +212,7 @@ def my_part(rows):
     """This rank's share (every world-th row) of what a validator measures, or all of it
     outside `split_validation`. Works on numpy arrays and tensors."""
     g = _validation_split
-    return rows if g is None else rows[g.rank::g.world]
+    return rows if g is None else rows[g.rank :: g.world]
 
 
 def mean_of_parts(mean: float, count: int) -> float:
@@ -264,14 +277,25 @@ def launch_local(nproc: int, entry: str, spec: dict, extra_env: dict[str, str] |
         procs = []
         try:
             for r in range(nproc):
-                env = os.environ | (extra_env or {}) | {
-                    "RANK": str(r), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": str(nproc),
-                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+                env = (
+                    os.environ
+                    | (extra_env or {})
+                    | {
+                        "RANK": str(r),
+                        "WORLD_SIZE": str(nproc),
+                        "LOCAL_RANK": str(r),
+                        "LOCAL_WORLD_SIZE": str(nproc),
+                        "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": port,
+                    }
+                )
                 env.setdefault("OMP_NUM_THREADS", threads)
                 # torch's C++ warnings (DDP's note that a step left no parameter unused: expected
                 # for the families that never freeze part of the network) off unless asked for
                 env.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
-                procs.append(subprocess.Popen([sys.executable, "-c", code.format(result=str(results[r]))], env=env))
+                procs.append(
+                    subprocess.Popen([sys.executable, "-c", code.format(result=str(results[r]))], env=env)
+                )
             failed = _wait(procs)
         except BaseException:
             _stop(procs)
@@ -280,15 +304,19 @@ def launch_local(nproc: int, entry: str, spec: dict, extra_env: dict[str, str] |
         if failed is None:
             return outcome[0] or {}
         rank, returncode = failed
-        if outcome[0] and "error" in outcome[0]:  # rank 0's own words, when it has some
+        # rank 0's own words, when it has some, unless the first failure was a rank killed by a
+        # signal: then rank 0's error is only the lost connection to it, the death is the cause
+        if outcome[0] and "error" in outcome[0] and returncode >= 0:
             rank = 0
         mine = outcome[rank]
         if mine and "error" in mine:
             prefix = "" if rank == 0 else f"training rank {rank} of {nproc}: "
             raise RankFailed(prefix + mine["error"], mine.get("exit_code", 1))
         how = f"killed by signal {-returncode}" if returncode < 0 else f"exit code {returncode}"
-        raise RankFailed(f"training rank {rank} of {nproc} died ({how}; out of memory?): the other ranks were "
-                         "stopped and no run was recorded")
+        raise RankFailed(
+            f"training rank {rank} of {nproc} died ({how}; out of memory?): the other ranks were "
+            "stopped and no run was recorded"
+        )
 
 
 def _wait(procs: list[subprocess.Popen]) -> tuple[int, int] | None:

@@ -64,8 +64,12 @@ _OS_FAULTS = {  # errno -> (what happened, what to do)
     errno.EPERM: ("operation not permitted on", "give this user access to it"),
 }
 # DuckDB reports the same faults as text inside its IOException
-_DUCKDB_FAULTS = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
-                  "Read-only file system": errno.EROFS, "Permission denied": errno.EACCES}
+_DUCKDB_FAULTS = {
+    "No space left on device": errno.ENOSPC,
+    "Disk quota exceeded": errno.EDQUOT,
+    "Read-only file system": errno.EROFS,
+    "Permission denied": errno.EACCES,
+}
 _QUOTED_PATH = re.compile(r'"(/[^"]+)"')
 
 
@@ -89,7 +93,9 @@ def as_fault(exc: BaseException) -> BatchrecError | None:
             if needle in text:
                 what, todo = _OS_FAULTS[code]
                 path = _QUOTED_PATH.search(text)
-                return Fault(f"{_at(what, path and path.group(1))}: {todo} (the warehouse keeps its previous contents)")
+                return Fault(
+                    f"{_at(what, path and path.group(1))}: {todo} (the warehouse keeps its previous contents)"
+                )
         if type(exc).__name__ == "IOException":
             return Fault(f"I/O error: {first_line(exc)}: check the disk and rerun")
     if isinstance(exc, RuntimeError) and str(exc) == "Query interrupted":

@@ -23,8 +23,9 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -42,7 +43,9 @@ def _import_ray():
     try:
         import ray
     except ImportError:
-        raise BatchrecError(f"--executor ray needs Ray, which is not installed (expected the extra: {RAY_EXTRA})") from None
+        raise BatchrecError(
+            f"--executor ray needs Ray, which is not installed (expected the extra: {RAY_EXTRA})"
+        ) from None
     return ray
 
 
@@ -63,7 +66,9 @@ class LocalExecutor:
 
     name = "local"
 
-    def map(self, fn: Callable, calls: Sequence[tuple[tuple, dict]], labels: Sequence[str]) -> Iterator[tuple[int, Any]]:
+    def map(
+        self, fn: Callable, calls: Sequence[tuple[tuple, dict]], labels: Sequence[str]
+    ) -> Iterator[tuple[int, Any]]:
         for index, (args, kwargs) in enumerate(calls):
             yield index, fn(*args, **kwargs)
 
@@ -75,34 +80,50 @@ class RayExecutor:
 
     name = "ray"
 
-    def __init__(self, address: str | None = None, cpus: float = 1, gpus: float = 0, retries: int = TASK_RETRIES):
+    def __init__(
+        self, address: str | None = None, cpus: float = 1, gpus: float = 0, retries: int = TASK_RETRIES
+    ):
         self.ray = _import_ray()
         self.cpus, self.gpus, self.retries = cpus, gpus, retries
         self._started = False
         if not self.ray.is_initialized():
             t0 = time.perf_counter()
             try:
-                self.ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                              configure_logging=False)
+                self.ray.init(
+                    address=address, include_dashboard=False, log_to_driver=False, configure_logging=False
+                )
             except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise BatchrecError(f"cannot connect to the Ray cluster at {address or os.environ.get('RAY_ADDRESS') or 'a new local one'}: "
-                                    f"{first_line(exc)} (expected --ray-address HOST:PORT of a running cluster)") from None
+                raise BatchrecError(
+                    f"cannot connect to the Ray cluster at {address or os.environ.get('RAY_ADDRESS') or 'a new local one'}: "
+                    f"{first_line(exc)} (expected --ray-address HOST:PORT of a running cluster)"
+                ) from None
             self._started = True
-            log.info("connected to Ray (%s) in %.1f s: %s CPUs", address or "local", time.perf_counter() - t0,
-                     self.ray.cluster_resources().get("CPU", 0))
+            log.info(
+                "connected to Ray (%s) in %.1f s: %s CPUs",
+                address or "local",
+                time.perf_counter() - t0,
+                self.ray.cluster_resources().get("CPU", 0),
+            )
         self._task = self.ray.remote(run_limited)
 
     def close(self) -> None:
         if self._started:
             self.ray.shutdown()
 
-    def map(self, fn: Callable, calls: Sequence[tuple[tuple, dict]], labels: Sequence[str]) -> Iterator[tuple[int, Any]]:
+    def map(
+        self, fn: Callable, calls: Sequence[tuple[tuple, dict]], labels: Sequence[str]
+    ) -> Iterator[tuple[int, Any]]:
         ray = self.ray
         threads = max(1, int(self.cpus))
         pending = {}
         for index, ((args, kwargs), label) in enumerate(zip(calls, labels)):
-            ref = self._task.options(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=self.retries,
-                                     retry_exceptions=False, name=label).remote(fn, threads, args, kwargs)
+            ref = self._task.options(
+                num_cpus=self.cpus,
+                num_gpus=self.gpus,
+                max_retries=self.retries,
+                retry_exceptions=False,
+                name=label,
+            ).remote(fn, threads, args, kwargs)
             pending[ref] = index
         try:
             while pending:
@@ -116,11 +137,18 @@ class RayExecutor:
                         error = BatchrecError(f"{labels[index]}: {first_line(cause)}")
                         error.exit_code = cause.exit_code
                         raise error from None
-                    raise BatchrecError(f"{labels[index]} failed on Ray: {type(cause).__name__}: {first_line(cause)}") from None
-                except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
-                        ray.exceptions.OutOfMemoryError) as exc:
-                    raise BatchrecError(f"{labels[index]}: its Ray worker died {self.retries + 1} times "
-                                        f"({type(exc).__name__}: killed or out of memory?)") from None
+                    raise BatchrecError(
+                        f"{labels[index]} failed on Ray: {type(cause).__name__}: {first_line(cause)}"
+                    ) from None
+                except (
+                    ray.exceptions.WorkerCrashedError,
+                    ray.exceptions.NodeDiedError,
+                    ray.exceptions.OutOfMemoryError,
+                ) as exc:
+                    raise BatchrecError(
+                        f"{labels[index]}: its Ray worker died {self.retries + 1} times "
+                        f"({type(exc).__name__}: killed or out of memory?)"
+                    ) from None
                 yield index, result
         finally:
             for ref in pending:  # a failure (or an interrupt) leaves nothing running for nobody
@@ -137,8 +165,9 @@ def check_executor(name: str) -> None:
 
 
 @contextmanager
-def open_executor(name: str = "local", address: str | None = None, cpus: float = 1,
-                  gpus: float = 0) -> Iterator[LocalExecutor | RayExecutor]:
+def open_executor(
+    name: str = "local", address: str | None = None, cpus: float = 1, gpus: float = 0
+) -> Iterator[LocalExecutor | RayExecutor]:
     """The executor called `name` (EXECUTORS), closed (a local Ray cluster it started: stopped) after."""
     check_executor(name)
     if name == "local":

@@ -21,10 +21,11 @@ import re
 import time
 import tomllib
 import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
@@ -41,33 +42,77 @@ STEP_KINDS = ("ingest", "features", "train", "tune", "score", "evaluate")
 
 # Keys each step kind accepts in a job file: the command line's options (batchrec.options).
 STEP_OPTIONS: dict[str, dict[str, options.Option]] = {
-    "ingest": {"path": options.INGEST_PATH, "dataset": options.INGEST_DATASET, "format": options.INGEST_FORMAT,
-               "quarantine": options.INGEST_QUARANTINE, "columns": options.INGEST_COLUMNS},
-    "features": {"as_of": options.FEATURES_AS_OF, "protocols": options.FEATURES_PROTOCOLS,
-                 "params": options.FEATURES_PARAMS, "keep": options.FEATURES_KEEP},
-    "train": {"model": options.TRAIN_MODEL, "protocol": options.TRAIN_PROTOCOL, "params": options.TRAIN_PARAMS,
-              "device": options.DEVICE, "nproc": options.TRAIN_NPROC},
-    "tune": {"model": options.TUNE_MODEL, "protocol": options.TUNE_PROTOCOL, "trials": options.TUNE_TRIALS,
-             "timeout": options.TUNE_TIMEOUT, "metric": options.TUNE_METRIC, "seed": options.TUNE_SEED,
-             "params": options.TUNE_PARAMS, "device": options.DEVICE},
-    "score": {"model": options.SCORE_MODEL, "top_n": options.TOP_N, "memory_budget": options.MEMORY_BUDGET,
-              "retention_days": options.RETENTION_DAYS, "device": options.DEVICE, "gate_metric": options.GATE_METRIC,
-              "gate_tolerance": options.GATE_TOLERANCE, "gate_protocol": options.GATE_PROTOCOL,
-              "executor": options.EXECUTOR, "ray_address": options.RAY_ADDRESS, "shards": options.SHARDS,
-              "shards_uri": options.SHARDS_URI, "task_cpus": options.TASK_CPUS, "task_gpus": options.TASK_GPUS},
-    "evaluate": {"models": options.EVALUATE_MODELS, "protocol": options.EVALUATE_PROTOCOL, "k": options.EVALUATE_KS,
-                 "report": options.EVALUATE_REPORT, "threshold": options.EVALUATE_THRESHOLD,
-                 "bootstrap": options.EVALUATE_BOOTSTRAP, "seed": options.EVALUATE_SEED,
-                 "executor": options.EXECUTOR, "ray_address": options.RAY_ADDRESS, "task_cpus": options.TASK_CPUS,
-                 "task_gpus": options.TASK_GPUS},
+    "ingest": {
+        "path": options.INGEST_PATH,
+        "dataset": options.INGEST_DATASET,
+        "format": options.INGEST_FORMAT,
+        "quarantine": options.INGEST_QUARANTINE,
+        "columns": options.INGEST_COLUMNS,
+    },
+    "features": {
+        "as_of": options.FEATURES_AS_OF,
+        "protocols": options.FEATURES_PROTOCOLS,
+        "params": options.FEATURES_PARAMS,
+        "keep": options.FEATURES_KEEP,
+    },
+    "train": {
+        "model": options.TRAIN_MODEL,
+        "protocol": options.TRAIN_PROTOCOL,
+        "params": options.TRAIN_PARAMS,
+        "device": options.DEVICE,
+        "nproc": options.TRAIN_NPROC,
+    },
+    "tune": {
+        "model": options.TUNE_MODEL,
+        "protocol": options.TUNE_PROTOCOL,
+        "trials": options.TUNE_TRIALS,
+        "timeout": options.TUNE_TIMEOUT,
+        "metric": options.TUNE_METRIC,
+        "seed": options.TUNE_SEED,
+        "params": options.TUNE_PARAMS,
+        "device": options.DEVICE,
+    },
+    "score": {
+        "model": options.SCORE_MODEL,
+        "top_n": options.TOP_N,
+        "memory_budget": options.MEMORY_BUDGET,
+        "retention_days": options.RETENTION_DAYS,
+        "device": options.DEVICE,
+        "gate_metric": options.GATE_METRIC,
+        "gate_tolerance": options.GATE_TOLERANCE,
+        "gate_protocol": options.GATE_PROTOCOL,
+        "executor": options.EXECUTOR,
+        "ray_address": options.RAY_ADDRESS,
+        "shards": options.SHARDS,
+        "shards_uri": options.SHARDS_URI,
+        "task_cpus": options.TASK_CPUS,
+        "task_gpus": options.TASK_GPUS,
+    },
+    "evaluate": {
+        "models": options.EVALUATE_MODELS,
+        "protocol": options.EVALUATE_PROTOCOL,
+        "k": options.EVALUATE_KS,
+        "report": options.EVALUATE_REPORT,
+        "threshold": options.EVALUATE_THRESHOLD,
+        "bootstrap": options.EVALUATE_BOOTSTRAP,
+        "seed": options.EVALUATE_SEED,
+        "executor": options.EXECUTOR,
+        "ray_address": options.RAY_ADDRESS,
+        "task_cpus": options.TASK_CPUS,
+        "task_gpus": options.TASK_GPUS,
+    },
 }
 
 # One pydantic model per step kind: strict types (TOML already has them: "10" is not 10) and no
 # unknown keys.
 STEP_SCHEMAS: dict[str, type[BaseModel]] = {
-    kind: create_model(f"{kind}_step", __config__=ConfigDict(extra="forbid", strict=True),
-                       step=(str, ...), name=(Optional[str], None),  # noqa: UP045 (a runtime type for pydantic)
-                       **{key: option.field() for key, option in opts.items()})
+    kind: create_model(
+        f"{kind}_step",
+        __config__=ConfigDict(extra="forbid", strict=True),
+        step=(str, ...),
+        name=(Optional[str], None),  # noqa: UP045 (a runtime type for pydantic)
+        **{key: option.field() for key, option in opts.items()},
+    )
     for kind, opts in STEP_OPTIONS.items()
 }
 
@@ -100,8 +145,10 @@ def load_job(path: str | Path) -> tuple[str, list[dict]]:
     for n, step in enumerate(steps, 1):
         kind = step.get("step")
         if kind not in STEP_KINDS:
-            raise BatchrecError(f"{path}:{_line_of(text, n, 'step')}: step {n} has step = {kind!r}; "
-                                f"expected one of {', '.join(STEP_KINDS)}")
+            raise BatchrecError(
+                f"{path}:{_line_of(text, n, 'step')}: step {n} has step = {kind!r}; "
+                f"expected one of {', '.join(STEP_KINDS)}"
+            )
         try:
             opts = STEP_SCHEMAS[kind].model_validate(step).model_dump(exclude={"step"})
         except ValidationError as exc:
@@ -132,7 +179,7 @@ def _schema_error(path: Path, text: str, n: int, kind: str, step: dict, error: d
     if error["type"] == "extra_forbidden":
         return f"{where} has unknown option {key!r} (expected one of: {valid})"
     if error["type"] == "missing":
-        return f"{where} needs {key} = \"...\" ({STEP_OPTIONS[kind][key].help})"
+        return f'{where} needs {key} = "..." ({STEP_OPTIONS[kind][key].help})'
     expected = re.sub(r"^Input should be ", "", error["msg"])
     return f"{where}: {key} = {step.get(key)!r} is not valid (expected {expected})"
 
@@ -147,7 +194,9 @@ def _raw_state(wh: Warehouse) -> str:
     if not wh.path.exists():
         return "empty"
     with wh.connect(read_only=True) as con:
-        return _digest(con.sql("SELECT count(*), max(finished_at), sum(rows_loaded) FROM ingest_log").fetchall())
+        return _digest(
+            con.sql("SELECT count(*), max(finished_at), sum(rows_loaded) FROM ingest_log").fetchall()
+        )
 
 
 def _latest(wh: Warehouse, sql: str, params: list | None = None) -> Any:
@@ -183,8 +232,11 @@ def _fingerprint(wh: Warehouse, step: dict) -> str:
     snapshot = _latest(wh, "SELECT snapshot_id FROM feature_snapshots ORDER BY created_at DESC LIMIT 1")
     if kind == "train":
         # params = "tuned": a new tuned setting is a new input
-        tuned = _latest(wh, "SELECT max(tuned_at) FROM tuned_params WHERE family = ?", [step["model"]]) \
-            if step["params"] == "tuned" and _has_table(wh, "tuned_params") else None
+        tuned = (
+            _latest(wh, "SELECT max(tuned_at) FROM tuned_params WHERE family = ?", [step["model"]])
+            if step["params"] == "tuned" and _has_table(wh, "tuned_params")
+            else None
+        )
         return _digest(kind, opts, snapshot, tuned)
     if kind == "tune":
         return _digest(kind, opts, snapshot)
@@ -199,31 +251,60 @@ def _fingerprint(wh: Warehouse, step: dict) -> str:
 def _run_ingest(wh: Warehouse, s: dict) -> StepResult:
     from batchrec.ingest import ingest_path
 
-    return StepResult(ingest_path(wh, path=s["path"], dataset=s["dataset"], fmt=s["format"],
-                                  quarantine=s["quarantine"], columns=s["columns"]))
+    return StepResult(
+        ingest_path(
+            wh,
+            path=s["path"],
+            dataset=s["dataset"],
+            fmt=s["format"],
+            quarantine=s["quarantine"],
+            columns=s["columns"],
+        )
+    )
 
 
 def _run_features(wh: Warehouse, s: dict) -> StepResult:
     from batchrec.features import build_snapshot
 
-    return StepResult(build_snapshot(wh, as_of=s["as_of"], protocols=s["protocols"], params=tuple(s["params"]),
-                                     keep=s["keep"]))
+    return StepResult(
+        build_snapshot(
+            wh, as_of=s["as_of"], protocols=s["protocols"], params=tuple(s["params"]), keep=s["keep"]
+        )
+    )
 
 
 def _run_train(wh: Warehouse, s: dict) -> StepResult:
     from batchrec.train import train_model
 
     tuned = s["params"] == "tuned"
-    return StepResult(train_model(wh, s["model"], snapshot="latest", protocol=s["protocol"],
-                                  params=() if tuned else tuple(s["params"]), device=s["device"], tuned=tuned,
-                                  nproc=s["nproc"]))
+    return StepResult(
+        train_model(
+            wh,
+            s["model"],
+            snapshot="latest",
+            protocol=s["protocol"],
+            params=() if tuned else tuple(s["params"]),
+            device=s["device"],
+            tuned=tuned,
+            nproc=s["nproc"],
+        )
+    )
 
 
 def _run_tune(wh: Warehouse, s: dict) -> StepResult:
     from batchrec.tune import tune
 
-    result = tune(wh, s["model"], s["protocol"], s["trials"], s["timeout"], s["metric"], s["seed"],
-                  params=tuple(s["params"]), device=s["device"])
+    result = tune(
+        wh,
+        s["model"],
+        s["protocol"],
+        s["trials"],
+        s["timeout"],
+        s["metric"],
+        s["seed"],
+        params=tuple(s["params"]),
+        device=s["device"],
+    )
     return StepResult(result.summary(), result.trials)
 
 
@@ -231,28 +312,62 @@ def _run_score(wh: Warehouse, s: dict) -> StepResult:
     from batchrec.gate import GateSettings
     from batchrec.scoring import score_command
 
-    gate = GateSettings(metric=s["gate_metric"], tolerance=s["gate_tolerance"], protocol=s["gate_protocol"],
-                        force=s["force"])
-    summary = score_command(wh, run_id=None, model=s["model"], top_n=s["top_n"], shard=None, publish_run=None,
-                            users_file=None, pairs=None, out=None, memory_budget=s["memory_budget"],
-                            retention_days=s["retention_days"], device=s["device"], gate=gate,
-                            executor=s["executor"], ray_address=s["ray_address"], shards=s["shards"],
-                            shards_uri=s["shards_uri"], task_cpus=s["task_cpus"], task_gpus=s["task_gpus"])
+    gate = GateSettings(
+        metric=s["gate_metric"], tolerance=s["gate_tolerance"], protocol=s["gate_protocol"], force=s["force"]
+    )
+    summary = score_command(
+        wh,
+        run_id=None,
+        model=s["model"],
+        top_n=s["top_n"],
+        shard=None,
+        publish_run=None,
+        users_file=None,
+        pairs=None,
+        out=None,
+        memory_budget=s["memory_budget"],
+        retention_days=s["retention_days"],
+        device=s["device"],
+        gate=gate,
+        executor=s["executor"],
+        ray_address=s["ray_address"],
+        shards=s["shards"],
+        shards_uri=s["shards_uri"],
+        task_cpus=s["task_cpus"],
+        task_gpus=s["task_gpus"],
+    )
     return StepResult(summary, _latest(wh, "SELECT count(*) FROM recommendations"))
 
 
 def _run_evaluate(wh: Warehouse, s: dict) -> StepResult:
     from batchrec.evaluate import evaluate_command
 
-    return StepResult(evaluate_command(wh, runs=None, models=s["models"], protocol=s["protocol"], ks=s["k"],
-                                       report_dir=s["report"], compare=True, threshold=s["threshold"],
-                                       bootstrap=s["bootstrap"], seed=s["seed"],
-                                       executor=s["executor"], ray_address=s["ray_address"],
-                                       task_cpus=s["task_cpus"], task_gpus=s["task_gpus"]))
+    return StepResult(
+        evaluate_command(
+            wh,
+            runs=None,
+            models=s["models"],
+            protocol=s["protocol"],
+            ks=s["k"],
+            report_dir=s["report"],
+            compare=True,
+            threshold=s["threshold"],
+            bootstrap=s["bootstrap"],
+            seed=s["seed"],
+            executor=s["executor"],
+            ray_address=s["ray_address"],
+            task_cpus=s["task_cpus"],
+            task_gpus=s["task_gpus"],
+        )
+    )
 
 
 RUNNERS: dict[str, Callable[[Warehouse, dict], StepResult]] = {
-    "ingest": _run_ingest, "features": _run_features, "train": _run_train, "tune": _run_tune, "score": _run_score,
+    "ingest": _run_ingest,
+    "features": _run_features,
+    "train": _run_train,
+    "tune": _run_tune,
+    "score": _run_score,
     "evaluate": _run_evaluate,
 }
 
@@ -267,13 +382,16 @@ def _mark_killed(wh: Warehouse) -> list[str]:
     if not wh.path.exists():
         return []
     with wh.connect() as con:
-        stale = con.execute("SELECT job_run_id, step, pid, host FROM job_runs WHERE status = 'running' "
-                            "ORDER BY started").fetchall()
+        stale = con.execute(
+            "SELECT job_run_id, step, pid, host FROM job_runs WHERE status = 'running' ORDER BY started"
+        ).fetchall()
         for job_run_id, step, pid, host in stale:  # a handful of rows at most
             who = f"process {pid} on {host}" if pid is not None else "its process"
-            con.execute("UPDATE job_runs SET status = 'failed', finished = ?, error = ? "
-                        "WHERE job_run_id = ? AND step = ? AND status = 'running'",
-                        [utcnow(), f"killed: {who} ended while the step was running", job_run_id, step])
+            con.execute(
+                "UPDATE job_runs SET status = 'failed', finished = ?, error = ? "
+                "WHERE job_run_id = ? AND step = ? AND status = 'running'",
+                [utcnow(), f"killed: {who} ended while the step was running", job_run_id, step],
+            )
     for job_run_id, step, _, _ in stale:
         log.warning("job_run=%s step=%s status=failed error=killed (marked by a later run)", job_run_id, step)
     return [f"{job_run_id} {step}" for job_run_id, step, _, _ in stale]
@@ -281,13 +399,23 @@ def _mark_killed(wh: Warehouse) -> list[str]:
 
 def _record(wh: Warehouse, row: dict) -> None:
     with wh.connect() as con:
-        con.execute("DELETE FROM job_runs WHERE job_run_id = ? AND step = ?", [row["job_run_id"], row["step"]])
-        con.execute(f"INSERT INTO job_runs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", list(row.values()))
+        con.execute(
+            "DELETE FROM job_runs WHERE job_run_id = ? AND step = ?", [row["job_run_id"], row["step"]]
+        )
+        con.execute(
+            f"INSERT INTO job_runs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+            list(row.values()),
+        )
 
 
 def _already_done(wh: Warehouse, job: str, step: str, inputs: str) -> bool:
-    return bool(_latest(wh, "SELECT count(*) FROM job_runs WHERE job = ? AND step = ? AND inputs = ? AND status = 'ok'",
-                        [job, step, inputs]))
+    return bool(
+        _latest(
+            wh,
+            "SELECT count(*) FROM job_runs WHERE job = ? AND step = ? AND inputs = ? AND status = 'ok'",
+            [job, step, inputs],
+        )
+    )
 
 
 @contextmanager
@@ -334,8 +462,18 @@ def run_job(wh: Warehouse, job_file: str | Path, force: bool = False) -> str:
         for n, step in enumerate(steps, 1):
             name = f"{n}:{step['name']}"
             started, t0 = utcnow(), time.perf_counter()
-            row = {"job_run_id": job_run_id, "job": job, "step": name, "started": started, "finished": None,
-                   "status": "running", "rows": None, "inputs": None, "error": None, **this_process()}
+            row = {
+                "job_run_id": job_run_id,
+                "job": job,
+                "step": name,
+                "started": started,
+                "finished": None,
+                "status": "running",
+                "rows": None,
+                "inputs": None,
+                "error": None,
+                **this_process(),
+            }
             try:
                 row["inputs"] = _fingerprint(wh, step)
                 if _already_done(wh, job, name, row["inputs"]):
@@ -350,11 +488,20 @@ def run_job(wh: Warehouse, job_file: str | Path, force: bool = False) -> str:
                 result = RUNNERS[step["kind"]](wh, {**step, "force": force})  # force: not an input
             except BaseException as exc:  # KeyboardInterrupt too: the step did not finish
                 interrupted = not isinstance(exc, Exception)
-                row.update(status="gated" if isinstance(exc, Gated) else "failed", finished=utcnow(),
-                           error="interrupted (SIGINT)" if interrupted else f"{type(exc).__name__}: {exc}")
+                row.update(
+                    status="gated" if isinstance(exc, Gated) else "failed",
+                    finished=utcnow(),
+                    error="interrupted (SIGINT)" if interrupted else f"{type(exc).__name__}: {exc}",
+                )
                 _record(wh, row)
-                log.error("job=%s step=%s status=%s seconds=%.2f error=%s", job, name, row["status"],
-                          time.perf_counter() - t0, row["error"])
+                log.error(
+                    "job=%s step=%s status=%s seconds=%.2f error=%s",
+                    job,
+                    name,
+                    row["status"],
+                    time.perf_counter() - t0,
+                    row["error"],
+                )
                 failed = _step_failed(job, name, exc)
                 if failed is exc:
                     raise

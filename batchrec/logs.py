@@ -17,9 +17,9 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime
-from typing import Iterator
 
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -40,7 +40,9 @@ def _fields(record: logging.LogRecord, formatter: logging.Formatter) -> dict[str
     """Time, level, logger, then the message as its own key=value pairs or as msg=<the text>."""
     message = record.getMessage()
     fields = {"ts": _timestamp(record), "level": record.levelname.lower(), "logger": record.name}
-    fields |= dict(pair.split("=", 1) for pair in message.split(" ")) if _PAIRS.match(message) else {"msg": message}
+    fields |= (
+        dict(pair.split("=", 1) for pair in message.split(" ")) if _PAIRS.match(message) else {"msg": message}
+    )
     if record.exc_info:
         fields["exc"] = formatter.formatException(record.exc_info)
     return fields
@@ -51,7 +53,9 @@ class KeyValueFormatter(logging.Formatter):
     free text is one quoted msg="..." field."""
 
     def format(self, record: logging.LogRecord) -> str:
-        return " ".join(f"{k}={json.dumps(v) if k in ('msg', 'exc') else v}" for k, v in _fields(record, self).items())
+        return " ".join(
+            f"{k}={json.dumps(v) if k in ('msg', 'exc') else v}" for k, v in _fields(record, self).items()
+        )
 
 
 class JsonFormatter(logging.Formatter):
@@ -111,12 +115,21 @@ def bars_enabled() -> bool:
 
 
 @contextmanager
-def progress(total: int | None, desc: str, unit: str = "it", enabled: bool | None = None,
-             unit_scale: bool = False) -> Iterator[tqdm]:
+def progress(
+    total: int | None, desc: str, unit: str = "it", enabled: bool | None = None, unit_scale: bool = False
+) -> Iterator[tqdm]:
     """A tqdm bar on stderr (disabled off a terminal: `update` then costs nothing) with log lines
     redirected above it while it is shown. `enabled=None`: `bars_enabled()`."""
     show = bars_enabled() if enabled is None else enabled
     with logging_redirect_tqdm() if show else nullcontext():
-        with tqdm(total=total, desc=desc, unit=unit, unit_scale=unit_scale, disable=not show, leave=False,
-                  file=sys.stderr, dynamic_ncols=True) as bar:
+        with tqdm(
+            total=total,
+            desc=desc,
+            unit=unit,
+            unit_scale=unit_scale,
+            disable=not show,
+            leave=False,
+            file=sys.stderr,
+            dynamic_ncols=True,
+        ) as bar:
             yield bar

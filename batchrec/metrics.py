@@ -11,8 +11,8 @@ the top-k kernel happens to return tied items.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -25,10 +25,23 @@ from batchrec.uncertainty import PerUser
 # Every metric name (without @k), in display order, and whether higher is better (None: a count
 # or a descriptive figure that is not better or worse, e.g. the popularity of what is recommended).
 METRICS: dict[str, bool | None] = {
-    "rmse": False, "mae": False, "rmse_unknown": False,
-    "precision": True, "recall": True, "ndcg": True, "hit_rate": True, "map": True, "mrr": True,
-    "coverage": True, "novelty": True, "avg_popularity": None,
-    "users": None, "events": None, "n_known": None, "n_unknown": None, "n": None,
+    "rmse": False,
+    "mae": False,
+    "rmse_unknown": False,
+    "precision": True,
+    "recall": True,
+    "ndcg": True,
+    "hit_rate": True,
+    "map": True,
+    "mrr": True,
+    "coverage": True,
+    "novelty": True,
+    "avg_popularity": None,
+    "users": None,
+    "events": None,
+    "n_known": None,
+    "n_unknown": None,
+    "n": None,
 }
 
 
@@ -49,7 +62,7 @@ def split_segment(metric: str) -> tuple[str, str, str]:
     found = _SEGMENT.search(name)
     if not found:
         return metric, "", ""
-    return name[:found.start()] + at + k, found.group(1), found.group(2)
+    return name[: found.start()] + at + k, found.group(1), found.group(2)
 
 
 def base_metric_name(metric: str) -> str:
@@ -74,8 +87,9 @@ def metric_sort_key(metric: str) -> tuple:
     name, _, k = plain.partition("@")
     order = list(METRICS)
     pos = order.index(name) if name in order else len(order)
-    group = (0 if name in ("rmse", "mae", "rmse_unknown") else 2 if METRICS.get(name, 0) is None and not k
-             else 1)
+    group = (
+        0 if name in ("rmse", "mae", "rmse_unknown") else 2 if METRICS.get(name, 0) is None and not k else 1
+    )
     return (group, int(k) if k else 0, pos, ("", "users", "items").index(tag), segment_order(label), metric)
 
 
@@ -87,8 +101,9 @@ def mae(pred: np.ndarray, true: np.ndarray) -> float:
     return float(np.mean(np.abs(np.asarray(pred, np.float64) - true)))
 
 
-def rmse_by_item_count(pred: np.ndarray, true: np.ndarray, item_train_count: np.ndarray,
-                       edges: tuple[int, ...] = (1, 5, 20, 100)) -> dict[str, dict[str, float]]:
+def rmse_by_item_count(
+    pred: np.ndarray, true: np.ndarray, item_train_count: np.ndarray, edges: tuple[int, ...] = (1, 5, 20, 100)
+) -> dict[str, dict[str, float]]:
     """RMSE of rating predictions bucketed by how many training ratings the pair's item has.
 
     `item_train_count[k]` is the training count of pair k's item. Buckets are [edges[j],
@@ -101,9 +116,14 @@ def rmse_by_item_count(pred: np.ndarray, true: np.ndarray, item_train_count: np.
     sq = (np.asarray(pred, np.float64) - true) ** 2
     n = np.bincount(bucket, minlength=len(edges) + 1)
     total = np.bincount(bucket, weights=sq, minlength=len(edges) + 1)
-    labels = [f"<{edges[0]}"] + [f"{lo}-{hi - 1}" for lo, hi in zip(edges[:-1], edges[1:])] + [f"{edges[-1]}+"]
-    return {label: {"n": int(n[b]), "rmse": float(np.sqrt(total[b] / n[b])) if n[b] else float("nan")}
-            for b, label in enumerate(labels) if b > 0 or n[0]}
+    labels = (
+        [f"<{edges[0]}"] + [f"{lo}-{hi - 1}" for lo, hi in zip(edges[:-1], edges[1:])] + [f"{edges[-1]}+"]
+    )
+    return {
+        label: {"n": int(n[b]), "rmse": float(np.sqrt(total[b] / n[b])) if n[b] else float("nan")}
+        for b, label in enumerate(labels)
+        if b > 0 or n[0]
+    }
 
 
 def canonical_order(items: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -131,8 +151,9 @@ def _first_hit_rank(hits: np.ndarray) -> np.ndarray:
     return np.where(hits.any(1), hits.argmax(1) + 1, np.inf)
 
 
-def per_user_ranking(topk: np.ndarray, relevant: sp.csr_matrix, ks: list[int]
-                     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def per_user_ranking(
+    topk: np.ndarray, relevant: sp.csr_matrix, ks: list[int]
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """The rows of users with at least one relevant item, and each ranking metric's value for each
     of them (precision/recall/ndcg/hit_rate/map/mrr@k and whole-list mrr): `ranking_metrics` is
     their mean, the bootstrap resamples them.
@@ -176,8 +197,9 @@ def ranking_metrics(topk: np.ndarray, relevant: sp.csr_matrix, ks: list[int]) ->
     return {"users": float(len(rows))} | {name: float(np.mean(v)) for name, v in values.items()}
 
 
-def ndcg_by_item_bucket(topk: np.ndarray, relevant: sp.csr_matrix, item_bucket: np.ndarray, ks: list[int]
-                        ) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]:
+def ndcg_by_item_bucket(
+    topk: np.ndarray, relevant: sp.csr_matrix, item_bucket: np.ndarray, ks: list[int]
+) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]:
     """NDCG@k counting as relevant only the relevant items of one popularity bucket: {(bucket, k):
     (ndcg per user, 1.0 where the user has a relevant item in the bucket else 0.0)}, over every row
     of `topk`. The list is the whole ranking; the ideal DCG is over min(k, #relevant in bucket)."""
@@ -199,8 +221,9 @@ def ndcg_by_item_bucket(topk: np.ndarray, relevant: sp.csr_matrix, item_bucket: 
     return out
 
 
-def beyond_accuracy_metrics(topk: np.ndarray, item_count: np.ndarray, n_users: int, n_candidates: int,
-                            ks: list[int]) -> dict[str, float]:
+def beyond_accuracy_metrics(
+    topk: np.ndarray, item_count: np.ndarray, n_users: int, n_candidates: int, ks: list[int]
+) -> dict[str, float]:
     """Catalogue coverage, popularity bias and novelty of the top-k lists, for each k.
 
     * coverage@k: distinct recommended items / `n_candidates` (the candidate catalogue);
@@ -224,8 +247,9 @@ def beyond_accuracy_metrics(topk: np.ndarray, item_count: np.ndarray, n_users: i
     return out
 
 
-def eventwise_values(topk: np.ndarray, event_row: np.ndarray, event_item: np.ndarray, ks: list[int]
-                     ) -> dict[str, np.ndarray]:
+def eventwise_values(
+    topk: np.ndarray, event_row: np.ndarray, event_item: np.ndarray, ks: list[int]
+) -> dict[str, np.ndarray]:
     """Per event, NDCG/Recall/MRR@k of `eventwise_metrics` (which averages them)."""
     rank = _first_hit_rank(topk[event_row] == np.asarray(event_item)[:, None])
     out = {}
@@ -237,8 +261,9 @@ def eventwise_values(topk: np.ndarray, event_row: np.ndarray, event_item: np.nda
     return out
 
 
-def eventwise_metrics(topk: np.ndarray, event_row: np.ndarray, event_item: np.ndarray, ks: list[int]
-                      ) -> dict[str, float]:
+def eventwise_metrics(
+    topk: np.ndarray, event_row: np.ndarray, event_item: np.ndarray, ks: list[int]
+) -> dict[str, float]:
     """One query per held-out positive event: the event's item is the single relevant item.
 
     `topk[event_row[e]]` is the ranked list of the user of event e (computed once per user; the
@@ -249,7 +274,9 @@ def eventwise_metrics(topk: np.ndarray, event_row: np.ndarray, event_item: np.nd
     out: dict[str, float] = {"events": float(len(event_item))}
     if len(event_item) == 0:
         return out
-    return out | {name: float(np.mean(v)) for name, v in eventwise_values(topk, event_row, event_item, ks).items()}
+    return out | {
+        name: float(np.mean(v)) for name, v in eventwise_values(topk, event_row, event_item, ks).items()
+    }
 
 
 @dataclass
@@ -266,8 +293,11 @@ class Measurement:
 def bucket_labels(edges: tuple[int, ...], below: str | None = None) -> list[str]:
     """Labels of the buckets `np.searchsorted(edges, count, side="right")` gives: index 0 (counts
     below edges[0]) is `below` (default "<edges[0]"), then "lo-hi" (inclusive), the last "lo+"."""
-    return ([below or f"<{edges[0]}"] + [f"{lo}-{hi - 1}" for lo, hi in zip(edges[:-1], edges[1:])]
-            + [f"{edges[-1]}+"])
+    return (
+        [below or f"<{edges[0]}"]
+        + [f"{lo}-{hi - 1}" for lo, hi in zip(edges[:-1], edges[1:])]
+        + [f"{edges[-1]}+"]
+    )
 
 
 def _segmented(name: str, tag: str, label: str) -> str:
@@ -280,17 +310,26 @@ def _by_user(rows: np.ndarray, n: int, values: np.ndarray) -> np.ndarray:
     return np.bincount(rows, weights=values, minlength=n)
 
 
-def _rating_parts(pair_user: np.ndarray, sq: np.ndarray, ab: np.ndarray, item_bucket: np.ndarray | None,
-                  user_segment: np.ndarray | None) -> PerUser:
+def _rating_parts(
+    pair_user: np.ndarray,
+    sq: np.ndarray,
+    ab: np.ndarray,
+    item_bucket: np.ndarray | None,
+    user_segment: np.ndarray | None,
+) -> PerUser:
     """Per-user sums of squared and absolute errors of rating pairs (and per item bucket / user
     segment), for the bootstrap of RMSE and MAE."""
     users, rows = np.unique(pair_user, return_inverse=True)
     n = len(users)
     ones = np.ones(len(rows))
     count = _by_user(rows, n, ones)
-    per = PerUser(users, {"rmse": (_by_user(rows, n, sq), count), "mae": (_by_user(rows, n, ab), count)}, {"rmse"})
-    for tag, bucket, labels in (("items", item_bucket, bucket_labels(ITEM_COUNT_BUCKETS)),
-                                ("users", user_segment, bucket_labels(USER_COUNT_SEGMENTS, "cold"))):
+    per = PerUser(
+        users, {"rmse": (_by_user(rows, n, sq), count), "mae": (_by_user(rows, n, ab), count)}, {"rmse"}
+    )
+    for tag, bucket, labels in (
+        ("items", item_bucket, bucket_labels(ITEM_COUNT_BUCKETS)),
+        ("users", user_segment, bucket_labels(USER_COUNT_SEGMENTS, "cold")),
+    ):
         if bucket is None:
             continue
         for b in np.unique(bucket):
@@ -301,8 +340,15 @@ def _rating_parts(pair_user: np.ndarray, sq: np.ndarray, ab: np.ndarray, item_bu
     return per
 
 
-def measure(model, data, ks=(10,), threshold: float = RELEVANCE_THRESHOLD, memory_budget: int = 1 << 30,
-            eventwise: bool = False, segments: bool = False) -> Measurement:
+def measure(
+    model,
+    data,
+    ks=(10,),
+    threshold: float = RELEVANCE_THRESHOLD,
+    memory_budget: int = 1 << 30,
+    eventwise: bool = False,
+    segments: bool = False,
+) -> Measurement:
     """Score `model` on `data.test` exactly as the protocols define it (see DESIGN.md):
 
     * rating models: RMSE/MAE (predictions clipped to the rating scale) over test pairs whose user
@@ -337,14 +383,23 @@ def measure(model, data, ks=(10,), threshold: float = RELEVANCE_THRESHOLD, memor
             u = torch.from_numpy(test.user_idx).to(model.device)
             i = torch.from_numpy(test.item_idx).to(model.device)
             pred = model.score(u[known], i[known]).float().cpu().numpy()
-            fb = model.score_fallback(torch.where(torch.from_numpy(known_users[test.user_idx]).to(model.device), u, -1)[~known],
-                                      torch.where(torch.from_numpy(in_train_items[test.item_idx]).to(model.device), i, -1)[~known])
+            fb = model.score_fallback(
+                torch.where(torch.from_numpy(known_users[test.user_idx]).to(model.device), u, -1)[~known],
+                torch.where(torch.from_numpy(in_train_items[test.item_idx]).to(model.device), i, -1)[~known],
+            )
         pred = np.clip(pred, lo, hi)
         residuals = pred.astype(np.float64) - test.rating[known]
         if known.any():
-            item_bucket = np.searchsorted(np.asarray(ITEM_COUNT_BUCKETS), item_count[test.item_idx[known]], side="right")
-            parts = _rating_parts(test.user_idx[known], residuals ** 2, np.abs(residuals), item_bucket,
-                                  user_segment[test.user_idx[known]] if segments else None)
+            item_bucket = np.searchsorted(
+                np.asarray(ITEM_COUNT_BUCKETS), item_count[test.item_idx[known]], side="right"
+            )
+            parts = _rating_parts(
+                test.user_idx[known],
+                residuals**2,
+                np.abs(residuals),
+                item_bucket,
+                user_segment[test.user_idx[known]] if segments else None,
+            )
             per_user.append(parts)
             out |= {"rmse": rmse(pred, test.rating[known]), "mae": mae(pred, test.rating[known])}
             for name, (_, den) in parts.parts.items():
@@ -357,11 +412,17 @@ def measure(model, data, ks=(10,), threshold: float = RELEVANCE_THRESHOLD, memor
             pair_user = test.user_idx[~known]
             users, rows = np.unique(pair_user, return_inverse=True)
             ones = np.ones(len(rows))
-            parts = PerUser(users, {"rmse_unknown": (_by_user(rows, len(users), err ** 2), _by_user(rows, len(users), ones))},
-                            {"rmse_unknown"})
+            parts = PerUser(
+                users,
+                {"rmse_unknown": (_by_user(rows, len(users), err**2), _by_user(rows, len(users), ones))},
+                {"rmse_unknown"},
+            )
             cold = (~known_users[pair_user]).astype(np.float64)
             if segments and cold.any():
-                parts.parts["rmse_users_cold"] = (_by_user(rows, len(users), err ** 2 * cold), _by_user(rows, len(users), cold))
+                parts.parts["rmse_users_cold"] = (
+                    _by_user(rows, len(users), err**2 * cold),
+                    _by_user(rows, len(users), cold),
+                )
                 parts.sqrt.add("rmse_users_cold")
                 out |= {"rmse_users_cold": parts.value("rmse_users_cold"), "n_users_cold": float(cold.sum())}
             per_user.append(parts)
@@ -372,8 +433,14 @@ def measure(model, data, ks=(10,), threshold: float = RELEVANCE_THRESHOLD, memor
     users = np.flatnonzero(np.diff(relevant.indptr) > 0)
     if len(users) == 0:
         return Measurement(out | {"users": 0.0}, residuals, per_user)
-    items, scores = topn(model, users, max(ks), exclude=data.seen_csr(include_valid=True), candidates=in_train_items,
-                         memory_budget=memory_budget)
+    items, scores = topn(
+        model,
+        users,
+        max(ks),
+        exclude=data.seen_csr(include_valid=True),
+        candidates=in_train_items,
+        memory_budget=memory_budget,
+    )
     items = canonical_order(items, scores)
     ones = np.ones(len(users))
     ranked = PerUser(users)
@@ -420,7 +487,9 @@ def measure(model, data, ks=(10,), threshold: float = RELEVANCE_THRESHOLD, memor
     return Measurement(out, residuals, per_user)
 
 
-def evaluate_model(model, data, ks=(10,), threshold: float = RELEVANCE_THRESHOLD, memory_budget: int = 1 << 30) -> dict[str, float]:
+def evaluate_model(
+    model, data, ks=(10,), threshold: float = RELEVANCE_THRESHOLD, memory_budget: int = 1 << 30
+) -> dict[str, float]:
     """The like-for-like protocol measurement of `measure`, as a plain metrics dict."""
     return measure(model, data, ks, threshold, memory_budget).metrics
 

@@ -72,8 +72,14 @@ class Option:
             return click.option(*flags, is_flag=True, default=self.default, help=self.help, **extra)
         if self.multiple:
             return click.option(*flags, type=kind, multiple=True, help=self.help, **extra)
-        return click.option(*flags, type=kind, default=self.default, show_default=self.default is not None,
-                            help=self.help, **extra)
+        return click.option(
+            *flags,
+            type=kind,
+            default=self.default,
+            show_default=self.default is not None,
+            help=self.help,
+            **extra,
+        )
 
     def field(self) -> tuple[Any, Any]:
         """(annotation, pydantic Field) of this option as a job file key."""
@@ -90,14 +96,19 @@ class Option:
 
 
 # -- ingest -----------------------------------------------------------------------------------
-INGEST_DATASET = Option(str, None, "Ingest a dataset embedded in the package instead of PATH.",
-                        choices=("ml-latest-small",))
+INGEST_DATASET = Option(
+    str, None, "Ingest a dataset embedded in the package instead of PATH.", choices=("ml-latest-small",)
+)
 INGEST_PATH = Option(str, None, "A file, folder or zip of raw files.")
 INGEST_FORMAT = Option(str, "auto", "auto, ml-100k, ml-1m, ml-10m, ml-csv or generic.")
-INGEST_QUARANTINE = Option(bool, False, "Load the good rows and keep every bad row in the `quarantine` table "
-                                        "instead of failing.")
-INGEST_COLUMNS = Option(str, None, "Generic reader column mapping, e.g. "
-                                   "'user_id=UserID,item_id=MovieID,rating=Rating,ts=Timestamp'.")
+INGEST_QUARANTINE = Option(
+    bool, False, "Load the good rows and keep every bad row in the `quarantine` table instead of failing."
+)
+INGEST_COLUMNS = Option(
+    str,
+    None,
+    "Generic reader column mapping, e.g. 'user_id=UserID,item_id=MovieID,rating=Rating,ts=Timestamp'.",
+)
 
 # -- features ---------------------------------------------------------------------------------
 FEATURES_AS_OF = Option(str, None, "Cutoff timestamp (UTC); nothing at or after it is used [default: now].")
@@ -110,16 +121,33 @@ MODEL = Option(str, None, "Model family (see `batchrec models`).")
 TRAIN_MODEL = Option(str, None, "Model family (see `batchrec models`).", required=True)
 TRAIN_SNAPSHOT = Option(str, "latest", "Feature snapshot id.")
 TRAIN_PROTOCOL = Option(str, None, "Fit on this protocol's train part, early-stop on its valid part.")
-TRAIN_PARAMS = Option(str, (), "Model parameter KEY=VALUE (repeatable); see `batchrec models`.", multiple=True,
-                      keywords=("tuned",))
-TRAIN_TUNED = Option(bool, False, "Start from the family's tuned setting (`batchrec tune`; its defaults, logged, when "
-                                   "it has none); --param overrides it. In a job file: params = \"tuned\".")
+TRAIN_PARAMS = Option(
+    str,
+    (),
+    "Model parameter KEY=VALUE (repeatable); see `batchrec models`.",
+    multiple=True,
+    keywords=("tuned",),
+)
+TRAIN_TUNED = Option(
+    bool,
+    False,
+    "Start from the family's tuned setting (`batchrec tune`; its defaults, logged, when "
+    'it has none); --param overrides it. In a job file: params = "tuned".',
+)
 DEVICE = Option(str, "auto", "Where to fit or score.", choices=DEVICES)
-MLFLOW = Option(bool, False, "Log to MLflow (needs the extra batchrec[mlflow]; also on whenever "
-                             "MLFLOW_TRACKING_URI is set).")
-TRAIN_NPROC = Option(int, 1, "Train data-parallel in this many processes on this machine (torch DDP: gloo on CPU, "
-                             "nccl with one GPU each on CUDA; neural families). Under torchrun leave it out: the "
-                             "launcher decides.", min=1)
+MLFLOW = Option(
+    bool,
+    False,
+    "Log to MLflow (needs the extra batchrec[mlflow]; also on whenever MLFLOW_TRACKING_URI is set).",
+)
+TRAIN_NPROC = Option(
+    int,
+    1,
+    "Train data-parallel in this many processes on this machine (torch DDP: gloo on CPU, "
+    "nccl with one GPU each on CUDA; neural families). Under torchrun leave it out: the "
+    "launcher decides.",
+    min=1,
+)
 
 # -- score ------------------------------------------------------------------------------------
 SCORE_MODEL = Option(str, None, "Use the latest run of this model family.")
@@ -128,21 +156,41 @@ MEMORY_BUDGET = Option(str, "1GB", "Scores held at once per block, e.g. 512MB, 2
 RETENTION_DAYS = Option(int, 30, "Days of earlier runs kept in recommendation_history.", min=0)
 
 # -- executors: where shards and evaluation runs run (batchrec.executors) -------------------------
-EXECUTOR = Option(str, "local", "Where tasks run: local (this process) or ray (a Ray cluster; "
-                                "pip install 'batchrec[ray]').", choices=EXECUTORS)
-RAY_ADDRESS = Option(str, None, "Address of a running Ray cluster, e.g. 10.0.0.5:6379 or auto "
-                                "[default: $RAY_ADDRESS, else a local cluster for this command].")
+EXECUTOR = Option(
+    str,
+    "local",
+    "Where tasks run: local (this process) or ray (a Ray cluster; pip install 'batchrec[ray]').",
+    choices=EXECUTORS,
+)
+RAY_ADDRESS = Option(
+    str,
+    None,
+    "Address of a running Ray cluster, e.g. 10.0.0.5:6379 or auto "
+    "[default: $RAY_ADDRESS, else a local cluster for this command].",
+)
 TASK_CPUS = Option(float, 1.0, "CPUs per task on the executor (also each task's thread limit).", min=0.0)
 TASK_GPUS = Option(float, 0.0, "GPUs per task on the executor (score with --device cuda then).", min=0.0)
 SHARDS = Option(int, None, "Score in N shards, one task each, then publish once when all are in.", min=1)
-SHARDS_URI = Option(str, None, "Where shard files go: a path, file:// or s3://bucket/prefix "
-                               "[default: <warehouse stem>.shards/ beside the warehouse].")
+SHARDS_URI = Option(
+    str,
+    None,
+    "Where shard files go: a path, file:// or s3://bucket/prefix "
+    "[default: <warehouse stem>.shards/ beside the warehouse].",
+)
 
 # -- the publish gate (batchrec.gate) ---------------------------------------------------------
-GATE_METRIC = Option(str, None, "Headline metric the gate compares, e.g. ndcg@10, recall@20, rmse "
-                                "[default: ndcg@10 for rankers, rmse for rating models].")
-GATE_TOLERANCE = Option(float, 0.05, "How much worse than the live run's measurement the candidate may be, "
-                                     "relative (0.05: 5%).", min=0.0)
+GATE_METRIC = Option(
+    str,
+    None,
+    "Headline metric the gate compares, e.g. ndcg@10, recall@20, rmse "
+    "[default: ndcg@10 for rankers, rmse for rating models].",
+)
+GATE_TOLERANCE = Option(
+    float,
+    0.05,
+    "How much worse than the live run's measurement the candidate may be, relative (0.05: 5%).",
+    min=0.0,
+)
 FORCE = Option(bool, False, "Publish even when the gate refuses (recorded as 'forced' in publish_log).")
 
 # -- evaluate ---------------------------------------------------------------------------------
@@ -151,25 +199,42 @@ EVALUATE_PROTOCOL = Option(str, "user_temporal", "Split protocol or preset.")
 EVALUATE_KS = Option(str, "5,10,20", "Comma-separated cut-offs.")
 EVALUATE_REPORT = Option(str, "reports", "Folder of the HTML report.")
 EVALUATE_THRESHOLD = Option(float, RELEVANCE_THRESHOLD, "Relevant = test rating >= threshold.")
-EVALUATE_BOOTSTRAP = Option(int, 1000, "Bootstrap resamples of the users for the 95% intervals and the paired "
-                                       "tests (0: none).", min=0)
+EVALUATE_BOOTSTRAP = Option(
+    int, 1000, "Bootstrap resamples of the users for the 95% intervals and the paired tests (0: none).", min=0
+)
 EVALUATE_SEED = Option(int, 0, "Seed of the bootstrap resamples.", min=0)
 
 # The protocol the gate reads the candidate's measurement on: the one `evaluate` measures by default.
-GATE_PROTOCOL = Option(str, EVALUATE_PROTOCOL.default, "Protocol (or preset) of the measurements the gate "
-                                                       "compares; the job's evaluate step must measure it.")
+GATE_PROTOCOL = Option(
+    str,
+    EVALUATE_PROTOCOL.default,
+    "Protocol (or preset) of the measurements the gate compares; the job's evaluate step must measure it.",
+)
 
 # -- tune -------------------------------------------------------------------------------------
-TUNE_MODEL = Option(str, None, "Model family to tune (one with a search space: see `batchrec models`).", required=True)
-TUNE_PROTOCOL = Option(str, EVALUATE_PROTOCOL.default, "Split protocol whose valid part measures each trial "
-                                                       "(its test part is never read).")
+TUNE_MODEL = Option(
+    str, None, "Model family to tune (one with a search space: see `batchrec models`).", required=True
+)
+TUNE_PROTOCOL = Option(
+    str,
+    EVALUATE_PROTOCOL.default,
+    "Split protocol whose valid part measures each trial (its test part is never read).",
+)
 TUNE_TRIALS = Option(int, 20, "Trials of the study in all (a resumed study counts its finished ones).", min=1)
 TUNE_TIMEOUT = Option(float, None, "Seconds after which no new trial starts [default: no limit].", min=1.0)
-TUNE_METRIC = Option(str, None, "Validation metric to optimise: ndcg@10 (or precision/recall/hit_rate/map/mrr@K) "
-                                "or rmse [default: ndcg@10 for rankers, rmse for rating models].")
+TUNE_METRIC = Option(
+    str,
+    None,
+    "Validation metric to optimise: ndcg@10 (or precision/recall/hit_rate/map/mrr@K) "
+    "or rmse [default: ndcg@10 for rankers, rmse for rating models].",
+)
 TUNE_SEED = Option(int, 0, "Seed of the TPE sampler.", min=SEED_MIN)
-TUNE_PARAMS = Option(str, (), "Parameter KEY=VALUE held fixed in every trial (repeatable; a searched one is then "
-                              "not searched).", multiple=True)
+TUNE_PARAMS = Option(
+    str,
+    (),
+    "Parameter KEY=VALUE held fixed in every trial (repeatable; a searched one is then not searched).",
+    multiple=True,
+)
 
 # -- recommend --------------------------------------------------------------------------------
 HISTORY = Option(int, 10, "Recent ratings to show.", min=0)

@@ -8,7 +8,8 @@ row's result never depends on its block; `topn` applies it to a `Recommender`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.sparse as sp
@@ -48,7 +49,9 @@ def _ragged(indptr: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return pos, np.repeat(starts - first, counts) + np.arange(counts.sum())
 
 
-def _excluded_pairs(m: sp.csr_matrix, block: np.ndarray, col_of: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+def _excluded_pairs(
+    m: sp.csr_matrix, block: np.ndarray, col_of: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
     """(position in `block`, column) of every stored entry of `m`'s rows `block` that is a column."""
     pos, offs = _ragged(m.indptr, block)
     cols = m.indices[offs]
@@ -63,8 +66,8 @@ def _excluded(exclude: tuple, block: np.ndarray, col_of: np.ndarray | None) -> t
     CSR, consecutive rows and every item a column (the nightly run), views of the CSR itself."""
     if len(exclude) == 1 and col_of is None and _consecutive(block):
         m = exclude[0]
-        ptr = m.indptr[block[0]:block[-1] + 2]
-        return ptr - ptr[0], m.indices[ptr[0]:ptr[-1]]
+        ptr = m.indptr[block[0] : block[-1] + 2]
+        return ptr - ptr[0], m.indices[ptr[0] : ptr[-1]]
     pairs = [_excluded_pairs(m, block, col_of) for m in exclude]
     pos = np.concatenate([p for p, _ in pairs]) if pairs else np.zeros(0, np.int64)
     cols = np.concatenate([c for _, c in pairs]) if pairs else np.zeros(0, np.int64)
@@ -111,7 +114,7 @@ def blocked_topk(
     step = block_size(n_cols, memory_budget)
     with torch.no_grad():
         for start in range(0, len(rows), step):
-            block = rows[start:start + step]
+            block = rows[start : start + step]
             s = score_block(block)
             if s.device.type == "cpu" and s.dtype == torch.float32:  # the top-k kernel skips them: no writes
                 val, ind = row_topk(s, pool, skip=_excluded(exclude, block, col_of))
@@ -138,7 +141,9 @@ def blocked_topk(
     return out_cols, out_vals
 
 
-def candidate_columns(candidates: np.ndarray | None, n_items: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+def candidate_columns(
+    candidates: np.ndarray | None, n_items: int
+) -> tuple[np.ndarray | None, np.ndarray | None]:
     """(item of each column, column of each item or -1); (None, None) when every item is one."""
     if candidates is None or np.asarray(candidates, bool).all():
         return None, None
@@ -148,7 +153,9 @@ def candidate_columns(candidates: np.ndarray | None, n_items: int) -> tuple[np.n
     return cand, col_of
 
 
-Scorer = tuple[Callable[[np.ndarray], torch.Tensor], Callable[[np.ndarray, torch.Tensor], torch.Tensor] | None]
+Scorer = tuple[
+    Callable[[np.ndarray], torch.Tensor], Callable[[np.ndarray, torch.Tensor], torch.Tensor] | None
+]
 
 
 def model_scorer(model: Recommender, cand: np.ndarray | None) -> Scorer:
@@ -170,11 +177,12 @@ def model_scorer(model: Recommender, cand: np.ndarray | None) -> Scorer:
                 # ML-20M shape that made the matmul several times slower than writing into warm pages
                 if len(out[0]) < len(rows):
                     out[0] = np.empty((len(rows), len(V_np)), np.float32)
-                return torch.from_numpy(np.matmul(_rows(U_np, rows), V_np.T, out=out[0][:len(rows)]))
+                return torch.from_numpy(np.matmul(_rows(U_np, rows), V_np.T, out=out[0][: len(rows)]))
 
             # einsum without `optimize` is a plain loop per (row, column): no BLAS, 3x cheaper than torch here
-            return score, lambda rows, cols: torch.from_numpy(np.einsum("bd,bkd->bk", _rows(U_np, rows),
-                                                                        np.take(V_np, cols.numpy(), 0)))
+            return score, lambda rows, cols: torch.from_numpy(
+                np.einsum("bd,bkd->bk", _rows(U_np, rows), np.take(V_np, cols.numpy(), 0))
+            )
 
         def rescore(rows: np.ndarray, cols: torch.Tensor) -> torch.Tensor:  # equal-shaped matrices per row
             return torch.bmm(U[torch.from_numpy(rows).to(dev)][:, None, :], Vc[cols].transpose(1, 2))[:, 0]
@@ -192,7 +200,7 @@ def _rows(m: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """m[rows]: a view when the rows are consecutive (a nightly run's blocks), else a gather
     (np.take: ~1.5x faster than fancy indexing)."""
     if _consecutive(rows):
-        return m[rows[0]:rows[-1] + 1]
+        return m[rows[0] : rows[-1] + 1]
     return np.take(m, rows, 0)
 
 
@@ -214,9 +222,16 @@ def topn(
     """
     cand, col_of = candidate_columns(candidates, model.n_items)
     score, rescore = model_scorer(model, cand)
-    cols, vals = blocked_topk(score, np.asarray(users, np.int64), n, model.n_items if cand is None else len(cand),
-                              exclude=() if exclude is None else (exclude,), col_of=col_of,
-                              memory_budget=memory_budget, rescore=rescore)
+    cols, vals = blocked_topk(
+        score,
+        np.asarray(users, np.int64),
+        n,
+        model.n_items if cand is None else len(cand),
+        exclude=() if exclude is None else (exclude,),
+        col_of=col_of,
+        memory_budget=memory_budget,
+        rescore=rescore,
+    )
     return items_of(cols, cand), vals
 
 

@@ -42,7 +42,9 @@ class ReportRun:
     residuals: np.ndarray | None = None  # clipped prediction - true rating (rating models)
     history: list[dict] = field(default_factory=list)  # training curve from model_runs.metrics
     note: str = ""  # e.g. "trained now"
-    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)  # 95% bootstrap interval per metric
+    intervals: dict[str, tuple[float, float]] = field(
+        default_factory=dict
+    )  # 95% bootstrap interval per metric
     p_values: dict[str, float] = field(default_factory=dict)  # paired test against the best run, per metric
 
 
@@ -90,16 +92,20 @@ def metric_columns(runs: list[ReportRun], segments: bool = False) -> list[str]:
 
 
 # Said in the report beside the results, and in the docs: what each ranking metric divides by.
-METRIC_NOTE = ("Ranking metrics average over the users with a relevant test item (rating >= the threshold). "
-               "precision@k = hits / k; recall@k = hits / #relevant; ndcg@k: binary gain, ideal DCG over "
-               "min(k, #relevant); hit_rate@k: at least one hit; mrr@k: 1 / rank of the first hit; map@k is the "
-               "truncated average precision that divides by min(k, #relevant) (not by #relevant as trec_eval's "
-               f"AP does). Intervals: {CONFIDENCE:.0%} percentile bootstrap, resampling users ({BOOTSTRAP_SAMPLES} "
-               "resamples, seeded); for RMSE and MAE a resampled user brings all their test pairs.")
+METRIC_NOTE = (
+    "Ranking metrics average over the users with a relevant test item (rating >= the threshold). "
+    "precision@k = hits / k; recall@k = hits / #relevant; ndcg@k: binary gain, ideal DCG over "
+    "min(k, #relevant); hit_rate@k: at least one hit; mrr@k: 1 / rank of the first hit; map@k is the "
+    "truncated average precision that divides by min(k, #relevant) (not by #relevant as trec_eval's "
+    f"AP does). Intervals: {CONFIDENCE:.0%} percentile bootstrap, resampling users ({BOOTSTRAP_SAMPLES} "
+    "resamples, seeded); for RMSE and MAE a resampled user brings all their test pairs."
+)
 WORSE, TIED = "\u25bc", "\u2248"
-SIG_NOTE = ("Beside each run that is not the best on a metric, the paired bootstrap test against the best run "
-            f"(same users, same resamples): {WORSE} p < {SIGNIFICANCE}, worse than the best; {TIED} p >= "
-            f"{SIGNIFICANCE}, not distinguishable from it.")
+SIG_NOTE = (
+    "Beside each run that is not the best on a metric, the paired bootstrap test against the best run "
+    f"(same users, same resamples): {WORSE} p < {SIGNIFICANCE}, worse than the best; {TIED} p >= "
+    f"{SIGNIFICANCE}, not distinguishable from it."
+)
 
 
 def _mark(run: ReportRun, metric: str) -> str:
@@ -140,7 +146,9 @@ def format_value(name: str, value: float | None) -> str:
 
 # -- plots ---------------------------------------------------------------------------------------
 def _metric_at_k(runs, labels, ks, path: Path) -> bool:
-    present = [m for m in CURVE_METRICS if any(k.split("@")[0] == m and "@" in k for r in runs for k in r.metrics)]
+    present = [
+        m for m in CURVE_METRICS if any(k.split("@")[0] == m and "@" in k for r in runs for k in r.metrics)
+    ]
     if not present:
         return False
     cols = min(3, len(present))
@@ -148,8 +156,11 @@ def _metric_at_k(runs, labels, ks, path: Path) -> bool:
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
     for ax, metric in zip(axes.flat, present):
         for run, label in zip(runs, labels):
-            pts = sorted((int(k.split("@")[1]), v, *run.intervals.get(k, (np.nan, np.nan)))
-                         for k, v in run.metrics.items() if k.split("@")[0] == metric and "@" in k)
+            pts = sorted(
+                (int(k.split("@")[1]), v, *run.intervals.get(k, (np.nan, np.nan)))
+                for k, v in run.metrics.items()
+                if k.split("@")[0] == metric and "@" in k
+            )
             if pts:
                 xs, ys, lo, hi = (np.array(c, dtype=float) for c in zip(*pts))
                 err = np.nan_to_num(np.vstack([ys - lo, hi - ys]), nan=0.0).clip(min=0.0)
@@ -158,7 +169,7 @@ def _metric_at_k(runs, labels, ks, path: Path) -> bool:
         ax.set_xlabel("K")
         ax.set_xticks(ks)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(present):]:
+    for ax in list(axes.flat)[len(present) :]:
         ax.axis("off")
     handles, names = axes.flat[0].get_legend_handles_labels()
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (3.2 * rows)))
@@ -177,7 +188,14 @@ def _residuals(runs, labels, path: Path) -> bool:
     bins = np.linspace(-lim, lim, 41)
     for run, label in rated:
         rmse = run.metrics.get("rmse", float("nan"))
-        ax.hist(run.residuals, bins=bins, histtype="step", linewidth=1.5, density=True, label=f"{label} (RMSE {rmse:.3f})")
+        ax.hist(
+            run.residuals,
+            bins=bins,
+            histtype="step",
+            linewidth=1.5,
+            density=True,
+            label=f"{label} (RMSE {rmse:.3f})",
+        )
     ax.axvline(0, color="grey", linewidth=0.8)
     ax.set_xlabel("prediction - rating (clipped prediction, test pairs known to train)")
     ax.set_ylabel("density")
@@ -189,8 +207,11 @@ def _residuals(runs, labels, path: Path) -> bool:
 
 
 def _popularity_coverage(runs, labels, k: int, path: Path) -> bool:
-    pts = [(r.metrics[f"coverage@{k}"], r.metrics[f"avg_popularity@{k}"], lab) for r, lab in zip(runs, labels)
-           if f"coverage@{k}" in r.metrics and f"avg_popularity@{k}" in r.metrics]
+    pts = [
+        (r.metrics[f"coverage@{k}"], r.metrics[f"avg_popularity@{k}"], lab)
+        for r, lab in zip(runs, labels)
+        if f"coverage@{k}" in r.metrics and f"avg_popularity@{k}" in r.metrics
+    ]
     if not pts:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -212,13 +233,22 @@ _NOT_CURVES = ("epoch", "lr", "seconds")
 
 def _curve_keys(history: list[dict]) -> list[str]:
     """Numeric per-epoch series worth drawing (loss, validation metrics), not timings."""
-    return sorted({k for h in history for k, v in h.items()
-                   if k not in _NOT_CURVES and isinstance(v, (int, float)) and not isinstance(v, bool)})
+    return sorted(
+        {
+            k
+            for h in history
+            for k, v in h.items()
+            if k not in _NOT_CURVES and isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+    )
 
 
 def _training_curves(runs, labels, path: Path) -> bool:
-    curves = [(r, lab) for r, lab in zip(runs, labels)
-              if len([h for h in r.history if "epoch" in h]) > 1 and _curve_keys(r.history)]
+    curves = [
+        (r, lab)
+        for r, lab in zip(runs, labels)
+        if len([h for h in r.history if "epoch" in h]) > 1 and _curve_keys(r.history)
+    ]
     if not curves:
         return False
     cols = min(3, len(curves))
@@ -234,11 +264,13 @@ def _training_curves(runs, labels, path: Path) -> bool:
         if valid_keys:
             ax2 = ax.twinx()
             for j, key in enumerate(valid_keys):
-                ax2.plot(epochs, [h.get(key, np.nan) for h in hist], color=f"C{j + 1}", linestyle="--", label=key)
+                ax2.plot(
+                    epochs, [h.get(key, np.nan) for h in hist], color=f"C{j + 1}", linestyle="--", label=key
+                )
             ax2.set_ylabel(", ".join(valid_keys), color="C1")
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("epoch")
-    for ax in list(axes.flat)[len(curves):]:
+    for ax in list(axes.flat)[len(curves) :]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -263,27 +295,41 @@ def report_dir(root: str | Path, info: ReportInfo) -> Path:
 
 
 def _setup_rows(info: ReportInfo) -> list[tuple[str, str]]:
-    rows = [("protocol", info.protocol if info.protocol == info.split_protocol
-             else f"{info.protocol} (split {info.split_protocol})"),
-            ("snapshot", f"{info.snapshot_id} (as of {info.as_of})"),
-            ("split parameters", json.dumps(info.split_params, sort_keys=True)),
-            ("split sizes train / valid / test", " / ".join(f"{info.split_sizes.get(p, 0):,}" for p in ("train", "valid", "test"))),
-            ("cut-offs K", ", ".join(map(str, info.ks))),
-            ("relevant", f"test rating >= {info.threshold:g}"),
-            ("evaluated at", f"{info.evaluated_at:%Y-%m-%d %H:%M:%S} UTC")]
+    rows = [
+        (
+            "protocol",
+            info.protocol
+            if info.protocol == info.split_protocol
+            else f"{info.protocol} (split {info.split_protocol})",
+        ),
+        ("snapshot", f"{info.snapshot_id} (as of {info.as_of})"),
+        ("split parameters", json.dumps(info.split_params, sort_keys=True)),
+        (
+            "split sizes train / valid / test",
+            " / ".join(f"{info.split_sizes.get(p, 0):,}" for p in ("train", "valid", "test")),
+        ),
+        ("cut-offs K", ", ".join(map(str, info.ks))),
+        ("relevant", f"test rating >= {info.threshold:g}"),
+        ("evaluated at", f"{info.evaluated_at:%Y-%m-%d %H:%M:%S} UTC"),
+    ]
     if info.description:
         rows.insert(1, ("measures", info.description))
     return rows
 
 
-def compare_references(refs: list[Reference], runs: list[ReportRun]) -> list[tuple[Reference, float | None, str]]:
+def compare_references(
+    refs: list[Reference], runs: list[ReportRun]
+) -> list[tuple[Reference, float | None, str]]:
     """Each published number with our best value for it: from the runs of the matching family
     (and parameters), else from any run; (ref, None, "") when no run has that metric."""
     labels = run_labels(runs)
     out = []
     for ref in refs:
-        ours = [(r.metrics[ref.metric], lab, r.model == ref.family and ref.params.items() <= r.params.items())
-                for r, lab in zip(runs, labels) if ref.metric in r.metrics]
+        ours = [
+            (r.metrics[ref.metric], lab, r.model == ref.family and ref.params.items() <= r.params.items())
+            for r, lab in zip(runs, labels)
+            if ref.metric in r.metrics
+        ]
         pick = [o for o in ours if o[2]] or ours
         best = (min if higher_is_better(ref.metric) is False else max)(pick) if pick else None
         out.append((ref, best[0], best[1]) if best else (ref, None, ""))
@@ -291,13 +337,27 @@ def compare_references(refs: list[Reference], runs: list[ReportRun]) -> list[tup
 
 
 def _reference_rows(info: ReportInfo, runs: list[ReportRun]) -> list[tuple[str, ...]]:
-    return [(ref.approach, ref.metric, f"{ref.value:g}", ref.dataset,
-             f"{value:.4f} ({label})" if value is not None else "not measured", ref.source)
-            for ref, value, label in compare_references(info.references, runs)]
+    return [
+        (
+            ref.approach,
+            ref.metric,
+            f"{ref.value:g}",
+            ref.dataset,
+            f"{value:.4f} ({label})" if value is not None else "not measured",
+            ref.source,
+        )
+        for ref, value, label in compare_references(info.references, runs)
+    ]
 
 
-def write_report(root: str | Path, info: ReportInfo, runs: list[ReportRun], compare: bool = False,
-                 nights: list[dict] | None = None, trend: tuple[str, list[dict]] | None = None) -> Path:
+def write_report(
+    root: str | Path,
+    info: ReportInfo,
+    runs: list[ReportRun],
+    compare: bool = False,
+    nights: list[dict] | None = None,
+    trend: tuple[str, list[dict]] | None = None,
+) -> Path:
     """Write the report folder; returns the path of index.html. `nights`: publish_log rows, oldest
     first, for the "Nights" section (see report_nights); `trend`: the shipped family and its last
     evaluations (see report_trend)."""
@@ -308,24 +368,51 @@ def write_report(root: str | Path, info: ReportInfo, runs: list[ReportRun], comp
     segment_columns = metric_columns(runs, segments=True)
     best = best_values(runs, columns + segment_columns) if compare else {}
     k_pop = 10 if 10 in info.ks else max(info.ks)
-    figures = [(name, title) for name, title, made in (
-        ("metric_at_k.png", "Metric@K per model (bars: 95% interval)", _metric_at_k(runs, labels, info.ks, out / "metric_at_k.png")),
-        ("residuals.png", "Error distribution of rating models", _residuals(runs, labels, out / "residuals.png")),
-        ("popularity_coverage.png", f"Popularity bias vs catalogue coverage (K = {k_pop})",
-         _popularity_coverage(runs, labels, k_pop, out / "popularity_coverage.png")),
-        ("training_curves.png", "Training curves (model_runs.metrics)", _training_curves(runs, labels, out / "training_curves.png")),
-    ) if made]
+    figures = [
+        (name, title)
+        for name, title, made in (
+            (
+                "metric_at_k.png",
+                "Metric@K per model (bars: 95% interval)",
+                _metric_at_k(runs, labels, info.ks, out / "metric_at_k.png"),
+            ),
+            (
+                "residuals.png",
+                "Error distribution of rating models",
+                _residuals(runs, labels, out / "residuals.png"),
+            ),
+            (
+                "popularity_coverage.png",
+                f"Popularity bias vs catalogue coverage (K = {k_pop})",
+                _popularity_coverage(runs, labels, k_pop, out / "popularity_coverage.png"),
+            ),
+            (
+                "training_curves.png",
+                "Training curves (model_runs.metrics)",
+                _training_curves(runs, labels, out / "training_curves.png"),
+            ),
+        )
+        if made
+    ]
     setup = _setup_rows(info)
     refs = _reference_rows(info, runs)
     night_rows = nights_table(nights or [])
     night_figure = nights_figure(nights or [], out / "nights.png")
     family, trend_data = trend or ("", [])
-    trend_section = (family, *trend_table(trend_data), trend_figure(trend_data, family, out / "trend.png")) if trend_data else None
+    trend_section = (
+        (family, *trend_table(trend_data), trend_figure(trend_data, family, out / "trend.png"))
+        if trend_data
+        else None
+    )
     tables = (columns, segment_columns)
-    (out / "index.html").write_text(_html(info, runs, labels, tables, best, figures, setup, refs, night_rows, night_figure,
-                                          trend_section))
-    (out / "report.md").write_text(_markdown(info, runs, labels, tables, best, figures, setup, refs, night_rows,
-                                             night_figure, trend_section))
+    (out / "index.html").write_text(
+        _html(info, runs, labels, tables, best, figures, setup, refs, night_rows, night_figure, trend_section)
+    )
+    (out / "report.md").write_text(
+        _markdown(
+            info, runs, labels, tables, best, figures, setup, refs, night_rows, night_figure, trend_section
+        )
+    )
     return out / "index.html"
 
 
@@ -337,9 +424,11 @@ img{max-width:100%;border:1px solid #eee;margin:0.5em 0}.note{color:#666;font-si
 .ci{display:block;color:#555;font-size:11px}.sig{display:block;font-size:11px}.sig.worse{color:#b00}"""
 
 
-_NIGHTS_NOTE = ("Each publish of a run's lists and each attempt the publish gate refused (publish_log), oldest "
-                "first: the candidate's measurement against the live run's, catalogue coverage, the share of "
-                "items never recommended before, overlap with the previous lists.")
+_NIGHTS_NOTE = (
+    "Each publish of a run's lists and each attempt the publish gate refused (publish_log), oldest "
+    "first: the candidate's measurement against the live run's, catalogue coverage, the share of "
+    "items never recommended before, overlap with the previous lists."
+)
 
 
 def _cell_html(run: ReportRun, metric: str, best: dict) -> str:
@@ -349,82 +438,123 @@ def _cell_html(run: ReportRun, metric: str, best: dict) -> str:
     ci = _interval_text(run, metric)
     mark = _mark(run, metric)
     worse = run.p_values.get(metric, 1.0) < SIGNIFICANCE
-    return (f"<td{' class=best' if is_best else ''}>{format_value(metric, value)}"
-            + (f"<span class='ci'>{e(ci)}</span>" if ci else "")
-            + (f"<span class='sig{' worse' if worse else ''}'>{e(mark)}</span>" if mark else "") + "</td>")
+    return (
+        f"<td{' class=best' if is_best else ''}>{format_value(metric, value)}"
+        + (f"<span class='ci'>{e(ci)}</span>" if ci else "")
+        + (f"<span class='sig{' worse' if worse else ''}'>{e(mark)}</span>" if mark else "")
+        + "</td>"
+    )
 
 
 def _metric_table_html(table_id: str, runs, labels, columns, best) -> str:
     e = html.escape
-    rows = [f"<table id='{table_id}'><tr><th class='name'>metric</th>"
-            + "".join(f"<th>{e(label)}</th>" for label in labels) + "</tr>"]
+    rows = [
+        f"<table id='{table_id}'><tr><th class='name'>metric</th>"
+        + "".join(f"<th>{e(label)}</th>" for label in labels)
+        + "</tr>"
+    ]
     for c in columns:
-        rows.append(f"<tr><th class='name'>{e(c)}</th>{''.join(_cell_html(run, c, best) for run in runs)}</tr>")
+        rows.append(
+            f"<tr><th class='name'>{e(c)}</th>{''.join(_cell_html(run, c, best) for run in runs)}</tr>"
+        )
     return "".join(rows) + "</table>"
 
 
-_SEGMENT_NOTE = ("Segments: _users_<n> are the users by their number of training interactions (1-19, 20-99, "
-                 "100+) and cold users (none; their rating pairs are scored by the fallback); _items_<n> the "
-                 "relevant items (NDCG) or rated pairs (RMSE) by the item's number of training interactions. "
-                 "users_<segment> counts the users of a segment, n_<segment> its rating pairs. Intervals resample "
-                 "all the users of the metric, the segment's count varying with the resample.")
+_SEGMENT_NOTE = (
+    "Segments: _users_<n> are the users by their number of training interactions (1-19, 20-99, "
+    "100+) and cold users (none; their rating pairs are scored by the fallback); _items_<n> the "
+    "relevant items (NDCG) or rated pairs (RMSE) by the item's number of training interactions. "
+    "users_<segment> counts the users of a segment, n_<segment> its rating pairs. Intervals resample "
+    "all the users of the metric, the segment's count varying with the resample."
+)
 
 
-def _html(info, runs, labels, tables, best, figures, setup, refs, night_rows=(), night_figure=False, trend=None) -> str:
+def _html(
+    info, runs, labels, tables, best, figures, setup, refs, night_rows=(), night_figure=False, trend=None
+) -> str:
     e = html.escape
     columns, segment_columns = tables
-    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>batchrec evaluation: {e(info.protocol)}</title>"
-             f"<style>{_CSS}</style></head><body>",
-             f"<h1>Evaluation: {e(info.protocol)}</h1>",
-             "<h2>Setup</h2><table id='setup'>" + "".join(
-                 f"<tr><th class='name'>{e(k)}</th><td class='name'>{e(v)}</td></tr>" for k, v in setup) + "</table>",
-             "<h2>Runs</h2><table id='runs'><tr><th class='name'>model</th><th class='name'>run</th>"
-             "<th class='name'>parameters</th></tr>"]
+    parts = [
+        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>batchrec evaluation: {e(info.protocol)}</title>"
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>Evaluation: {e(info.protocol)}</h1>",
+        "<h2>Setup</h2><table id='setup'>"
+        + "".join(f"<tr><th class='name'>{e(k)}</th><td class='name'>{e(v)}</td></tr>" for k, v in setup)
+        + "</table>",
+        "<h2>Runs</h2><table id='runs'><tr><th class='name'>model</th><th class='name'>run</th>"
+        "<th class='name'>parameters</th></tr>",
+    ]
     for run, label in zip(runs, labels):
         note = f" <span class='note'>({e(run.note)})</span>" if run.note else ""
-        parts.append(f"<tr><td class='name'>{e(label)}</td><td class='name'>{e(run.run_id)}{note}</td>"
-                     f"<td class='name note'>{e(json.dumps(run.params, sort_keys=True))}</td></tr>")
+        parts.append(
+            f"<tr><td class='name'>{e(label)}</td><td class='name'>{e(run.run_id)}{note}</td>"
+            f"<td class='name note'>{e(json.dumps(run.params, sort_keys=True))}</td></tr>"
+        )
     parts.append("</table><h2>Results</h2>")
     parts.append(f"<p class='note' id='metric-note'>{e(METRIC_NOTE)}</p>")
     if any(r.p_values for r in runs):
         parts.append(f"<p class='note' id='sig-note'>{e(SIG_NOTE)}</p>")
     if best:
-        parts.append("<p class='note'>Best run per metric highlighted (lower is better for RMSE and MAE; "
-                     "popularity and counts are not ranked).</p>")
+        parts.append(
+            "<p class='note'>Best run per metric highlighted (lower is better for RMSE and MAE; "
+            "popularity and counts are not ranked).</p>"
+        )
     parts.append(_metric_table_html("results", runs, labels, columns, best))
     if segment_columns:
-        parts.append(f"<h2 id='segments-title'>Segments</h2><p class='note'>{e(_SEGMENT_NOTE)}</p>"
-                     + _metric_table_html("segments", runs, labels, segment_columns, best))
+        parts.append(
+            f"<h2 id='segments-title'>Segments</h2><p class='note'>{e(_SEGMENT_NOTE)}</p>"
+            + _metric_table_html("segments", runs, labels, segment_columns, best)
+        )
     if refs:
-        parts.append("<h2>Published numbers</h2><p class='note'>Their figure on their dataset next to ours on this "
-                     "snapshot; datasets differ unless named the same.</p><table id='references'><tr>"
-                     + "".join(f"<th class='name'>{h}</th>" for h in ("approach", "metric", "theirs", "their dataset", "ours (run)", "source"))
-                     + "</tr>" + "".join("<tr>" + "".join(f"<td class='name'>{e(c)}</td>" for c in row) + "</tr>" for row in refs)
-                     + "</table>")
+        parts.append(
+            "<h2>Published numbers</h2><p class='note'>Their figure on their dataset next to ours on this "
+            "snapshot; datasets differ unless named the same.</p><table id='references'><tr>"
+            + "".join(
+                f"<th class='name'>{h}</th>"
+                for h in ("approach", "metric", "theirs", "their dataset", "ours (run)", "source")
+            )
+            + "</tr>"
+            + "".join(
+                "<tr>" + "".join(f"<td class='name'>{e(c)}</td>" for c in row) + "</tr>" for row in refs
+            )
+            + "</table>"
+        )
     for name, title in figures:
         parts.append(f"<h2>{e(title)}</h2><img src='{e(name)}' alt='{e(title)}'>")
     if trend:
         family, headers, rows, drawn = trend
-        parts.append(f"<h2 id='trend'>Trend: {e(family)} (the shipped family) on {e(info.protocol)}</h2>"
-                     f"<p class='note'>Its last {len(rows)} evaluation(s) on this protocol, oldest first, with 95% "
-                     "intervals; the nightly job adds one a night.</p>"
-                     + ("<img id='trend-plot' src='trend.png' alt='trend'>" if drawn else "")
-                     + "<table id='trend-table'><tr>" + "".join(f"<th class='name'>{e(h)}</th>" for h in headers)
-                     + "</tr>" + "".join("<tr>" + "".join(f"<td class='name'>{e(c)}</td>" for c in row) + "</tr>"
-                                         for row in rows) + "</table>")
+        parts.append(
+            f"<h2 id='trend'>Trend: {e(family)} (the shipped family) on {e(info.protocol)}</h2>"
+            f"<p class='note'>Its last {len(rows)} evaluation(s) on this protocol, oldest first, with 95% "
+            "intervals; the nightly job adds one a night.</p>"
+            + ("<img id='trend-plot' src='trend.png' alt='trend'>" if drawn else "")
+            + "<table id='trend-table'><tr>"
+            + "".join(f"<th class='name'>{e(h)}</th>" for h in headers)
+            + "</tr>"
+            + "".join(
+                "<tr>" + "".join(f"<td class='name'>{e(c)}</td>" for c in row) + "</tr>" for row in rows
+            )
+            + "</table>"
+        )
     if night_rows:
-
-        parts.append(f"<h2 id='nights'>Nights</h2><p class='note'>{e(_NIGHTS_NOTE)}</p>"
-                     + ("<img src='nights.png' alt='nights'>" if night_figure else "")
-                     + "<table id='nights-table'><tr>" + "".join(f"<th class='name'>{e(h)}</th>" for h in HEADERS)
-                     + "</tr>" + "".join("<tr>" + "".join(f"<td class='name'>{e(c)}</td>" for c in row) + "</tr>"
-                                         for row in night_rows) + "</table>")
+        parts.append(
+            f"<h2 id='nights'>Nights</h2><p class='note'>{e(_NIGHTS_NOTE)}</p>"
+            + ("<img src='nights.png' alt='nights'>" if night_figure else "")
+            + "<table id='nights-table'><tr>"
+            + "".join(f"<th class='name'>{e(h)}</th>" for h in HEADERS)
+            + "</tr>"
+            + "".join(
+                "<tr>" + "".join(f"<td class='name'>{e(c)}</td>" for c in row) + "</tr>" for row in night_rows
+            )
+            + "</table>"
+        )
     parts.append("</body></html>\n")
     return "\n".join(parts)
 
 
-def _markdown(info, runs, labels, tables, best, figures, setup, refs, night_rows=(), night_figure=False,
-              trend=None) -> str:
+def _markdown(
+    info, runs, labels, tables, best, figures, setup, refs, night_rows=(), night_figure=False, trend=None
+) -> str:
     def row(cells):
         return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
 
@@ -442,16 +572,39 @@ def _markdown(info, runs, labels, tables, best, figures, setup, refs, night_rows
     if best:
         lines += ["Best run per metric in **bold**.", ""]
     lines += [row(("model", "run", "parameters")), row(("---",) * 3)]
-    lines += [row((label, run.run_id + (f" ({run.note})" if run.note else ""), json.dumps(run.params, sort_keys=True)))
-              for run, label in zip(runs, labels)]
+    lines += [
+        row(
+            (
+                label,
+                run.run_id + (f" ({run.note})" if run.note else ""),
+                json.dumps(run.params, sort_keys=True),
+            )
+        )
+        for run, label in zip(runs, labels)
+    ]
     lines += ["", row(("metric", *labels)), row(("---",) * (len(labels) + 1))]
     lines += [row((c, *(cell(r, c) for r in runs))) for c in columns]
     if segment_columns:
-        lines += ["", "## Segments", "", _SEGMENT_NOTE, "", row(("metric", *labels)), row(("---",) * (len(labels) + 1))]
+        lines += [
+            "",
+            "## Segments",
+            "",
+            _SEGMENT_NOTE,
+            "",
+            row(("metric", *labels)),
+            row(("---",) * (len(labels) + 1)),
+        ]
         lines += [row((c, *(cell(r, c) for r in runs))) for c in segment_columns]
     if refs:
-        lines += ["", "## Published numbers", "", "Their figure on their dataset next to ours on this snapshot.", "",
-                  row(("approach", "metric", "theirs", "their dataset", "ours (run)", "source")), row(("---",) * 6)]
+        lines += [
+            "",
+            "## Published numbers",
+            "",
+            "Their figure on their dataset next to ours on this snapshot.",
+            "",
+            row(("approach", "metric", "theirs", "their dataset", "ours (run)", "source")),
+            row(("---",) * 6),
+        ]
         lines += [row(r) for r in refs]
     for name, title in figures:
         lines += ["", f"## {title}", "", f"![{title}]({name})"]
@@ -461,7 +614,8 @@ def _markdown(info, runs, labels, tables, best, figures, setup, refs, night_rows
         lines += (["![trend](trend.png)", ""] if drawn else []) + [row(headers), row(("---",) * len(headers))]
         lines += [row(r) for r in rows]
     if night_rows:
-
-        lines += ["", "## Nights", "", _NIGHTS_NOTE, ""] + (["![nights](nights.png)", ""] if night_figure else [])
+        lines += ["", "## Nights", "", _NIGHTS_NOTE, ""] + (
+            ["![nights](nights.png)", ""] if night_figure else []
+        )
         lines += [row(HEADERS), row(("---",) * len(HEADERS))] + [row(r) for r in night_rows]
     return "\n".join(lines) + "\n"

@@ -32,12 +32,15 @@ def shipped_family(con: duckdb.DuckDBPyConnection) -> str | None:
     return shipped[0]["model"] if shipped else None
 
 
-def trend_rows(con: duckdb.DuckDBPyConnection, family: str, protocol: str, k: int,
-               n: int = TREND_EVALUATIONS) -> list[dict]:
+def trend_rows(
+    con: duckdb.DuckDBPyConnection, family: str, protocol: str, k: int, n: int = TREND_EVALUATIONS
+) -> list[dict]:
     """The last `n` evaluations of `family` on `protocol` (oldest first): evaluated_at, run_id,
     metric (name or name@k), value, ci_low, ci_high, for TREND_METRICS at cut-off `k` (or
     none); one run per evaluation (the newest id where one evaluation measured several)."""
-    rows = query_pl(con, """
+    rows = query_pl(
+        con,
+        """
         WITH picked AS (
             SELECT e.evaluated_at, e.run_id, e.metric, e.k, e.value, e.ci_low, e.ci_high
             FROM evaluations e JOIN model_runs r USING (run_id)
@@ -46,8 +49,9 @@ def trend_rows(con: duckdb.DuckDBPyConnection, family: str, protocol: str, k: in
             QUALIFY dense_rank() OVER (PARTITION BY e.evaluated_at ORDER BY e.run_id DESC) = 1),
         last AS (SELECT DISTINCT evaluated_at FROM picked ORDER BY evaluated_at DESC LIMIT $n)
         SELECT * FROM picked WHERE evaluated_at IN (SELECT evaluated_at FROM last)
-        ORDER BY evaluated_at""", {"family": family, "protocol": protocol, "metrics": list(TREND_METRICS),
-                                    "k": k, "n": n}).to_dicts()
+        ORDER BY evaluated_at""",
+        {"family": family, "protocol": protocol, "metrics": list(TREND_METRICS), "k": k, "n": n},
+    ).to_dicts()
     for r in rows:
         r["metric"] = r["metric"] if r["k"] is None else f"{r['metric']}@{r['k']}"
     return rows
@@ -65,11 +69,23 @@ def trend_table(rows: list[dict]) -> tuple[list[str], list[tuple[str, ...]]]:
         by_time.setdefault((r["evaluated_at"], r["run_id"]), {})[r["metric"]] = r
     table = []
     for (at, run_id), cells in by_time.items():
-        table.append((f"{at:%Y-%m-%d %H:%M}", run_id, *(
-            "-" if m not in cells else f"{cells[m]['value']:.4f}" + (
-                f" [{cells[m]['ci_low']:.4f}, {cells[m]['ci_high']:.4f}]"
-                if cells[m]["ci_low"] is not None and np.isfinite(cells[m]["ci_low"]) else "")
-            for m in metrics)))
+        table.append(
+            (
+                f"{at:%Y-%m-%d %H:%M}",
+                run_id,
+                *(
+                    "-"
+                    if m not in cells
+                    else f"{cells[m]['value']:.4f}"
+                    + (
+                        f" [{cells[m]['ci_low']:.4f}, {cells[m]['ci_high']:.4f}]"
+                        if cells[m]["ci_low"] is not None and np.isfinite(cells[m]["ci_low"])
+                        else ""
+                    )
+                    for m in metrics
+                ),
+            )
+        )
     return ["evaluated at (UTC)", "run", *metrics], table
 
 
@@ -96,7 +112,7 @@ def trend_figure(rows: list[dict], family: str, path: Path) -> bool:
         ax.set_xticks(range(len(times)))
         ax.set_xticklabels([f"{t:%m-%d %H:%M}" for t in times], rotation=45, ha="right", fontsize=7)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(metrics):]:
+    for ax in list(axes.flat)[len(metrics) :]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=90)

@@ -26,8 +26,18 @@ import duckdb
 from batchrec.errors import BatchrecError
 from batchrec.warehouse import scalar
 
-RUN_COLUMNS = ("run_id", "model", "params", "snapshot_id", "protocol", "metrics", "artifact_path", "device",
-               "fit_seconds", "created_at")
+RUN_COLUMNS = (
+    "run_id",
+    "model",
+    "params",
+    "snapshot_id",
+    "protocol",
+    "metrics",
+    "artifact_path",
+    "device",
+    "fit_seconds",
+    "created_at",
+)
 _COLS = ", ".join(RUN_COLUMNS)
 _NEWEST = "ORDER BY created_at DESC, run_id DESC"
 
@@ -59,6 +69,7 @@ def _resolve_artifact(stored: str, folder: Path | None) -> str:
 # -- rows --------------------------------------------------------------------------------------
 def _to_json(value) -> str:
     """JSON text with NaN/inf as null (JSON has no NaN; e.g. an RMSE over zero pairs)."""
+
     def clean(v):
         if isinstance(v, float) and not math.isfinite(v):
             return None
@@ -73,8 +84,10 @@ def _to_json(value) -> str:
 
 def insert_run(con: duckdb.DuckDBPyConnection, row: dict) -> None:
     """Record one run (a dict with every RUN_COLUMNS key; params and metrics as dicts)."""
-    con.execute(f"INSERT INTO model_runs ({_COLS}) VALUES ({', '.join('?' * len(RUN_COLUMNS))})",
-                [_to_json(row[k]) if k in ("params", "metrics") else row[k] for k in RUN_COLUMNS])
+    con.execute(
+        f"INSERT INTO model_runs ({_COLS}) VALUES ({', '.join('?' * len(RUN_COLUMNS))})",
+        [_to_json(row[k]) if k in ("params", "metrics") else row[k] for k in RUN_COLUMNS],
+    )
 
 
 def _decode(con: duckdb.DuckDBPyConnection, rows: list[tuple]) -> list[dict]:
@@ -88,8 +101,15 @@ def _decode(con: duckdb.DuckDBPyConnection, rows: list[tuple]) -> list[dict]:
     return out
 
 
-def find_runs(con: duckdb.DuckDBPyConnection, *, model: str | None = None, snapshot_id: str | None = None,
-              protocol: str | None = None, shipped: bool = False, limit: int | None = None) -> list[dict]:
+def find_runs(
+    con: duckdb.DuckDBPyConnection,
+    *,
+    model: str | None = None,
+    snapshot_id: str | None = None,
+    protocol: str | None = None,
+    shipped: bool = False,
+    limit: int | None = None,
+) -> list[dict]:
     """Decoded runs, newest first, filtered by family, snapshot and protocol (`shipped`: only runs
     fitted on every interaction; otherwise `protocol=None` means any protocol)."""
     where, params = ["TRUE"], {}
@@ -111,13 +131,16 @@ def latest_shipped_run_id(con: duckdb.DuckDBPyConnection, model: str | None = No
     return found[0]["run_id"] if found else None
 
 
-def resolve_run(con: duckdb.DuckDBPyConnection, run: str | None = None, model: str | None = None,
-                shipped: bool = False) -> dict:
+def resolve_run(
+    con: duckdb.DuckDBPyConnection, run: str | None = None, model: str | None = None, shipped: bool = False
+) -> dict:
     """A decoded run: by id (any protocol; must be of `model` when that is given), else
     (None / 'latest') the newest run of `model` or of any family, only shipped runs when
     `shipped`. An unknown or missing run is a one-line error naming what there is."""
     if run not in (None, "latest"):
-        found = _decode(con, con.execute(f"SELECT {_COLS} FROM model_runs WHERE run_id = ?", [run]).fetchall())
+        found = _decode(
+            con, con.execute(f"SELECT {_COLS} FROM model_runs WHERE run_id = ?", [run]).fetchall()
+        )
         if found and model is not None and found[0]["model"] != model:
             raise BatchrecError(f"run {run!r} is a {found[0]['model']} model, not {model}")
     else:
@@ -128,11 +151,14 @@ def resolve_run(con: duckdb.DuckDBPyConnection, run: str | None = None, model: s
     of = f" of model {model!r}" if model is not None else ""
     if run not in (None, "latest"):
         what = f"unknown run {run!r}"
-    elif shipped and scalar(con, "SELECT count(*) FROM model_runs WHERE ? IS NULL OR model = ?", [model, model]):
+    elif shipped and scalar(
+        con, "SELECT count(*) FROM model_runs WHERE ? IS NULL OR model = ?", [model, model]
+    ):
         # only protocol runs: they never saw each user's held-out events, so they do not ship by default
         raise BatchrecError(
             f"no shipped run{of} (fitted on every interaction): train one with `batchrec train "
-            f"{model or 'MODEL'}`, or publish a protocol run on purpose with --run RUN (recent runs: {', '.join(recent)})")
+            f"{model or 'MODEL'}`, or publish a protocol run on purpose with --run RUN (recent runs: {', '.join(recent)})"
+        )
     else:
         what = f"no runs{of}" if model is not None else "no model runs"
     hint = f"recent runs: {', '.join(recent)}" if recent else "run `batchrec train MODEL` first"

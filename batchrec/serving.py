@@ -21,9 +21,9 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import duckdb
 
@@ -34,12 +34,34 @@ log = logging.getLogger("batchrec.serving")
 
 # What readers need: the published lists and their history, the catalogue and ratings (a user's
 # history for `recommend`), the small operational tables `status` shows, and what ingest reports.
-SERVING_TABLES = ("recommendations", "recommendation_history", "items", "ratings", "tags", "users", "sources",
-                  "evaluations", "model_runs", "feature_snapshots", "split_protocols", "job_runs", "ingest_log",
-                  "quarantine", "schema_version", "publish_log", "tuning_trials", "tuned_params")
+SERVING_TABLES = (
+    "recommendations",
+    "recommendation_history",
+    "items",
+    "ratings",
+    "tags",
+    "users",
+    "sources",
+    "evaluations",
+    "model_runs",
+    "feature_snapshots",
+    "split_protocols",
+    "job_runs",
+    "ingest_log",
+    "quarantine",
+    "schema_version",
+    "publish_log",
+    "tuning_trials",
+    "tuned_params",
+)
 # Analyst views over those tables; their definitions are copied from the warehouse (written once, in sql/schema).
-SERVING_VIEWS = ("recommendations_with_titles", "ratings_with_source", "items_with_source", "tags_with_source",
-                 "users_with_source")
+SERVING_VIEWS = (
+    "recommendations_with_titles",
+    "ratings_with_source",
+    "items_with_source",
+    "tags_with_source",
+    "users_with_source",
+)
 BUILD_ALIAS = "batchrec_serving_build"
 
 
@@ -54,23 +76,36 @@ def _remove(*paths: Path) -> None:
 
 def _build(con: duckdb.DuckDBPyConnection, wh: Warehouse, tmp: Path) -> None:
     """Write the serving database to `tmp` from the warehouse open on `con`."""
-    tables = [t for (t,) in con.execute(
-        "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database() AND NOT internal "
-        "AND table_name NOT LIKE '%\\_\\_staging' ESCAPE '\\' ORDER BY 1").fetchall()]
+    tables = [
+        t
+        for (t,) in con.execute(
+            "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database() AND NOT internal "
+            "AND table_name NOT LIKE '%\\_\\_staging' ESCAPE '\\' ORDER BY 1"
+        ).fetchall()
+    ]
     counts = [(t, scalar(con, f'SELECT count(*) FROM "{t}"')) for t in tables]
-    views = dict(con.execute("SELECT view_name, sql FROM duckdb_views() WHERE database_name = current_database() "
-                             "AND NOT internal").fetchall())
+    views = dict(
+        con.execute(
+            "SELECT view_name, sql FROM duckdb_views() WHERE database_name = current_database() "
+            "AND NOT internal"
+        ).fetchall()
+    )
     version = scalar(con, "SELECT max(version) FROM schema_version")
     con.execute(f"ATTACH {_literal(tmp)} AS {BUILD_ALIAS}")
     try:
         for t in SERVING_TABLES:
             if t in tables:
                 con.execute(f'CREATE TABLE {BUILD_ALIAS}."{t}" AS SELECT * FROM "{t}"')
-        con.execute(f"CREATE TABLE {BUILD_ALIAS}.warehouse_tables (table_name VARCHAR NOT NULL, rows BIGINT NOT NULL)")
+        con.execute(
+            f"CREATE TABLE {BUILD_ALIAS}.warehouse_tables (table_name VARCHAR NOT NULL, rows BIGINT NOT NULL)"
+        )
         if counts:
             con.executemany(f"INSERT INTO {BUILD_ALIAS}.warehouse_tables VALUES (?, ?)", counts)
-        con.execute(f"CREATE TABLE {BUILD_ALIAS}.serving_info AS SELECT ?::TIMESTAMP AS built_at, "
-                    "?::VARCHAR AS warehouse, ?::INTEGER AS schema_version", [utcnow(), str(wh.path), version])
+        con.execute(
+            f"CREATE TABLE {BUILD_ALIAS}.serving_info AS SELECT ?::TIMESTAMP AS built_at, "
+            "?::VARCHAR AS warehouse, ?::INTEGER AS schema_version",
+            [utcnow(), str(wh.path), version],
+        )
     finally:
         con.execute(f"DETACH {BUILD_ALIAS}")
     # Views are created from a connection on the new file itself, so their names bind to its tables.
@@ -106,9 +141,11 @@ def refresh(wh: Warehouse, con: duckdb.DuckDBPyConnection | None = None) -> Path
     except BaseException as exc:
         _remove(tmp, wal)
         if isinstance(exc, (duckdb.Error, OSError)):
-            raise BatchrecError(f"the warehouse was updated, but the serving database {path} could not be rebuilt "
-                                f"({str(exc).splitlines()[0]}): readers still see the previous state; fix the cause "
-                                f"and rerun the step") from None
+            raise BatchrecError(
+                f"the warehouse was updated, but the serving database {path} could not be rebuilt "
+                f"({str(exc).splitlines()[0]}): readers still see the previous state; fix the cause "
+                f"and rerun the step"
+            ) from None
         raise
     log.info("serving database %s rebuilt in %.2f s", path, time.perf_counter() - t0)
     return path
@@ -131,8 +168,10 @@ def connect(wh: Warehouse) -> Iterator[duckdb.DuckDBPyConnection]:
     try:
         con = duckdb.connect(str(path), read_only=True)
     except duckdb.Error as exc:
-        raise BatchrecError(f"cannot open the serving database {path}: {str(exc).splitlines()[0]} "
-                            f"(delete it; the next publishing step rebuilds it)") from None
+        raise BatchrecError(
+            f"cannot open the serving database {path}: {str(exc).splitlines()[0]} "
+            f"(delete it; the next publishing step rebuilds it)"
+        ) from None
     try:
         yield con
     finally:
@@ -141,8 +180,11 @@ def connect(wh: Warehouse) -> Iterator[duckdb.DuckDBPyConnection]:
 
 # -- export ------------------------------------------------------------------------------------
 EXPORT_FORMATS = {".parquet": "FORMAT parquet", ".csv": "FORMAT csv, HEADER true"}
-EXPORT_ORDER = {"recommendations": "user_id, rank", "recommendations_with_titles": "user_id, rank",
-                "recommendation_history": "run_date, user_id, rank"}
+EXPORT_ORDER = {
+    "recommendations": "user_id, rank",
+    "recommendations_with_titles": "user_id, rank",
+    "recommendation_history": "run_date, user_id, rank",
+}
 
 
 def export(wh: Warehouse, table: str, to: str | os.PathLike) -> str:
@@ -151,17 +193,26 @@ def export(wh: Warehouse, table: str, to: str | os.PathLike) -> str:
     to = Path(to)
     options = EXPORT_FORMATS.get(to.suffix.lower())
     if options is None:
-        raise BatchrecError(f"--to {to}: unknown file type {to.suffix or '(none)'} (expected .parquet or .csv)")
+        raise BatchrecError(
+            f"--to {to}: unknown file type {to.suffix or '(none)'} (expected .parquet or .csv)"
+        )
     with connect(wh) as con:
-        known = [t for (t,) in con.execute("SELECT table_name FROM information_schema.tables ORDER BY 1").fetchall()]
+        known = [
+            t
+            for (t,) in con.execute("SELECT table_name FROM information_schema.tables ORDER BY 1").fetchall()
+        ]
         if table not in known:
-            raise BatchrecError(f"--table {table}: no such table or view in {reader_path(wh)} "
-                                f"(expected one of {', '.join(known)})")
+            raise BatchrecError(
+                f"--table {table}: no such table or view in {reader_path(wh)} "
+                f"(expected one of {', '.join(known)})"
+            )
         to.parent.mkdir(parents=True, exist_ok=True)
         tmp = to.with_name(f".{to.name}.{os.getpid()}.tmp")
         order = f" ORDER BY {EXPORT_ORDER[table]}" if table in EXPORT_ORDER else ""
         try:
-            rows = con.execute(f'COPY (SELECT * FROM "{table}"{order}) TO {_literal(tmp)} ({options})').fetchall()[0][0]
+            rows = con.execute(
+                f'COPY (SELECT * FROM "{table}"{order}) TO {_literal(tmp)} ({options})'
+            ).fetchall()[0][0]
             os.replace(tmp, to)
         except BaseException as exc:
             _remove(tmp)

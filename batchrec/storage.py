@@ -47,7 +47,10 @@ def _s3_filesystem() -> pafs.S3FileSystem:
     if region:
         settings["region"] = region
     if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
-        settings |= {"access_key": os.environ["AWS_ACCESS_KEY_ID"], "secret_key": os.environ["AWS_SECRET_ACCESS_KEY"]}
+        settings |= {
+            "access_key": os.environ["AWS_ACCESS_KEY_ID"],
+            "secret_key": os.environ["AWS_SECRET_ACCESS_KEY"],
+        }
         if os.environ.get("AWS_SESSION_TOKEN"):
             settings["session_token"] = os.environ["AWS_SESSION_TOKEN"]
     # Fail in seconds, not minutes, when the endpoint is down: the error names the location.
@@ -169,7 +172,9 @@ def read_tables(locs: list[Location], columns: list[str] | None = None) -> pa.Ta
     if not locs:
         return pa.table({})
     # no partitioning: the folder names (run_id=...) must not become columns
-    return pq.read_table([loc.path for loc in locs], filesystem=locs[0].fs, columns=columns, partitioning=None)
+    return pq.read_table(
+        [loc.path for loc in locs], filesystem=locs[0].fs, columns=columns, partitioning=None
+    )
 
 
 def upload_dir(local: Path, dest: Location) -> None:

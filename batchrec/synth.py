@@ -31,10 +31,25 @@ log = logging.getLogger(__name__)
 
 # The 19 genres of ml-20m with their movie counts there (the prior for an item's genres).
 GENRES = {
-    "Action": 3520, "Adventure": 2329, "Animation": 1027, "Children": 1139, "Comedy": 8374,
-    "Crime": 2939, "Documentary": 2471, "Drama": 13344, "Fantasy": 1412, "Film-Noir": 330,
-    "Horror": 2611, "IMAX": 196, "Musical": 1036, "Mystery": 1514, "Romance": 4127,
-    "Sci-Fi": 1743, "Thriller": 4178, "War": 1194, "Western": 676,
+    "Action": 3520,
+    "Adventure": 2329,
+    "Animation": 1027,
+    "Children": 1139,
+    "Comedy": 8374,
+    "Crime": 2939,
+    "Documentary": 2471,
+    "Drama": 13344,
+    "Fantasy": 1412,
+    "Film-Noir": 330,
+    "Horror": 2611,
+    "IMAX": 196,
+    "Musical": 1036,
+    "Mystery": 1514,
+    "Romance": 4127,
+    "Sci-Fi": 1743,
+    "Thriller": 4178,
+    "War": 1194,
+    "Western": 676,
 }
 NO_GENRES = "(no genres listed)"
 
@@ -55,39 +70,68 @@ GENRE_TAGS = {
     "Musical": ["musical", "great soundtrack", "singing", "dance"],
     "Mystery": ["mystery", "twist ending", "whodunit", "detective", "mindfuck"],
     "Romance": ["romance", "love story", "romantic comedy", "chick flick", "bittersweet"],
-    "Sci-Fi": ["sci-fi", "space", "time travel", "dystopia", "aliens", "artificial intelligence", "cyberpunk"],
+    "Sci-Fi": [
+        "sci-fi",
+        "space",
+        "time travel",
+        "dystopia",
+        "aliens",
+        "artificial intelligence",
+        "cyberpunk",
+    ],
     "Thriller": ["thriller", "suspense", "tense", "psychological", "conspiracy", "plot twist"],
     "War": ["war", "world war ii", "vietnam", "anti-war", "military"],
     "Western": ["western", "cowboys", "spaghetti western", "gunfight"],
 }
 GENERAL_TAGS = [
-    "atmospheric", "classic", "visually appealing", "thought-provoking", "overrated", "cult film",
-    "great acting", "based on a book", "nonlinear", "surreal", "boring", "predictable",
-    "beautiful cinematography", "good dialogue", "feel-good", "violent", "philosophical",
-    "underrated", "slow, but rewarding", "must see", "BD-R", "stylized", "quotable", "remake",
+    "atmospheric",
+    "classic",
+    "visually appealing",
+    "thought-provoking",
+    "overrated",
+    "cult film",
+    "great acting",
+    "based on a book",
+    "nonlinear",
+    "surreal",
+    "boring",
+    "predictable",
+    "beautiful cinematography",
+    "good dialogue",
+    "feel-good",
+    "violent",
+    "philosophical",
+    "underrated",
+    "slow, but rewarding",
+    "must see",
+    "BD-R",
+    "stylized",
+    "quotable",
+    "remake",
 ]
 _TAG_SLOTS = [t for g in GENRES for t in GENRE_TAGS[g]] + GENERAL_TAGS  # genre lists, then general
 TAG_VOCAB = list(dict.fromkeys(_TAG_SLOTS))  # a tag in two lists ("heist") is one tag
 _TAG_OF_SLOT = np.array([TAG_VOCAB.index(t) for t in _TAG_SLOTS])
 
-START_TS = 820_454_400        # 1996-01-01 UTC: first possible rating
-END_TS = 1_735_689_600        # 2025-01-01 UTC: nothing at or after
+START_TS = 820_454_400  # 1996-01-01 UTC: first possible rating
+END_TS = 1_735_689_600  # 2025-01-01 UTC: nothing at or after
 HALF_STARS_FROM = 1_045_526_400  # 2003-02-18: MovieLens allowed half stars from then on
 DAY = 86_400
 
-DIM = 12                     # latent factors
-ZIPF_EXPONENT = 1.05         # item popularity ~ rank^-a ...
-UNIFORM_SHARE = 0.1          # ... mixed with this much uniform, so the long tail is reachable
-TASTE_WEIGHT = 2.0           # how strongly taste drives which items get rated ...
-POPULARITY_WEIGHT = 0.75     # ... and popularity, beyond drawing the candidates by popularity
-POOL_FACTOR = 8              # candidates drawn per rating a user gives (more: taste matters more)
-BLOCK_RATINGS = 1 << 20      # ratings generated per block (bounds memory)
-MAX_BLOCK_USERS = 1 << 18    # bits of the sort key reserved for the user within a block
-TAGGER_SHARE = 0.06          # fraction of users who tag (ml-20m: 7,801 of 138,493)
+DIM = 12  # latent factors
+ZIPF_EXPONENT = 1.05  # item popularity ~ rank^-a ...
+UNIFORM_SHARE = 0.1  # ... mixed with this much uniform, so the long tail is reachable
+TASTE_WEIGHT = 2.0  # how strongly taste drives which items get rated ...
+POPULARITY_WEIGHT = 0.75  # ... and popularity, beyond drawing the candidates by popularity
+POOL_FACTOR = 8  # candidates drawn per rating a user gives (more: taste matters more)
+BLOCK_RATINGS = 1 << 20  # ratings generated per block (bounds memory)
+MAX_BLOCK_USERS = 1 << 18  # bits of the sort key reserved for the user within a block
+TAGGER_SHARE = 0.06  # fraction of users who tag (ml-20m: 7,801 of 138,493)
 
 
-def write_synthetic(out, *, n_users: int, n_items: int, n_ratings: int, n_tags: int | None = None,
-                    seed: int = 0) -> str:
+def write_synthetic(
+    out, *, n_users: int, n_items: int, n_ratings: int, n_tags: int | None = None, seed: int = 0
+) -> str:
     """Write ratings.csv, movies.csv, tags.csv and README.txt to directory `out`; return a summary line."""
     n_tags = n_ratings // 40 if n_tags is None else n_tags
     _check_sizes(n_users, n_items, n_ratings, n_tags)
@@ -109,8 +153,11 @@ def write_synthetic(out, *, n_users: int, n_items: int, n_ratings: int, n_tags: 
     items.frame().write_csv(partial["movies.csv"])
     tags_written = 0
     # One writer thread: block b is written (Polars, GIL released) while block b+1 is generated.
-    with (open(partial["ratings.csv"], "wb") as rfile, open(partial["tags.csv"], "wb") as tfile,
-          ThreadPoolExecutor(max_workers=1) as writer):
+    with (
+        open(partial["ratings.csv"], "wb") as rfile,
+        open(partial["tags.csv"], "wb") as tfile,
+        ThreadPoolExecutor(max_workers=1) as writer,
+    ):
         pending = None
         for b, block_rng in enumerate(np.random.default_rng(s) for s in block_seq.spawn(len(bounds) - 1)):
             lo, hi = int(bounds[b]), int(bounds[b + 1])
@@ -123,9 +170,13 @@ def write_synthetic(out, *, n_users: int, n_items: int, n_ratings: int, n_tags: 
         pending.result()
     for name, path in partial.items():
         os.replace(path, out / name)
-    (out / "README.txt").write_text(_readme(n_users, n_items, n_ratings, tags_written, seed), encoding="utf-8")
-    return (f"wrote {out}: {n_users} users, {n_items} movies, {n_ratings} ratings, {tags_written} tags "
-            f"(seed {seed}) in {time.perf_counter() - started:.1f} s")
+    (out / "README.txt").write_text(
+        _readme(n_users, n_items, n_ratings, tags_written, seed), encoding="utf-8"
+    )
+    return (
+        f"wrote {out}: {n_users} users, {n_items} movies, {n_ratings} ratings, {tags_written} tags "
+        f"(seed {seed}) in {time.perf_counter() - started:.1f} s"
+    )
 
 
 def _append(*targets: tuple, header: bool) -> None:
@@ -135,11 +186,17 @@ def _append(*targets: tuple, header: bool) -> None:
 
 def _check_sizes(n_users: int, n_items: int, n_ratings: int, n_tags: int) -> None:
     if min(n_users, n_items, n_ratings) < 1:
-        raise BatchrecError(f"--users, --items and --ratings must be >= 1 (got {n_users}, {n_items}, {n_ratings})")
+        raise BatchrecError(
+            f"--users, --items and --ratings must be >= 1 (got {n_users}, {n_items}, {n_ratings})"
+        )
     if n_ratings < n_users:
-        raise BatchrecError(f"--ratings must be >= --users (every user rates something); got {n_ratings} < {n_users}")
+        raise BatchrecError(
+            f"--ratings must be >= --users (every user rates something); got {n_ratings} < {n_users}"
+        )
     if n_ratings > n_users * n_items:
-        raise BatchrecError(f"--ratings {n_ratings} exceeds --users x --items = {n_users * n_items} distinct pairs")
+        raise BatchrecError(
+            f"--ratings {n_ratings} exceeds --users x --items = {n_users * n_items} distinct pairs"
+        )
     if n_items >= 1 << 24:
         raise BatchrecError(f"--items must be below {1 << 24} (got {n_items})")
     if n_tags < 0:
@@ -162,7 +219,7 @@ class _Items:
         self.id_rank = np.argsort(np.argsort(self.year + rng.normal(0, 8, n), kind="stable"), kind="stable")
         self.ids = (1 + np.arange(n) + np.cumsum(gap))[self.id_rank]
 
-        self.factors = rng.normal(0, DIM ** -0.25, (n, DIM)).astype(np.float32)  # dot products ~ N(0, 1)
+        self.factors = rng.normal(0, DIM**-0.25, (n, DIM)).astype(np.float32)  # dot products ~ N(0, 1)
         self.factor_cols = np.ascontiguousarray(self.factors.T)
         rank = rng.permutation(n) + 1  # popularity rank of each item
         zipf = np.arange(1, n + 1) ** -ZIPF_EXPONENT
@@ -172,7 +229,7 @@ class _Items:
         popularity_z = ndtri(1 - rank / (n + 1))  # popular films are rated a little higher
         self.bias = 0.12 * popularity_z + rng.normal(0, 0.35, n)
 
-        genre_axes = rng.normal(0, DIM ** -0.25, (len(GENRES), DIM)).astype(np.float32)
+        genre_axes = rng.normal(0, DIM**-0.25, (len(GENRES), DIM)).astype(np.float32)
         logits = np.log(np.array(list(GENRES.values()), dtype=np.float64)) + self.factors @ genre_axes.T
         logits += rng.gumbel(size=logits.shape)
         n_genres = np.minimum(1 + rng.poisson(0.9, n), 6) * (rng.random(n) >= 0.01)  # 1% have none
@@ -182,13 +239,15 @@ class _Items:
         self.genre_ptr = np.append(0, np.cumsum(self.has_genre.sum(1)))
         self.genre_flat = np.nonzero(self.has_genre)[1]  # row-major: each item's genres in a run
         self.title_style = rng.choice(5, n, p=[0.86, 0.07, 0.03, 0.03, 0.01])
-        self.general_tag_axes = rng.normal(0, DIM ** -0.25, (len(GENERAL_TAGS), DIM)).astype(np.float32)
+        self.general_tag_axes = rng.normal(0, DIM**-0.25, (len(GENERAL_TAGS), DIM)).astype(np.float32)
 
     def available(self, until: np.ndarray) -> np.ndarray:
         """How many items (an index prefix) were released by each time in `until`."""
         return np.searchsorted(self.release, until, side="right")
 
-    def sample(self, rng: np.random.Generator, limit: np.ndarray, size: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def sample(
+        self, rng: np.random.Generator, limit: np.ndarray, size: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         """`size[u]` items for each user u by popularity among the first `limit[u]` (with replacement).
 
         Returns (user, item) sorted by user, then item: each user's uniforms are sorted (one
@@ -199,25 +258,40 @@ class _Items:
         u = np.sort(user + rng.random(len(user)))
         u -= user
         u *= np.repeat(self.popularity_cdf[limit - 1], size)
-        return user, np.minimum(np.searchsorted(self.popularity_cdf, u, side="right"), np.repeat(limit - 1, size))
+        return user, np.minimum(
+            np.searchsorted(self.popularity_cdf, u, side="right"), np.repeat(limit - 1, size)
+        )
 
     def frame(self) -> pl.DataFrame:
         """movies.csv: `movieId,title,genres`, titles like MovieLens ("Name, The (1997)" gets quoted)."""
         ident = pl.col("movieId").cast(pl.String)
         name = pl.concat_str(pl.lit("Synthetic Movie "), ident)
-        title = (pl.when(pl.col("style") == 1).then(pl.concat_str(name, pl.lit(", The")))
-                 .when(pl.col("style") == 2).then(pl.concat_str(name, pl.lit(", A")))
-                 .when(pl.col("style") == 3)
-                 .then(pl.concat_str(name, pl.lit(" (Film Synthétique "), ident, pl.lit(")")))  # an a.k.a.
-                 .when(pl.col("style") == 4).then(pl.concat_str(name, pl.lit(' "Redux"')))
-                 .otherwise(name))
+        title = (
+            pl.when(pl.col("style") == 1)
+            .then(pl.concat_str(name, pl.lit(", The")))
+            .when(pl.col("style") == 2)
+            .then(pl.concat_str(name, pl.lit(", A")))
+            .when(pl.col("style") == 3)
+            .then(pl.concat_str(name, pl.lit(" (Film Synthétique "), ident, pl.lit(")")))  # an a.k.a.
+            .when(pl.col("style") == 4)
+            .then(pl.concat_str(name, pl.lit(' "Redux"')))
+            .otherwise(name)
+        )
         flags = {g: self.has_genre[:, k] for k, g in enumerate(GENRES)}
-        genres = pl.concat_str([pl.when(pl.col(g)).then(pl.lit(g)) for g in GENRES], separator="|", ignore_nulls=True)
-        return (pl.DataFrame({"movieId": self.ids, "style": self.title_style, "year": self.year, **flags})
-                .sort("movieId")
-                .select("movieId",
-                        pl.concat_str(title, pl.lit(" ("), pl.col("year").cast(pl.String), pl.lit(")")).alias("title"),
-                        pl.when(genres == "").then(pl.lit(NO_GENRES)).otherwise(genres).alias("genres")))
+        genres = pl.concat_str(
+            [pl.when(pl.col(g)).then(pl.lit(g)) for g in GENRES], separator="|", ignore_nulls=True
+        )
+        return (
+            pl.DataFrame({"movieId": self.ids, "style": self.title_style, "year": self.year, **flags})
+            .sort("movieId")
+            .select(
+                "movieId",
+                pl.concat_str(title, pl.lit(" ("), pl.col("year").cast(pl.String), pl.lit(")")).alias(
+                    "title"
+                ),
+                pl.when(genres == "").then(pl.lit(NO_GENRES)).otherwise(genres).alias("genres"),
+            )
+        )
 
 
 def _user_counts(n_users: int, n_items: int, n_ratings: int, rng: np.random.Generator) -> np.ndarray:
@@ -252,11 +326,12 @@ def _blocks(counts: np.ndarray) -> np.ndarray:
     return bounds
 
 
-def _block(items: _Items, first_user: int, counts: np.ndarray, n_tags: int,
-           rng: np.random.Generator) -> tuple[pl.DataFrame, pl.DataFrame]:
+def _block(
+    items: _Items, first_user: int, counts: np.ndarray, n_tags: int, rng: np.random.Generator
+) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Ratings and tags of users first_user .. first_user+len(counts)-1."""
     n = len(counts)
-    taste = rng.normal(0, DIM ** -0.25, (DIM, n)).astype(np.float32)  # one row per latent dim
+    taste = rng.normal(0, DIM**-0.25, (DIM, n)).astype(np.float32)  # one row per latent dim
     bias = rng.normal(0, 0.5, n)
     whole_stars = rng.random(n) < 0.25
     begin = START_TS + (rng.random(n) * (END_TS - START_TS - 2 * DAY)).astype(np.int64)
@@ -273,19 +348,22 @@ def _block(items: _Items, first_user: int, counts: np.ndarray, n_tags: int,
     value = 3.42 + bias[user] + items.bias[item] + 0.8 * affinity + rng.normal(0, 0.7, len(user))
     ts = begin[user] + (rng.random(len(user)) * (end - begin)[user]).astype(np.int64)
     early = np.flatnonzero(ts < items.release[item])  # only from the `limit` extension: rate it after release
-    ts[early] = np.minimum(items.release[item[early]] + rng.exponential(60 * DAY, len(early)).astype(np.int64),
-                           END_TS - DAY)
+    ts[early] = np.minimum(
+        items.release[item[early]] + rng.exponential(60 * DAY, len(early)).astype(np.int64), END_TS - DAY
+    )
     whole = whole_stars[user] | (ts < HALF_STARS_FROM)
     rating = np.where(whole, np.clip(np.rint(value), 1, 5), np.clip(np.rint(value * 2) / 2, 0.5, 5))
 
-    ratings = pl.DataFrame({"userId": user + first_user + 1, "movieId": items.ids[item], "rating": rating,
-                            "timestamp": ts})
+    ratings = pl.DataFrame(
+        {"userId": user + first_user + 1, "movieId": items.ids[item], "rating": rating, "timestamp": ts}
+    )
     tags = _tags(items, user, item, ts, counts, n_tags, rng)
     return ratings, tags.with_columns(pl.col("userId") + first_user + 1)
 
 
-def _choose_items(items: _Items, counts: np.ndarray, taste: np.ndarray, limit: np.ndarray,
-                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _choose_items(
+    items: _Items, counts: np.ndarray, taste: np.ndarray, limit: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Each user's `counts[u]` distinct items among the first `limit[u]`, sorted by (user, movieId).
 
     Light users: draw POOL_FACTOR*count candidates by popularity, drop repeats, keep the `count`
@@ -307,7 +385,9 @@ def _choose_items(items: _Items, counts: np.ndarray, taste: np.ndarray, limit: n
 
     score_bits = 63 - item_bits - MAX_BLOCK_USERS.bit_length()
     levels = (1 << score_bits) - 1
-    descending = levels - np.clip((score + 40.0) * (levels / 80.0), 0, levels).astype(np.int64)  # float64: exact
+    descending = levels - np.clip((score + 40.0) * (levels / 80.0), 0, levels).astype(
+        np.int64
+    )  # float64: exact
     key = (cand_user << (score_bits + item_bits)) | (descending << item_bits) | cand_item
     key.sort()
     key_user = key >> (score_bits + item_bits)
@@ -327,8 +407,14 @@ def _choose_items(items: _Items, counts: np.ndarray, taste: np.ndarray, limit: n
     return user[order], item[order]
 
 
-def _choose_dense(items: _Items, counts: np.ndarray, taste: np.ndarray, limit: np.ndarray, rows: np.ndarray,
-                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _choose_dense(
+    items: _Items,
+    counts: np.ndarray,
+    taste: np.ndarray,
+    limit: np.ndarray,
+    rows: np.ndarray,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
     """Gumbel-top-count over the allowed prefix of the catalogue for the users `rows` (rows x items stays small)."""
     score = TASTE_WEIGHT * (taste[:, rows].T @ items.factor_cols).astype(np.float64)  # float64: no ties
     score += (1 + POPULARITY_WEIGHT) * items.log_popularity
@@ -350,11 +436,20 @@ def _affinity(taste: np.ndarray, factor_cols: np.ndarray, user: np.ndarray, item
     return out
 
 
-def _tags(items: _Items, user: np.ndarray, item: np.ndarray, ts: np.ndarray, counts: np.ndarray, n_tags: int,
-          rng: np.random.Generator) -> pl.DataFrame:
+def _tags(
+    items: _Items,
+    user: np.ndarray,
+    item: np.ndarray,
+    ts: np.ndarray,
+    counts: np.ndarray,
+    n_tags: int,
+    rng: np.random.Generator,
+) -> pl.DataFrame:
     """`n_tags` distinct (user, item, tag) applications on this block's ratings, a little after each rating."""
-    empty = pl.DataFrame({"userId": [], "movieId": [], "tag": [], "timestamp": []},
-                         schema={"userId": pl.Int64, "movieId": pl.Int64, "tag": pl.String, "timestamp": pl.Int64})
+    empty = pl.DataFrame(
+        {"userId": [], "movieId": [], "tag": [], "timestamp": []},
+        schema={"userId": pl.Int64, "movieId": pl.Int64, "tag": pl.String, "timestamp": pl.Int64},
+    )
     if n_tags == 0 or len(user) == 0:
         return empty
     # A few heavy taggers apply most tags, as in MovieLens; active users tag more.
@@ -376,11 +471,16 @@ def _tags(items: _Items, user: np.ndarray, item: np.ndarray, ts: np.ndarray, cou
         r = np.minimum(np.searchsorted(cum, rng.random(size) * cum[-1], side="right"), len(cum) - 1)
         it = item[r]
         n_genre = items.genre_ptr[it + 1] - items.genre_ptr[it]
-        genre = items.genre_flat[np.minimum(items.genre_ptr[it] + (rng.random(size) * n_genre).astype(np.int64),
-                                            len(items.genre_flat) - 1)]
+        genre = items.genre_flat[
+            np.minimum(
+                items.genre_ptr[it] + (rng.random(size) * n_genre).astype(np.int64), len(items.genre_flat) - 1
+            )
+        ]
         genre_tag = genre_start[genre] + (rng.random(size) ** 2 * genre_len[genre]).astype(np.int64)
         general_logit = items.factors[it] @ items.general_tag_axes.T - 0.1 * np.arange(len(GENERAL_TAGS))
-        general_tag = genre_start[-1] + np.argmax(general_logit + rng.gumbel(size=general_logit.shape), axis=1)
+        general_tag = genre_start[-1] + np.argmax(
+            general_logit + rng.gumbel(size=general_logit.shape), axis=1
+        )
         use_genre = (n_genre > 0) & (rng.random(size) < 0.7)
         t = _TAG_OF_SLOT[np.where(use_genre, genre_tag, general_tag)]
         rating_idx = np.concatenate([rating_idx, r])
@@ -392,10 +492,15 @@ def _tags(items: _Items, user: np.ndarray, item: np.ndarray, ts: np.ndarray, cou
     delay = 1 + np.exp(rng.normal(math.log(300), 3.0, len(rating_idx)))
     tag_ts = np.minimum(ts[rating_idx] + np.minimum(delay, END_TS).astype(np.int64), END_TS - 1)
     order = np.lexsort((tag_idx, items.id_rank[item[rating_idx]], user[rating_idx]))  # by userId, movieId
-    return pl.DataFrame({
-        "userId": user[rating_idx][order], "movieId": items.ids[item[rating_idx]][order],
-        "tag": pl.Series(TAG_VOCAB, dtype=pl.String).gather(tag_idx[order]), "timestamp": tag_ts[order],
-    }, schema=empty.schema)
+    return pl.DataFrame(
+        {
+            "userId": user[rating_idx][order],
+            "movieId": items.ids[item[rating_idx]][order],
+            "tag": pl.Series(TAG_VOCAB, dtype=pl.String).gather(tag_idx[order]),
+            "timestamp": tag_ts[order],
+        },
+        schema=empty.schema,
+    )
 
 
 def _readme(n_users: int, n_items: int, n_ratings: int, n_tags: int, seed: int) -> str:

@@ -16,7 +16,9 @@ import torch
 
 
 @numba.njit(cache=True)
-def _topk_row(row: np.ndarray, k: int, vals: np.ndarray, idx: np.ndarray, skip: np.ndarray, mask: np.ndarray) -> None:
+def _topk_row(
+    row: np.ndarray, k: int, vals: np.ndarray, idx: np.ndarray, skip: np.ndarray, mask: np.ndarray
+) -> None:
     """Top-k of one row, never choosing the columns in `skip` (`mask`: an all-False scratch of
     the row's length, left all False again)."""
     for c in skip:
@@ -52,7 +54,7 @@ def _topk_row(row: np.ndarray, k: int, vals: np.ndarray, idx: np.ndarray, skip: 
 def _topk_span(scores, k, out_val, out_idx, skip_ptr, skip_cols, lo, hi) -> None:
     mask = np.zeros(scores.shape[1], np.bool_)  # one scratch per span, not per row
     for r in range(lo, hi):
-        _topk_row(scores[r], k, out_val[r], out_idx[r], skip_cols[skip_ptr[r]:skip_ptr[r + 1]], mask)
+        _topk_row(scores[r], k, out_val[r], out_idx[r], skip_cols[skip_ptr[r] : skip_ptr[r + 1]], mask)
 
 
 SPAN = 64  # rows per parallel task: equal work per row, so few large tasks; one mask each
@@ -75,8 +77,9 @@ def numba_threads() -> int:
     return max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
 
 
-def row_topk(scores: torch.Tensor, k: int, skip: tuple[np.ndarray, np.ndarray] | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def row_topk(
+    scores: torch.Tensor, k: int, skip: tuple[np.ndarray, np.ndarray] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, columns) of each row's k largest scores, best first (ties: lower column first).
 
     Like `torch.topk(scores, k, dim=1)` for float32 [rows, cols] with 0 < k <= cols, except that
@@ -93,7 +96,10 @@ def row_topk(scores: torch.Tensor, k: int, skip: tuple[np.ndarray, np.ndarray] |
     idx = np.empty((s.shape[0], k), np.int64)
     if skip is None:
         skip = (np.zeros(s.shape[0] + 1, np.int64), np.zeros(0, np.int64))
-    skip = (skip[0].astype(np.int64, copy=False), skip[1].astype(np.int64, copy=False))  # one compiled signature
+    skip = (
+        skip[0].astype(np.int64, copy=False),
+        skip[1].astype(np.int64, copy=False),
+    )  # one compiled signature
     threads = numba_threads()
     if threads == 1:
         # No OpenMP pool at all: its idle workers spin, and beside another busy process (two

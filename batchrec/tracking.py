@@ -23,9 +23,10 @@ import logging
 import math
 import os
 import re
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from batchrec.errors import BatchrecError, first_line
 
@@ -54,8 +55,10 @@ def _mlflow(flag: bool | None = None):
     try:
         import mlflow  # an optional extra: imported only when tracking is asked for
     except ImportError:
-        raise BatchrecError(f"MLflow tracking was asked for ({_why(flag)}) but mlflow is not installed "
-                            f"(expected `{EXTRA}`, or unset {URI_ENV} / drop --mlflow)") from None
+        raise BatchrecError(
+            f"MLflow tracking was asked for ({_why(flag)}) but mlflow is not installed "
+            f"(expected `{EXTRA}`, or unset {URI_ENV} / drop --mlflow)"
+        ) from None
     return mlflow
 
 
@@ -72,8 +75,10 @@ def start(flag: bool | None) -> bool:
     try:
         mlflow.set_experiment(experiment_name())
     except Exception as exc:  # any store failure (bad URI, unreachable server, refused backend)
-        raise BatchrecError(f"MLflow tracking store {mlflow.get_tracking_uri()} cannot be used ({_why(flag)}): "
-                            f"{first_line(exc)} (expected a reachable tracking URI in {URI_ENV})") from None
+        raise BatchrecError(
+            f"MLflow tracking store {mlflow.get_tracking_uri()} cannot be used ({_why(flag)}): "
+            f"{first_line(exc)} (expected a reachable tracking URI in {URI_ENV})"
+        ) from None
     return True
 
 
@@ -87,21 +92,29 @@ def _existing_run(mlflow, run_id: str) -> str | None:
     experiment = mlflow.get_experiment_by_name(experiment_name())
     if experiment is None:
         return None
-    found = mlflow.MlflowClient().search_runs([experiment.experiment_id],
-                                              filter_string=f"tags.`{RUN_TAG}` = '{run_id}'", max_results=1)
+    found = mlflow.MlflowClient().search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`{RUN_TAG}` = '{run_id}'", max_results=1
+    )
     return found[0].info.run_id if found else None
 
 
 @contextmanager
-def tracking_run(name: str, *, batchrec_run_id: str | None = None, tags: Mapping[str, str] | None = None,
-                 resume: bool = False, nested: bool = False) -> Iterator[str]:
+def tracking_run(
+    name: str,
+    *,
+    batchrec_run_id: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    resume: bool = False,
+    nested: bool = False,
+) -> Iterator[str]:
     """An MLflow run (its id yielded) in the current experiment, tagged with `batchrec_run_id`;
     `resume`: log into the existing MLflow run of that batchrec run when there is one."""
     mlflow = _mlflow(True)
     existing = _existing_run(mlflow, batchrec_run_id) if resume and batchrec_run_id else None
     all_tags = dict(tags or {}) | ({RUN_TAG: batchrec_run_id} if batchrec_run_id else {})
-    with mlflow.start_run(run_id=existing, run_name=None if existing else name, nested=nested,
-                          tags=all_tags) as active:
+    with mlflow.start_run(
+        run_id=existing, run_name=None if existing else name, nested=nested, tags=all_tags
+    ) as active:
         yield active.info.run_id
 
 
@@ -114,8 +127,11 @@ def log_params(params: Mapping[str, Any]) -> None:
 def log_metrics(metrics: Mapping[str, Any], step: int | None = None, prefix: str = "") -> None:
     """Finite numeric metrics of the active run (names made MLflow-safe); the rest skipped."""
     mlflow = _mlflow(True)
-    kept = {metric_key(prefix + k): float(v) for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    kept = {
+        metric_key(prefix + k): float(v)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
     if kept:
         mlflow.log_metrics(kept, step=step)
 
@@ -144,11 +160,20 @@ def log_train(row: dict, artifact: Path) -> str | None:
     """Log one committed model run (a `model_runs` row as train records it); returns the MLflow
     run id, or None with a warning when logging failed (the model run itself is recorded)."""
     try:
-        with tracking_run(f"train {row['run_id']}", batchrec_run_id=row["run_id"],
-                          tags={"batchrec.family": row["model"], "batchrec.kind": "train"}) as mlflow_run:
-            log_params(_flat("", row["params"]) | {
-                "family": row["model"], "snapshot_id": row["snapshot_id"], "protocol": row["protocol"] or "all",
-                "device": row["device"]})
+        with tracking_run(
+            f"train {row['run_id']}",
+            batchrec_run_id=row["run_id"],
+            tags={"batchrec.family": row["model"], "batchrec.kind": "train"},
+        ) as mlflow_run:
+            log_params(
+                _flat("", row["params"])
+                | {
+                    "family": row["model"],
+                    "snapshot_id": row["snapshot_id"],
+                    "protocol": row["protocol"] or "all",
+                    "device": row["device"],
+                }
+            )
             log_history(row["metrics"].get("history") or [])
             log_metrics(row["metrics"].get("valid") or {}, prefix="valid/")
             log_metrics({"fit_seconds": row["fit_seconds"], "n_train": row["metrics"].get("n_train")})
@@ -157,25 +182,40 @@ def log_train(row: dict, artifact: Path) -> str | None:
     except BatchrecError:
         raise
     except Exception as exc:
-        log.warning("MLflow logging of run %s failed: %s (the run is recorded in the warehouse)",
-                    row["run_id"], first_line(exc))
+        log.warning(
+            "MLflow logging of run %s failed: %s (the run is recorded in the warehouse)",
+            row["run_id"],
+            first_line(exc),
+        )
         return None
 
 
-def log_evaluation(run: dict, protocol: str, metrics: Mapping[str, float], settings: Mapping[str, Any]) -> str | None:
+def log_evaluation(
+    run: dict, protocol: str, metrics: Mapping[str, float], settings: Mapping[str, Any]
+) -> str | None:
     """Log one measured run's metrics on `protocol` into its MLflow run (found by tag, else new);
     returns the MLflow run id, or None with a warning when logging failed."""
     try:
-        with tracking_run(f"evaluate {run['run_id']}", batchrec_run_id=run["run_id"], resume=True,
-                          tags={"batchrec.family": run["model"]}) as mlflow_run:
+        with tracking_run(
+            f"evaluate {run['run_id']}",
+            batchrec_run_id=run["run_id"],
+            resume=True,
+            tags={"batchrec.family": run["model"]},
+        ) as mlflow_run:
             # settings as tags, not parameters: MLflow refuses a parameter that changes value, and a
             # run may be evaluated again on the same protocol with other cut-offs
-            _mlflow(True).set_tags({metric_key(f"batchrec.evaluate/{protocol}/{k}"): str(v) for k, v in settings.items()})
+            _mlflow(True).set_tags(
+                {metric_key(f"batchrec.evaluate/{protocol}/{k}"): str(v) for k, v in settings.items()}
+            )
             log_metrics(metrics, prefix=f"{protocol}/")
         return mlflow_run
     except BatchrecError:
         raise
     except Exception as exc:
-        log.warning("MLflow logging of the evaluation of run %s failed: %s (the evaluation is recorded in the "
-                    "warehouse)", run["run_id"], first_line(exc))
+        log.warning(
+            "MLflow logging of the evaluation of run %s failed: %s (the evaluation is recorded in the "
+            "warehouse)",
+            run["run_id"],
+            first_line(exc),
+        )
         return None

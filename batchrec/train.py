@@ -21,9 +21,10 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -51,8 +52,14 @@ DDP_FAMILIES = ("neumf", "multvae", "autorec", "two_tower", "content_dnn")
 _TORCH_WRITE_FAILED = re.compile(r"inline_container|PytorchStreamWriter|iostream error|file write failed")
 
 
-def fit_model(model_name: str, data, params: dict | None = None, device: torch.device | str = "cpu",
-              progress: bool | None = None, on_epoch: Callable[[dict], None] | None = None):
+def fit_model(
+    model_name: str,
+    data,
+    params: dict | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+):
     """Create, prepare and fit one model on `data` (a SnapshotData); returns (model, trainer).
 
     The one place a model gets fitted (CLI, evaluation, tuning, benchmarks). A model whose scores
@@ -61,15 +68,21 @@ def fit_model(model_name: str, data, params: dict | None = None, device: torch.d
     """
     model = create_model(model_name, params)
     group = distributed.current()  # in a DDP group: this rank's own random streams
-    trainer = Trainer(device=torch.device(device), seed=distributed.rank_seed(model.params.get("seed", 0), group),
-                      progress=progress, on_epoch=on_epoch)
+    trainer = Trainer(
+        device=torch.device(device),
+        seed=distributed.rank_seed(model.params.get("seed", 0), group),
+        progress=progress,
+        on_epoch=on_epoch,
+    )
     model.prepare(data, trainer.device)
     model.fit(data, trainer)
     with torch.no_grad():
         probe = model.score(torch.arange(min(data.n_users, 64), device=trainer.device))
     if not bool(torch.isfinite(probe).all()):
-        raise BatchrecError(f"{model_name}: training diverged (non-finite scores after fitting); "
-                            "lower the learning rate or raise regularisation")
+        raise BatchrecError(
+            f"{model_name}: training diverged (non-finite scores after fitting); "
+            "lower the learning rate or raise regularisation"
+        )
     return model, trainer
 
 
@@ -101,8 +114,10 @@ def save_artifact(model, artifacts_dir: Path | str, run_id: str) -> Path | str:
         shutil.rmtree(tmp, ignore_errors=True)
         if not _TORCH_WRITE_FAILED.search(str(exc)):
             raise
-        raise Fault(f"writing the model artifact to {artifacts_dir} failed part-way (disk full? torch says: "
-                    f"{first_line(exc)}): free space there and rerun (no run was recorded)") from None
+        raise Fault(
+            f"writing the model artifact to {artifacts_dir} failed part-way (disk full? torch says: "
+            f"{first_line(exc)}): free space there and rerun (no run was recorded)"
+        ) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -131,8 +146,16 @@ def remove_orphan_partials(artifacts_dir: Path | str) -> list[str]:
     return removed
 
 
-def _fit_run(wh, model_name: str, snapshot: str, protocol: str | None, params: dict, device: str,
-             publish: bool = False, mlflow: bool | None = False) -> dict | None:
+def _fit_run(
+    wh,
+    model_name: str,
+    snapshot: str,
+    protocol: str | None,
+    params: dict,
+    device: str,
+    publish: bool = False,
+    mlflow: bool | None = False,
+) -> dict | None:
     """Fit and record one run under the writer lock; `publish`: rebuild the serving database
     after (a command's last step; evaluate's own fits leave that to evaluate). `mlflow`: log the
     committed run to MLflow (None: when MLFLOW_TRACKING_URI is set; see batchrec.tracking); the
@@ -159,15 +182,32 @@ def _fit_run(wh, model_name: str, snapshot: str, protocol: str | None, params: d
             decisions = _check_same_decisions(trainer.history, group)
         if not leader:
             return None
-        metrics = {"valid": validation_metrics(model, data), "n_train": len(data.train), "history": trainer.history}
+        metrics = {
+            "valid": validation_metrics(model, data),
+            "n_train": len(data.train),
+            "history": trainer.history,
+        }
         if group is not None:
-            metrics["distributed"] = {"processes": group.world, "backend": group.backend, "epochs_per_rank": decisions}
+            metrics["distributed"] = {
+                "processes": group.world,
+                "backend": group.backend,
+                "epochs_per_rank": decisions,
+            }
         created = utcnow()
         run_id = new_run_id(model_name, created)
         artifact = save_artifact(model, wh.artifacts_dir, run_id)
-        row = {"run_id": run_id, "model": model_name, "params": model.params, "snapshot_id": snapshot_id,
-               "protocol": protocol, "metrics": metrics, "artifact_path": stored_artifact_path(wh.path, artifact),
-               "device": str(dev), "fit_seconds": fit_seconds, "created_at": created}
+        row = {
+            "run_id": run_id,
+            "model": model_name,
+            "params": model.params,
+            "snapshot_id": snapshot_id,
+            "protocol": protocol,
+            "metrics": metrics,
+            "artifact_path": stored_artifact_path(wh.path, artifact),
+            "device": str(dev),
+            "fit_seconds": fit_seconds,
+            "created_at": created,
+        }
         try:
             with wh.connect() as con, transaction(con, f"model run {run_id}"):
                 insert_run(con, row)
@@ -186,16 +226,27 @@ def _check_same_decisions(history: list[dict], group) -> list[int]:
     """Every rank's epoch count (the early-stopping decisions), checked equal, with the validation
     figures they saw: they must be, as the ranks combine them identically (a difference is a bug,
     and recording that run would hide it)."""
-    seen = math.fsum(v for row in history for k, v in row.items() if k.startswith("valid") and not math.isnan(v))
+    seen = math.fsum(
+        v for row in history for k, v in row.items() if k.startswith("valid") and not math.isnan(v)
+    )
     table = distributed.gather([float(len(history)), seen], group)
     if not (table == table[0]).all():
-        raise BatchrecError(f"the {group.world} training ranks disagreed on early stopping (epochs per rank: "
-                            f"{', '.join(str(int(n)) for n in table[:, 0])}); no run was recorded")
+        raise BatchrecError(
+            f"the {group.world} training ranks disagreed on early stopping (epochs per rank: "
+            f"{', '.join(str(int(n)) for n in table[:, 0])}); no run was recorded"
+        )
     return [int(n) for n in table[:, 0]]
 
 
-def fit_run(wh, model_name: str, snapshot: str = "latest", protocol: str | None = None,
-            params: dict | None = None, device: str = "auto", mlflow: bool | None = False) -> str:
+def fit_run(
+    wh,
+    model_name: str,
+    snapshot: str = "latest",
+    protocol: str | None = None,
+    params: dict | None = None,
+    device: str = "auto",
+    mlflow: bool | None = False,
+) -> str:
     """Fit `model_name` on a snapshot (a protocol's train part, or every interaction), save the
     artifact beside the warehouse and record a `model_runs` row; returns the run id. A failed fit
     leaves neither a row nor an artifact."""
@@ -214,10 +265,17 @@ def model_params(model: str, params: Mapping[str, Any] | Sequence[str] | None) -
     return parse_params(model, tuple(params))
 
 
-def train_run(wh, model: str, snapshot: str | None = options.TRAIN_SNAPSHOT.default, protocol: str | None = None,
-              params: Mapping[str, Any] | Sequence[str] | None = None, device: str = options.DEVICE.default,
-              mlflow: bool | None = None, nproc: int = options.TRAIN_NPROC.default,
-              tuned: bool = options.TRAIN_TUNED.default) -> dict | None:
+def train_run(
+    wh,
+    model: str,
+    snapshot: str | None = options.TRAIN_SNAPSHOT.default,
+    protocol: str | None = None,
+    params: Mapping[str, Any] | Sequence[str] | None = None,
+    device: str = options.DEVICE.default,
+    mlflow: bool | None = None,
+    nproc: int = options.TRAIN_NPROC.default,
+    tuned: bool = options.TRAIN_TUNED.default,
+) -> dict | None:
     """`batchrec train` (and the API's `train`): fit, record, rebuild the serving database; returns
     the recorded run as `batchrec.runs` rows look (artifact path as stored).
 
@@ -251,20 +309,34 @@ def _where(row: dict) -> str:
 def run_summary(row: dict) -> str:
     """The one line `batchrec train` prints for a recorded run."""
     valid = row["metrics"].get("valid") or {}
-    shown = [f"{k}={valid[k]:.4f}" for k in ("rmse", "ndcg@10", "recall@10", "precision@10")
-             if isinstance(valid.get(k), (int, float))]
+    shown = [
+        f"{k}={valid[k]:.4f}"
+        for k in ("rmse", "ndcg@10", "recall@10", "precision@10")
+        if isinstance(valid.get(k), (int, float))
+    ]
     scope = f"protocol {row['protocol']} train part" if row["protocol"] else "all interactions"
     tracked = f"; mlflow run {row['mlflow_run_id']}" if row.get("mlflow_run_id") else ""
-    return (f"run {row['run_id']}: {row['model']} on snapshot {row['snapshot_id']} ({scope}, "
-            f"{row['metrics'].get('n_train')} rows) fitted in {row['fit_seconds']:.1f} s on {_where(row)}"
-            + (f"; valid {' '.join(shown)}" if shown else "")
-            + (f"; params {row['params_source']}" if row.get("params_source") else "")
-            + f"; artifact {row['artifact_path']}" + tracked)
+    return (
+        f"run {row['run_id']}: {row['model']} on snapshot {row['snapshot_id']} ({scope}, "
+        f"{row['metrics'].get('n_train')} rows) fitted in {row['fit_seconds']:.1f} s on {_where(row)}"
+        + (f"; valid {' '.join(shown)}" if shown else "")
+        + (f"; params {row['params_source']}" if row.get("params_source") else "")
+        + f"; artifact {row['artifact_path']}"
+        + tracked
+    )
 
 
-def train_model(wh, model: str, snapshot: str = options.TRAIN_SNAPSHOT.default, protocol: str | None = None,
-                params: Sequence[str] = (), device: str = options.DEVICE.default, mlflow: bool | None = None,
-                nproc: int = options.TRAIN_NPROC.default, tuned: bool = options.TRAIN_TUNED.default) -> str:
+def train_model(
+    wh,
+    model: str,
+    snapshot: str = options.TRAIN_SNAPSHOT.default,
+    protocol: str | None = None,
+    params: Sequence[str] = (),
+    device: str = options.DEVICE.default,
+    mlflow: bool | None = None,
+    nproc: int = options.TRAIN_NPROC.default,
+    tuned: bool = options.TRAIN_TUNED.default,
+) -> str:
     """`batchrec train`: parse KEY=VALUE parameters (on top of the family's tuned setting with
     `tuned`), fit, record; returns a one-line summary."""
     row = train_run(wh, model, snapshot, protocol, tuple(params), device, mlflow, nproc, tuned)
@@ -276,22 +348,36 @@ def train_model(wh, model: str, snapshot: str = options.TRAIN_SNAPSHOT.default, 
 
 def _check_distributable(model: str, device: str, nproc: int) -> None:
     if model not in DDP_FAMILIES:
-        raise BatchrecError(f"--nproc {nproc}: {model} is not trained data-parallel "
-                            f"(expected one of {', '.join(DDP_FAMILIES)}, or --nproc 1)")
+        raise BatchrecError(
+            f"--nproc {nproc}: {model} is not trained data-parallel "
+            f"(expected one of {', '.join(DDP_FAMILIES)}, or --nproc 1)"
+        )
     dev = choose_device(device)
     if dev.type == "cuda" and nproc > torch.cuda.device_count():
-        raise BatchrecError(f"--nproc {nproc} on CUDA needs {nproc} GPUs (one per process), this machine has "
-                            f"{torch.cuda.device_count()} (expected --nproc {torch.cuda.device_count()} or --device cpu)")
+        raise BatchrecError(
+            f"--nproc {nproc} on CUDA needs {nproc} GPUs (one per process), this machine has "
+            f"{torch.cuda.device_count()} (expected --nproc {torch.cuda.device_count()} or --device cpu)"
+        )
 
 
-def _train_rank(wh, model: str, snapshot: str, protocol: str | None, params: dict, device: str, nproc: int,
-                mlflow: bool | None) -> dict | None:
+def _train_rank(
+    wh,
+    model: str,
+    snapshot: str,
+    protocol: str | None,
+    params: dict,
+    device: str,
+    nproc: int,
+    mlflow: bool | None,
+) -> dict | None:
     """This process as one rank of a launcher's group: train; rank 0 records (and tracks) the run
     and returns its row, the other ranks None."""
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
     if nproc not in (1, local_world):
-        raise BatchrecError(f"--nproc {nproc}, but the launcher started {local_world} processes on this machine "
-                            "(expected --nproc left out: under torchrun the launcher decides)")
+        raise BatchrecError(
+            f"--nproc {nproc}, but the launcher started {local_world} processes on this machine "
+            "(expected --nproc left out: under torchrun the launcher decides)"
+        )
     _check_distributable(model, device, local_world)
     with distributed.process_group(choose_device(device)) as group:
         if not group.leader:
@@ -299,14 +385,31 @@ def _train_rank(wh, model: str, snapshot: str, protocol: str | None, params: dic
         return _fit_run(wh, model, snapshot, protocol, params, device, publish=True, mlflow=mlflow)
 
 
-def _train_local_ranks(wh, model: str, snapshot: str, protocol: str | None, params: dict, device: str,
-                       nproc: int, mlflow: bool | None) -> dict:
+def _train_local_ranks(
+    wh,
+    model: str,
+    snapshot: str,
+    protocol: str | None,
+    params: dict,
+    device: str,
+    nproc: int,
+    mlflow: bool | None,
+) -> dict:
     """Hold the writer lock and run `nproc` ranks on this machine (`distributed.launch_local`):
     rank 0 works under this lock (`Warehouse.lock_of_parent`); returns the run's row."""
     _check_distributable(model, device, nproc)
     tracking.start(mlflow)  # asked for but unusable: fail here, before any rank starts
-    spec = {"warehouse": str(wh.path), "artifacts": str(wh.artifacts_dir), "model": model, "snapshot": snapshot,
-            "protocol": protocol, "params": params, "device": device, "mlflow": mlflow, "logs": logs.settings()}
+    spec = {
+        "warehouse": str(wh.path),
+        "artifacts": str(wh.artifacts_dir),
+        "model": model,
+        "snapshot": snapshot,
+        "protocol": protocol,
+        "params": params,
+        "device": device,
+        "mlflow": mlflow,
+        "logs": logs.settings(),
+    }
     with wh.lock(f"train {model} --nproc {nproc}"):
         result = distributed.launch_local(nproc, "batchrec.train:rank_main", spec)
     return result["row"]
@@ -324,8 +427,17 @@ def rank_main(spec_path: str, result_path: str) -> None:
     code, result = 0, {}
     try:
         with wh.lock_of_parent("train") if rank == 0 else nullcontext():
-            result = {"row": train_run(wh, spec["model"], spec["snapshot"], spec["protocol"], spec["params"],
-                                       spec["device"], spec["mlflow"])}
+            result = {
+                "row": train_run(
+                    wh,
+                    spec["model"],
+                    spec["snapshot"],
+                    spec["protocol"],
+                    spec["params"],
+                    spec["device"],
+                    spec["mlflow"],
+                )
+            }
     except BaseException as exc:
         error = exc if isinstance(exc, BatchrecError) else as_fault(exc)
         if isinstance(exc, KeyboardInterrupt):
@@ -333,7 +445,9 @@ def rank_main(spec_path: str, result_path: str) -> None:
         if error is None:
             if settings["verbose"]:
                 traceback.print_exc()
-            error = BatchrecError(f"unexpected {type(exc).__name__}: {first_line(exc)} (run with -v for the traceback)")
+            error = BatchrecError(
+                f"unexpected {type(exc).__name__}: {first_line(exc)} (run with -v for the traceback)"
+            )
         code, result = error.exit_code, {"error": first_line(error), "exit_code": error.exit_code}
     Path(result_path).write_text(json.dumps(result, default=str))  # datetimes as text
     sys.exit(code)
@@ -345,8 +459,10 @@ def load_run_model(run_row: dict, device: torch.device | str = "auto"):
     downloaded into a temporary folder first."""
     dev = device if isinstance(device, torch.device) else choose_device(device)
     stored = run_row["artifact_path"]
-    missing = BatchrecError(f"artifact of run {run_row['run_id']} is missing at {stored} (deleted or moved?); "
-                            f"retrain with `batchrec train {run_row['model']}`")
+    missing = BatchrecError(
+        f"artifact of run {run_row['run_id']} is missing at {stored} (deleted or moved?); "
+        f"retrain with `batchrec train {run_row['model']}`"
+    )
     if storage.is_remote(stored):
         remote = storage.location(stored)
         if not storage.exists(remote / ARTIFACT_META) or not storage.exists(remote / ARTIFACT_STATE):

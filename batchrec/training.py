@@ -13,10 +13,10 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -53,7 +53,9 @@ def choose_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise BatchrecError("--device cuda was asked for but no CUDA device is available (use --device auto or cpu)")
+        raise BatchrecError(
+            "--device cuda was asked for but no CUDA device is available (use --device auto or cpu)"
+        )
     if name not in ("cpu", "cuda"):
         raise BatchrecError(f"unknown device {name!r}; valid: auto, cpu, cuda")
     return torch.device(name)
@@ -64,7 +66,9 @@ class LazyAdam(torch.optim.Optimizer):
     torch.optim.SparseAdam, same update), done with row gathers and scatters, which measured
     about twice as fast per step as SparseAdam's sparse-tensor arithmetic on this CPU."""
 
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+    def __init__(
+        self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
+    ):
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
 
     @torch.no_grad()
@@ -182,12 +186,15 @@ class Trainer:
             # such models put their L2 on the batch rows in the loss.
             opt = LazyAdam(params, lr=lr)
         else:
-            raise BatchrecError(f"unknown optimizer {optimizer!r}; valid: adam, adamw, sgd, adagrad, sparse_adam")
+            raise BatchrecError(
+                f"unknown optimizer {optimizer!r}; valid: adam, adamw, sgd, adagrad, sparse_adam"
+            )
         if lr_schedule == "cosine":
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
         elif lr_schedule == "plateau":
-            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max" if higher_is_better else "min",
-                                                               factor=0.5, patience=1)
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                opt, mode="max" if higher_is_better else "min", factor=0.5, patience=1
+            )
         elif lr_schedule == "none":
             sched = None
         else:
@@ -205,8 +212,11 @@ class Trainer:
                     tensors = steps.shard(tensors, reuse=not callable(data))
                 n = len(tensors[0])
                 order = torch.randperm(n, generator=gen, device=self.device)
-                batches = order.split(batch_size) if self.group is None else \
-                    order.tensor_split(distributed.epoch_batches(n, batch_size, self.group))
+                batches = (
+                    order.split(batch_size)
+                    if self.group is None
+                    else order.tensor_split(distributed.epoch_batches(n, batch_size, self.group))
+                )
                 module.train()
                 total = torch.zeros((), device=self.device)
                 for idx in batches:
@@ -222,10 +232,13 @@ class Trainer:
                     total = torch.tensor(total_all)
                 mean_loss = float(total) / max(n, 1)
                 if not math.isfinite(mean_loss):
-                    raise BatchrecError(f"{name}: training diverged (loss is {mean_loss} at epoch "
-                                        f"{epoch}); lower the learning rate (lr={lr}) or raise regularisation")
-                row = {"epoch": epoch, "loss": mean_loss, "lr": opt.param_groups[0]["lr"]} | \
-                    ({"member": self.member} if self.member else {})
+                    raise BatchrecError(
+                        f"{name}: training diverged (loss is {mean_loss} at epoch "
+                        f"{epoch}); lower the learning rate (lr={lr}) or raise regularisation"
+                    )
+                row = {"epoch": epoch, "loss": mean_loss, "lr": opt.param_groups[0]["lr"]} | (
+                    {"member": self.member} if self.member else {}
+                )
                 if validate is not None:
                     module.eval()
                     with torch.no_grad(), distributed.split_validation(self.group):
@@ -253,7 +266,6 @@ class Trainer:
         return self.history
 
 
-
 class _StepLoss(torch.nn.Module):
     """One training step's loss as a module (the network as its child, so it owns its parameters)."""
 
@@ -275,8 +287,10 @@ class _DistributedSteps:
     def __init__(self, net: torch.nn.Module, loss_fn: Callable[..., torch.Tensor], group: distributed.Group):
         self.group = group
         self.ddp = DistributedDataParallel(
-            _StepLoss(net, loss_fn), device_ids=[group.device.index] if group.device.type == "cuda" else None,
-            find_unused_parameters=True)
+            _StepLoss(net, loss_fn),
+            device_ids=[group.device.index] if group.device.type == "cuda" else None,
+            find_unused_parameters=True,
+        )
         self._shard_cache: tuple | None = None
 
     def __call__(self, *batch: torch.Tensor) -> torch.Tensor:

@@ -14,9 +14,9 @@ bootstrap of their difference, which `paired_p_value` turns into a two-sided p-v
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -78,8 +78,9 @@ def _one_block(n_users: int, samples: int, seed: int) -> np.ndarray:
     return counts
 
 
-def replicates(per_user: PerUser, samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED
-               ) -> dict[str, np.ndarray]:
+def replicates(
+    per_user: PerUser, samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED
+) -> dict[str, np.ndarray]:
     """Bootstrap replicates (B values) of every metric in `per_user.parts`; NaN where a resample has
     no user of the metric's segment."""
     names = list(per_user.parts)
@@ -93,7 +94,7 @@ def replicates(per_user: PerUser, samples: int = BOOTSTRAP_SAMPLES, seed: int = 
     out = []
     for counts in count_blocks(n, samples, seed):
         sums = (torch.from_numpy(counts) @ torch.from_numpy(parts)).numpy() if big else counts @ parts
-        num, total = sums[:, :len(names)], sums[:, len(names):]
+        num, total = sums[:, : len(names)], sums[:, len(names) :]
         with np.errstate(invalid="ignore", divide="ignore"):
             out.append(np.where(total > 0, num / total, np.nan))
     reps = np.concatenate(out)

@@ -20,16 +20,19 @@ import os
 import re
 import socket
 import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import duckdb
 
 from batchrec.errors import BatchrecError, WarehouseBusy
 
-if TYPE_CHECKING:  # DuckDB's .pl() imports polars when a query needs it: commands that never do start 0.25 s sooner
+if (
+    TYPE_CHECKING
+):  # DuckDB's .pl() imports polars when a query needs it: commands that never do start 0.25 s sooner
     import polars as pl
 
 DEFAULT_PATH = Path("warehouse") / "batchrec.duckdb"
@@ -91,12 +94,14 @@ def artifact_root(uri: str | os.PathLike) -> Path | str:
     object-store URI (s3://bucket/prefix, see batchrec.storage) as the URI itself."""
     text = str(uri)
     if text.startswith("file://"):
-        return Path(text[len("file://"):])
+        return Path(text[len("file://") :])
     if "://" in text:
         scheme = text.split("://", 1)[0]
         if scheme != "s3":
-            raise BatchrecError(f"--artifacts {text}: unsupported scheme {scheme}:// "
-                                "(expected a path, a file:// URI or s3://bucket/prefix)")
+            raise BatchrecError(
+                f"--artifacts {text}: unsupported scheme {scheme}:// "
+                "(expected a path, a file:// URI or s3://bucket/prefix)"
+            )
         return text.rstrip("/")
     return Path(text)
 
@@ -111,7 +116,9 @@ class Warehouse:
         self.path = resolve_path(path)
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         stem = self.path.stem
-        self.artifacts_dir = artifact_root(artifacts) if artifacts else self.path.with_name(f"{stem}.artifacts")
+        self.artifacts_dir = (
+            artifact_root(artifacts) if artifacts else self.path.with_name(f"{stem}.artifacts")
+        )
         self.shards_dir = self.path.with_name(f"{stem}.shards")
         self.serving_path = self.path.with_name(f"{stem}.serving.duckdb")
 
@@ -142,7 +149,7 @@ class Warehouse:
             holder = f"pid {os.getpid()} on {socket.gethostname()}: batchrec {command} since {stamp}Z"
             # Overwritten in place at a fixed size, never truncated first: on a full disk the
             # existing lock file's block is reused, so the command gets to report what ran out.
-            line = holder.encode()[:_LOCK_LINE - 1].ljust(_LOCK_LINE - 1) + b"\n"
+            line = holder.encode()[: _LOCK_LINE - 1].ljust(_LOCK_LINE - 1) + b"\n"
             try:
                 os.pwrite(fd, line, 0)
                 os.ftruncate(fd, _LOCK_LINE)
@@ -174,8 +181,10 @@ class Warehouse:
                     held = True
             holder = os.pread(fd, 512, 0).decode(errors="replace").strip() if fd is not None else ""
             if not (held and holder.startswith(f"pid {parent} on {socket.gethostname()}:")):
-                raise BatchrecError(f"batchrec {command}: expected the parent process (pid {parent}) to hold the "
-                                    f"writer lock of {self.path}, but it is held by {holder or 'nobody'}")
+                raise BatchrecError(
+                    f"batchrec {command}: expected the parent process (pid {parent}) to hold the "
+                    f"writer lock of {self.path}, but it is held by {holder or 'nobody'}"
+                )
         finally:
             if fd is not None:
                 os.close(fd)
@@ -245,9 +254,7 @@ class Warehouse:
                 continue
             with transaction(con, f"schema migration {path.stem}"):
                 con.execute(path.read_text())
-                con.execute(
-                    "INSERT INTO schema_version VALUES (?, ?, ?)", [version, path.stem, utcnow()]
-                )
+                con.execute("INSERT INTO schema_version VALUES (?, ?, ?)", [version, path.stem, utcnow()])
 
 
 # DuckDB settings of a connection that may read the warehouse file and nothing else: no file,
@@ -283,7 +290,9 @@ def open_readonly_sandboxed(path: str | os.PathLike) -> Iterator[duckdb.DuckDBPy
 
 # -- helpers every step uses ---------------------------------------------------------------
 @contextmanager
-def transaction(con: duckdb.DuckDBPyConnection, what: str = "a change to the warehouse") -> Iterator[duckdb.DuckDBPyConnection]:
+def transaction(
+    con: duckdb.DuckDBPyConnection, what: str = "a change to the warehouse"
+) -> Iterator[duckdb.DuckDBPyConnection]:
     """BEGIN ... COMMIT, or ROLLBACK on any exception (including KeyboardInterrupt).
 
     `what` the transaction publishes is remembered once it commits (`committed()`), so a command
@@ -339,7 +348,9 @@ def run_sql_file(con: duckdb.DuckDBPyConnection, path: Path, params: dict | None
     """Run one SQL file; `$name` placeholders are bound from params (DuckDB named parameters)."""
     text = path.read_text()
     for statement in con.extract_statements(text):
-        con.sql(statement.query, params={k: v for k, v in (params or {}).items() if f"${k}" in statement.query})
+        con.sql(
+            statement.query, params={k: v for k, v in (params or {}).items() if f"${k}" in statement.query}
+        )
 
 
 def command_line() -> str:

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 SLOWING = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")  # cleared in every measured process
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
@@ -45,8 +45,10 @@ def reexec_clean(threads: int | None = None) -> None:
         return
     cleared = [f"{k}={os.environ[k]}" for k in SLOWING if k in os.environ]
     if cleared:
-        print(f"(restarting without {' '.join(cleared)}: measured processes run OpenBLAS's own kernel choice)",
-              flush=True)
+        print(
+            f"(restarting without {' '.join(cleared)}: measured processes run OpenBLAS's own kernel choice)",
+            flush=True,
+        )
     os.execve(sys.executable, [sys.executable, *sys.argv], want | {_REEXEC_MARK: "1"})
 
 
@@ -63,8 +65,11 @@ def cpu_model() -> str:
 
 def runtime() -> dict:
     """Thread pools and BLAS of *this* process (call it where the work ran): a JSON-able dict."""
-    info: dict = {"cpu": cpu_model(), "cpus": os.cpu_count(), "slowing_env": {k: os.environ[k] for k in SLOWING
-                                                                             if k in os.environ}}
+    info: dict = {
+        "cpu": cpu_model(),
+        "cpus": os.cpu_count(),
+        "slowing_env": {k: os.environ[k] for k in SLOWING if k in os.environ},
+    }
     if "torch" in sys.modules or _importable("torch"):
         import torch
 
@@ -80,8 +85,17 @@ def runtime() -> dict:
         pools = threadpool_info()
     except ImportError:
         pools = []
-    info["blas"] = [{"lib": p.get("internal_api"), "kernel": p.get("architecture"), "threads": p.get("num_threads"),
-                     "version": p.get("version"), "prefix": p.get("prefix")} for p in pools if p.get("user_api") == "blas"]
+    info["blas"] = [
+        {
+            "lib": p.get("internal_api"),
+            "kernel": p.get("architecture"),
+            "threads": p.get("num_threads"),
+            "version": p.get("version"),
+            "prefix": p.get("prefix"),
+        }
+        for p in pools
+        if p.get("user_api") == "blas"
+    ]
     return info
 
 
@@ -94,12 +108,20 @@ def _importable(name: str) -> bool:
 def describe(info: dict | None = None) -> str:
     """One line: CPU, thread counts and BLAS kernel(s) of `info` (default: this process)."""
     info = runtime() if info is None else info
-    blas = ", ".join(f"{b['lib']} {b['version']} {b['kernel']} kernel x{b['threads']}" for b in info["blas"]) or "none"
-    threads = [f"{name} {info[key]}" for name, key in (("torch", "torch_threads"), ("numba", "numba_threads"))
-               if key in info]
+    blas = (
+        ", ".join(f"{b['lib']} {b['version']} {b['kernel']} kernel x{b['threads']}" for b in info["blas"])
+        or "none"
+    )
+    threads = [
+        f"{name} {info[key]}"
+        for name, key in (("torch", "torch_threads"), ("numba", "numba_threads"))
+        if key in info
+    ]
     env = " ".join(f"{k}={v}" for k, v in info["slowing_env"].items())
-    return (f"[{info['cpu']}, {info['cpus']} CPUs; threads: {', '.join(threads)}; BLAS: {blas}"
-            f"{'; SET: ' + env if env else ''}]")
+    return (
+        f"[{info['cpu']}, {info['cpus']} CPUs; threads: {', '.join(threads)}; BLAS: {blas}"
+        f"{'; SET: ' + env if env else ''}]"
+    )
 
 
 def run_child(args: Sequence[str], env: dict | None = None) -> tuple[float, float, float, str]:
@@ -107,7 +129,9 @@ def run_child(args: Sequence[str], env: dict | None = None) -> tuple[float, floa
     run with `env` (default: `clean_env()`); CPU and RSS from its own rusage."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(list(args), stdout=out, stderr=err, text=True, env=clean_env() if env is None else env)
+        proc = subprocess.Popen(
+            list(args), stdout=out, stderr=err, text=True, env=clean_env() if env is None else env
+        )
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
         out.seek(0)

@@ -47,11 +47,29 @@ def run_ease(X: sp.csr_matrix, args, out) -> None:
 
     torch.set_num_threads(args.threads)
     coo = X.tocoo()
-    events = Interactions(coo.row.astype(np.int64), coo.col.astype(np.int64), np.full(coo.nnz, np.nan, np.float32),
-                          np.zeros(coo.nnz, np.int64))
+    events = Interactions(
+        coo.row.astype(np.int64),
+        coo.col.astype(np.int64),
+        np.full(coo.nnz, np.nan, np.float32),
+        np.zeros(coo.nnz, np.int64),
+    )
     empty = sp.csr_matrix((X.shape[1], 0), dtype=np.float32)
-    data = SnapshotData("bench", None, X.shape[0], X.shape[1], events, None, None, np.arange(X.shape[0]),
-                        np.arange(X.shape[1]), None, empty, [], empty, [])
+    data = SnapshotData(
+        "bench",
+        None,
+        X.shape[0],
+        X.shape[1],
+        events,
+        None,
+        None,
+        np.arange(X.shape[0]),
+        np.arange(X.shape[1]),
+        None,
+        empty,
+        [],
+        empty,
+        [],
+    )
     model = create_model("ease", {"lam": args.lam, "recency_halflife": 0.0, "max_memory_gb": 64.0})
     trainer = Trainer(device=torch.device("cpu"), seed=0, progress=False)
     model.prepare(data, trainer.device)
@@ -80,8 +98,11 @@ def main() -> None:
     args = ap.parse_args()
     reexec_clean(args.threads)
     X = subset(args.items)
-    print(f"subset: {X.shape[0]:,} users x {X.shape[1]:,} items, {X.nnz:,} interactions "
-          f"({SYNTH if SYNTH.exists() else 'random Zipf-like'}); threads={args.threads}", flush=True)
+    print(
+        f"subset: {X.shape[0]:,} users x {X.shape[1]:,} items, {X.nnz:,} interactions "
+        f"({SYNTH if SYNTH.exists() else 'random Zipf-like'}); threads={args.threads}",
+        flush=True,
+    )
     ctx = mp.get_context("fork")
 
     def side(fn):
@@ -93,14 +114,18 @@ def main() -> None:
             p.join()
             print(f"{name:9s} {sec:8.1f} s   peak RSS {rss:5.2f} GB", flush=True)
             return sec, rss, info
+
         return run
 
     got = alternate(args.repeat, {"ease": side(run_ease), "inverse": side(run_inverse)})
     ratios = [e[0] / i[0] for e, i in zip(got["ease"], got["inverse"])]
     print(f"ease fit {median([e[0] for e in got['ease']]):.1f} s {describe(got['ease'][0][2])}")
     print(f"bare inv {median([i[0] for i in got['inverse']]):.1f} s {describe(got['inverse'][0][2])}")
-    print(f"ratio ease fit / bare inverse: {median(ratios):.2f} (median of {len(ratios)} alternating rounds; "
-          f"target <= 1.3); ease peak RSS {max(e[1] for e in got['ease']):.2f} GB (target < 8 GB); {load_line()}")
+    print(
+        f"ratio ease fit / bare inverse: {median(ratios):.2f} (median of {len(ratios)} alternating rounds; "
+        f"target <= 1.3); ease peak RSS {max(e[1] for e in got['ease']):.2f} GB (target < 8 GB); {load_line()}"
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -30,14 +30,20 @@ def batchrec(src: Path, warehouse: Path, *args: str) -> float:
     """Run `batchrec --warehouse W ARGS` with `src`'s code; the wall seconds it took."""
     env = os.environ | {"PYTHONPATH": str(src)}
     started = time.perf_counter()
-    subprocess.run([shutil.which("batchrec") or "batchrec", "-q", "--warehouse", str(warehouse), *args],
-                   env=env, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [shutil.which("batchrec") or "batchrec", "-q", "--warehouse", str(warehouse), *args],
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     return time.perf_counter() - started
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--baseline-src", default=None, help="checkout whose code is the baseline (its batchrec/ is imported)")
+    ap.add_argument(
+        "--baseline-src", default=None, help="checkout whose code is the baseline (its batchrec/ is imported)"
+    )
     ap.add_argument("--models", default="ease,svd,popularity")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
@@ -54,9 +60,20 @@ def main() -> None:
             batchrec(src, built, "train", m, "--protocol", "user_temporal")
         ours = tmp / "ours" / "wh.duckdb"
         shutil.copytree(built.parent, ours.parent)  # the warehouse and its artifacts, same runs
-        evaluate = ("evaluate", "--models", args.models, "--protocol", "user_temporal", "--k", "5,10,20", "--compare")
-        cases = {"this checkout": (HERE, ours, ("--bootstrap", "1000")),
-                 "this checkout, --bootstrap 0": (HERE, ours, ("--bootstrap", "0"))}
+        evaluate = (
+            "evaluate",
+            "--models",
+            args.models,
+            "--protocol",
+            "user_temporal",
+            "--k",
+            "5,10,20",
+            "--compare",
+        )
+        cases = {
+            "this checkout": (HERE, ours, ("--bootstrap", "1000")),
+            "this checkout, --bootstrap 0": (HERE, ours, ("--bootstrap", "0")),
+        }
         if base_src:
             cases["baseline"] = (base_src, built, ())
         walls: dict[str, list[float]] = {name: [] for name in cases}
@@ -64,13 +81,19 @@ def main() -> None:
             for name, (code, wh, extra) in cases.items():
                 walls[name].append(batchrec(code, wh, *evaluate, "--report", str(tmp / "reports"), *extra))
     median = {name: statistics.median(w) for name, w in walls.items()}
-    print(f"batchrec evaluate --models {args.models} (ml-latest-small, user_temporal, K 5,10,20, report), "
-          f"median of {args.repeats}:")
+    print(
+        f"batchrec evaluate --models {args.models} (ml-latest-small, user_temporal, K 5,10,20, report), "
+        f"median of {args.repeats}:"
+    )
     for name, w in walls.items():
         print(f"  {name:<32} {median[name]:6.2f} s   ({', '.join(f'{x:.2f}' for x in w)})")
-    print(f"ratio with / without resamples: {median['this checkout'] / median['this checkout, --bootstrap 0']:.2f}")
+    print(
+        f"ratio with / without resamples: {median['this checkout'] / median['this checkout, --bootstrap 0']:.2f}"
+    )
     if base_src:
-        print(f"ratio this checkout / baseline ({base_src}): {median['this checkout'] / median['baseline']:.2f}")
+        print(
+            f"ratio this checkout / baseline ({base_src}): {median['this checkout'] / median['baseline']:.2f}"
+        )
 
 
 if __name__ == "__main__":

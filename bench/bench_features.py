@@ -77,8 +77,12 @@ def measure(kind: str, raw: Path, work: Path) -> dict:
     run = work / "run.duckdb"
     run.unlink(missing_ok=True)
     shutil.copyfile(raw, run)
-    proc = subprocess.Popen([sys.executable, __file__, "--child", kind, str(run)], stdout=subprocess.PIPE, text=True,
-                            env=clean_env())
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--child", kind, str(run)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=clean_env(),
+    )
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     if status != 0:
@@ -99,32 +103,50 @@ def main() -> None:
         return child(*args.child)
     reexec_clean()
     if not (args.data / "ratings.csv").exists():
-        raise SystemExit(f"no {args.data / 'ratings.csv'}: make it with "
-                         f"`batchrec synth {args.data} --users 138493 --items 26744 --ratings 20000000 --tags 1000000`")
+        raise SystemExit(
+            f"no {args.data / 'ratings.csv'}: make it with "
+            f"`batchrec synth {args.data} --users 138493 --items 26744 --ratings 20000000 --tags 1000000`"
+        )
     args.work.mkdir(parents=True, exist_ok=True)
     raw = args.work / "raw.duckdb"
     if not raw.exists():
         started = time.perf_counter()
         load_raw(args.data, raw)
-        print(f"loaded raw tables from {args.data} in {time.perf_counter() - started:.1f} s (not timed below)")
+        print(
+            f"loaded raw tables from {args.data} in {time.perf_counter() - started:.1f} s (not timed below)"
+        )
 
-    got = alternate(args.repeat, {"floor": lambda: measure("floor", raw, args.work),
-                                  "features": lambda: measure("features", raw, args.work)})
+    got = alternate(
+        args.repeat,
+        {
+            "floor": lambda: measure("floor", raw, args.work),
+            "features": lambda: measure("features", raw, args.work),
+        },
+    )
     for leftover in ("run.duckdb", "run.duckdb.lock"):
         (args.work / leftover).unlink(missing_ok=True)
     floor = {k: median([r[k] for r in got["floor"]]) for k in ("seconds", "cpu")}
     features = {k: median([r[k] for r in got["features"]]) for k in ("seconds", "cpu")}
     rss = max(r["rss_gb"] for r in got["features"])
-    print(f"floor  (bare GROUP BY user_id, median of {args.repeat}): {floor['seconds']:6.2f} s  cpu {floor['cpu']:.1f} s  "
-          f"({got['floor'][0]['summary']})")
-    print(f"features (whole snapshot, all protocols, median of {args.repeat}):  {features['seconds']:6.2f} s  "
-          f"cpu {features['cpu']:.1f} s  peak RSS {rss:.2f} GB")
+    print(
+        f"floor  (bare GROUP BY user_id, median of {args.repeat}): {floor['seconds']:6.2f} s  cpu {floor['cpu']:.1f} s  "
+        f"({got['floor'][0]['summary']})"
+    )
+    print(
+        f"features (whole snapshot, all protocols, median of {args.repeat}):  {features['seconds']:6.2f} s  "
+        f"cpu {features['cpu']:.1f} s  peak RSS {rss:.2f} GB"
+    )
     print(f"  {got['features'][0]['summary']}")
     ratios = [f["seconds"] / fl["seconds"] for f, fl in zip(got["features"], got["floor"])]
-    print(f"ratio features / floor: {median(ratios):.1f}x wall (median of {len(ratios)} alternating rounds), "
-          f"{features['cpu'] / floor['cpu']:.1f}x cpu   {describe(got['features'][0]['runtime'])}; {load_line()}")
-    print(f"targets: < 60 s {'met' if features['seconds'] < 60 else 'MISSED'}, "
-          f"< 6 GB {'met' if rss < 6 else 'MISSED'}")
+    print(
+        f"ratio features / floor: {median(ratios):.1f}x wall (median of {len(ratios)} alternating rounds), "
+        f"{features['cpu'] / floor['cpu']:.1f}x cpu   {describe(got['features'][0]['runtime'])}; {load_line()}"
+    )
+    print(
+        f"targets: < 60 s {'met' if features['seconds'] < 60 else 'MISSED'}, "
+        f"< 6 GB {'met' if rss < 6 else 'MISSED'}"
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -45,9 +45,16 @@ def interactions(seed: int = 0, sample: float = 1.0) -> sp.csr_matrix:
         if not cache.exists():
             import polars as pl
 
-            df = pl.read_csv(SYNTH, columns=["userId", "movieId"], schema_overrides={"userId": pl.Int64, "movieId": pl.Int64})
-            np.savez(cache, users=np.unique(df["userId"].to_numpy(), return_inverse=True)[1].astype(np.int32),
-                     items=np.unique(df["movieId"].to_numpy(), return_inverse=True)[1].astype(np.int32))
+            df = pl.read_csv(
+                SYNTH,
+                columns=["userId", "movieId"],
+                schema_overrides={"userId": pl.Int64, "movieId": pl.Int64},
+            )
+            np.savez(
+                cache,
+                users=np.unique(df["userId"].to_numpy(), return_inverse=True)[1].astype(np.int32),
+                items=np.unique(df["movieId"].to_numpy(), return_inverse=True)[1].astype(np.int32),
+            )
         z = np.load(cache)
         users, items = z["users"], z["items"]
         n_users, n_items = users.max() + 1, items.max() + 1
@@ -89,15 +96,44 @@ def run_batchrec(X: sp.csr_matrix, args, out) -> None:
 
     torch.set_num_threads(args.threads)
     coo = X.tocoo()
-    events = Interactions(coo.row.astype(np.int64), coo.col.astype(np.int64), np.full(coo.nnz, np.nan, np.float32),
-                          np.zeros(coo.nnz, np.int64))
+    events = Interactions(
+        coo.row.astype(np.int64),
+        coo.col.astype(np.int64),
+        np.full(coo.nnz, np.nan, np.float32),
+        np.zeros(coo.nnz, np.int64),
+    )
     del coo
     empty = sp.csr_matrix((X.shape[1], 0), dtype=np.float32)
-    data = SnapshotData("bench", None, X.shape[0], X.shape[1], events, None, None, np.arange(X.shape[0]),
-                        np.arange(X.shape[1]), None, empty, [], empty, [])
-    model = create_model("ials", {"factors": args.factors, "iterations": args.iterations, "reg": args.reg,
-                                  "alpha": args.alpha, "cg_steps": 3, "min_rating": 0.0, "recency_halflife": 0.0,
-                                  "cg_kernel": args.cg_kernel})
+    data = SnapshotData(
+        "bench",
+        None,
+        X.shape[0],
+        X.shape[1],
+        events,
+        None,
+        None,
+        np.arange(X.shape[0]),
+        np.arange(X.shape[1]),
+        None,
+        empty,
+        [],
+        empty,
+        [],
+    )
+    model = create_model(
+        "ials",
+        {
+            "factors": args.factors,
+            "iterations": args.iterations,
+            "reg": args.reg,
+            "alpha": args.alpha,
+            "cg_steps": 3,
+            "min_rating": 0.0,
+            "recency_halflife": 0.0,
+            "cg_kernel": args.cg_kernel,
+        },
+    )
+
     class Clocked(Trainer):  # stamps wall and CPU clocks at the end of each iteration
         def log_epoch(self, **fields):
             super().log_epoch(**fields, wall=time.perf_counter(), cpu=time.process_time())
@@ -115,10 +151,21 @@ def run_implicit(X: sp.csr_matrix, args, out) -> None:
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(1, "blas"):  # implicit parallelises itself; BLAS threads would oversubscribe
-        model = AlternatingLeastSquares(factors=args.factors, regularization=args.reg, alpha=args.alpha, use_cg=True,
-                                        iterations=args.iterations, num_threads=args.threads, random_state=0)
+        model = AlternatingLeastSquares(
+            factors=args.factors,
+            regularization=args.reg,
+            alpha=args.alpha,
+            use_cg=True,
+            iterations=args.iterations,
+            num_threads=args.threads,
+            random_state=0,
+        )
         stamps = [(time.perf_counter(), time.process_time())]
-        model.fit(X, show_progress=False, callback=lambda *_: stamps.append((time.perf_counter(), time.process_time())))
+        model.fit(
+            X,
+            show_progress=False,
+            callback=lambda *_: stamps.append((time.perf_counter(), time.process_time())),
+        )
         info = runtime()
     out.put(("implicit", *per_iteration(stamps), peak_rss_gb(), info))
 
@@ -131,19 +178,30 @@ def main() -> None:
     ap.add_argument("--reg", type=float, default=10.0)
     ap.add_argument("--alpha", type=float, default=1.0)
     ap.add_argument("--sample", type=float, default=1.0, help="fraction of interactions (quick runs)")
-    ap.add_argument("--cg-kernel", default="auto", choices=("auto", "numba", "torch"),
-                    help="batchrec's CG implementation (auto: the fused numba kernel on CPU)")
-    ap.add_argument("--repeat", type=int, default=3, help="rounds of (batchrec, implicit) fits, alternating; "
-                    "median ratios are reported")
+    ap.add_argument(
+        "--cg-kernel",
+        default="auto",
+        choices=("auto", "numba", "torch"),
+        help="batchrec's CG implementation (auto: the fused numba kernel on CPU)",
+    )
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="rounds of (batchrec, implicit) fits, alternating; median ratios are reported",
+    )
     args = ap.parse_args()
     reexec_clean(args.threads)  # every pool at --threads, OpenBLAS at its own kernel choice
 
     t0 = time.perf_counter()
     X = interactions(sample=args.sample)
     src = SYNTH if SYNTH.exists() else "random Zipf-like"
-    print(f"matrix: {X.shape[0]:,} users x {X.shape[1]:,} items, {X.nnz:,} interactions ({src}, "
-          f"{time.perf_counter() - t0:.1f} s to load); factors={args.factors} threads={args.threads} "
-          f"iterations={args.iterations} cg_kernel={args.cg_kernel}", flush=True)
+    print(
+        f"matrix: {X.shape[0]:,} users x {X.shape[1]:,} items, {X.nnz:,} interactions ({src}, "
+        f"{time.perf_counter() - t0:.1f} s to load); factors={args.factors} threads={args.threads} "
+        f"iterations={args.iterations} cg_kernel={args.cg_kernel}",
+        flush=True,
+    )
     ctx = mp.get_context("fork")
 
     def fit(fn):
@@ -153,24 +211,36 @@ def main() -> None:
             p.start()
             name, wall, cpu, rss, info = q.get()
             p.join()
-            print(f"{name:9s} {wall:7.2f} s/iteration (CPU {cpu:7.2f} s)   peak RSS {rss:5.2f} GB", flush=True)
+            print(
+                f"{name:9s} {wall:7.2f} s/iteration (CPU {cpu:7.2f} s)   peak RSS {rss:5.2f} GB", flush=True
+            )
             return wall, cpu, rss, info
+
         return run
 
     got = alternate(args.repeat, {"batchrec": fit(run_batchrec), "implicit": fit(run_implicit)})
     ours, ref = got["batchrec"], got["implicit"]
     walls = [o[0] / r[0] for o, r in zip(ours, ref)]
     cpus = [o[1] / r[1] for o, r in zip(ours, ref)]
-    print(f"batchrec {median([o[0] for o in ours]):.2f} s/iteration (CPU {median([o[1] for o in ours]):.2f} s) "
-          f"{describe(ours[0][3])}")
-    print(f"implicit {median([r[0] for r in ref]):.2f} s/iteration (CPU {median([r[1] for r in ref]):.2f} s) "
-          f"{describe(ref[0][3])}")
-    print(f"ratio batchrec/implicit seconds per iteration: {median(walls):.2f} wall, {median(cpus):.2f} CPU "
-          f"(medians of {len(walls)} alternating rounds; per round wall {', '.join(f'{w:.2f}' for w in walls)}; "
-          f"target <= 0.8 wall); batchrec peak RSS {max(o[2] for o in ours):.2f} GB (target < 8 GB)")
-    print(f"{load_line()} at the end (wall ratios are only meaningful on an otherwise idle machine; CPU ratios are "
-          "less sensitive)")
+    print(
+        f"batchrec {median([o[0] for o in ours]):.2f} s/iteration (CPU {median([o[1] for o in ours]):.2f} s) "
+        f"{describe(ours[0][3])}"
+    )
+    print(
+        f"implicit {median([r[0] for r in ref]):.2f} s/iteration (CPU {median([r[1] for r in ref]):.2f} s) "
+        f"{describe(ref[0][3])}"
+    )
+    print(
+        f"ratio batchrec/implicit seconds per iteration: {median(walls):.2f} wall, {median(cpus):.2f} CPU "
+        f"(medians of {len(walls)} alternating rounds; per round wall {', '.join(f'{w:.2f}' for w in walls)}; "
+        f"target <= 0.8 wall); batchrec peak RSS {max(o[2] for o in ours):.2f} GB (target < 8 GB)"
+    )
+    print(
+        f"{load_line()} at the end (wall ratios are only meaningful on an otherwise idle machine; CPU ratios are "
+        "less sensitive)"
+    )
     sys.exit(0)
+
 
 if __name__ == "__main__":
     main()

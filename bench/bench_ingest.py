@@ -64,8 +64,17 @@ def synthetic(args) -> Path:
     out = Path(args.cache) / name
     if not (out / "ratings.csv").exists():
         print(f"generating {out} ...", flush=True)
-        print(write_synthetic(out, n_users=args.users, n_items=args.items, n_ratings=args.ratings,
-                              n_tags=args.tags, seed=args.seed), flush=True)
+        print(
+            write_synthetic(
+                out,
+                n_users=args.users,
+                n_items=args.items,
+                n_ratings=args.ratings,
+                n_tags=args.tags,
+                seed=args.seed,
+            ),
+            flush=True,
+        )
     return out
 
 
@@ -77,9 +86,14 @@ def main() -> None:
     p.add_argument("--ratings", type=int, default=20_000_263)
     p.add_argument("--tags", type=int, default=465_564)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "batchrec-bench"),
-                   help="where synthetic datasets are kept between runs")
-    p.add_argument("--repeat", type=int, default=3, help="runs of each side, alternating; the medians are compared")
+    p.add_argument(
+        "--cache",
+        default=os.path.join(tempfile.gettempdir(), "batchrec-bench"),
+        help="where synthetic datasets are kept between runs",
+    )
+    p.add_argument(
+        "--repeat", type=int, default=3, help="runs of each side, alternating; the medians are compared"
+    )
     args = p.parse_args()
     reexec_clean()
 
@@ -93,12 +107,17 @@ def main() -> None:
     print(f"data: {data} ({size:,.0f} MiB; ratings.csv {ratings.stat().st_size / 2**20:,.0f} MiB)")
 
     floors, ingests, counts = [], [], {}
-    with tempfile.TemporaryDirectory(prefix="bench-ingest-", dir=args.cache if Path(args.cache).exists() else None) as tmp:
+    with tempfile.TemporaryDirectory(
+        prefix="bench-ingest-", dir=args.cache if Path(args.cache).exists() else None
+    ) as tmp:
+
         def floor_side() -> None:
             db = Path(tmp) / "floor.duckdb"
             both = []
             for keep_order in ("true", "false"):  # the floor is the faster of DuckDB's two modes
-                wall, cpu, rss, out = run_measured([sys.executable, "-c", FLOOR, str(db), str(ratings), keep_order])
+                wall, cpu, rss, out = run_measured(
+                    [sys.executable, "-c", FLOOR, str(db), str(ratings), keep_order]
+                )
                 both.append((wall, cpu, rss))
                 counts["floor"] = int(out.strip())
                 db.unlink()
@@ -108,8 +127,20 @@ def main() -> None:
             import duckdb
 
             wh = Path(tmp) / "wh" / "batchrec.duckdb"
-            ingests.append(run_measured([sys.executable, "-c", "from batchrec.cli import main; main()",
-                                         "-q", "--warehouse", str(wh), "ingest", str(data)])[:3])
+            ingests.append(
+                run_measured(
+                    [
+                        sys.executable,
+                        "-c",
+                        "from batchrec.cli import main; main()",
+                        "-q",
+                        "--warehouse",
+                        str(wh),
+                        "ingest",
+                        str(data),
+                    ]
+                )[:3]
+            )
             with duckdb.connect(str(wh), read_only=True) as con:
                 counts["ingest"] = con.execute("SELECT count(*) FROM ratings").fetchall()[0][0]
             shutil.rmtree(wh.parent)
@@ -117,8 +148,11 @@ def main() -> None:
         for run in range(args.repeat):  # alternating order, so a drift in the machine's load hits both
             for side in (floor_side, ingest_side) if run % 2 == 0 else (ingest_side, floor_side):
                 side()
-            print(f"run {run + 1}: floor {floors[-1][0]:.2f} s ({floors[-1][1]:.2f} CPU s), "
-                  f"ingest {ingests[-1][0]:.2f} s ({ingests[-1][1]:.2f} CPU s)", flush=True)
+            print(
+                f"run {run + 1}: floor {floors[-1][0]:.2f} s ({floors[-1][1]:.2f} CPU s), "
+                f"ingest {ingests[-1][0]:.2f} s ({ingests[-1][1]:.2f} CPU s)",
+                flush=True,
+            )
             if counts["ingest"] != counts["floor"]:
                 sys.exit(f"ingest loaded {counts['ingest']:,} ratings, the bare read {counts['floor']:,}")
 
@@ -127,12 +161,21 @@ def main() -> None:
     floor_rss, ingest_rss = max(r[2] for r in floors), max(r[2] for r in ingests)
     ratio = median([i[0] / f[0] for i, f in zip(ingests, floors)])
     print(f"ratings: {counts['floor']:,}   {load_line()} at the end")
-    print(f"bare DuckDB read_csv -> table : {floor_s:7.2f} s  {floor_cpu:7.2f} CPU s   peak RSS {floor_rss:5.2f} GiB")
-    print(f"batchrec ingest (all files)   : {ingest_s:7.2f} s  {ingest_cpu:7.2f} CPU s   peak RSS {ingest_rss:5.2f} GiB")
-    print(f"ratio ingest / bare read      : {ratio:7.2f}    (CPU {ingest_cpu / floor_cpu:.2f}; medians of {args.repeat} "
-          f"alternating runs)   target <= 1.5: {'ok' if ratio <= 1.5 else 'MISSED'}   {describe()}")
-    print(f"ingest peak RSS               : {ingest_rss:7.2f} GiB   target < 4 GB: "
-          f"{'ok' if ingest_rss * 2**30 < 4e9 else 'MISSED'}")
+    print(
+        f"bare DuckDB read_csv -> table : {floor_s:7.2f} s  {floor_cpu:7.2f} CPU s   peak RSS {floor_rss:5.2f} GiB"
+    )
+    print(
+        f"batchrec ingest (all files)   : {ingest_s:7.2f} s  {ingest_cpu:7.2f} CPU s   peak RSS {ingest_rss:5.2f} GiB"
+    )
+    print(
+        f"ratio ingest / bare read      : {ratio:7.2f}    (CPU {ingest_cpu / floor_cpu:.2f}; medians of {args.repeat} "
+        f"alternating runs)   target <= 1.5: {'ok' if ratio <= 1.5 else 'MISSED'}   {describe()}"
+    )
+    print(
+        f"ingest peak RSS               : {ingest_rss:7.2f} GiB   target < 4 GB: "
+        f"{'ok' if ingest_rss * 2**30 < 4e9 else 'MISSED'}"
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -56,12 +56,23 @@ def machine() -> str:
     from batchrec.training import CPU_TRAIN_THREADS
 
     lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
-    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor())
-    blas = ", ".join(f"{p.get('internal_api')} {p.get('version')} {p.get('architecture')} x{p.get('num_threads')}"
-                     for p in threadpool_info() if p.get("user_api") == "blas") or "none"
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+        platform.processor(),
+    )
+    blas = (
+        ", ".join(
+            f"{p.get('internal_api')} {p.get('version')} {p.get('architecture')} x{p.get('num_threads')}"
+            for p in threadpool_info()
+            if p.get("user_api") == "blas"
+        )
+        or "none"
+    )
     env = " ".join(f"{k}={os.environ[k]}" for k in SLOWING if k in os.environ)
-    return (f"[{cpu}, {os.cpu_count()} CPUs; torch threads {torch.get_num_threads()} at start, "
-            f"{CPU_TRAIN_THREADS} while fitting on CPU; BLAS: {blas}{'; set here, cleared in the measured children: ' + env if env else ''}]")
+    return (
+        f"[{cpu}, {os.cpu_count()} CPUs; torch threads {torch.get_num_threads()} at start, "
+        f"{CPU_TRAIN_THREADS} while fitting on CPU; BLAS: {blas}{'; set here, cleared in the measured children: ' + env if env else ''}]"
+    )
 
 
 def load() -> str:
@@ -90,8 +101,20 @@ def build_warehouse(root: Path, name: str, args, protocols: str = "random") -> P
         steps = [base + ["ingest", "--dataset", "ml-latest-small"]]
     else:
         raw = root / "synth-raw"
-        steps = [CLI + ["synth", str(raw), "--ratings", str(args.ratings), "--users", str(args.users),
-                        "--items", str(args.items)], base + ["ingest", str(raw)]]
+        steps = [
+            CLI
+            + [
+                "synth",
+                str(raw),
+                "--ratings",
+                str(args.ratings),
+                "--users",
+                str(args.users),
+                "--items",
+                str(args.items),
+            ],
+            base + ["ingest", str(raw)],
+        ]
     for cmd in steps + [base + ["features", "--protocols", protocols]]:
         subprocess.run(cmd, check=True, capture_output=True, env=child_env())
     return wh
@@ -101,8 +124,9 @@ def last_fit_seconds(wh: Path, family: str) -> float:
     import duckdb
 
     with duckdb.connect(str(wh), read_only=True) as con:
-        return con.execute("SELECT fit_seconds FROM model_runs WHERE model = ? ORDER BY created_at DESC LIMIT 1",
-                           [family]).fetchone()[0]
+        return con.execute(
+            "SELECT fit_seconds FROM model_runs WHERE model = ? ORDER BY created_at DESC LIMIT 1", [family]
+        ).fetchone()[0]
 
 
 def quality(wh: str, family: str) -> None:
@@ -120,8 +144,17 @@ def quality(wh: str, family: str) -> None:
     fit_s = time.perf_counter() - t0
     metrics = evaluate_model(model, data, ks=(10,))
     key = "rmse" if model.task == "rating" else "ndcg@10"
-    print(json.dumps({"metric": key, "value": metrics[key], "epochs": len(trainer.history), "fit_s": fit_s,
-                      "machine": machine()}))
+    print(
+        json.dumps(
+            {
+                "metric": key,
+                "value": metrics[key],
+                "epochs": len(trainer.history),
+                "fit_s": fit_s,
+                "machine": machine(),
+            }
+        )
+    )
 
 
 def default_fits(args) -> None:
@@ -133,14 +166,20 @@ def default_fits(args) -> None:
         runs: dict[str, list[tuple[float, float, float]]] = {f: [] for f in families}
         for r in range(args.repeat):
             for family in families if r % 2 == 0 else families[::-1]:
-                wall, cpu, _ = run_child(CLI + ["-q", "--warehouse", str(wh), "train", family, "--device", "cpu"])
+                wall, cpu, _ = run_child(
+                    CLI + ["-q", "--warehouse", str(wh), "train", family, "--device", "cpu"]
+                )
                 runs[family].append((wall, cpu, last_fit_seconds(wh, family)))
         med = {f: [statistics.median(x[k] for x in runs[f]) for k in range(3)] for f in families}
         print(f"after the fits: {load()}", flush=True)
-        print(f"\nml-latest-small, `batchrec train FAMILY` (every interaction, defaults), median of {args.repeat}; "
-              f"quality: defaults on user_temporal, test part")
-        print(f"{'family':<13}{'wall s':>8}{'CPU s':>8}{'fit s':>8}{'x mf wall':>10}{'x mf CPU':>10}"
-              f"{'  quality':<20}{'epochs':>7}{'fit s':>7}")
+        print(
+            f"\nml-latest-small, `batchrec train FAMILY` (every interaction, defaults), median of {args.repeat}; "
+            f"quality: defaults on user_temporal, test part"
+        )
+        print(
+            f"{'family':<13}{'wall s':>8}{'CPU s':>8}{'fit s':>8}{'x mf wall':>10}{'x mf CPU':>10}"
+            f"{'  quality':<20}{'epochs':>7}{'fit s':>7}"
+        )
         for family in families:
             wall, cpu, fit = med[family]
             q = ""
@@ -149,8 +188,11 @@ def default_fits(args) -> None:
                 res = json.loads(out.strip().splitlines()[-1])
                 q = f"  {res['metric']} {res['value']:.4f}", res["epochs"], res["fit_s"]
             quality_cols = f"{q[0]:<20}{q[1]:>7}{q[2]:>7.1f}" if q else ""
-            print(f"{family:<13}{wall:>8.1f}{cpu:>8.1f}{fit:>8.1f}{wall / med['mf'][0]:>10.1f}{cpu / med['mf'][1]:>10.1f}"
-                  f"{quality_cols}", flush=True)
+            print(
+                f"{family:<13}{wall:>8.1f}{cpu:>8.1f}{fit:>8.1f}{wall / med['mf'][0]:>10.1f}{cpu / med['mf'][1]:>10.1f}"
+                f"{quality_cols}",
+                flush=True,
+            )
         print(f"after: {load()}")
 
 
@@ -164,12 +206,27 @@ def one_epoch_fit(wh: str, family: str, epochs: int) -> None:
     with Warehouse(Path(wh)).connect(read_only=True) as con:
         data = load_snapshot(con, latest_snapshot_id(con), None)
     t0 = time.perf_counter()
-    _, trainer = fit_model(family, data, {"epochs": epochs, "fixed_epochs": epochs} if family != "mf" else
-                           {"epochs": epochs}, device="cpu", progress=False)
+    _, trainer = fit_model(
+        family,
+        data,
+        {"epochs": epochs, "fixed_epochs": epochs} if family != "mf" else {"epochs": epochs},
+        device="cpu",
+        progress=False,
+    )
     epoch_s = [row["seconds"] for row in trainer.history]
-    print(json.dumps({"family": family, "rows": len(data.train), "users": data.n_users, "items": data.n_items,
-                      "epoch_s": sum(epoch_s) / len(epoch_s), "fit_s": time.perf_counter() - t0,
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(
+        json.dumps(
+            {
+                "family": family,
+                "rows": len(data.train),
+                "users": data.n_users,
+                "items": data.n_items,
+                "epoch_s": sum(epoch_s) / len(epoch_s),
+                "fit_s": time.perf_counter() - t0,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            }
+        )
+    )
 
 
 def per_epoch(args) -> None:
@@ -180,19 +237,30 @@ def per_epoch(args) -> None:
             wh = build_warehouse(Path(tmp), name, args)
             baseline = None
             for family in ["mf"] + [f for f in args.families.split(",") if f != "mf"]:
-                _, _, out = run_child([sys.executable, __file__, "--one", str(wh), family, "--epochs", str(args.epochs)])
+                _, _, out = run_child(
+                    [sys.executable, __file__, "--one", str(wh), family, "--epochs", str(args.epochs)]
+                )
                 r = json.loads(out.strip().splitlines()[-1])
                 baseline = baseline or r["epoch_s"]
-                print(f"{name:<24}{family:<13}{r['rows']:>10}{r['epoch_s']:>10.2f}{r['epoch_s'] / baseline:>8.1f}"
-                      f"{r['peak_rss_mb']:>13.0f}", flush=True)
+                print(
+                    f"{name:<24}{family:<13}{r['rows']:>10}{r['epoch_s']:>10.2f}{r['epoch_s'] / baseline:>8.1f}"
+                    f"{r['peak_rss_mb']:>13.0f}",
+                    flush=True,
+                )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--families", default=",".join(FAMILIES), help="comma-separated; mf always runs (the baseline)")
-    ap.add_argument("--repeat", type=int, default=3, help="alternating runs of every default fit (medians shown)")
+    ap.add_argument(
+        "--families", default=",".join(FAMILIES), help="comma-separated; mf always runs (the baseline)"
+    )
+    ap.add_argument(
+        "--repeat", type=int, default=3, help="alternating runs of every default fit (medians shown)"
+    )
     ap.add_argument("--no-quality", action="store_true", help="skip the user_temporal quality fits")
-    ap.add_argument("--per-epoch", action="store_true", help="seconds per epoch on ml-latest-small and a synthetic set")
+    ap.add_argument(
+        "--per-epoch", action="store_true", help="seconds per epoch on ml-latest-small and a synthetic set"
+    )
     ap.add_argument("--ratings", type=int, default=1_000_000)
     ap.add_argument("--users", type=int, default=7_000)
     ap.add_argument("--items", type=int, default=5_000)

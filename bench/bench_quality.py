@@ -35,8 +35,13 @@ from batchrec.train import fit_model  # noqa: E402
 
 # The references on exactly this split (RMSE over the 8,886 known pairs; NDCG@10).
 REFERENCE_RMSE = {"svd": ("tuned SVD", 0.879), "mf": ("tuned SVD", 0.879)}
-REFERENCE_NDCG = {"ease": ("EASE", 0.0802), "ials": ("implicit ALS", 0.0707), "bpr": ("BPR", 0.0519),
-                  "itemknn": ("item-kNN", 0.0511), "popularity": ("most-popular", 0.0464)}
+REFERENCE_NDCG = {
+    "ease": ("EASE", 0.0802),
+    "ials": ("implicit ALS", 0.0707),
+    "bpr": ("BPR", 0.0519),
+    "itemknn": ("item-kNN", 0.0511),
+    "popularity": ("most-popular", 0.0464),
+}
 OTHER_REFERENCES = "other references: SVD++ RMSE 0.880, kNN-baseline 0.888, baseline-only 0.899"
 
 
@@ -59,10 +64,17 @@ def main() -> None:
     ap.add_argument("--models", default=None, help="comma-separated families [default: every available one]")
     ap.add_argument("--warehouse", default=None, help="read the latest snapshot of this warehouse")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ap.add_argument("--shifted", action="store_true", help="the protocol moved back one window (no test part)")
+    ap.add_argument(
+        "--shifted", action="store_true", help="the protocol moved back one window (no test part)"
+    )
     ap.add_argument("--seeds", default="0", help="comma-separated seeds to average over [default: 0]")
-    ap.add_argument("--param", action="append", default=[], metavar="FAMILY:KEY=VALUE",
-                    help="a parameter of one family (repeatable)")
+    ap.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="FAMILY:KEY=VALUE",
+        help="a parameter of one family (repeatable)",
+    )
     args = ap.parse_args()
     reexec_clean(args.threads)
     if args.threads:
@@ -90,8 +102,10 @@ def main() -> None:
         rows.append((name, {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}, fit_s))
         print(f"  fitted {name} {len(runs)}x, {fit_s:.1f} s each", flush=True)
     pop = next((m["ndcg@10"] for n, m, _ in rows if n == "popularity"), None)
-    head = f"{'model':<12}{'RMSE':>8}{'n_known':>9}{'NDCG@10':>9}{'Recall@10':>10}{'P@10':>8}{'fit s':>8}" \
-           f"{'NDCG/pop':>10}  reference"
+    head = (
+        f"{'model':<12}{'RMSE':>8}{'n_known':>9}{'NDCG@10':>9}{'Recall@10':>10}{'P@10':>8}{'fit s':>8}"
+        f"{'NDCG/pop':>10}  reference"
+    )
     print(head)
     print("-" * len(head))
     for name, m, fit_s in rows:
@@ -103,12 +117,16 @@ def main() -> None:
             refs.append(f"RMSE {REFERENCE_RMSE[name][0]} {REFERENCE_RMSE[name][1]}")
         if name in REFERENCE_NDCG and not args.shifted:
             refs.append(f"NDCG {REFERENCE_NDCG[name][0]} {REFERENCE_NDCG[name][1]}")
-        print(f"{name:<12}{rmse:>8}{known:>9}{m['ndcg@10']:>9.4f}{m['recall@10']:>10.4f}{m['precision@10']:>8.4f}"
-              f"{fit_s:>8.1f}{ratio:>10}  {'; '.join(refs)}")
+        print(
+            f"{name:<12}{rmse:>8}{known:>9}{m['ndcg@10']:>9.4f}{m['recall@10']:>10.4f}{m['precision@10']:>8.4f}"
+            f"{fit_s:>8.1f}{ratio:>10}  {'; '.join(refs)}"
+        )
     if args.shifted:
         return
     print(OTHER_REFERENCES)
-    print("targets: best mf/svd RMSE <= 0.870; best of ease/ials/bpr NDCG@10 >= 0.085; every family > popularity")
+    print(
+        "targets: best mf/svd RMSE <= 0.870; best of ease/ials/bpr NDCG@10 >= 0.085; every family > popularity"
+    )
 
 
 if __name__ == "__main__":

@@ -52,14 +52,22 @@ def add_artifact(path: Path) -> None:
     U, V = np.load(path.parent / "U.npy"), np.load(path.parent / "V.npy")
     model = get_model_class("mf")(factors=U.shape[1], biased=False)
     model.n_users, model.n_items = len(U), len(V)
-    model.load_state({"P.weight": torch.from_numpy(U), "Q.weight": torch.from_numpy(V),
-                      "bu.weight": torch.zeros(len(U), 1), "bi.weight": torch.zeros(len(V), 1),
-                      "mu": torch.tensor(0.0)})
+    model.load_state(
+        {
+            "P.weight": torch.from_numpy(U),
+            "Q.weight": torch.from_numpy(V),
+            "bu.weight": torch.zeros(len(U), 1),
+            "bi.weight": torch.zeros(len(V), 1),
+            "mu": torch.tensor(0.0),
+        }
+    )
     artifact = model.save(path.parent / "artifacts" / RUN_ID)
     with Warehouse(path).connect() as con:
         con.execute("DELETE FROM model_runs WHERE run_id = ?", [RUN_ID])
-        con.execute("INSERT INTO model_runs VALUES (?, 'mf', ?, 'bench', NULL, '{}', ?, 'cpu', 0, ?)",
-                    [RUN_ID, json.dumps(model.params), str(artifact), utcnow()])
+        con.execute(
+            "INSERT INTO model_runs VALUES (?, 'mf', ?, 'bench', NULL, '{}', ?, 'cpu', 0, ?)",
+            [RUN_ID, json.dumps(model.params), str(artifact), utcnow()],
+        )
 
 
 def timed(args: list[str]) -> tuple[float, float, str]:
@@ -104,8 +112,11 @@ def main() -> None:
     # each task gets its share of the CPUs (and that many threads): ray-1 uses the whole machine
     # as plain does; ray-2 runs two tasks at once on half each
     ray_args = [*base, "--executor", "ray", "--ray-address", address]
-    configs = {"plain": base, "ray-1": [*ray_args, "--shards", "1", "--task-cpus", str(a.cpus)],
-               "ray-2": [*ray_args, "--shards", "2", "--task-cpus", str(a.cpus / 2)]}
+    configs = {
+        "plain": base,
+        "ray-1": [*ray_args, "--shards", "1", "--task-cpus", str(a.cpus)],
+        "ray-2": [*ray_args, "--shards", "2", "--task-cpus", str(a.cpus / 2)],
+    }
     seconds: dict[str, list[float]] = {k: [] for k in configs}
     rss: dict[str, float] = {}
     try:
@@ -118,19 +129,26 @@ def main() -> None:
                 rss[f"{name} driver"] = max(rss.get(f"{name} driver", 0.0), peak)
                 shard = re.search(r"slowest shard ([\d.]+) s", out)
                 inside = f", slowest shard task {shard.group(1)} s of it" if shard else ""
-                print(f"repeat {r + 1}: {name:6s} {wall:6.1f} s  (process peak RSS {peak:,.0f} MB{inside})", flush=True)
+                print(
+                    f"repeat {r + 1}: {name:6s} {wall:6.1f} s  (process peak RSS {peak:,.0f} MB{inside})",
+                    flush=True,
+                )
     finally:
         ray.shutdown()
 
     med = {k: statistics.median(v) for k, v in seconds.items()}
-    print(f"\nshape {a.users:,} users x {a.items:,} items, {a.nnz:,} interactions, {a.factors} factors; "
-          f"local Ray cluster of {a.cpus} CPUs started in {start_s:.1f} s (not counted below)")
+    print(
+        f"\nshape {a.users:,} users x {a.items:,} items, {a.nnz:,} interactions, {a.factors} factors; "
+        f"local Ray cluster of {a.cpus} CPUs started in {start_s:.1f} s (not counted below)"
+    )
     print(f"plain `batchrec score`          {med['plain']:6.1f} s   peak RSS {rss['plain']:,.0f} MB")
     for n in (1, 2):
         name = f"ray-{n}"
-        print(f"--executor ray --shards {n}      {med[name]:6.1f} s   ratio vs plain {med[name] / med['plain']:.2f}"
-              f"{'  (target <= 1.15)' if n == 1 else ''}   peak RSS per worker {rss[name]:,.0f} MB, "
-              f"driver {rss[name + ' driver']:,.0f} MB")
+        print(
+            f"--executor ray --shards {n}      {med[name]:6.1f} s   ratio vs plain {med[name] / med['plain']:.2f}"
+            f"{'  (target <= 1.15)' if n == 1 else ''}   peak RSS per worker {rss[name]:,.0f} MB, "
+            f"driver {rss[name + ' driver']:,.0f} MB"
+        )
 
 
 if __name__ == "__main__":

@@ -48,9 +48,15 @@ def runs_for(preset, families: set[str] | None = None) -> list[tuple[str, dict]]
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--warehouse", default=None, help="directory for the scratch warehouse [default: a temp dir]")
+    ap.add_argument(
+        "--warehouse", default=None, help="directory for the scratch warehouse [default: a temp dir]"
+    )
     ap.add_argument("--presets", default=",".join(PRESETS))
-    ap.add_argument("--families", default=None, help="only these families (comma-separated) [default: every available one]")
+    ap.add_argument(
+        "--families",
+        default=None,
+        help="only these families (comma-separated) [default: every available one]",
+    )
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()
     reexec_clean()
@@ -79,18 +85,31 @@ def main() -> int:
                 print(f"{name}: fitting {fam} {params or ''} failed: {type(exc).__name__}: {exc}")
         if not run_ids:
             continue
-        ev = run_evaluation(wh, runs=",".join(run_ids), protocol=name, report_dir=root / "reports", compare=True,
-                            device=args.device)
+        ev = run_evaluation(
+            wh,
+            runs=",".join(run_ids),
+            protocol=name,
+            report_dir=root / "reports",
+            compare=True,
+            device=args.device,
+        )
         print(f"\n=== {name}: {preset.description} ({time.perf_counter() - t0:.0f} s) ===")
         print(summary_table(ev.runs, compare=True))
         print(*ev.notes, f"report: {ev.report}", sep="\n")
         table += [(name, *row) for row in compare_references(list(preset.references), ev.runs)]
 
-    print(f"\npublished (their dataset) vs ours (ml-latest-small); {time.perf_counter() - started:.0f} s in all")
-    print(f"{'preset':<29}{'approach':<15}{'metric':<13}{'theirs':>8}  {'their dataset':<17}{'ours':>8}  {'ours/theirs':>11}  our run")
+    print(
+        f"\npublished (their dataset) vs ours (ml-latest-small); {time.perf_counter() - started:.0f} s in all"
+    )
+    print(
+        f"{'preset':<29}{'approach':<15}{'metric':<13}{'theirs':>8}  {'their dataset':<17}{'ours':>8}  {'ours/theirs':>11}  our run"
+    )
     for name, ref, value, label in table:
-        ours = (f"{value:8.4f}  {value / ref.value:11.2f}  {label}" if value is not None
-                else f"{'-':>8}  {'-':>11}  (no run measures it)")
+        ours = (
+            f"{value:8.4f}  {value / ref.value:11.2f}  {label}"
+            if value is not None
+            else f"{'-':>8}  {'-':>11}  (no run measures it)"
+        )
         print(f"{name:<29}{ref.approach:<15}{ref.metric:<13}{ref.value:8.4f}  {ref.dataset:<17}{ours}")
     return 0
 

@@ -54,7 +54,9 @@ def generate(n_users: int, n_items: int, nnz: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     counts = 20 + rng.lognormal(3.6, 1.2, n_users)
     wanted = 1.15 * nnz  # draws repeat some (user, item) pairs: over-draw, then keep exactly nnz unique
-    counts = np.minimum(20 + (counts - 20) * (wanted - 20 * n_users) / (counts - 20).sum(), n_items // 4).astype(np.int64)
+    counts = np.minimum(
+        20 + (counts - 20) * (wanted - 20 * n_users) / (counts - 20).sum(), n_items // 4
+    ).astype(np.int64)
     users = np.repeat(np.arange(n_users, dtype=np.int64), counts)
     weights = 1.0 / (np.arange(n_items) + 20.0) ** 0.9
     cdf = np.cumsum(weights[rng.permutation(n_items)])
@@ -80,13 +82,27 @@ def build_warehouse(path: Path, n_users: int, n_items: int, nnz: int, factors: i
     t0 = time.perf_counter()
     u, i, r = generate(n_users, n_items, nnz)
     rng = np.random.default_rng(1)
-    genres = ["Action", "Adventure", "Animation", "Comedy", "Crime", "Drama", "Horror", "Romance", "Sci-Fi", "Thriller"]
+    genres = [
+        "Action",
+        "Adventure",
+        "Animation",
+        "Comedy",
+        "Crime",
+        "Drama",
+        "Horror",
+        "Romance",
+        "Sci-Fi",
+        "Thriller",
+    ]
     item_genre = rng.integers(0, len(genres), (n_items, 2))
     counts = np.bincount(i, minlength=n_items)
     pop_rank = np.empty(n_items, np.int32)
     pop_rank[np.lexsort((np.arange(n_items), -counts))] = np.arange(1, n_items + 1)
     now = utcnow()
-    ts = pa.array(np.full(len(u), np.datetime64("2015-01-01", "us")) + rng.integers(0, 10**14, len(u)).astype("timedelta64[us]"))
+    ts = pa.array(
+        np.full(len(u), np.datetime64("2015-01-01", "us"))
+        + rng.integers(0, 10**14, len(u)).astype("timedelta64[us]")
+    )
     wh = Warehouse(path)
     with wh.connect() as con:
         inter = pa.table({"user_idx": u, "item_idx": i, "rating": r, "ts": ts})
@@ -98,23 +114,42 @@ def build_warehouse(path: Path, n_users: int, n_items: int, nnz: int, factors: i
         con.execute(USER_FEATURES)
         con.execute("INSERT INTO user_index SELECT 'bench', range + 1, range FROM range(?)", [n_users])
         con.execute("INSERT INTO item_index SELECT 'bench', range + 1, range FROM range(?)", [n_items])
-        con.register("feat", pa.table({"item_idx": np.arange(n_items, dtype=np.int32), "n": counts, "rank": pop_rank,
-                                       "g1": item_genre[:, 0], "g2": item_genre[:, 1]}))
+        con.register(
+            "feat",
+            pa.table(
+                {
+                    "item_idx": np.arange(n_items, dtype=np.int32),
+                    "n": counts,
+                    "rank": pop_rank,
+                    "g1": item_genre[:, 0],
+                    "g2": item_genre[:, 1],
+                }
+            ),
+        )
         con.execute("""INSERT INTO item_features (snapshot_id, item_id, item_idx, n_ratings, pop_rank)
                        SELECT 'bench', item_idx + 1, item_idx, n, rank FROM feat""")
-        con.execute("INSERT INTO items SELECT item_idx + 1, 'Movie ' || (item_idx + 1) || ' (1999)', 1999, "
-                    "[?[g1 + 1], ?[g2 + 1]], 0 FROM feat", [genres, genres])
-        con.execute("INSERT INTO item_genres SELECT DISTINCT 'bench', item_idx, unnest(genres) FROM items "
-                    "JOIN feat ON item_id = item_idx + 1")
+        con.execute(
+            "INSERT INTO items SELECT item_idx + 1, 'Movie ' || (item_idx + 1) || ' (1999)', 1999, "
+            "[?[g1 + 1], ?[g2 + 1]], 0 FROM feat",
+            [genres, genres],
+        )
+        con.execute(
+            "INSERT INTO item_genres SELECT DISTINCT 'bench', item_idx, unnest(genres) FROM items "
+            "JOIN feat ON item_id = item_idx + 1"
+        )
         con.unregister("feat")
         # random factors (the bench's model is a bare factor model object, see Factors)
         g = np.random.default_rng(2)
         np.save(path.parent / "U.npy", (g.standard_normal((n_users, factors)) * 0.3).astype(np.float32))
         np.save(path.parent / "V.npy", (g.standard_normal((n_items, factors)) * 0.3).astype(np.float32))
-        con.execute("INSERT INTO model_runs VALUES (?, 'mf', '{}', 'bench', NULL, '{}', ?, 'cpu', 0, ?)",
-                    [RUN_ID, str(path.parent), now])
-    print(f"built {path}: {n_users} users x {n_items} items, {len(u):,} interactions in {time.perf_counter() - t0:.0f} s",
-          flush=True)
+        con.execute(
+            "INSERT INTO model_runs VALUES (?, 'mf', '{}', 'bench', NULL, '{}', ?, 'cpu', 0, ?)",
+            [RUN_ID, str(path.parent), now],
+        )
+    print(
+        f"built {path}: {n_users} users x {n_items} items, {len(u):,} interactions in {time.perf_counter() - t0:.0f} s",
+        flush=True,
+    )
 
 
 def factors(workdir: Path):
@@ -137,7 +172,11 @@ def factors(workdir: Path):
             return self.V
 
         def score(self, user_idx, item_idx=None):
-            return self.U[user_idx] @ self.V.T if item_idx is None else (self.U[user_idx] * self.V[item_idx]).sum(1)
+            return (
+                self.U[user_idx] @ self.V.T
+                if item_idx is None
+                else (self.U[user_idx] * self.V[item_idx]).sum(1)
+            )
 
     return Factors(torch.from_numpy(np.load(workdir / "U.npy")), torch.from_numpy(np.load(workdir / "V.npy")))
 
@@ -156,7 +195,7 @@ def floor(model, budget: str, top_n: int) -> tuple[float, float]:
     out = np.empty((min(step, len(U_np)), Vt_np.shape[1]), np.float32)
     t0, c0 = time.perf_counter(), time.process_time()
     for a in range(0, len(U_np), step):
-        s = np.matmul(U_np[a:a + step], Vt_np, out=out[:len(U_np[a:a + step])])
+        s = np.matmul(U_np[a : a + step], Vt_np, out=out[: len(U_np[a : a + step])])
         row_topk(torch.from_numpy(s), top_n)
     return time.perf_counter() - t0, time.process_time() - c0
 
@@ -174,8 +213,10 @@ def implicit_recommend_all(workdir: Path, model, top_n: int) -> tuple[float, flo
 
     with Warehouse(workdir / "batchrec.duckdb").connect(read_only=True) as con:
         x = con.sql("SELECT user_idx, item_idx FROM interactions").fetchnumpy()
-    seen = sp.csr_matrix((np.ones(len(x["user_idx"]), np.float32), (x["user_idx"], x["item_idx"])),
-                         shape=(model.n_users, model.n_items))
+    seen = sp.csr_matrix(
+        (np.ones(len(x["user_idx"]), np.float32), (x["user_idx"], x["item_idx"])),
+        shape=(model.n_users, model.n_items),
+    )
     als = AlternatingLeastSquares(factors=model.U.shape[1])
     als.user_factors, als.item_factors = model.U.numpy(), model.V.numpy()
     t0, c0 = time.perf_counter(), time.process_time()
@@ -209,17 +250,24 @@ def measure(workdir: Path, budget: str, top_n: int) -> None:
     with wh.connect() as con:  # untimed: like a nightly run, a previous run to move and a short history
         con.execute("DELETE FROM recommendation_history")
         if not scalar(con, "SELECT count(*) FROM recommendations"):
-            con.execute("""INSERT INTO recommendations SELECT u.range + 1, r.range + 1, (u.range * 7 + r.range) % ? + 1,
+            con.execute(
+                """INSERT INTO recommendations SELECT u.range + 1, r.range + 1, (u.range * 7 + r.range) % ? + 1,
                                0, 'previous', now()::TIMESTAMP - INTERVAL 1 DAY, 'popular'
-                           FROM range(?) u, range(?) r""", [model.n_items, model.n_users, top_n])
+                           FROM range(?) u, range(?) r""",
+                [model.n_items, model.n_users, top_n],
+            )
     floors = [floor(model, budget, top_n)]
     t0, c0 = time.perf_counter(), time.process_time()
     with wh.lock("bench"):
         with wh.connect(read_only=True) as con:
             run = resolve_run(con, RUN_ID)
         info = scoring.score_and_publish(wh, run, model, top_n, scoring.parse_memory_budget(budget), 30)
-    score = {"seconds": time.perf_counter() - t0, "cpu": time.process_time() - c0, "explain": spent[0],
-             "rows": info["published"]}
+    score = {
+        "seconds": time.perf_counter() - t0,
+        "cpu": time.process_time() - c0,
+        "explain": spent[0],
+        "rows": info["published"],
+    }
     floors.append(floor(model, budget, top_n))
     print(json.dumps({"score": score, "floors": floors, "runtime": runtime()}))
 
@@ -243,9 +291,11 @@ def ease(workdir: Path, n_users: int, n_items: int, budget: str, top_n: int) -> 
     wh = Warehouse(path)
     with wh.connect(read_only=True) as con:
         x = con.sql("SELECT user_idx, item_idx FROM interactions").fetchnumpy()
-    X = sp.csr_matrix((np.ones(len(x["user_idx"]), np.float32), (x["user_idx"], x["item_idx"])), shape=(n_users, n_items))
+    X = sp.csr_matrix(
+        (np.ones(len(x["user_idx"]), np.float32), (x["user_idx"], x["item_idx"])), shape=(n_users, n_items)
+    )
     g = torch.Generator().manual_seed(0)
-    B = torch.randn(n_items, n_items, generator=g) / n_items ** 0.5
+    B = torch.randn(n_items, n_items, generator=g) / n_items**0.5
     B.fill_diagonal_(0)
 
     class ItemItem(Recommender):
@@ -271,9 +321,11 @@ def ease(workdir: Path, n_users: int, n_items: int, budget: str, top_n: int) -> 
     with wh.lock("bench"):
         scoring.score_and_publish(wh, run, model, top_n, budget_bytes, 30)
     full = time.perf_counter() - t0
-    print(f"EASE-like ({n_users:,} users x {n_items:,} items, dense item-item; in this process {describe()}): batchrec score {n_users / full:,.0f} "
-          f"users/s ({full:.1f} s incl. reading, explanations, writing); bare X @ B + topk {n_users / bare:,.0f} users/s "
-          f"({bare:.1f} s); ratio {full / bare:.2f}  [{utcnow():%Y-%m-%d}]")
+    print(
+        f"EASE-like ({n_users:,} users x {n_items:,} items, dense item-item; in this process {describe()}): batchrec score {n_users / full:,.0f} "
+        f"users/s ({full:.1f} s incl. reading, explanations, writing); bare X @ B + topk {n_users / bare:,.0f} users/s "
+        f"({bare:.1f} s); ratio {full / bare:.2f}  [{utcnow():%Y-%m-%d}]"
+    )
 
 
 def main() -> None:
@@ -288,10 +340,19 @@ def main() -> None:
     p.add_argument("--ease", action="store_true", help="also the EASE-like non-factor model")
     p.add_argument("--ease-users", type=int, default=20_000)
     p.add_argument("--ease-items", type=int, default=8_000)
-    p.add_argument("--threads", type=int, default=None,
-                   help="threads for numpy's and torch's pools in the measured process [default: theirs]")
-    p.add_argument("--repeat", type=int, default=3, help="rounds of (floor, score, floor) and implicit, alternating; "
-                   "median ratios are reported (the machine's speed drifts)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="threads for numpy's and torch's pools in the measured process [default: theirs]",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="rounds of (floor, score, floor) and implicit, alternating; "
+        "median ratios are reported (the machine's speed drifts)",
+    )
     p.add_argument("--setup-only", action="store_true", help="build the cached warehouse and stop")
     p.add_argument("--child", choices=["measure", "implicit"], help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -299,8 +360,14 @@ def main() -> None:
     if a.child == "measure":
         return measure(a.workdir, a.memory_budget, a.top_n)
     if a.child == "implicit":  # its own process, so the scorer's peak RSS is the scorer's alone
-        return print(json.dumps({"implicit": implicit_recommend_all(a.workdir, factors(a.workdir), a.top_n),
-                                 "runtime": runtime()}))
+        return print(
+            json.dumps(
+                {
+                    "implicit": implicit_recommend_all(a.workdir, factors(a.workdir), a.top_n),
+                    "runtime": runtime(),
+                }
+            )
+        )
 
     reexec_clean()  # the --ease part runs in this process
     shape = f"v2-{a.users}x{a.items}x{a.nnz}x{a.factors}"
@@ -311,7 +378,16 @@ def main() -> None:
         build_warehouse(workdir / "batchrec.duckdb", a.users, a.items, a.nnz, a.factors)
     if a.setup_only:
         return
-    me = [sys.executable, __file__, "--workdir", str(workdir), "--memory-budget", a.memory_budget, "--top-n", str(a.top_n)]
+    me = [
+        sys.executable,
+        __file__,
+        "--workdir",
+        str(workdir),
+        "--memory-budget",
+        a.memory_budget,
+        "--top-n",
+        str(a.top_n),
+    ]
     env = clean_env(a.threads)
 
     def ours() -> dict:
@@ -323,9 +399,11 @@ def main() -> None:
 
     got = alternate(a.repeat, {"batchrec": ours, "implicit": peer})
     runs = got["batchrec"]
-    print(f"shape {a.users:,} users x {a.items:,} items, {a.factors} dims, top-{a.top_n}, seen filtering on, "
-          f"--memory-budget {a.memory_budget}, threads {a.threads or 'default'}; "
-          f"{runs[0]['score']['rows']:,} rows published; this shell {describe()}")
+    print(
+        f"shape {a.users:,} users x {a.items:,} items, {a.factors} dims, top-{a.top_n}, seen filtering on, "
+        f"--memory-budget {a.memory_budget}, threads {a.threads or 'default'}; "
+        f"{runs[0]['score']['rows']:,} rows published; this shell {describe()}"
+    )
     walls, cpus = [], []
     for i, r in enumerate(runs):
         (fw0, fc0), (fw1, fc1) = r["floors"]
@@ -334,13 +412,17 @@ def main() -> None:
         walls.append(s["seconds"] / floor_s)
         cpus.append(s["cpu"] / floor_cpu)
         imp = got["implicit"][i]["implicit"]
-        print(f"round {i + 1}: floor (blocked numpy U @ V.T + batchrec top-k) {floor_s:6.1f} s CPU {floor_cpu:6.1f} s "
-              f"(before {fw0:.1f} s, after {fw1:.1f} s); score {s['seconds']:6.1f} s CPU {s['cpu']:6.1f} s "
-              f"(explanations {s['explain']:.1f} s); ratio wall {walls[-1]:.2f} CPU {cpus[-1]:.2f}"
-              + ("" if imp is None else f"; implicit {imp[0]:6.1f} s CPU {imp[1]:6.1f} s"))
+        print(
+            f"round {i + 1}: floor (blocked numpy U @ V.T + batchrec top-k) {floor_s:6.1f} s CPU {floor_cpu:6.1f} s "
+            f"(before {fw0:.1f} s, after {fw1:.1f} s); score {s['seconds']:6.1f} s CPU {s['cpu']:6.1f} s "
+            f"(explanations {s['explain']:.1f} s); ratio wall {walls[-1]:.2f} CPU {cpus[-1]:.2f}"
+            + ("" if imp is None else f"; implicit {imp[0]:6.1f} s CPU {imp[1]:6.1f} s")
+        )
     print(f"batchrec process {describe(runs[0]['runtime'])}; peak RSS {max(r['rss'] for r in runs):.2f} GB")
-    print(f"ratio  score / floor: wall {median(walls):.2f}, CPU {median(cpus):.2f} (median of {len(walls)}; "
-          f"target <= 1.15)")
+    print(
+        f"ratio  score / floor: wall {median(walls):.2f}, CPU {median(cpus):.2f} (median of {len(walls)}; "
+        f"target <= 1.15)"
+    )
     score_s = median([r["score"]["seconds"] for r in runs])
     score_cpu = median([r["score"]["cpu"] for r in runs])
     if got["implicit"][0]["implicit"] is None:
@@ -349,12 +431,15 @@ def main() -> None:
         imp_s = median([g["implicit"][0] for g in got["implicit"]])
         imp_cpu = median([g["implicit"][1] for g in got["implicit"]])
         print(f"implicit process {describe(got['implicit'][0]['runtime'])}")
-        print(f"ratio  score / implicit recommend-all (same factors, seen filtered): wall {score_s / imp_s:.2f} "
-              f"({score_s:.1f} s vs {imp_s:.1f} s), CPU {score_cpu / imp_cpu:.2f} (medians of {len(walls)}; "
-              f"target <= 0.6)")
+        print(
+            f"ratio  score / implicit recommend-all (same factors, seen filtered): wall {score_s / imp_s:.2f} "
+            f"({score_s:.1f} s vs {imp_s:.1f} s), CPU {score_cpu / imp_cpu:.2f} (medians of {len(walls)}; "
+            f"target <= 0.6)"
+        )
     print(load_line() + " at the end (wall ratios need an otherwise idle machine; CPU ratios are steadier)")
     if a.ease:
         ease(a.workdir, a.ease_users, a.ease_items, a.memory_budget, a.top_n)
+
 
 if __name__ == "__main__":
     main()

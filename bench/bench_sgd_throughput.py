@@ -44,7 +44,7 @@ N_USERS, N_ITEMS = 138_493, 26_744
 
 
 def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
 def synthetic(rows: int, seed: int = 0) -> SnapshotData:
@@ -56,9 +56,22 @@ def synthetic(rows: int, seed: int = 0) -> SnapshotData:
     ratings = (rng.integers(1, 11, rows) / 2).astype(np.float32)
     train = Interactions(users.astype(np.int64), items.astype(np.int64), ratings, np.zeros(rows, np.int64))
     empty = sp.csr_matrix((N_ITEMS, 0), dtype=np.float32)
-    return SnapshotData(snapshot_id="synthetic", protocol=None, n_users=N_USERS, n_items=N_ITEMS, train=train,
-                        valid=None, test=None, user_ids=np.arange(N_USERS), item_ids=np.arange(N_ITEMS),
-                        rating_scale=(0.5, 5.0), item_genres=empty, genre_names=[], item_tags=empty, tag_terms=[])
+    return SnapshotData(
+        snapshot_id="synthetic",
+        protocol=None,
+        n_users=N_USERS,
+        n_items=N_ITEMS,
+        train=train,
+        valid=None,
+        test=None,
+        user_ids=np.arange(N_USERS),
+        item_ids=np.arange(N_ITEMS),
+        rating_scale=(0.5, 5.0),
+        item_genres=empty,
+        genre_names=[],
+        item_tags=empty,
+        tag_terms=[],
+    )
 
 
 def bare_epoch(tensors: tuple[torch.Tensor, ...], batch_size: int, factors: int, kind: str) -> float:
@@ -68,12 +81,14 @@ def bare_epoch(tensors: tuple[torch.Tensor, ...], batch_size: int, factors: int,
     Q = nn.Embedding(N_ITEMS, factors, sparse=True)
     b = nn.Embedding(N_ITEMS, 1, sparse=True)
     bu = nn.Embedding(N_USERS, 1, sparse=True)
-    opt = torch.optim.SparseAdam([*P.parameters(), *Q.parameters(), *b.parameters(), *bu.parameters()], lr=1e-3)
+    opt = torch.optim.SparseAdam(
+        [*P.parameters(), *Q.parameters(), *b.parameters(), *bu.parameters()], lr=1e-3
+    )
     gen = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
     order = torch.randperm(len(tensors[0]), generator=gen)
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         if kind == "mf":
             u, i, r = (t[idx] for t in tensors)
             loss = ((P(u) * Q(i)).sum(-1) + bu(u)[:, 0] + b(i)[:, 0] - r).pow(2).mean()
@@ -92,18 +107,28 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None, help="[default: each family's default]")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--models", default="mf,bpr")
-    ap.add_argument("--repeats", "--repeat", type=int, default=3, help="epochs timed per loop, alternating; the medians count")
+    ap.add_argument(
+        "--repeats",
+        "--repeat",
+        type=int,
+        default=3,
+        help="epochs timed per loop, alternating; the medians count",
+    )
     args = ap.parse_args()
     reexec_clean(args.threads)
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     data = synthetic(args.rows)
-    print(f"synthetic ml-20m shape: {N_USERS:,} users x {N_ITEMS:,} items, {args.rows:,} rows "
-          f"(generated in {time.perf_counter() - t0:.1f} s); torch threads {torch.get_num_threads()}")
-    print(f"{'model':<6}{'batch':>7}{'factors':>8}{'examples':>12}{'ours s/epoch':>14}{'ours rows/s':>13}"
-          f"{'bare s/epoch':>14}"
-          f"{'bare rows/s':>13}{'ratio':>7}{'peak RSS GB':>13}")
+    print(
+        f"synthetic ml-20m shape: {N_USERS:,} users x {N_ITEMS:,} items, {args.rows:,} rows "
+        f"(generated in {time.perf_counter() - t0:.1f} s); torch threads {torch.get_num_threads()}"
+    )
+    print(
+        f"{'model':<6}{'batch':>7}{'factors':>8}{'examples':>12}{'ours s/epoch':>14}{'ours rows/s':>13}"
+        f"{'bare s/epoch':>14}"
+        f"{'bare rows/s':>13}{'ratio':>7}{'peak RSS GB':>13}"
+    )
     for name in args.models.split(","):
         params = {"epochs": 1}
         if args.batch_size:
@@ -116,8 +141,13 @@ def main() -> None:
         else:  # the triples the family trains on (positives x negatives), drawn before the clock starts
             pos = r >= model.params["positive_threshold"]
             u, i = u[pos].repeat(model.params["negatives"]), i[pos].repeat(model.params["negatives"])
-            j, ok = NegativeSampler(data.train.tensors()[0], data.train.tensors()[1], N_ITEMS, None,
-                                    Trainer(seed=0).generator(offset=2)).sample(u)
+            j, ok = NegativeSampler(
+                data.train.tensors()[0],
+                data.train.tensors()[1],
+                N_ITEMS,
+                None,
+                Trainer(seed=0).generator(offset=2),
+            ).sample(u)
             tensors = (u[ok], i[ok], j[ok])
         # Alternate the two loops (A B, B A, ...) and compare medians, so a load change on a shared
         # machine does not masquerade as a difference between them.
@@ -130,8 +160,11 @@ def main() -> None:
                     ours.append(fit_model(name, data, params, progress=False)[1].history[0]["seconds"])
         ours, bare = median(ours), median(bare)
         n = len(tensors[0])  # examples per epoch, the same for both loops
-        print(f"{name:<6}{batch:>7}{factors:>8}{n:>12,}{ours:>14.1f}{n / ours:>13,.0f}{bare:>14.1f}{n / bare:>13,.0f}"
-              f"{bare / ours:>7.2f}{peak_rss_gb():>13.2f}  {describe()}", flush=True)
+        print(
+            f"{name:<6}{batch:>7}{factors:>8}{n:>12,}{ours:>14.1f}{n / ours:>13,.0f}{bare:>14.1f}{n / bare:>13,.0f}"
+            f"{bare / ours:>7.2f}{peak_rss_gb():>13.2f}  {describe()}",
+            flush=True,
+        )
         del model, trainer, tensors
 
 

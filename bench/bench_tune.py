@@ -45,11 +45,18 @@ def main() -> None:
     ap.add_argument("--families", default="ease,ials,mf,multvae")
     ap.add_argument("--protocols", default="user_temporal,random")
     ap.add_argument("--trials", type=int, default=16, help="trials per study")
-    ap.add_argument("--timeout", type=float, default=900.0, help="seconds per study after which no trial starts")
+    ap.add_argument(
+        "--timeout", type=float, default=900.0, help="seconds per study after which no trial starts"
+    )
     ap.add_argument("--seed", type=int, default=0, help="sampler seed")
     ap.add_argument("--warehouse", default=None, help="warehouse file [default: a fresh temporary one]")
-    ap.add_argument("--param", action="append", default=[], metavar="FAMILY:KEY=VALUE",
-                    help="held fixed for that family (repeatable)")
+    ap.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="FAMILY:KEY=VALUE",
+        help="held fixed for that family (repeatable)",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(message)s")
     logging.getLogger("batchrec.tune").setLevel(logging.INFO)  # one line per finished trial
@@ -59,26 +66,45 @@ def main() -> None:
         family, _, pair = item.partition(":")
         fixed.setdefault(family, []).append(pair)
 
-    path = Path(args.warehouse) if args.warehouse else Path(tempfile.mkdtemp(prefix="bench_tune_")) / "batchrec.duckdb"
+    path = (
+        Path(args.warehouse)
+        if args.warehouse
+        else Path(tempfile.mkdtemp(prefix="bench_tune_")) / "batchrec.duckdb"
+    )
     wh = Warehouse(path)
     if not path.exists():
         ingest_path(wh, dataset="ml-latest-small")
         build_snapshot(wh, protocols=",".join(protocols))
-    print(f"warehouse {path}; {args.trials} trials or {args.timeout:.0f} s per study, seed {args.seed}, "
-          f"metric {METRIC}", flush=True)
+    print(
+        f"warehouse {path}; {args.trials} trials or {args.timeout:.0f} s per study, seed {args.seed}, "
+        f"metric {METRIC}",
+        flush=True,
+    )
 
-    header = (f"{'family':8s} {'protocol':14s} {'trials':>6s} {'pruned':>6s} {'wall s':>7s} | "
-              f"{'valid def':>9s} {'tuned':>7s} {'ratio':>6s} | {'test def':>8s} {'tuned':>7s} {'ratio':>6s}")
+    header = (
+        f"{'family':8s} {'protocol':14s} {'trials':>6s} {'pruned':>6s} {'wall s':>7s} | "
+        f"{'valid def':>9s} {'tuned':>7s} {'ratio':>6s} | {'test def':>8s} {'tuned':>7s} {'ratio':>6s}"
+    )
     rows = []
     for family in families:
         for protocol in protocols:
-            result = tune(wh, family, protocol, args.trials, args.timeout, METRIC, args.seed,
-                          params=fixed.get(family, []))
+            result = tune(
+                wh,
+                family,
+                protocol,
+                args.trials,
+                args.timeout,
+                METRIC,
+                args.seed,
+                params=fixed.get(family, []),
+            )
             print(f"  {result.summary()}", flush=True)
             # Only now, with this study finished, is the test part read: for the report.
             rows.append(_report(wh, result, parse_params(family, tuple(fixed.get(family, [])))))
             print(f"{header}\n" + "\n".join(rows), flush=True)
-    print(f"(tuned setting chosen on valid {METRIC} only; test read after each study; {time.strftime('%Y-%m-%d %H:%M')})")
+    print(
+        f"(tuned setting chosen on valid {METRIC} only; test read after each study; {time.strftime('%Y-%m-%d %H:%M')})"
+    )
 
 
 def _report(wh: Warehouse, r, base: dict) -> str:
@@ -92,9 +118,11 @@ def _report(wh: Warehouse, r, base: dict) -> str:
         tests.append(evaluate_model(model, data, ks=(10,))[METRIC])
         del model
     default = r.default_value if r.default_value is not None else float("nan")  # trial 0 pruned or failed
-    return (f"{r.family:8s} {r.protocol:14s} {r.trials:6d} {r.pruned:6d} {r.seconds:7.0f} | "
-            f"{default:9.4f} {r.best_value:7.4f} {r.best_value / default:6.3f} | "
-            f"{tests[0]:8.4f} {tests[1]:7.4f} {tests[1] / tests[0]:6.3f}")
+    return (
+        f"{r.family:8s} {r.protocol:14s} {r.trials:6d} {r.pruned:6d} {r.seconds:7.0f} | "
+        f"{default:9.4f} {r.best_value:7.4f} {r.best_value / default:6.3f} | "
+        f"{tests[0]:8.4f} {tests[1]:7.4f} {tests[1] / tests[0]:6.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BATCHREC = Path(sys.executable).parent / "batchrec"  # the installed console script
 
-_PRELUDE = '''
+_PRELUDE = """
 import functools, os, time
 from contextlib import contextmanager
 
@@ -74,7 +74,7 @@ def mark_after(f, name):
         return out
     return wrapped
 
-'''
+"""
 
 
 def fault_env(folder: Path, code: str) -> dict[str, str]:
@@ -87,8 +87,9 @@ def fault_env(folder: Path, code: str) -> dict[str, str]:
 
 def start_batchrec(args: list[str], env: dict | None = None, cwd: Path | None = None) -> subprocess.Popen:
     """`batchrec ARGS` as a real child process; stdout and stderr are kept for the checks."""
-    return subprocess.Popen([str(BATCHREC), *args], env=env, cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [str(BATCHREC), *args], env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def wait_until_paused(proc: subprocess.Popen, folder: Path, timeout: float = 300) -> None:

@@ -74,11 +74,16 @@ def latest(wh: Warehouse) -> str:
 def snapshot_rows(wh: Warehouse, snapshot_id: str) -> dict[str, list[tuple]]:
     """Every table's rows of one snapshot (without snapshot_id), sorted, plus its row counts."""
     with wh.connect(read_only=True) as con:
-        out = {table: sorted(con.execute(f"SELECT {cols} FROM {table} WHERE snapshot_id = ?", [snapshot_id]).fetchall(),
-                             key=repr)
-               for table, cols in SNAPSHOT_COLUMNS.items()}
-        out["row_counts"] = con.execute("SELECT row_counts FROM feature_snapshots WHERE snapshot_id = ?",
-                                        [snapshot_id]).fetchall()
+        out = {
+            table: sorted(
+                con.execute(f"SELECT {cols} FROM {table} WHERE snapshot_id = ?", [snapshot_id]).fetchall(),
+                key=repr,
+            )
+            for table, cols in SNAPSHOT_COLUMNS.items()
+        }
+        out["row_counts"] = con.execute(
+            "SELECT row_counts FROM feature_snapshots WHERE snapshot_id = ?", [snapshot_id]
+        ).fetchall()
     return out
 
 

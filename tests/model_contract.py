@@ -25,11 +25,15 @@ def some_users(data, n: int = 40) -> torch.Tensor:
 
 def implicit_copy(data):
     """The same snapshot with every rating removed (implicit feedback)."""
-    def strip(part):
-        return None if part is None else dataclasses.replace(part, rating=np.full(len(part), np.nan, np.float32))
 
-    return dataclasses.replace(data, train=strip(data.train), valid=strip(data.valid), test=strip(data.test),
-                               rating_scale=None)
+    def strip(part):
+        return (
+            None if part is None else dataclasses.replace(part, rating=np.full(len(part), np.nan, np.float32))
+        )
+
+    return dataclasses.replace(
+        data, train=strip(data.train), valid=strip(data.valid), test=strip(data.test), rating_scale=None
+    )
 
 
 class ModelContract:
@@ -102,7 +106,9 @@ class ModelContract:
         seen_rows = np.repeat(np.arange(len(users)), np.diff(seen.indptr))
         pick = rng.integers(0, seen.nnz, 200)
         rows = torch.from_numpy(np.concatenate([seen_rows[pick], rng.integers(0, len(users), 200)]))
-        cols = torch.from_numpy(np.concatenate([seen.indices[pick], rng.integers(0, ml_small.n_items, 200)]).astype(np.int64))
+        cols = torch.from_numpy(
+            np.concatenate([seen.indices[pick], rng.integers(0, ml_small.n_items, 200)]).astype(np.int64)
+        )
         pairs = model.score(users[rows], cols)
         assert pairs.shape == (400,)
         tol = self.pair_tolerance

@@ -11,7 +11,7 @@ hold batchrec's models and metrics against (instead of figures copied from batch
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import scipy.sparse as sp
@@ -82,7 +82,9 @@ def plain_ease_scores(data, threshold: float = 4.0) -> tuple[Scores, float]:
     lambda). On ml-latest-small / user_temporal it gives the issue's library figure (0.080)."""
     tr = data.train
     pos = tr.rating >= threshold
-    X = sp.csr_matrix((np.ones(int(pos.sum())), (tr.user_idx[pos], tr.item_idx[pos])), shape=(data.n_users, data.n_items))
+    X = sp.csr_matrix(
+        (np.ones(int(pos.sum())), (tr.user_idx[pos], tr.item_idx[pos])), shape=(data.n_users, data.n_items)
+    )
     X.data[:] = 1.0  # a pair rated twice is still one 1
     fits = {lam: ease_scores_by_users(X, lam) for lam in EASE_LAMBDAS}
     best = max(EASE_LAMBDAS, key=lambda lam: protocol_ndcg(lambda u: fits[lam][u], data, part="valid"))
@@ -104,4 +106,3 @@ def model_scores(model) -> Scores:
             return model.score(torch.from_numpy(users).to(model.device)).float().cpu().numpy()
 
     return scores
-

@@ -32,12 +32,16 @@ def python_blocks(text: str) -> list[str]:
 
 
 def test_import_batchrec_is_light_and_lists_the_api():
-    code = ("import sys, batchrec\n"
-            "heavy = sorted(m for m in ('torch', 'polars', 'duckdb', 'batchrec.api') if m in sys.modules)\n"
-            "print(heavy, sorted(dir(batchrec)))")
+    code = (
+        "import sys, batchrec\n"
+        "heavy = sorted(m for m in ('torch', 'polars', 'duckdb', 'batchrec.api') if m in sys.modules)\n"
+        "print(heavy, sorted(dir(batchrec)))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == ("[] ['BatchrecError', 'Run', 'Snapshot', 'Warehouse', '__version__', 'build_features', "
-                           "'evaluate', 'ingest', 'score', 'train', 'tune']")
+    assert out.strip() == (
+        "[] ['BatchrecError', 'Run', 'Snapshot', 'Warehouse', '__version__', 'build_features', "
+        "'evaluate', 'ingest', 'score', 'train', 'tune']"
+    )
 
 
 def test_step_modules_stay_callable_as_api_functions():
@@ -50,7 +54,11 @@ def test_step_modules_stay_callable_as_api_functions():
     for name in ("train", "evaluate", "ingest"):
         assert callable(getattr(batchrec, name))
     assert list(__import__("inspect").signature(batchrec.train).parameters)[:4] == [
-        "family", "params", "protocol", "snapshot"]
+        "family",
+        "params",
+        "protocol",
+        "snapshot",
+    ]
     with pytest.raises(BatchrecError, match="give exactly one of PATH or --dataset"):
         batchrec.ingest()
 
@@ -60,10 +68,16 @@ def published(tmp_path_factory, copy_warehouse):
     """A shipped EASE run trained through the API and published by the real `batchrec score`
     command (another process) with its top-10: (warehouse, run, recommendations table)."""
     wh = batchrec.Warehouse(copy_warehouse(tmp_path_factory.mktemp("api") / "wh"))
-    batchrec.build_features(AS_OF, protocols=["user_temporal"], warehouse=wh)  # users who started later are cold
+    batchrec.build_features(
+        AS_OF, protocols=["user_temporal"], warehouse=wh
+    )  # users who started later are cold
     run = batchrec.train("ease", warehouse=wh)
-    subprocess.run([*CLI, "-q", "--warehouse", str(wh.path), "score", "--run", run.run_id, "--top-n", "10"],
-                   check=True, capture_output=True, text=True)
+    subprocess.run(
+        [*CLI, "-q", "--warehouse", str(wh.path), "score", "--run", run.run_id, "--top-n", "10"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     table = wh.sql("SELECT user_id, rank, item_id, score, reason FROM recommendations ORDER BY user_id, rank")
     return wh, run, table
 
@@ -71,13 +85,18 @@ def published(tmp_path_factory, copy_warehouse):
 def test_recommend_gives_the_published_lists_in_raw_ids(published):
     wh, run, table = published
     sources = table["reason"].str.extract(r"^(because|genre|tag|popular|model)").value_counts()
-    assert set(sources["reason"]) >= {"because", "genre"}  # model-served and cold (profile) users both checked
+    assert set(sources["reason"]) >= {
+        "because",
+        "genre",
+    }  # model-served and cold (profile) users both checked
     got = run.recommend(table["user_id"].unique(), n=10)
     assert got.columns == ["user_id", "rank", "item_id", "score", "reason"]
     assert got.equals(table)
     # raw ids: every item is in the catalogue as ingested, every user in the ratings
     items = set(wh.sql("SELECT item_id FROM items")["item_id"])
-    assert set(got["item_id"]) <= items and set(got["user_id"]) <= set(wh.sql("SELECT user_id FROM ratings")["user_id"])
+    assert set(got["item_id"]) <= items and set(got["user_id"]) <= set(
+        wh.sql("SELECT user_id FROM ratings")["user_id"]
+    )
 
 
 def test_recommend_serves_a_never_seen_user_the_popular_items(published):
@@ -110,7 +129,10 @@ def test_bad_calls_are_one_line_errors(published):
     for call, message in [
         (lambda: run.recommend([1], n=0), r"^n: 0 is not a list length \(expected an integer >= 1\)$"),
         (lambda: run.recommend(["a"]), r"^user_ids: \['a'\] are not integer ids \(expected integers\)$"),
-        (lambda: run.recommend([1], n=10**7), r"^n: 10000000 is larger than the catalogue \(expected at most \d+"),
+        (
+            lambda: run.recommend([1], n=10**7),
+            r"^n: 10000000 is larger than the catalogue \(expected at most \d+",
+        ),
         (lambda: run.predict(pl.DataFrame({"user": [1]})), r"^pairs: no 'user_id' column \(columns: user\)$"),
         (lambda: run.predict([1, 2]), r"^pairs: 1 is not a \(user_id, item_id\) pair"),
         (lambda: batchrec.train("nope", warehouse=run.warehouse), r"^unknown model 'nope'; valid: "),
@@ -125,16 +147,29 @@ def test_evaluate_returns_the_rows_it_wrote(published):
     wh, _, _ = published
     run = batchrec.train("popularity", protocol="user_temporal", warehouse=wh)
     frame = batchrec.evaluate(run, k=[5, 10])
-    assert frame.columns == ["run_id", "family", "protocol", "metric", "k", "value", "evaluated_at", "ci_low",
-                             "ci_high", "p_vs_best"]
+    assert frame.columns == [
+        "run_id",
+        "family",
+        "protocol",
+        "metric",
+        "k",
+        "value",
+        "evaluated_at",
+        "ci_low",
+        "ci_high",
+        "p_vs_best",
+    ]
     assert set(frame["run_id"]) == {run.run_id} and set(frame["family"]) == {"popularity"}
     assert {"ndcg", "recall", "precision"} <= set(frame["metric"]) and set(frame["k"].drop_nulls()) == {5, 10}
     ndcg = frame.filter(pl.col("metric") == "ndcg", pl.col("k") == 10).row(0, named=True)
     assert ndcg["ci_low"] < ndcg["value"] < ndcg["ci_high"]  # the 95% interval comes with the value
     table = wh.sql("SELECT * FROM evaluations WHERE run_id = $r", {"r": run.run_id})
     order = ["metric", "k"]
-    assert frame.drop("family").sort(order, nulls_last=True).equals(
-        table.select(frame.drop("family").columns).sort(order, nulls_last=True))
+    assert (
+        frame.drop("family")
+        .sort(order, nulls_last=True)
+        .equals(table.select(frame.drop("family").columns).sort(order, nulls_last=True))
+    )
     with pytest.raises(BatchrecError, match="leakage risk"):
         batchrec.evaluate(wh.run(published[1].run_id), protocol="user_temporal")
 
@@ -154,12 +189,16 @@ def test_the_documented_example_runs(tmp_path, monkeypatch):
     results, lists = namespace["results"], namespace["lists"]
     assert set(results["family"]) == {"ease", "mf"} and (results["value"] >= 0).all()
     assert lists.filter(pl.col("user_id") == NEVER_SEEN)["reason"].unique().to_list() == ["popular"]
-    assert namespace["wh"].path.parent == Path(namespace["folder"]) and str(tmp_path) in str(namespace["folder"])
+    assert namespace["wh"].path.parent == Path(namespace["folder"]) and str(tmp_path) in str(
+        namespace["folder"]
+    )
 
 
 @pytest.mark.slow  # two EASE fits
-@pytest.mark.skipif(not (importlib.util.find_spec("optuna") and importlib.util.find_spec("batchrec.tune")),
-                    reason="needs the tuning module (batchrec/tune.py) and the extra batchrec[tune]")
+@pytest.mark.skipif(
+    not (importlib.util.find_spec("optuna") and importlib.util.find_spec("batchrec.tune")),
+    reason="needs the tuning module (batchrec/tune.py) and the extra batchrec[tune]",
+)
 def test_tune_is_reachable_from_the_api(published):
     tuning = importlib.import_module("batchrec.tune")
     wh, _, _ = published

@@ -18,10 +18,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import duckdb
 import pyarrow as pa
@@ -40,11 +40,15 @@ SCRIPT = Path(sys.executable).with_name("batchrec")
 
 def batchrec(wh: Path, *args: str, timeout: float = 120, **popen) -> subprocess.CompletedProcess:
     """The installed `batchrec` command (this checkout's code) on warehouse `wh`, logging off."""
-    return subprocess.run(_argv(wh, args), capture_output=True, text=True, timeout=timeout, env=_env(), **popen)
+    return subprocess.run(
+        _argv(wh, args), capture_output=True, text=True, timeout=timeout, env=_env(), **popen
+    )
 
 
 def _argv(wh: Path, args) -> list[str]:
-    command = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-c", "from batchrec.cli import main; main()"]
+    command = (
+        [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-c", "from batchrec.cli import main; main()"]
+    )
     return [*command, "-qqq", "--warehouse", str(wh), *map(str, args)]
 
 
@@ -146,9 +150,17 @@ def _write_job(db: Path, text: str) -> None:
 @contextmanager
 def _reader_holds(db: Path):
     """Another process (an analyst's session) holds the DuckDB file open read-only."""
-    holder = subprocess.Popen([sys.executable, "-c", "import duckdb, sys, time\n"
-                               "con = duckdb.connect(sys.argv[1], read_only=True)\n"
-                               "print('open', flush=True)\ntime.sleep(120)", str(db)], stdout=subprocess.PIPE)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import duckdb, sys, time\n"
+            "con = duckdb.connect(sys.argv[1], read_only=True)\n"
+            "print('open', flush=True)\ntime.sleep(120)",
+            str(db),
+        ],
+        stdout=subprocess.PIPE,
+    )
     try:
         assert holder.stdout.readline() == b"open\n"
         yield
@@ -172,162 +184,289 @@ class Case:
 
 
 PARAM = r"error: {model}: parameter {name}='{value}' is not a finite number"
-SANDBOX = r"error: query failed: Permission Error: Cannot access (file|directory) .* - file system operations are " \
-          r"disabled by configuration \(expected a read-only query of the warehouse's own tables\)"
-LOCKED = r"error: query failed: Invalid Input Error: Cannot change configuration option .* - the configuration " \
-         r"has been locked \(expected a read-only query of the warehouse's own tables\)"
+SANDBOX = (
+    r"error: query failed: Permission Error: Cannot access (file|directory) .* - file system operations are "
+    r"disabled by configuration \(expected a read-only query of the warehouse's own tables\)"
+)
+LOCKED = (
+    r"error: query failed: Invalid Input Error: Cannot change configuration option .* - the configuration "
+    r"has been locked \(expected a read-only query of the warehouse's own tables\)"
+)
 CORRUPT = r"error: artifact \S+/batchrec\.artifacts/{run} is corrupt \({what}\): retrain with batchrec train {model}"
-SHARD = r"error: shard \S+/shard=1\.parquet is corrupt \({what}\): rescore it with `batchrec score --run {run} " \
-        r"--shard 1/N` and publish again"
+SHARD = (
+    r"error: shard \S+/shard=1\.parquet is corrupt \({what}\): rescore it with `batchrec score --run {run} "
+    r"--shard 1/N` and publish again"
+)
 # The publish gate (batchrec/gate.py) refuses such lists with exit code 3, naming each failed check
 # (here also the coverage collapse against EASE's live lists)
-REFUSED = r"error: gated: run {run} \(popularity\) was not published: {what}(; [^;]+)*; the previous lists stay" \
-          r"( \(even with --force: scores must be finite\))? \(publish anyway with --force\)"
+REFUSED = (
+    r"error: gated: run {run} \(popularity\) was not published: {what}(; [^;]+)*; the previous lists stay"
+    r"( \(even with --force: scores must be finite\))? \(publish anyway with --force\)"
+)
 
 CASES: dict[str, Case] = {
     # 5. parameters: nan and inf are not numbers a model can use; seeds fit numpy and torch
-    "ease rating_offset=nan": Case(["train", "ease", "--param", "rating_offset=nan"], 1,
-                                   PARAM.format(model="ease", name="rating_offset", value="nan")),
-    "ease max_memory_gb=nan": Case(["train", "ease", "--param", "max_memory_gb=nan"], 1,
-                                   PARAM.format(model="ease", name="max_memory_gb", value="nan")),
-    "mf lr=nan": Case(["train", "mf", "--param", "lr=nan"], 1, PARAM.format(model="mf", name="lr", value="nan")),
-    "mf seed too big": Case(["train", "mf", "--param", "seed=99999999999999999999999"], 1,
-                            r"error: mf: parameter seed=99999999999999999999999 is out of range \[0, 4294967295\]"),
-    "features seed too big": Case(["features", "--param", "seed=99999999999999999999999"], 1,
-                                  r"error: bad value for parameter seed: '99999999999999999999999' "
-                                  r"\(expected an integer in \[0, 4294967295\]\)"),
-    "features bayes_c=inf": Case(["features", "--param", "bayes_c=inf"], 1,
-                                 r"error: bad value for parameter bayes_c: 'inf' \(expected a finite number > 0 .*\)"),
-    "evaluate --threshold nan": Case(["evaluate", "--threshold", "nan"], 2,
-                                     r"error: Invalid value for '--threshold': 'nan' is not a finite number "
-                                     r"\(see `batchrec evaluate --help`\)"),
+    "ease rating_offset=nan": Case(
+        ["train", "ease", "--param", "rating_offset=nan"],
+        1,
+        PARAM.format(model="ease", name="rating_offset", value="nan"),
+    ),
+    "ease max_memory_gb=nan": Case(
+        ["train", "ease", "--param", "max_memory_gb=nan"],
+        1,
+        PARAM.format(model="ease", name="max_memory_gb", value="nan"),
+    ),
+    "mf lr=nan": Case(
+        ["train", "mf", "--param", "lr=nan"], 1, PARAM.format(model="mf", name="lr", value="nan")
+    ),
+    "mf seed too big": Case(
+        ["train", "mf", "--param", "seed=99999999999999999999999"],
+        1,
+        r"error: mf: parameter seed=99999999999999999999999 is out of range \[0, 4294967295\]",
+    ),
+    "features seed too big": Case(
+        ["features", "--param", "seed=99999999999999999999999"],
+        1,
+        r"error: bad value for parameter seed: '99999999999999999999999' "
+        r"\(expected an integer in \[0, 4294967295\]\)",
+    ),
+    "features bayes_c=inf": Case(
+        ["features", "--param", "bayes_c=inf"],
+        1,
+        r"error: bad value for parameter bayes_c: 'inf' \(expected a finite number > 0 .*\)",
+    ),
+    "evaluate --threshold nan": Case(
+        ["evaluate", "--threshold", "nan"],
+        2,
+        r"error: Invalid value for '--threshold': 'nan' is not a finite number "
+        r"\(see `batchrec evaluate --help`\)",
+    ),
     # 6. the scorer refuses lists that are nonsense, and the previous lists stay
-    "score: every score equal": Case(["score", "--run", "{popularity}"], 3,
-                                     REFUSED.format(run="{popularity}", what="every score equal within 610 of 610 lists"),
-                                     setup=lambda db, r: _tamper_state(db, r["popularity"], lambda b: b["state"][
-                                         "popularity"].zero_()), gated=True),
-    "score: NaN scores": Case(["score", "--run", "{popularity}"], 3,
-                              REFUSED.format(run="{popularity}", what="no list for 610 of 610 scored users "
-                                                                      r"\(no finite score\)"),
-                              setup=lambda db, r: _tamper_state(db, r["popularity"], lambda b: b["state"][
-                                  "popularity"].fill_(float("nan"))), gated=True),
-    "publish shards with NaN scores": Case(["score", "--publish", "{popularity}"], 3,
-                                           REFUSED.format(run="{popularity}", what=r"scores not finite: \d+ of 6100 "
-                                                          "rows are NaN, infinite or null"),
-                                           setup=lambda db, r: _tamper_shard(db, r["popularity"], lambda t: t.set_column(
-                                               3, "score", pa.array([float("nan")] * len(t), pa.float32()))), gated=True),
+    "score: every score equal": Case(
+        ["score", "--run", "{popularity}"],
+        3,
+        REFUSED.format(run="{popularity}", what="every score equal within 610 of 610 lists"),
+        setup=lambda db, r: _tamper_state(db, r["popularity"], lambda b: b["state"]["popularity"].zero_()),
+        gated=True,
+    ),
+    "score: NaN scores": Case(
+        ["score", "--run", "{popularity}"],
+        3,
+        REFUSED.format(
+            run="{popularity}",
+            what="no list for 610 of 610 scored users "
+            r"\(no finite score\)",
+        ),
+        setup=lambda db, r: _tamper_state(
+            db, r["popularity"], lambda b: b["state"]["popularity"].fill_(float("nan"))
+        ),
+        gated=True,
+    ),
+    "publish shards with NaN scores": Case(
+        ["score", "--publish", "{popularity}"],
+        3,
+        REFUSED.format(
+            run="{popularity}",
+            what=r"scores not finite: \d+ of 6100 "
+            "rows are NaN, infinite or null",
+        ),
+        setup=lambda db, r: _tamper_shard(
+            db,
+            r["popularity"],
+            lambda t: t.set_column(3, "score", pa.array([float("nan")] * len(t), pa.float32())),
+        ),
+        gated=True,
+    ),
     # 8. `batchrec sql` reads the warehouse and nothing else
-    "sql COPY TO": Case(["sql", "COPY ratings TO '{dir}/stolen.csv'"], 1, SANDBOX, absent=["{dir}/stolen.csv"]),
+    "sql COPY TO": Case(
+        ["sql", "COPY ratings TO '{dir}/stolen.csv'"], 1, SANDBOX, absent=["{dir}/stolen.csv"]
+    ),
     "sql EXPORT DATABASE": Case(["sql", "EXPORT DATABASE '{dir}/dump'"], 1, SANDBOX, absent=["{dir}/dump"]),
     "sql read_text environ": Case(["sql", "SELECT * FROM read_text('/proc/self/environ')"], 1, SANDBOX),
     "sql read_csv system file": Case(["sql", "SELECT * FROM read_csv('/etc/passwd')"], 1, SANDBOX),
     "sql glob home": Case(["sql", "SELECT * FROM glob('~/*')"], 1, SANDBOX),
-    "sql ATTACH": Case(["sql", "ATTACH '{dir}/other.duckdb' AS other"], 1, SANDBOX, absent=["{dir}/other.duckdb"]),
+    "sql ATTACH": Case(
+        ["sql", "ATTACH '{dir}/other.duckdb' AS other"], 1, SANDBOX, absent=["{dir}/other.duckdb"]
+    ),
     "sql INSTALL": Case(["sql", "INSTALL httpfs"], 1, SANDBOX),
     "sql SET": Case(["sql", "SET enable_external_access = true"], 1, LOCKED),
     "sql PRAGMA": Case(["sql", "PRAGMA threads = 1"], 1, LOCKED),
     "sql RESET lock": Case(["sql", "RESET lock_configuration"], 1, LOCKED),
     # 9. corrupt artifacts: one line naming the artifact and the fix
     "artifact: truncated state.pt": Case(
-        ["score", "--run", "{popularity}"], 1,
-        CORRUPT.format(run="{popularity}", model="popularity", what="state.pt cannot be read: PytorchStreamReader "
-                       "failed reading zip archive: failed finding central directory"),
-        setup=lambda db, r: replace_file(artifact(db, r["popularity"]) / "state.pt",
-                                         (artifact(db, r["popularity"]) / "state.pt").read_bytes()[:500])),
+        ["score", "--run", "{popularity}"],
+        1,
+        CORRUPT.format(
+            run="{popularity}",
+            model="popularity",
+            what="state.pt cannot be read: PytorchStreamReader "
+            "failed reading zip archive: failed finding central directory",
+        ),
+        setup=lambda db, r: replace_file(
+            artifact(db, r["popularity"]) / "state.pt",
+            (artifact(db, r["popularity"]) / "state.pt").read_bytes()[:500],
+        ),
+    ),
     "artifact: random state.pt": Case(
-        ["score", "--run", "{popularity}"], 1,
+        ["score", "--run", "{popularity}"],
+        1,
         CORRUPT.format(run="{popularity}", model="popularity", what="state.pt cannot be read: .*"),
-        setup=lambda db, r: replace_file(artifact(db, r["popularity"]) / "state.pt", os.urandom(4096))),
+        setup=lambda db, r: replace_file(artifact(db, r["popularity"]) / "state.pt", os.urandom(4096)),
+    ),
     "artifact: model.json not JSON": Case(
-        ["score", "--run", "{ease}"], 1, CORRUPT.format(run="{ease}", model="ease", what="model.json is not JSON: .*"),
-        setup=lambda db, r: replace_file(artifact(db, r["ease"]) / "model.json", b'{"model": "ease", "par')),
+        ["score", "--run", "{ease}"],
+        1,
+        CORRUPT.format(run="{ease}", model="ease", what="model.json is not JSON: .*"),
+        setup=lambda db, r: replace_file(artifact(db, r["ease"]) / "model.json", b'{"model": "ease", "par'),
+    ),
     "artifact: wrong n_items": Case(
-        ["score", "--run", "{popularity}"], 1,
-        CORRUPT.format(run="{popularity}", model="popularity",
-                       what=r"its scores have shape \(2, 9742\), model.json says 9000 items"),
-        setup=lambda db, r: _tamper_meta(db, r["popularity"], lambda m: m.update(n_items=9000))),
+        ["score", "--run", "{popularity}"],
+        1,
+        CORRUPT.format(
+            run="{popularity}",
+            model="popularity",
+            what=r"its scores have shape \(2, 9742\), model.json says 9000 items",
+        ),
+        setup=lambda db, r: _tamper_meta(db, r["popularity"], lambda m: m.update(n_items=9000)),
+    ),
     "artifact: wrong state keys": Case(
-        ["score", "--run", "{popularity}"], 1,
+        ["score", "--run", "{popularity}"],
+        1,
         CORRUPT.format(run="{popularity}", model="popularity", what="state.pt has no 'popularity'"),
-        setup=lambda db, r: _tamper_state(db, r["popularity"], lambda b: b.update(state={"counts": torch.zeros(3)}))),
+        setup=lambda db, r: _tamper_state(
+            db, r["popularity"], lambda b: b.update(state={"counts": torch.zeros(3)})
+        ),
+    ),
     "artifact: another model's": Case(
-        ["score", "--run", "{popularity}"], 1,
-        CORRUPT.format(run="{popularity}", model="popularity", what="model.json names model 'ease', the run is "
-                                                                   "popularity"),
-        setup=lambda db, r: _tamper_meta(db, r["popularity"], lambda m: m.update(model="ease"))),
+        ["score", "--run", "{popularity}"],
+        1,
+        CORRUPT.format(
+            run="{popularity}",
+            model="popularity",
+            what="model.json names model 'ease', the run is popularity",
+        ),
+        setup=lambda db, r: _tamper_meta(db, r["popularity"], lambda m: m.update(model="ease")),
+    ),
     # 9. corrupt shards at `score --publish`
     "shard: truncated": Case(
-        ["score", "--publish", "{popularity}"], 1,
+        ["score", "--publish", "{popularity}"],
+        1,
         SHARD.format(run="{popularity}", what="not a readable Parquet file: .*"),
-        setup=lambda db, r: replace_file(shard(db, r["popularity"], 1),
-                                         shard(db, r["popularity"], 1).read_bytes()[:2000])),
+        setup=lambda db, r: replace_file(
+            shard(db, r["popularity"], 1), shard(db, r["popularity"], 1).read_bytes()[:2000]
+        ),
+    ),
     "shard: wrong column type": Case(
-        ["score", "--publish", "{popularity}"], 1,
+        ["score", "--publish", "{popularity}"],
+        1,
         SHARD.format(run="{popularity}", what=r"column score is String \(expected Float32\)"),
-        setup=lambda db, r: _tamper_shard(db, r["popularity"], lambda t: t.set_column(
-            3, "score", t.column("score").cast(pa.string())))),
+        setup=lambda db, r: _tamper_shard(
+            db, r["popularity"], lambda t: t.set_column(3, "score", t.column("score").cast(pa.string()))
+        ),
+    ),
     "shard: metadata removed": Case(
-        ["score", "--publish", "{popularity}"], 1,
+        ["score", "--publish", "{popularity}"],
+        1,
         SHARD.format(run="{popularity}", what=r"its batchrec metadata \(run, shard i/N, top-n\) is missing"),
-        setup=lambda db, r: _tamper_shard(db, r["popularity"], lambda t: t.replace_schema_metadata(None))),
+        setup=lambda db, r: _tamper_shard(db, r["popularity"], lambda t: t.replace_schema_metadata(None)),
+    ),
     # 9. usage errors and the busy line
-    "recommend --history -1": Case(["recommend", "1", "--history", "-1"], 2,
-                                   r"error: Invalid value for '--history': -1 is not in the range x>=0 "
-                                   r"\(see `batchrec recommend --help`\)"),
-    "score --top-n x": Case(["score", "--top-n", "x"], 2,
-                            r"error: Invalid value for '--top-n': 'x' is not a valid integer range "
-                            r"\(see `batchrec score --help`\)"),
-    "unknown command": Case(["teleport"], 2, r"error: No such command 'teleport'\. Did you mean 'export'\? \(see `batchrec --help`\)"),
-    "missing argument": Case(["train"], 2, r"error: Missing argument 'MODEL' \(see `batchrec train --help`\)"),
+    "recommend --history -1": Case(
+        ["recommend", "1", "--history", "-1"],
+        2,
+        r"error: Invalid value for '--history': -1 is not in the range x>=0 "
+        r"\(see `batchrec recommend --help`\)",
+    ),
+    "score --top-n x": Case(
+        ["score", "--top-n", "x"],
+        2,
+        r"error: Invalid value for '--top-n': 'x' is not a valid integer range "
+        r"\(see `batchrec score --help`\)",
+    ),
+    "unknown command": Case(
+        ["teleport"],
+        2,
+        r"error: No such command 'teleport'\. Did you mean 'export'\? \(see `batchrec --help`\)",
+    ),
+    "missing argument": Case(
+        ["train"], 2, r"error: Missing argument 'MODEL' \(see `batchrec train --help`\)"
+    ),
     "busy: a reader holds the file": Case(
-        ["train", "popularity"], 75,
+        ["train", "popularity"],
+        75,
         r"error: warehouse is busy \(held by \S+ \(PID \d+\)\): \S+: retry when it has finished",
-        during=_reader_holds),
+        during=_reader_holds,
+    ),
     # 14. job files: every key checked, one line naming file, line, step and key
     "job: top_n = 'ten'": Case(
-        ["run", "{dir}/job.toml"], 1,
+        ["run", "{dir}/job.toml"],
+        1,
         r"error: \S+/job.toml:6: step 2 \(score\): top_n = 'ten' is not valid \(expected a valid integer\)",
-        setup=lambda db, r: _write_job(db, '[[steps]]\nstep = "features"\n\n[[steps]]\nstep = "score"\ntop_n = "ten"\n')),
+        setup=lambda db, r: _write_job(
+            db, '[[steps]]\nstep = "features"\n\n[[steps]]\nstep = "score"\ntop_n = "ten"\n'
+        ),
+    ),
     "job: top_n = 0": Case(
-        ["run", "{dir}/job.toml"], 1,
+        ["run", "{dir}/job.toml"],
+        1,
         r"error: \S+/job.toml:3: step 1 \(score\): top_n = 0 is not valid "
         r"\(expected greater than or equal to 1\)",
-        setup=lambda db, r: _write_job(db, '[[steps]]\nstep = "score"\ntop_n = 0\n')),
+        setup=lambda db, r: _write_job(db, '[[steps]]\nstep = "score"\ntop_n = 0\n'),
+    ),
     "job: device = 'gpu'": Case(
-        ["run", "{dir}/job.toml"], 1,
+        ["run", "{dir}/job.toml"],
+        1,
         r"error: \S+/job.toml:4: step 1 \(train\): device = 'gpu' is not valid \(expected 'auto', 'cpu' or 'cuda'\)",
-        setup=lambda db, r: _write_job(db, '[[steps]]\nstep = "train"\nmodel = "mf"\ndevice = "gpu"\n')),
+        setup=lambda db, r: _write_job(db, '[[steps]]\nstep = "train"\nmodel = "mf"\ndevice = "gpu"\n'),
+    ),
     "job: keep = 1.5": Case(
-        ["run", "{dir}/job.toml"], 1,
+        ["run", "{dir}/job.toml"],
+        1,
         r"error: \S+/job.toml:3: step 1 \(features\): keep = 1.5 is not valid \(expected a valid integer\)",
-        setup=lambda db, r: _write_job(db, '[[steps]]\nstep = "features"\nkeep = 1.5\n')),
+        setup=lambda db, r: _write_job(db, '[[steps]]\nstep = "features"\nkeep = 1.5\n'),
+    ),
     "job: quarantine = 'yes'": Case(
-        ["run", "{dir}/job.toml"], 1,
+        ["run", "{dir}/job.toml"],
+        1,
         r"error: \S+/job.toml:4: step 1 \(ingest\): quarantine = 'yes' is not valid \(expected a valid boolean\)",
-        setup=lambda db, r: _write_job(db, '[[steps]]\nstep = "ingest"\ndataset = "ml-latest-small"\n'
-                                           'quarantine = "yes"\n')),
+        setup=lambda db, r: _write_job(
+            db, '[[steps]]\nstep = "ingest"\ndataset = "ml-latest-small"\nquarantine = "yes"\n'
+        ),
+    ),
     "job: threshold = nan": Case(
-        ["run", "{dir}/job.toml"], 1,
+        ["run", "{dir}/job.toml"],
+        1,
         r"error: \S+/job.toml:3: step 1 \(evaluate\): threshold = nan is not valid \(expected a finite number\)",
-        setup=lambda db, r: _write_job(db, '[[steps]]\nstep = "evaluate"\nthreshold = nan\n')),
+        setup=lambda db, r: _write_job(db, '[[steps]]\nstep = "evaluate"\nthreshold = nan\n'),
+    ),
     "job: unknown key": Case(
-        ["run", "{dir}/job.toml"], 1,
+        ["run", "{dir}/job.toml"],
+        1,
         r"error: \S+/job.toml:4: step 1 \(train\) has unknown option 'epochz' "
         r"\(expected one of: model, protocol, params, device\)",
-        setup=lambda db, r: _write_job(db, '[[steps]]\nstep = "train"\nmodel = "mf"\nepochz = 3\n')),
+        setup=lambda db, r: _write_job(db, '[[steps]]\nstep = "train"\nmodel = "mf"\nepochz = 3\n'),
+    ),
     "job: train without a model": Case(
-        ["run", "{dir}/job.toml"], 1, r'error: \S+/job.toml:1: step 1 \(train\) needs model = "..." \(.*\)',
-        setup=lambda db, r: _write_job(db, '[[steps]]\nstep = "train"\n')),
+        ["run", "{dir}/job.toml"],
+        1,
+        r'error: \S+/job.toml:1: step 1 \(train\) needs model = "..." \(.*\)',
+        setup=lambda db, r: _write_job(db, '[[steps]]\nstep = "train"\n'),
+    ),
     "job: params not a list": Case(
-        ["run", "{dir}/job.toml"], 1,
+        ["run", "{dir}/job.toml"],
+        1,
         r"error: \S+/job.toml:4: step 1 \(train\): params = 'factors=8' is not valid \(expected a valid list\)",
-        setup=lambda db, r: _write_job(db, '[[steps]]\nstep = "train"\nmodel = "mf"\nparams = "factors=8"\n')),
+        setup=lambda db, r: _write_job(db, '[[steps]]\nstep = "train"\nmodel = "mf"\nparams = "factors=8"\n'),
+    ),
 }
 
 
 def _fill(text: str, db: Path, runs: dict) -> str:
-    return text.replace("{dir}", str(db.parent)).replace("{popularity}", runs["popularity"]).replace(
-        "{ease}", runs["ease"])
+    return (
+        text.replace("{dir}", str(db.parent))
+        .replace("{popularity}", runs["popularity"])
+        .replace("{ease}", runs["ease"])
+    )
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -337,7 +476,7 @@ def test_bad_input_is_one_line_and_changes_nothing(base, tmp_path, name):
     if case.setup is not None:
         case.setup(db, base)
     before = table_checksums(db)
-    with (case.during(db) if case.during else nullcontext()):
+    with case.during(db) if case.during else nullcontext():
         result = batchrec(db, *(_fill(a, db, base) for a in case.args))
     assert result.stderr.splitlines() == result.stderr.splitlines()[:1], result.stderr  # one line
     assert re.fullmatch(_fill(case.line, db, base), result.stderr.strip()), result.stderr
@@ -347,7 +486,9 @@ def test_bad_input_is_one_line_and_changes_nothing(base, tmp_path, name):
     if case.gated:
         assert after.pop("publish_log") != before.pop("publish_log")
         con = duckdb.connect(str(db), read_only=True)
-        assert con.execute("SELECT status FROM publish_log ORDER BY logged_at DESC LIMIT 1").fetchall() == [("gated",)]
+        assert con.execute("SELECT status FROM publish_log ORDER BY logged_at DESC LIMIT 1").fetchall() == [
+            ("gated",)
+        ]
         con.close()
     assert after == before
     for path in case.absent:
@@ -364,7 +505,9 @@ def test_every_float_parameter_refuses_nan_and_inf():
         for param in get_model_class(family).all_params():
             if param.type is float:
                 for value in ("nan", "inf", "-inf", float("nan")):
-                    with pytest.raises(BatchrecError, match=f"{family}: parameter {param.name}=.* is not a finite"):
+                    with pytest.raises(
+                        BatchrecError, match=f"{family}: parameter {param.name}=.* is not a finite"
+                    ):
                         param.parse(value, family)
                 checked += 1
             if param.name == "seed":
@@ -379,8 +522,14 @@ def test_snapshot_parameters_refuse_nan_inf_and_unbounded_seeds():
     from batchrec.errors import BatchrecError
     from batchrec.features.params import parse_params
 
-    for item in ("bayes_c=inf", "bayes_c=nan", "leave_last_n_positive.positive_threshold=-inf",
-                 "random.test_frac=nan", "seed=-1", f"seed={2**32}"):
+    for item in (
+        "bayes_c=inf",
+        "bayes_c=nan",
+        "leave_last_n_positive.positive_threshold=-inf",
+        "random.test_frac=nan",
+        "seed=-1",
+        f"seed={2**32}",
+    ):
         with pytest.raises(BatchrecError, match=f"bad value for parameter {item.split('=')[0]}"):
             parse_params([item])
     assert parse_params([f"seed={2**32 - 1}"])["seed"] == 2**32 - 1
@@ -392,9 +541,13 @@ def tmpfs(tmp_path):
     """A 48 MiB tmpfs at tmp_path/fs: a file system this test can fill or make read-only."""
     mount = tmp_path / "fs"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount)], capture_output=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount)], capture_output=True
+    )
     if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {done.stderr.decode().strip()}")
+        pytest.skip(
+            f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {done.stderr.decode().strip()}"
+        )
     try:
         yield mount
     finally:
@@ -415,18 +568,26 @@ def _fill_up(folder: Path) -> None:
         os.close(fd)
 
 
-DISK_FULL = r"error: no space left on device writing \S+/batchrec\.duckdb(\.wal)?: free space there and rerun \(the warehouse keeps its " \
-            r"previous contents\)"
-ARTIFACT_FULL = r"error: writing the model artifact to \S+/batchrec\.artifacts failed part-way \(disk full\? torch says: .*" \
-                r"\): free space there and rerun \(no run was recorded\)"
+DISK_FULL = (
+    r"error: no space left on device writing \S+/batchrec\.duckdb(\.wal)?: free space there and rerun \(the warehouse keeps its "
+    r"previous contents\)"
+)
+ARTIFACT_FULL = (
+    r"error: writing the model artifact to \S+/batchrec\.artifacts failed part-way \(disk full\? torch says: .*"
+    r"\): free space there and rerun \(no run was recorded\)"
+)
 
 
-@pytest.mark.parametrize("args, line", [
-    (["features", "--protocols", "user_temporal"], DISK_FULL),
-    (["score", "--run", "{popularity}"], DISK_FULL),
-    (["train", "popularity"], ARTIFACT_FULL),
-    (["train", "ease"], ARTIFACT_FULL),  # EASE's 380 MB artifact meets a tmpfs with room left
-], ids=["features", "score", "train popularity", "train ease"])
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (["features", "--protocols", "user_temporal"], DISK_FULL),
+        (["score", "--run", "{popularity}"], DISK_FULL),
+        (["train", "popularity"], ARTIFACT_FULL),
+        (["train", "ease"], ARTIFACT_FULL),  # EASE's 380 MB artifact meets a tmpfs with room left
+    ],
+    ids=["features", "score", "train popularity", "train ease"],
+)
 def test_disk_full_is_one_line_and_changes_nothing(base, tmpfs, args, line):
     db = copy_warehouse(base, tmpfs, artifacts=False)
     shutil.copytree(artifact(base["folder"] / DB, base["popularity"]), artifact(db, base["popularity"]))
@@ -449,9 +610,11 @@ def test_read_only_file_system_is_one_line_and_reads_still_work(base, tmpfs):
     for args in (["train", "popularity"], ["score", "--run", base["popularity"]], ["features"]):
         result = batchrec(db, *args)
         assert result.returncode == 74, result.stderr
-        assert re.fullmatch(rf"error: read-only file system writing {re.escape(str(db))}\.lock: run this command "
-                            r"where the warehouse folder is writable \(the warehouse keeps its previous contents\)",
-                            result.stderr.strip()), result.stderr
+        assert re.fullmatch(
+            rf"error: read-only file system writing {re.escape(str(db))}\.lock: run this command "
+            r"where the warehouse folder is writable \(the warehouse keeps its previous contents\)",
+            result.stderr.strip(),
+        ), result.stderr
     for args in (["status"], ["sql", "SELECT count(*) AS n FROM ratings", "--format", "csv"]):
         result = batchrec(db, *args)
         assert result.returncode == 0 and result.stderr == "", result.stderr
@@ -476,8 +639,13 @@ class Logged:
     test never opens the DuckDB file meanwhile: a reader would make the job's own writes busy)."""
 
     def __init__(self, db: Path, args: list):
-        self.proc = subprocess.Popen([a for a in _argv(db, args) if a != "-qqq"], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, env=_env())
+        self.proc = subprocess.Popen(
+            [a for a in _argv(db, args) if a != "-qqq"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(),
+        )
         self.lines: list[str] = []
         self.reader = threading.Thread(target=lambda: self.lines.extend(iter(self.proc.stderr.readline, "")))
         self.reader.start()
@@ -485,8 +653,10 @@ class Logged:
     def wait_for(self, pattern: str) -> None:
         """Until a log line matches `pattern` (the command must still be running then)."""
         try:
-            _wait_for(lambda: any(re.search(pattern, line) for line in self.lines) or self.proc.poll() is not None,
-                      pattern)
+            _wait_for(
+                lambda: any(re.search(pattern, line) for line in self.lines) or self.proc.poll() is not None,
+                pattern,
+            )
             assert self.proc.poll() is None, "".join(self.lines)
         except AssertionError:
             self.proc.kill()  # never leave a long job running past a failed test
@@ -504,15 +674,22 @@ SLOW_TRAIN = '[[steps]]\nstep = "train"\nmodel = "mf"\nparams = ["epochs=10000",
 def test_sigint_during_a_query_is_one_line(base, tmp_path):
     db = copy_warehouse(base, tmp_path / "wh", artifacts=False)
     before = table_checksums(db)
-    proc = subprocess.Popen(_argv(db, ["sql", "SELECT count(*) FROM ratings a, ratings b WHERE a.rating > b.rating"]),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    proc = subprocess.Popen(
+        _argv(db, ["sql", "SELECT count(*) FROM ratings a, ratings b WHERE a.rating > b.rating"]),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
     # DuckDB's worker threads exist once the warehouse is open: the query is about to run
     _wait_for(lambda: len(os.listdir(f"/proc/{proc.pid}/task")) > 2, "the query to start")
     time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=WAIT_S)
     assert proc.returncode == 130, err
-    assert err.strip() == "error: interrupted (SIGINT) before anything was committed: the warehouse is unchanged"
+    assert (
+        err.strip() == "error: interrupted (SIGINT) before anything was committed: the warehouse is unchanged"
+    )
     assert table_checksums(db) == before
 
 
@@ -529,8 +706,10 @@ def test_sigint_after_a_commit_says_what_was_committed(base, tmp_path):
     steps = con.execute("SELECT step, status, error FROM job_runs ORDER BY step").fetchall()
     con.close()
     assert job.proc.returncode == 130, lines
-    assert lines[-1] == (f"error: interrupted (SIGINT) after committing model run {new_run}: that is in the "
-                         "warehouse, the rest of the command did not run")
+    assert lines[-1] == (
+        f"error: interrupted (SIGINT) after committing model run {new_run}: that is in the "
+        "warehouse, the rest of the command did not run"
+    )
     assert not [line for line in lines[:-1] if line.startswith(("error:", "Traceback"))]
     assert new_run.startswith("popularity-") and new_run != base["popularity"]
     assert steps == [("1:train", "ok", None), ("2:train", "failed", "interrupted (SIGINT)")]
@@ -541,8 +720,9 @@ def test_sigint_after_a_commit_says_what_was_committed(base, tmp_path):
 def test_a_killed_job_step_is_marked_failed_killed(base, tmp_path):
     db = copy_warehouse(base, tmp_path / "wh", artifacts=False)
     (tmp_path / "slow.toml").write_text('[job]\nname = "slow"\n\n' + SLOW_TRAIN)
-    (tmp_path / "quick.toml").write_text('[job]\nname = "quick"\n\n[[steps]]\nstep = "features"\n'
-                                         'protocols = "user_temporal"\n')
+    (tmp_path / "quick.toml").write_text(
+        '[job]\nname = "quick"\n\n[[steps]]\nstep = "features"\nprotocols = "user_temporal"\n'
+    )
     job = Logged(db, ["run", tmp_path / "slow.toml"])
     job.wait_for(r"\bepoch=1 loss=")  # the step is recorded as running and training
     job.proc.kill()
@@ -551,8 +731,11 @@ def test_a_killed_job_step_is_marked_failed_killed(base, tmp_path):
     before = table_checksums(db)
     status = batchrec(db, "status")  # read-only: shows the step as killed, writes nothing
     assert status.returncode == 0, status.stderr
-    assert re.search(rf"slow .* 1:train .* failed \(killed\) .* killed: process {pid} on \S+ ended while the step "
-                     "was running", status.stdout), status.stdout
+    assert re.search(
+        rf"slow .* 1:train .* failed \(killed\) .* killed: process {pid} on \S+ ended while the step "
+        "was running",
+        status.stdout,
+    ), status.stdout
     assert table_checksums(db) == before
     again = batchrec(db, "run", tmp_path / "quick.toml")  # the next job records it
     assert again.returncode == 0, again.stderr
@@ -565,19 +748,30 @@ def test_a_killed_job_step_is_marked_failed_killed(base, tmp_path):
 
 
 # -- 9. anything unexpected: one line, and -v for the traceback --------------------------------------
-UNEXPECTED = ("import sys\nfrom batchrec.cli import main\n"
-              "@main.command()\ndef explode():\n    raise ValueError('a bug\\nsecond line')\n"
-              "sys.argv[0] = 'batchrec'\nmain()")
+UNEXPECTED = (
+    "import sys\nfrom batchrec.cli import main\n"
+    "@main.command()\ndef explode():\n    raise ValueError('a bug\\nsecond line')\n"
+    "sys.argv[0] = 'batchrec'\nmain()"
+)
 
 
 def test_an_unexpected_exception_is_one_line_and_v_shows_the_traceback(tmp_path):
-    quiet = subprocess.run([sys.executable, "-c", UNEXPECTED, "--warehouse", str(tmp_path / DB), "explode"],
-                           capture_output=True, text=True, env=_env())
+    quiet = subprocess.run(
+        [sys.executable, "-c", UNEXPECTED, "--warehouse", str(tmp_path / DB), "explode"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+    )
     assert quiet.returncode == 1
     assert quiet.stderr.splitlines() == [
-        "error: unexpected ValueError: a bug second line (run with -v for the traceback)"]
-    loud = subprocess.run([sys.executable, "-c", UNEXPECTED, "-v", "--warehouse", str(tmp_path / DB), "explode"],
-                          capture_output=True, text=True, env=_env())
+        "error: unexpected ValueError: a bug second line (run with -v for the traceback)"
+    ]
+    loud = subprocess.run(
+        [sys.executable, "-c", UNEXPECTED, "-v", "--warehouse", str(tmp_path / DB), "explode"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+    )
     assert loud.returncode == 1
     assert loud.stderr.startswith("Traceback (most recent call last):") and "ValueError: a bug" in loud.stderr
     assert loud.stderr.splitlines()[-1] == quiet.stderr.strip()
@@ -592,7 +786,9 @@ def test_permission_and_quota_errors_are_faults_too():
     denied = as_fault(OSError(errno.EACCES, "Permission denied", "/data/ratings.csv"))
     assert isinstance(denied, Fault) and denied.exit_code == 74
     assert str(denied).startswith("permission denied on /data/ratings.csv: give this user access to it")
-    assert str(as_fault(OSError(errno.EDQUOT, "Disk quota exceeded"))).startswith("disk quota exceeded: free space")
+    assert str(as_fault(OSError(errno.EDQUOT, "Disk quota exceeded"))).startswith(
+        "disk quota exceeded: free space"
+    )
     assert as_fault(OSError(errno.ENOENT, "No such file", "/x")) is None  # not a fault of the machine
 
 
@@ -609,14 +805,22 @@ def test_list_sanity_passes_real_lists_and_names_each_degenerate_case(base):
     assert list_sanity(ease, users=610) == []
     assert list_sanity(popularity, users=610, personalised=False) == []
 
-    one_first = ease.with_columns(item_id=pl.when(pl.col("rank") == 1).then(pl.lit(1)).otherwise(pl.col("item_id")))
+    one_first = ease.with_columns(
+        item_id=pl.when(pl.col("rank") == 1).then(pl.lit(1)).otherwise(pl.col("item_id"))
+    )
     assert list_sanity(one_first, 610) == ["item 1 is first in 610 of 610 lists"]
     assert list_sanity(one_first, 610, personalised=False) == []  # one global ranking: by design
     two_lists = ease.with_columns(item_id=pl.col("rank") + pl.col("user_id") % 2 * 5)  # items 1-10 or 6-15
     assert list_sanity(two_lists, 610) == ["only 15 distinct items across 610 lists of up to 10"]
     tied = ease.with_columns(score=pl.lit(0.5, pl.Float32))
     assert list_sanity(tied, 610) == ["every score equal within 610 of 610 lists"]
-    holes = ease.with_columns(score=pl.when(pl.col("user_id") < 5).then(float("inf")).otherwise(pl.col("score")))
+    holes = ease.with_columns(
+        score=pl.when(pl.col("user_id") < 5).then(float("inf")).otherwise(pl.col("score"))
+    )
     assert list_sanity(holes, 610) == ["scores not finite: 40 of 6100 rows are NaN, infinite or null"]
-    assert list_sanity(ease.filter(pl.col("user_id") > 10), 610) == ["no list for 10 of 610 scored users (no finite score)"]
-    assert list_sanity(ease.filter(pl.col("user_id") > 6), 610) == []  # 6 of 610 (under 1%): a user may have seen it all
+    assert list_sanity(ease.filter(pl.col("user_id") > 10), 610) == [
+        "no list for 10 of 610 scored users (no finite score)"
+    ]
+    assert (
+        list_sanity(ease.filter(pl.col("user_id") > 6), 610) == []
+    )  # 6 of 610 (under 1%): a user may have seen it all

@@ -95,7 +95,8 @@ def test_nproc_on_a_family_without_gradient_training_is_one_line(db):
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
         "error: --nproc 2: ease is not trained data-parallel (expected one of neumf, multvae, autorec, two_tower, "
-        "content_dnn, or --nproc 1)"]
+        "content_dnn, or --nproc 1)"
+    ]
     assert _runs(db) == []
 
 
@@ -130,12 +131,24 @@ def test_two_processes_write_one_run_that_scores(db, family):
     """A protocol run, so that every epoch validates through the ranks' combined figure; multvae
     from the command line, neumf as a job step (rank 0 then works under the job's lock)."""
     if family == "multvae":
-        done = batchrec(db, "train", family, "--nproc", "2", "--device", "cpu", "--protocol", "user_temporal",
-                        *(f"--param={p}" for p in SMALL[family]))
+        done = batchrec(
+            db,
+            "train",
+            family,
+            "--nproc",
+            "2",
+            "--device",
+            "cpu",
+            "--protocol",
+            "user_temporal",
+            *(f"--param={p}" for p in SMALL[family]),
+        )
     else:
         job = db.with_name("job.toml")
-        job.write_text(f'[job]\nname = "ddp"\n\n[[steps]]\nstep = "train"\nmodel = "{family}"\n'
-                       f'protocol = "user_temporal"\ndevice = "cpu"\nnproc = 2\nparams = {json.dumps(SMALL[family])}\n')
+        job.write_text(
+            f'[job]\nname = "ddp"\n\n[[steps]]\nstep = "train"\nmodel = "{family}"\n'
+            f'protocol = "user_temporal"\ndevice = "cpu"\nnproc = 2\nparams = {json.dumps(SMALL[family])}\n'
+        )
         done = batchrec(db, "run", str(job))
     assert done.returncode == 0, done.stderr
     runs = _runs(db)
@@ -143,7 +156,11 @@ def test_two_processes_write_one_run_that_scores(db, family):
     run_id, model, metrics = runs[0]
     metrics = json.loads(metrics)
     # both ranks ran the same epochs, having seen the same validation figures (checked by the run)
-    assert model == family and metrics["distributed"] == {"processes": 2, "backend": "gloo", "epochs_per_rank": [2, 2]}
+    assert model == family and metrics["distributed"] == {
+        "processes": 2,
+        "backend": "gloo",
+        "epochs_per_rank": [2, 2],
+    }
     assert done.stdout.count("run ") == 1 and "x 2 processes (DDP, gloo)" in done.stdout
     metric = "valid_ndcg" if family == "multvae" else "valid_rmse"
     assert [h["epoch"] for h in metrics["history"]] == [1, 2]
@@ -162,7 +179,7 @@ def _rank_pids(parent: int) -> dict[int, int]:
     """{rank: pid} of the ranks `parent` has started so far (from /proc)."""
     found = {}
     children = Path(f"/proc/{parent}/task/{parent}/children")
-    for pid in (children.read_text().split() if children.exists() else ()):
+    for pid in children.read_text().split() if children.exists() else ():
         try:
             env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
@@ -175,8 +192,20 @@ def _rank_pids(parent: int) -> dict[int, int]:
 
 @pytest.mark.slow
 def test_a_killed_rank_fails_the_command_in_one_line_and_records_nothing(db):
-    proc = batchrec(db, "train", "neumf", "--nproc", "2", "--device", "cpu", "--param=epochs=200",
-                    "--param=patience=200", "--param=factors=8", "--param=hidden=16", background=True)
+    proc = batchrec(
+        db,
+        "train",
+        "neumf",
+        "--nproc",
+        "2",
+        "--device",
+        "cpu",
+        "--param=epochs=200",
+        "--param=patience=200",
+        "--param=factors=8",
+        "--param=hidden=16",
+        background=True,
+    )
     deadline = time.monotonic() + 120
     while len(ranks := _rank_pids(proc.pid)) < 2 and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -185,7 +214,9 @@ def test_a_killed_rank_fails_the_command_in_one_line_and_records_nothing(db):
     os.kill(ranks[1], signal.SIGKILL)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 1
-    assert err.strip().splitlines() == ["error: training rank 1 of 2 died (killed by signal 9; out of memory?): "
-                                        "the other ranks were stopped and no run was recorded"]
+    assert err.strip().splitlines() == [
+        "error: training rank 1 of 2 died (killed by signal 9; out of memory?): "
+        "the other ranks were stopped and no run was recorded"
+    ]
     assert _runs(db) == [] and _artifacts(db) == []
     assert not any(Path(f"/proc/{pid}").exists() for pid in ranks.values())  # rank 0 stopped (and reaped) too

@@ -42,7 +42,9 @@ def _warehouse(path: Path, limit: int | None = None, *snapshot_params: str) -> W
 def _split(wh: Warehouse, protocol: str):
     """The newest snapshot's split as the model code reads it."""
     with wh.connect(read_only=True) as con:
-        snapshot = con.sql("SELECT snapshot_id FROM feature_snapshots ORDER BY created_at DESC LIMIT 1").fetchall()[0][0]
+        snapshot = con.sql(
+            "SELECT snapshot_id FROM feature_snapshots ORDER BY created_at DESC LIMIT 1"
+        ).fetchall()[0][0]
         return load_snapshot(con, snapshot, protocol)
 
 
@@ -102,13 +104,40 @@ def _check_report(index: Path, runs: list[str]) -> _Page:
 def test_report_is_valid_html_with_its_images(tmp_path):
     rng = np.random.default_rng(0)
     hist = [{"epoch": e, "loss": 1.0 / e, "valid": 0.9 + 0.01 / e} for e in range(1, 6)]
-    runs = [ReportRun("mf-1", "mf", {"factors": 8}, {"rmse": 0.88, "ndcg@5": 0.02, "ndcg@10": 0.03, "coverage@10": 0.2,
-                                                     "avg_popularity@10": 12.0, "users": 5},
-                      rng.normal(0, 1, 100), hist),
-            ReportRun("pop-1", "popularity", {}, {"ndcg@5": 0.04, "ndcg@10": 0.05, "coverage@10": 0.01,
-                                                  "avg_popularity@10": 90.0, "users": 5})]
-    info = ReportInfo("user_temporal", "user_temporal", "s1", "2030-01-01 00:00:00", {"test_frac": 0.1},
-                      {"train": 8, "valid": 1, "test": 1}, [5, 10], 4.0, utcnow())
+    runs = [
+        ReportRun(
+            "mf-1",
+            "mf",
+            {"factors": 8},
+            {
+                "rmse": 0.88,
+                "ndcg@5": 0.02,
+                "ndcg@10": 0.03,
+                "coverage@10": 0.2,
+                "avg_popularity@10": 12.0,
+                "users": 5,
+            },
+            rng.normal(0, 1, 100),
+            hist,
+        ),
+        ReportRun(
+            "pop-1",
+            "popularity",
+            {},
+            {"ndcg@5": 0.04, "ndcg@10": 0.05, "coverage@10": 0.01, "avg_popularity@10": 90.0, "users": 5},
+        ),
+    ]
+    info = ReportInfo(
+        "user_temporal",
+        "user_temporal",
+        "s1",
+        "2030-01-01 00:00:00",
+        {"test_frac": 0.1},
+        {"train": 8, "valid": 1, "test": 1},
+        [5, 10],
+        4.0,
+        utcnow(),
+    )
     index = write_report(tmp_path, info, runs, compare=True)
     assert index.parent.parent == tmp_path and index.parent.name.endswith("-user_temporal")
     page = _check_report(index, ["mf-1", "pop-1"])
@@ -133,8 +162,9 @@ def test_parsing_errors():
 
 
 def test_models_are_trained_measured_and_written(wh, tmp_path):
-    out = evaluate_command(wh, models="popularity,svd", protocol="user_temporal", ks="5,10",
-                           report_dir=tmp_path, compare=True)
+    out = evaluate_command(
+        wh, models="popularity,svd", protocol="user_temporal", ks="5,10", report_dir=tmp_path, compare=True
+    )
     assert "trained popularity now" in out and "trained svd now" in out
     rows = _evaluations(wh, "protocol = 'user_temporal'")
     by = {(r["run_id"].split("-")[0], r["metric"], r["k"]): r["value"] for r in rows}
@@ -142,16 +172,30 @@ def test_models_are_trained_measured_and_written(wh, tmp_path):
     assert len(by) == len(rows)  # one row per (run, protocol, metric, k)
     # most-popular, its users and the pairs RMSE is measured on, computed here from the split
     data = _split(wh, "user_temporal")
-    assert by[("popularity", "ndcg", 10)] == pytest.approx(protocol_ndcg(popularity_scores(data), data), abs=1e-9)
+    assert by[("popularity", "ndcg", 10)] == pytest.approx(
+        protocol_ndcg(popularity_scores(data), data), abs=1e-9
+    )
     assert by[("popularity", "users", None)] == len(protocol_users(data)) > 500
     assert ("popularity", "rmse", None) not in by  # a ranking model has no rating error
     assert 0.8 < by[("svd", "rmse", None)] < 0.95 and by[("svd", "n_known", None)] == known_test_pairs(data)
-    for metric in ("precision", "recall", "ndcg", "hit_rate", "map", "mrr", "coverage", "avg_popularity", "novelty"):
+    for metric in (
+        "precision",
+        "recall",
+        "ndcg",
+        "hit_rate",
+        "map",
+        "mrr",
+        "coverage",
+        "avg_popularity",
+        "novelty",
+    ):
         assert {("svd", metric, 5), ("svd", metric, 10)} <= by.keys()
     assert by[("svd", "coverage", 10)] > by[("popularity", "coverage", 10)]
     # 95% intervals around every average over users; none for counts and coverage
     for r in rows:
-        if r["metric"] in ("coverage", "users", "n_known", "n_unknown") or r["metric"].startswith(("n_", "users_")):
+        if r["metric"] in ("coverage", "users", "n_known", "n_unknown") or r["metric"].startswith(
+            ("n_", "users_")
+        ):
             assert r["ci_low"] is None and r["ci_high"] is None, r
         else:
             assert r["ci_low"] - 1e-12 <= r["value"] <= r["ci_high"] + 1e-12, r
@@ -161,26 +205,50 @@ def test_models_are_trained_measured_and_written(wh, tmp_path):
     best, other = sorted(ndcg, key=lambda f: -ndcg[f]["value"])
     assert ndcg[best]["p_vs_best"] is None and 0.0 < ndcg[other]["p_vs_best"] <= 1.0
     assert by[("svd", "ndcg_users_20-99", 10)] > 0 and by[("svd", "users_users_20-99", None)] > 100
-    assert {("svd", "ndcg_items_100+", 10), ("svd", "rmse_users_100+", None), ("svd", "n_users_100+", None)} <= by.keys()
+    assert {
+        ("svd", "ndcg_items_100+", 10),
+        ("svd", "rmse_users_100+", None),
+        ("svd", "n_users_100+", None),
+    } <= by.keys()
     index = Path(out.rsplit("report: ", 1)[1].strip())
     page = _check_report(index, sorted({r["run_id"] for r in rows}))
     assert "ndcg_users_20-99@10" in page.tables["segments"] and "ndcg@10" in page.tables["results"]
 
-    again = evaluate_command(wh, models="popularity", protocol="user_temporal", ks="10", report_dir=None, threshold=3.5,
-                             bootstrap=0)
+    again = evaluate_command(
+        wh,
+        models="popularity",
+        protocol="user_temporal",
+        ks="10",
+        report_dir=None,
+        threshold=3.5,
+        bootstrap=0,
+    )
     assert "trained" not in again  # the latest run of the family is reused
-    assert all(r["ci_low"] is None for r in _evaluations(wh, "protocol = 'user_temporal:threshold=3.5'"))  # no resamples
-    lenient = {r["metric"]: r["value"] for r in _evaluations(wh, "protocol = 'user_temporal:threshold=3.5'") if r["k"] in (None, 10)}
+    assert all(
+        r["ci_low"] is None for r in _evaluations(wh, "protocol = 'user_temporal:threshold=3.5'")
+    )  # no resamples
+    lenient = {
+        r["metric"]: r["value"]
+        for r in _evaluations(wh, "protocol = 'user_temporal:threshold=3.5'")
+        if r["k"] in (None, 10)
+    }
     assert lenient["users"] == len(protocol_users(data, threshold=3.5)) > by[("popularity", "users", None)]
-    assert lenient["ndcg"] == pytest.approx(protocol_ndcg(popularity_scores(data), data, threshold=3.5), abs=1e-9)
+    assert lenient["ndcg"] == pytest.approx(
+        protocol_ndcg(popularity_scores(data), data, threshold=3.5), abs=1e-9
+    )
 
 
 def test_eventwise_protocol_counts_every_positive_test_event(wh):
     out = evaluate_command(wh, models="popularity", protocol="leave-last-5-positive-events", report_dir=None)
-    rows = {(r["metric"], r["k"]): r["value"] for r in _evaluations(wh, "protocol = 'leave-last-5-positive-events'")}
+    rows = {
+        (r["metric"], r["k"]): r["value"]
+        for r in _evaluations(wh, "protocol = 'leave-last-5-positive-events'")
+    }
     # each published number beside ours: no mf run here, so the best run that has the metric
-    assert _published_vs_ours(out) == {("Funk-SVD", "ndcg@10"): (0.0217, f"{rows[('ndcg', 10)]:.4f}", "popularity"),
-                                       ("Funk-SVD", "recall@10"): (0.0424, f"{rows[('recall', 10)]:.4f}", "popularity")}
+    assert _published_vs_ours(out) == {
+        ("Funk-SVD", "ndcg@10"): (0.0217, f"{rows[('ndcg', 10)]:.4f}", "popularity"),
+        ("Funk-SVD", "recall@10"): (0.0424, f"{rows[('recall', 10)]:.4f}", "popularity"),
+    }
     assert set(rows) == {("ndcg", 10), ("recall", 10), ("events", None), ("users", None)}
     with wh.connect(read_only=True) as con:  # positive test events on items of the train catalogue
         events = con.execute("""
@@ -220,7 +288,9 @@ def test_preset_needs_its_split_then_runs(tmp_path):
     assert hint in str(err.value)
     build_snapshot(wh, as_of="2030-01-01", params=tuple(hint.split("--param ")[1:]))
     out = evaluate_command(wh, models="svd,popularity", protocol="random-64-16-20", report_dir=tmp_path / "r")
-    assert "popularity" in out and "nothing this protocol measures applies" in out  # no rating error to measure
+    assert (
+        "popularity" in out and "nothing this protocol measures applies" in out
+    )  # no rating error to measure
     rows = _evaluations(wh)
     svd_rmse = next(r["value"] for r in rows if r["metric"] == "rmse")
     assert _published_vs_ours(out) == {("genre+tag DNN", "rmse"): (0.875, f"{svd_rmse:.4f}", "svd")}
@@ -232,7 +302,9 @@ def test_preset_needs_its_split_then_runs(tmp_path):
     assert all(r["protocol"] == "random-64-16-20" for r in rows)
     with wh.connect(read_only=True) as con:
         test_rows = con.execute("""SELECT n_test FROM split_protocols p JOIN feature_snapshots s USING (snapshot_id)
-                                   WHERE protocol = 'random' ORDER BY s.created_at DESC LIMIT 1""").fetchall()[0][0]
+                                   WHERE protocol = 'random' ORDER BY s.created_at DESC LIMIT 1""").fetchall()[
+            0
+        ][0]
     assert test_rows == pytest.approx(0.2 * 100_836, rel=0.02)
 
 
@@ -249,10 +321,15 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(tmp_path):
         ("--protocol", "random", "--models", "popularity"): "empty test part",
     }
     for args, message in cases.items():
-        result = runner.invoke(main, ["--warehouse", str(wh.path), "evaluate", "--report", str(tmp_path / "r"), *args])
+        result = runner.invoke(
+            main, ["--warehouse", str(wh.path), "evaluate", "--report", str(tmp_path / "r"), *args]
+        )
         assert result.exit_code != 0, args
         lines = result.output.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, result.output)
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (
+            args,
+            result.output,
+        )
     assert not _evaluations(wh) and not (tmp_path / "r").exists()
 
 
@@ -266,22 +343,35 @@ def _published_vs_ours(out: str) -> dict[tuple[str, str], tuple[float, str, str]
 def test_published_numbers_are_compared_with_the_matching_family_first():
     """Ours for a published number: the best run of the matching family and parameters, else the
     best run of any family; lower is better for errors, higher for the rest; none without the metric."""
-    runs = [ReportRun("mf-1", "mf", {"biased": True}, {"rmse": 0.80, "ndcg@10": 0.05}),
-            ReportRun("mf-2", "mf", {"biased": False}, {"rmse": 0.90, "ndcg@10": 0.03}),
-            ReportRun("svd-1", "svd", {}, {"rmse": 0.70, "ndcg@10": 0.04})]
-    refs = [Reference("Funk-SVD", "mf", "rmse", 0.9, "d", "s", {"biased": False}),
-            Reference("Funk-SVD", "mf", "ndcg@10", 0.02, "d", "s", {"biased": False}),
-            Reference("biased MF", "mf", "rmse", 0.8, "d", "s"),
-            Reference("NeuMF", "neumf", "rmse", 0.8, "d", "s"),
-            Reference("NeuMF", "neumf", "ndcg@10", 0.2, "d", "s"),
-            Reference("NeuMF", "neumf", "recall@10", 0.2, "d", "s")]
+    runs = [
+        ReportRun("mf-1", "mf", {"biased": True}, {"rmse": 0.80, "ndcg@10": 0.05}),
+        ReportRun("mf-2", "mf", {"biased": False}, {"rmse": 0.90, "ndcg@10": 0.03}),
+        ReportRun("svd-1", "svd", {}, {"rmse": 0.70, "ndcg@10": 0.04}),
+    ]
+    refs = [
+        Reference("Funk-SVD", "mf", "rmse", 0.9, "d", "s", {"biased": False}),
+        Reference("Funk-SVD", "mf", "ndcg@10", 0.02, "d", "s", {"biased": False}),
+        Reference("biased MF", "mf", "rmse", 0.8, "d", "s"),
+        Reference("NeuMF", "neumf", "rmse", 0.8, "d", "s"),
+        Reference("NeuMF", "neumf", "ndcg@10", 0.2, "d", "s"),
+        Reference("NeuMF", "neumf", "recall@10", 0.2, "d", "s"),
+    ]
     got = [(value, label) for _, value, label in compare_references(refs, runs)]
-    assert got == [(0.90, "mf mf-2"), (0.03, "mf mf-2"), (0.80, "mf mf-1"), (0.70, "svd"), (0.05, "mf mf-1"),
-                   (None, "")]
+    assert got == [
+        (0.90, "mf mf-2"),
+        (0.03, "mf mf-2"),
+        (0.80, "mf mf-1"),
+        (0.70, "svd"),
+        (0.05, "mf mf-1"),
+        (None, ""),
+    ]
 
 
 def test_presets_name_their_published_numbers():
     for preset in PRESETS.values():
         assert preset.references and all(r.source and r.dataset for r in preset.references)
         assert all(r.metric in preset.metrics for r in preset.references), preset.name
-    assert json.dumps(PRESETS["random-64-16-20"].split_params, sort_keys=True) == '{"test_frac": 0.2, "valid_frac": 0.16}'
+    assert (
+        json.dumps(PRESETS["random-64-16-20"].split_params, sort_keys=True)
+        == '{"test_frac": 0.2, "valid_frac": 0.16}'
+    )

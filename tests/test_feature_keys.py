@@ -26,18 +26,34 @@ def declared_checks() -> list[tuple[str, str]]:
     checks = []
     for table, spec in DECLARATIONS.items():
         for key in spec.get("unique", []):
-            checks.append((f"{table} unique ({_cols(key)})",
-                           f"SELECT count(*) FROM (SELECT {_cols(key)} FROM {table} GROUP BY ALL HAVING count(*) > 1)"))
+            checks.append(
+                (
+                    f"{table} unique ({_cols(key)})",
+                    f"SELECT count(*) FROM (SELECT {_cols(key)} FROM {table} GROUP BY ALL HAVING count(*) > 1)",
+                )
+            )
         for column in spec.get("not_null", []):
-            checks.append((f"{table}.{column} not null", f"SELECT count(*) FROM {table} WHERE {column} IS NULL"))
+            checks.append(
+                (f"{table}.{column} not null", f"SELECT count(*) FROM {table} WHERE {column} IS NULL")
+            )
         for rel in spec.get("relationships", []):
-            on = " AND ".join(f"c.{a} = p.{b}" for a, b in zip(rel["columns"], rel["to_columns"], strict=True))
-            checks.append((f"{table} ({_cols(rel['columns'])}) in {rel['to']}",
-                           f"SELECT count(*) FROM {table} c ANTI JOIN {rel['to']} p ON {on}"))
+            on = " AND ".join(
+                f"c.{a} = p.{b}" for a, b in zip(rel["columns"], rel["to_columns"], strict=True)
+            )
+            checks.append(
+                (
+                    f"{table} ({_cols(rel['columns'])}) in {rel['to']}",
+                    f"SELECT count(*) FROM {table} c ANTI JOIN {rel['to']} p ON {on}",
+                )
+            )
         for column, values in spec.get("accepted_values", {}).items():
             allowed = ", ".join(f"'{v}'" for v in values)
-            checks.append((f"{table}.{column} in ({allowed})",
-                           f"SELECT count(*) FROM {table} WHERE {column} NOT IN ({allowed})"))
+            checks.append(
+                (
+                    f"{table}.{column} in ({allowed})",
+                    f"SELECT count(*) FROM {table} WHERE {column} NOT IN ({allowed})",
+                )
+            )
     return checks
 
 
@@ -71,9 +87,12 @@ def test_declared_check_holds(snapshot_db, sql):
 
 def test_snapshot_is_not_empty(snapshot_db):
     """The checks above pass trivially on empty tables; these hold the real data."""
-    counts = dict(snapshot_db.execute(
-        "SELECT 'interactions', count(*) FROM interactions UNION ALL SELECT 'user_index', count(*) FROM user_index "
-        "UNION ALL SELECT 'protocols', count(*) FROM split_protocols").fetchall())
+    counts = dict(
+        snapshot_db.execute(
+            "SELECT 'interactions', count(*) FROM interactions UNION ALL SELECT 'user_index', count(*) FROM user_index "
+            "UNION ALL SELECT 'protocols', count(*) FROM split_protocols"
+        ).fetchall()
+    )
     assert counts == {"interactions": 100_836, "user_index": 610, "protocols": 6}
     assert failing_rows(snapshot_db, "SELECT count(*) FROM split_holdout") > 0
 
@@ -86,10 +105,15 @@ def test_checks_catch_broken_rows(snapshot_db):
     con.begin()
     try:
         con.execute("INSERT INTO interactions SELECT * FROM interactions LIMIT 1")
-        con.execute("INSERT INTO split_holdout SELECT snapshot_id, protocol, 10_000, item_idx, rating, ts, 'later' "
-                    "FROM split_holdout LIMIT 1")
+        con.execute(
+            "INSERT INTO split_holdout SELECT snapshot_id, protocol, 10_000, item_idx, rating, ts, 'later' "
+            "FROM split_holdout LIMIT 1"
+        )
         assert failing_rows(con, by_name["interactions unique (snapshot_id, user_idx, item_idx)"]) == 1
-        assert failing_rows(con, by_name["split_holdout (snapshot_id, user_idx, item_idx, ts) in interactions"]) == 1
+        assert (
+            failing_rows(con, by_name["split_holdout (snapshot_id, user_idx, item_idx, ts) in interactions"])
+            == 1
+        )
         assert failing_rows(con, by_name["split_holdout.part in ('valid', 'test')"]) == 1
     finally:
         con.rollback()

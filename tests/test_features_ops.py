@@ -40,15 +40,25 @@ def test_no_leakage_and_determinism(tmp_path):
     # Data at or after as_of: ratings of known users on new and rated items, new users, tags of
     # known and new terms on tagged items, a rating exactly at as_of.
     cut = query(wh, "SELECT as_of FROM feature_snapshots WHERE snapshot_id = ?", [first])[0][0]
-    user, item = query(wh, "SELECT user_id, item_id FROM ratings WHERE ts < ? ORDER BY ts DESC LIMIT 1", [cut])[0]
+    user, item = query(
+        wh, "SELECT user_id, item_id FROM ratings WHERE ts < ? ORDER BY ts DESC LIMIT 1", [cut]
+    )[0]
     tagged = query(wh, "SELECT item_id FROM tags WHERE ts < ? LIMIT 1", [cut])[0][0]
-    add_rows(wh, ratings=[
-        (user, 1, 0.5, cut), (user, 999999, 5.0, cut + timedelta(days=1)), (1, 2, 1.0, cut + timedelta(days=2)),
-        (90001, item, 5.0, cut + timedelta(seconds=1)), (90002, tagged, 1.0, cut + timedelta(days=400)),
-    ], tags=[
-        (user, tagged, "brand new term", cut), (user, tagged, "funny", cut + timedelta(days=3)),
-        (90001, item, "atmospheric", cut + timedelta(days=5)),
-    ])
+    add_rows(
+        wh,
+        ratings=[
+            (user, 1, 0.5, cut),
+            (user, 999999, 5.0, cut + timedelta(days=1)),
+            (1, 2, 1.0, cut + timedelta(days=2)),
+            (90001, item, 5.0, cut + timedelta(seconds=1)),
+            (90002, tagged, 1.0, cut + timedelta(days=400)),
+        ],
+        tags=[
+            (user, tagged, "brand new term", cut),
+            (user, tagged, "funny", cut + timedelta(days=3)),
+            (90001, item, "atmospheric", cut + timedelta(days=5)),
+        ],
+    )
     build_snapshot(wh, as_of=as_of)
     assert snapshot_rows(wh, latest(wh)) == reference
 
@@ -79,7 +89,10 @@ def test_retention_prunes_old_snapshots_and_says_so(tmp_path):
 def test_failure_part_way_leaves_no_half_snapshot(tmp_path, monkeypatch):
     wh = make_warehouse(tmp_path, SMALL)
     build_snapshot(wh, as_of=day(5).isoformat(), protocols="random")
-    before = {table: query(wh, f"SELECT count(*) FROM {table}") for table in (*SNAPSHOT_COLUMNS, "feature_snapshots")}
+    before = {
+        table: query(wh, f"SELECT count(*) FROM {table}")
+        for table in (*SNAPSHOT_COLUMNS, "feature_snapshots")
+    }
 
     def broken(*args, **kwargs):
         raise KeyboardInterrupt  # as if interrupted after the first tables were written
@@ -93,8 +106,12 @@ def test_failure_part_way_leaves_no_half_snapshot(tmp_path, monkeypatch):
 
 def test_protocol_choice_and_recorded_params(tmp_path):
     wh = make_warehouse(tmp_path, SMALL)
-    summary = build_snapshot(wh, as_of=day(5).isoformat(), protocols="user_temporal, random",
-                             params=("user_temporal.test_frac=0.5", "tfidf.min_df=3"))
+    summary = build_snapshot(
+        wh,
+        as_of=day(5).isoformat(),
+        protocols="user_temporal, random",
+        params=("user_temporal.test_frac=0.5", "tfidf.min_df=3"),
+    )
     assert "random " in summary and "user_temporal " in summary
     rows = query(wh, "SELECT protocol, params->>'test_frac' FROM split_protocols ORDER BY protocol")
     assert rows == [("random", "0.1"), ("user_temporal", "0.5")]
@@ -107,18 +124,35 @@ def _cli(wh_path, *args):
     return result.exit_code, result.stderr.strip()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--protocols", "random,nope"], "error: unknown protocol 'nope' (valid: random, user_random, user_temporal, "
-                                     "global_temporal, leave_last_n_positive, as_of, or all)"),
-    (["--param", "nope=1"], "error: unknown parameter 'nope' (valid keys: seed, bayes_c, tfidf.min_df"),
-    (["--param", "random.test_frac=1.5"], "error: bad value for parameter random.test_frac: '1.5' (expected a fraction in [0, 1))"),
-    (["--param", "tfidf.min_df=zero"], "error: bad value for parameter tfidf.min_df: 'zero' (expected an integer >= 1)"),
-    (["--param", "seed"], "error: bad parameter 'seed': expected KEY=VALUE"),
-    (["--param", "user_random.valid_frac=0.5", "--param", "user_random.test_frac=0.5"],
-     "error: bad values for parameters user_random.valid_frac + user_random.test_frac"),
-    (["--as-of", "yesterday"], "error: --as-of: cannot read 'yesterday' as a timestamp"),
-    (["--as-of", "2019-06-01"], "error: no ratings before 2019-06-01 00:00:00; earliest is 2020-01-02 00:00:00"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--protocols", "random,nope"],
+            "error: unknown protocol 'nope' (valid: random, user_random, user_temporal, "
+            "global_temporal, leave_last_n_positive, as_of, or all)",
+        ),
+        (["--param", "nope=1"], "error: unknown parameter 'nope' (valid keys: seed, bayes_c, tfidf.min_df"),
+        (
+            ["--param", "random.test_frac=1.5"],
+            "error: bad value for parameter random.test_frac: '1.5' (expected a fraction in [0, 1))",
+        ),
+        (
+            ["--param", "tfidf.min_df=zero"],
+            "error: bad value for parameter tfidf.min_df: 'zero' (expected an integer >= 1)",
+        ),
+        (["--param", "seed"], "error: bad parameter 'seed': expected KEY=VALUE"),
+        (
+            ["--param", "user_random.valid_frac=0.5", "--param", "user_random.test_frac=0.5"],
+            "error: bad values for parameters user_random.valid_frac + user_random.test_frac",
+        ),
+        (["--as-of", "yesterday"], "error: --as-of: cannot read 'yesterday' as a timestamp"),
+        (
+            ["--as-of", "2019-06-01"],
+            "error: no ratings before 2019-06-01 00:00:00; earliest is 2020-01-02 00:00:00",
+        ),
+    ],
+)
 def test_cli_errors_are_one_line(tmp_path, args, message):
     wh = make_warehouse(tmp_path, SMALL)
     code, err = _cli(wh.path, *args)

@@ -17,15 +17,22 @@ AS_OF = day(1000).isoformat()
 def parts(wh, protocol, snapshot_id=None) -> dict[tuple[int, int], str]:
     """(user_id, item_id) -> part, for the held-out rows of one protocol."""
     snapshot_id = snapshot_id or latest(wh)
-    rows = query(wh, """SELECT u.user_id, i.item_id, h.part FROM split_holdout h
+    rows = query(
+        wh,
+        """SELECT u.user_id, i.item_id, h.part FROM split_holdout h
         JOIN user_index u USING (snapshot_id, user_idx) JOIN item_index i USING (snapshot_id, item_idx)
-        WHERE h.snapshot_id = ? AND h.protocol = ?""", [snapshot_id, protocol])
+        WHERE h.snapshot_id = ? AND h.protocol = ?""",
+        [snapshot_id, protocol],
+    )
     return {(u, i): p for u, i, p in rows}
 
 
 def counts(wh, protocol) -> tuple[int, int, int]:
-    return query(wh, "SELECT n_train, n_valid, n_test FROM split_protocols WHERE snapshot_id = ? AND protocol = ?",
-                 [latest(wh), protocol])[0]
+    return query(
+        wh,
+        "SELECT n_train, n_valid, n_test FROM split_protocols WHERE snapshot_id = ? AND protocol = ?",
+        [latest(wh), protocol],
+    )[0]
 
 
 def build(tmp_path, ratings, protocol, *params):
@@ -50,16 +57,25 @@ def test_user_temporal_rule(tmp_path):
     got = parts(wh, "user_temporal")
     # user 1 (n = 26 -> 2 test, 2 valid): by (ts, item_id) the order ends 24, 5, 30, 40
     assert {k: v for k, v in got.items() if k[0] == 1} == {
-        (1, 40): "test", (1, 30): "test", (1, 5): "valid", (1, 24): "valid"}
+        (1, 40): "test",
+        (1, 30): "test",
+        (1, 5): "valid",
+        (1, 24): "valid",
+    }
     assert {k: v for k, v in got.items() if k[0] != 1} == {
-        (2, 7): "test",                          # n = 1: the one rating is test
-        (3, 8): "test", (3, 7): "valid",         # n = 2: nothing left for train
-        (4, 9): "test", (4, 8): "valid"}         # n = 9: max(1, floor(0.9)) each
+        (2, 7): "test",  # n = 1: the one rating is test
+        (3, 8): "test",
+        (3, 7): "valid",  # n = 2: nothing left for train
+        (4, 9): "test",
+        (4, 8): "valid",
+    }  # n = 9: max(1, floor(0.9)) each
     assert counts(wh, "user_temporal") == (len(HISTORIES) - 9, 4, 5)
 
 
 def test_user_temporal_fractions_and_zero_valid(tmp_path):
-    wh = build(tmp_path, HISTORIES, "user_temporal", "user_temporal.test_frac=0.2", "user_temporal.valid_frac=0")
+    wh = build(
+        tmp_path, HISTORIES, "user_temporal", "user_temporal.test_frac=0.2", "user_temporal.valid_frac=0"
+    )
     got = parts(wh, "user_temporal")
     assert {k for k in got if k[0] == 1} == {(1, 40), (1, 30), (1, 5), (1, 24), (1, 23)}  # floor(0.2 * 26)
     assert set(got.values()) == {"test"}
@@ -73,15 +89,24 @@ def test_user_random_rule_and_seed(tmp_path):
     for (user, _), part in got.items():
         per_user.setdefault(user, {"valid": 0, "test": 0})[part] += 1
     # test floor(0.2 n), at least 1 when n >= 2; valid floor(0.1 n), leaving at least one train row
-    assert per_user == {1: {"test": 5, "valid": 2}, 3: {"test": 1, "valid": 0}, 4: {"test": 1, "valid": 0},
-                        6: {"test": 2, "valid": 1}}
+    assert per_user == {
+        1: {"test": 5, "valid": 2},
+        3: {"test": 1, "valid": 0},
+        4: {"test": 1, "valid": 0},
+        6: {"test": 2, "valid": 1},
+    }
     # same seed -> same rows; another seed -> other rows (same sizes)
     build_snapshot(wh, as_of=AS_OF, protocols="user_random")
     assert parts(wh, "user_random") == got
     build_snapshot(wh, as_of=AS_OF, protocols="user_random", params=("seed=7",))
     other = parts(wh, "user_random")
     assert other != got and sorted(other.values()) == sorted(got.values())
-    assert json.loads(query(wh, "SELECT params FROM split_protocols WHERE snapshot_id = ?", [latest(wh)])[0][0])["seed"] == 7
+    assert (
+        json.loads(query(wh, "SELECT params FROM split_protocols WHERE snapshot_id = ?", [latest(wh)])[0][0])[
+            "seed"
+        ]
+        == 7
+    )
 
 
 def test_random_holdout_fractions_and_determinism(tmp_path):
@@ -121,11 +146,27 @@ def test_as_of_rule_default_and_explicit_cutoff(tmp_path):
     wh = build(tmp_path, ratings, "as_of")
     # default: the latest tenth (1 row) is test, the tenth before it valid
     assert {i: p for (_, i), p in parts(wh, "as_of").items()} == {109: "valid", 110: "test"}
-    build_snapshot(wh, as_of=AS_OF, protocols="as_of", params=(f"as_of.cutoff={day(8).isoformat()}", "as_of.valid_frac=0.2"))
+    build_snapshot(
+        wh,
+        as_of=AS_OF,
+        protocols="as_of",
+        params=(f"as_of.cutoff={day(8).isoformat()}", "as_of.valid_frac=0.2"),
+    )
     assert {i: p for (_, i), p in parts(wh, "as_of").items()} == {
-        106: "valid", 107: "valid", 108: "test", 109: "test", 110: "test"}
-    params = json.loads(query(wh, "SELECT params FROM split_protocols WHERE snapshot_id = ?", [latest(wh)])[0][0])
-    assert (params["cutoff"], params["test_from"], params["valid_from"]) == (str(day(8)), str(day(8)), str(day(6)))
+        106: "valid",
+        107: "valid",
+        108: "test",
+        109: "test",
+        110: "test",
+    }
+    params = json.loads(
+        query(wh, "SELECT params FROM split_protocols WHERE snapshot_id = ?", [latest(wh)])[0][0]
+    )
+    assert (params["cutoff"], params["test_from"], params["valid_from"]) == (
+        str(day(8)),
+        str(day(8)),
+        str(day(6)),
+    )
     for bad in (day(0.5), day(1000)):
         with pytest.raises(BatchrecError, match="as_of.cutoff"):
             build_snapshot(wh, as_of=AS_OF, protocols="as_of", params=(f"as_of.cutoff={bad.isoformat()}",))
@@ -137,9 +178,9 @@ def _history(user, ratings):
 
 LLNP = (
     _history(1, [2, 1, 5, 2, 4, 4, 1, 5, 4, 3, 4, 2])  # positives at 3, 5, 6, 8, 9, 11
-    + _history(2, [4, 4, 4, 4, 4, 1])                  # exactly five positives
-    + _history(3, [5, 5, 5, 5, 1, 1])                  # four positives
-    + _history(4, [None] * 6)                          # implicit: every interaction is positive
+    + _history(2, [4, 4, 4, 4, 4, 1])  # exactly five positives
+    + _history(3, [5, 5, 5, 5, 1, 1])  # four positives
+    + _history(4, [None] * 6)  # implicit: every interaction is positive
 )
 
 
@@ -147,12 +188,24 @@ def test_leave_last_n_positive_rule(tmp_path):
     wh = build(tmp_path, LLNP, "leave_last_n_positive")
     got = parts(wh, "leave_last_n_positive")
     # user 1: 5th last positive is item 5 -> test from it on; 6th last (item 3) -> valid 3, 4
-    assert {i: p for (u, i), p in got.items() if u == 1} == {3: "valid", 4: "valid", **{i: "test" for i in range(5, 13)}}
-    assert {i: p for (u, i), p in got.items() if u == 2} == {i: "test" for i in range(1, 7)}  # no 6th positive
-    assert not any(u == 3 for u, _ in got)                                                  # too few positives
+    assert {i: p for (u, i), p in got.items() if u == 1} == {
+        3: "valid",
+        4: "valid",
+        **{i: "test" for i in range(5, 13)},
+    }
+    assert {i: p for (u, i), p in got.items() if u == 2} == {
+        i: "test" for i in range(1, 7)
+    }  # no 6th positive
+    assert not any(u == 3 for u, _ in got)  # too few positives
     assert {i: p for (u, i), p in got.items() if u == 4} == {1: "valid", **{i: "test" for i in range(2, 7)}}
-    wh2 = build(tmp_path / "n2", LLNP, "leave_last_n_positive", "leave_last_n_positive.n=2",
-                "leave_last_n_positive.n_valid=0", "leave_last_n_positive.positive_threshold=5")
+    wh2 = build(
+        tmp_path / "n2",
+        LLNP,
+        "leave_last_n_positive",
+        "leave_last_n_positive.n=2",
+        "leave_last_n_positive.n_valid=0",
+        "leave_last_n_positive.positive_threshold=5",
+    )
     # positives now rating >= 5: user 1 has items 3 and 8 -> test from item 3 on
     got = parts(wh2, "leave_last_n_positive")
     assert {i for (u, i) in got if u == 1} == set(range(3, 13)) and set(got.values()) == {"test"}

@@ -74,9 +74,11 @@ def _corrupt_batch(ratings: pl.DataFrame, movies: pl.DataFrame, seed: int = 0) -
     release ends, with their movie ids replaced by random catalogue ids: every row is valid
     (known ids, half-star ratings, past timestamps), the batch as a whole is garbage."""
     rng = np.random.default_rng(seed)
-    latest = (ratings.sort("userId", "timestamp", "movieId", descending=[False, True, False])
-              .with_columns(pos=pl.int_range(pl.len()).over("userId"), n=pl.len().over("userId"))
-              .filter(pl.col("pos") < (pl.col("n") * CORRUPT_SHARE).ceil()))
+    latest = (
+        ratings.sort("userId", "timestamp", "movieId", descending=[False, True, False])
+        .with_columns(pos=pl.int_range(pl.len()).over("userId"), n=pl.len().over("userId"))
+        .filter(pl.col("pos") < (pl.col("n") * CORRUPT_SHARE).ceil())
+    )
     start = int(ratings["timestamp"].max()) + 86_400
     return latest.select(
         "userId",
@@ -87,8 +89,13 @@ def _corrupt_batch(ratings: pl.DataFrame, movies: pl.DataFrame, seed: int = 0) -
 
 
 def _run(db: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BATCHREC), "-qqq", "--warehouse", str(db), *args], capture_output=True, text=True,
-                          timeout=600, check=False)
+    return subprocess.run(
+        [str(BATCHREC), "-qqq", "--warehouse", str(db), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
 
 
 def _night(db: Path, job: Path, landing: Path, reports: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -104,9 +111,11 @@ def _rows(db: Path, sql: str) -> list[tuple]:
         con.close()
 
 
-LOG = ("SELECT status, run_id, users, rows, items, coverage, new_item_share, overlap, overlap_users, top_n, "
-       "live_run_id, gate_metric, candidate_value, live_value, tolerance, reason, seconds FROM publish_log "
-       "ORDER BY logged_at")
+LOG = (
+    "SELECT status, run_id, users, rows, items, coverage, new_item_share, overlap, overlap_users, top_n, "
+    "live_run_id, gate_metric, candidate_value, live_value, tolerance, reason, seconds FROM publish_log "
+    "ORDER BY logged_at"
+)
 
 
 def _log(db: Path) -> list[dict]:
@@ -128,24 +137,34 @@ def test_the_bad_night_drill(tmp_path):
     night1 = _night(db, job, _landing(tmp_path / "night1", before, True), reports)
     assert night1.returncode == 0, night1.stderr
     [first] = _log(db)
-    assert first["status"] == "published" and first["reason"] == "nothing live to compare with (first publish): passed"
+    assert (
+        first["status"] == "published"
+        and first["reason"] == "nothing live to compare with (first publish): passed"
+    )
     # every user with a rating (603 before the cut-off) or a tag has a list of 10
     users1 = _rows(db, "SELECT count(DISTINCT user_id) FROM recommendations")[0][0]
-    assert users1 >= before["userId"].n_unique() and _rows(db, "SELECT count(*) FROM recommendations")[0][0] == 10 * users1
+    assert (
+        users1 >= before["userId"].n_unique()
+        and _rows(db, "SELECT count(*) FROM recommendations")[0][0] == 10 * users1
+    )
     assert first["users"] == users1 and first["rows"] == 10 * users1 and first["top_n"] == 10
     assert first["overlap"] is None and first["overlap_users"] == 0 and first["live_run_id"] is None
     assert first["new_item_share"] == 1.0  # nothing was ever recommended before
     assert first["candidate_value"] > 0.05  # EASE's NDCG@10 on user_temporal (0.089 on the whole release)
 
     # Night 2: the genuine last 1% of the release. It passes; its figures compare with night 1.
-    night2 = _night(db, job, _landing(tmp_path / "night2", ratings.filter(pl.col("timestamp") >= cut), False), reports)
+    night2 = _night(
+        db, job, _landing(tmp_path / "night2", ratings.filter(pl.col("timestamp") >= cut), False), reports
+    )
     assert night2.returncode == 0, night2.stderr
     assert "gate passed: ndcg@10" in night2.stdout
     second = _log(db)[1]
     assert second["status"] == "published" and second["live_run_id"] == first["run_id"]
     assert second["live_value"] == first["candidate_value"]
     assert second["candidate_value"] >= first["candidate_value"] * (1 - second["tolerance"])
-    assert second["users"] == 610 and second["overlap_users"] == users1 and 0.5 < second["overlap"] <= 1.0  # a small batch moves few lists
+    assert (
+        second["users"] == 610 and second["overlap_users"] == users1 and 0.5 < second["overlap"] <= 1.0
+    )  # a small batch moves few lists
     assert 0.0 <= second["new_item_share"] < 0.5
     live_items = _rows(db, "SELECT count(DISTINCT item_id) FROM recommendations")[0][0]
     assert second["items"] == live_items and second["coverage"] == pytest.approx(live_items / 9742)
@@ -156,9 +175,12 @@ def test_the_bad_night_drill(tmp_path):
     night3 = _night(db, job, _landing(tmp_path / "night3", _corrupt_batch(ratings, movies), False), reports)
     assert night3.returncode == 3, (night3.returncode, night3.stderr)  # what cron sees
     [line] = night3.stderr.strip().splitlines()
-    assert re.fullmatch(r"error: job nightly failed at step 5:score: gated: run ease-\S+ \(ease\) was not published: "
-                        r"ndcg@10 0\.\d{4} is \d+\.\d% below the live run's 0\.\d{4} \(tolerance 5%\); the previous "
-                        r"lists stay \(publish anyway with --force\)", line), line
+    assert re.fullmatch(
+        r"error: job nightly failed at step 5:score: gated: run ease-\S+ \(ease\) was not published: "
+        r"ndcg@10 0\.\d{4} is \d+\.\d% below the live run's 0\.\d{4} \(tolerance 5%\); the previous "
+        r"lists stay \(publish anyway with --force\)",
+        line,
+    ), line
     assert table_checksums(db)["recommendations"] == published
     gated = _log(db)[2]
     assert gated["status"] == "gated" and gated["live_run_id"] == night2_run and gated["run_id"] != night2_run
@@ -166,7 +188,9 @@ def test_the_bad_night_drill(tmp_path):
     assert gated["candidate_value"] < 0.5 * second["candidate_value"]  # the measurement collapsed
     drop = 1 - gated["candidate_value"] / gated["live_value"]
     assert f"is {drop:.1%} below" in gated["reason"] and f"is {drop:.1%} below" in line
-    assert _rows(db, "SELECT status FROM job_runs WHERE step = '5:score' ORDER BY started DESC LIMIT 1") == [("gated",)]
+    assert _rows(db, "SELECT status FROM job_runs WHERE step = '5:score' ORDER BY started DESC LIMIT 1") == [
+        ("gated",)
+    ]
 
     # night 3's evaluate step (before its score step) wrote a report whose Nights section has nights 1 and 2
     report = max(reports.glob("*/index.html"))  # folders are named by UTC time
@@ -176,8 +200,14 @@ def test_the_bad_night_drill(tmp_path):
 
     status = _run(db, "status")
     assert status.returncode == 0, status.stderr
-    nights = [ln for ln in status.stdout.splitlines() if re.match(r"  \d{4}-\d\d-\d\d \d\d:\d\d (published|gated)", ln)]
-    assert len(nights) == 3 and " gated " in nights[-1] and f"is {drop:.1%} below the live run's" in nights[-1]
+    nights = [
+        ln
+        for ln in status.stdout.splitlines()
+        if re.match(r"  \d{4}-\d\d-\d\d \d\d:\d\d (published|gated)", ln)
+    ]
+    assert (
+        len(nights) == 3 and " gated " in nights[-1] and f"is {drop:.1%} below the live run's" in nights[-1]
+    )
     print("\n`batchrec status` after a good night and a gated one:\n" + status.stdout)
 
     # --force: the same night published anyway, and the log says so.
@@ -227,10 +257,13 @@ def test_a_switch_to_a_worse_family_is_gated_with_every_failed_check(ease_live, 
     result = _run(db, "score", "--model", "popularity")
     assert result.returncode == 3, result.stderr
     [line] = result.stderr.strip().splitlines()
-    assert re.fullmatch(r"error: gated: run popularity-\S+ \(popularity\) was not published: coverage collapsed: "
-                        r"\d+ distinct items against \d+ in the live lists \(under 50%\); ndcg@10 0\.\d{4} is "
-                        r"\d+\.\d% below the live run's 0\.\d{4} \(tolerance 5%\); the previous lists stay "
-                        r"\(publish anyway with --force\)", line), line
+    assert re.fullmatch(
+        r"error: gated: run popularity-\S+ \(popularity\) was not published: coverage collapsed: "
+        r"\d+ distinct items against \d+ in the live lists \(under 50%\); ndcg@10 0\.\d{4} is "
+        r"\d+\.\d% below the live run's 0\.\d{4} \(tolerance 5%\); the previous lists stay "
+        r"\(publish anyway with --force\)",
+        line,
+    ), line
     after = table_checksums(db)
     assert after.pop("publish_log") != before.pop("publish_log")  # the refusal is recorded ...
     assert after == before  # ... and nothing else changed
@@ -250,12 +283,18 @@ def test_an_unmeasured_candidate_is_gated_and_force_publishes_it(ease_live, tmp_
         assert _run(db, *step).returncode == 0
     result = _run(db, "score", "--model", "ease")
     assert result.returncode == 3
-    assert "the candidate is not measured: no ndcg@10 of ease on user_temporal for snapshot s" in result.stderr
+    assert (
+        "the candidate is not measured: no ndcg@10 of ease on user_temporal for snapshot s" in result.stderr
+    )
     assert "`batchrec evaluate --models ease --protocol user_temporal` first" in result.stderr
     forced = _run(db, "score", "--model", "ease", "--force")
     assert forced.returncode == 0, forced.stderr
     assert "gate FORCED: forced past the gate: the candidate is not measured" in forced.stdout
-    assert _rows(db, "SELECT status FROM publish_log ORDER BY logged_at") == [("published",), ("gated",), ("forced",)]
+    assert _rows(db, "SELECT status FROM publish_log ORDER BY logged_at") == [
+        ("published",),
+        ("gated",),
+        ("forced",),
+    ]
 
 
 def test_gate_options_are_checked(ease_live, tmp_path):
@@ -269,8 +308,9 @@ def test_gate_options_are_checked(ease_live, tmp_path):
     job.write_text('[[steps]]\nstep = "score"\nmodel = "ease"\ngate_tolerance = "5%"\n')
     bad_job = _run(db, "run", str(job))
     assert bad_job.returncode == 1
-    assert bad_job.stderr.strip() == (f"error: {job}:4: step 1 (score): gate_tolerance = '5%' is not valid "
-                                      "(expected a valid number)")
+    assert bad_job.stderr.strip() == (
+        f"error: {job}:4: step 1 (score): gate_tolerance = '5%' is not valid (expected a valid number)"
+    )
 
 
 def test_a_rating_metric_is_worse_when_higher():
@@ -280,6 +320,8 @@ def test_a_rating_metric_is_worse_when_higher():
     gate = Gate(GateSettings(), {"run_id": "mf-x", "model": "mf", "snapshot_id": "s"}, task="rating")
     figures = {"nonfinite": 0, "live_items": 0, "items": 10, "rows": 10}
     failures, _ = gate._checks(figures, candidate=0.99, live=0.90)
-    assert gate.metric == "rmse" and failures == ["rmse 0.9900 is 10.0% above the live run's 0.9000 (tolerance 5%)"]
+    assert gate.metric == "rmse" and failures == [
+        "rmse 0.9900 is 10.0% above the live run's 0.9000 (tolerance 5%)"
+    ]
     failures, notes = gate._checks(figures, candidate=0.92, live=0.90)
     assert failures == [] and notes == ["rmse 0.9200 against the live run's 0.9000 (+2.2%)"]

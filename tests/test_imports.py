@@ -23,11 +23,33 @@ ROOT = Path(batchrec.__file__).parent
 # is the scorer's top-N); `ranking` names `models.base.Recommender` only under TYPE_CHECKING.
 LAYERS = [
     ("commands", {"api", "__main__", "cli", "cli_help", "jobs", "ops"}),
-    ("steps", {"ingest", "features", "train", "scoring", "evaluate", "report", "report_nights", "report_trend", "plots", "gate",
-               "serving", "synth", "tune"}),
+    (
+        "steps",
+        {
+            "ingest",
+            "features",
+            "train",
+            "scoring",
+            "evaluate",
+            "report",
+            "report_nights",
+            "report_trend",
+            "plots",
+            "gate",
+            "serving",
+            "synth",
+            "tune",
+        },
+    ),
     ("models", {"models"}),
-    ("ranking and data", {"metrics", "uncertainty", "ranking", "topk", "data", "training", "distributed", "runs", "tuned"}),
-    ("warehouse", {"warehouse", "errors", "options", "logs", "processes", "storage", "executors", "tracking"}),
+    (
+        "ranking and data",
+        {"metrics", "uncertainty", "ranking", "topk", "data", "training", "distributed", "runs", "tuned"},
+    ),
+    (
+        "warehouse",
+        {"warehouse", "errors", "options", "logs", "processes", "storage", "executors", "tracking"},
+    ),
 ]
 LAYER_OF = {name: i for i, (_, names) in enumerate(LAYERS) for name in names}
 
@@ -54,7 +76,9 @@ def top_level_imports(name: str) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             found.add(base)
             # `from batchrec import options` / `from batchrec.scoring import run`: a submodule
             found |= {f"{base}.{a.name}" for a in node.names}
@@ -73,7 +97,9 @@ def layer(module: str) -> int | None:
 
 def test_every_module_is_in_a_layer():
     modules = {m.split(".")[1] for m in all_modules() if "." in m}
-    assert modules - {"datasets"} <= set(LAYER_OF), f"modules with no layer: {sorted(modules - set(LAYER_OF))}"
+    assert modules - {"datasets"} <= set(LAYER_OF), (
+        f"modules with no layer: {sorted(modules - set(LAYER_OF))}"
+    )
 
 
 def test_no_import_cycle():
@@ -84,7 +110,7 @@ def test_no_import_cycle():
         state[module] = 1
         for target in sorted(edges[module]):
             if state.get(target) == 1:
-                cycle = path[path.index(target):] + [target] if target in path else [module, target]
+                cycle = path[path.index(target) :] + [target] if target in path else [module, target]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if target not in state:
                 visit(target, path + [target])
@@ -96,9 +122,12 @@ def test_no_import_cycle():
 
 
 def upward_edges(edges: dict[str, set[str]]) -> list[str]:
-    return [f"{a} ({LAYERS[layer(a)][0]}) imports {b} ({LAYERS[layer(b)][0]})"
-            for a, targets in edges.items() for b in sorted(targets)
-            if layer(a) is not None and layer(b) is not None and layer(b) < layer(a)]
+    return [
+        f"{a} ({LAYERS[layer(a)][0]}) imports {b} ({LAYERS[layer(b)][0]})"
+        for a, targets in edges.items()
+        for b in sorted(targets)
+        if layer(a) is not None and layer(b) is not None and layer(b) < layer(a)
+    ]
 
 
 def test_imports_point_down_the_layers():
@@ -114,7 +143,9 @@ def test_the_graph_sees_real_edges():
     assert "batchrec.scoring.publishing" in edges["batchrec.scoring.run"]
     assert "batchrec.options" in edges["batchrec.cli"]  # `from batchrec import logs, options`
     planted = edges | {"batchrec.ranking": edges["batchrec.ranking"] | {"batchrec.scoring.run"}}
-    assert upward_edges(planted) == ["batchrec.ranking (ranking and data) imports batchrec.scoring.run (steps)"]
+    assert upward_edges(planted) == [
+        "batchrec.ranking (ranking and data) imports batchrec.scoring.run (steps)"
+    ]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

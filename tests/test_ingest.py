@@ -67,9 +67,17 @@ def test_ml_latest_small_embedded(tmp_path):
     assert rows(wh, "SELECT count(DISTINCT user_id) FROM ratings") == [(610,)]
     assert count(wh, "tags") == 3_683
     assert count(wh, "items") == 9_742
-    assert rows(wh, "SELECT rating, ts FROM ratings WHERE user_id = 1 AND item_id = 1") == [(4.0, utc(964982703))]
-    log = rows(wh, "SELECT file, kind, format, checksum, rows_read, rows_loaded, rows_rejected FROM ingest_log ORDER BY kind")
-    sha = {n: hashlib.sha256((ML_SMALL / n).read_bytes()).hexdigest() for n in ("movies.csv", "ratings.csv", "tags.csv")}
+    assert rows(wh, "SELECT rating, ts FROM ratings WHERE user_id = 1 AND item_id = 1") == [
+        (4.0, utc(964982703))
+    ]
+    log = rows(
+        wh,
+        "SELECT file, kind, format, checksum, rows_read, rows_loaded, rows_rejected FROM ingest_log ORDER BY kind",
+    )
+    sha = {
+        n: hashlib.sha256((ML_SMALL / n).read_bytes()).hexdigest()
+        for n in ("movies.csv", "ratings.csv", "tags.csv")
+    }
     assert log == [
         ("ml-latest-small/movies.csv", "items", "ml-csv", sha["movies.csv"], 9_742, 9_742, 0),
         ("ml-latest-small/ratings.csv", "ratings", "ml-csv", sha["ratings.csv"], 100_836, 100_836, 0),
@@ -82,13 +90,17 @@ def test_ml_100k(tmp_path):
     wh = tmp_path / "w.duckdb"
     ingest_ok(wh, str(FIXTURES / "ml-100k"))
     assert (count(wh, "ratings"), count(wh, "items"), count(wh, "users")) == (20, 22, 20)
-    assert rows(wh, "SELECT rating, ts FROM ratings WHERE user_id = 196 AND item_id = 242") == [(3.0, utc(881250949))]
+    assert rows(wh, "SELECT rating, ts FROM ratings WHERE user_id = 196 AND item_id = 242") == [
+        (3.0, utc(881250949))
+    ]
     items = {r[0]: r[1:] for r in rows(wh, "SELECT item_id, title, year, genres FROM items")}
     assert items[29] == ("Batman Forever (1995)", 1995, ["Action", "Adventure", "Comedy", "Crime"])
     assert items[465] == ("Jungle Book, The (1994)", 1994, ["Adventure", "Children's", "Romance"])
     assert items[1306] == ("Délusions (1991)", 1991, ["Drama"])  # latin-1 byte 0xE9
     assert items[267] == ("unknown", None, [])  # the 'unknown' genre flag is the empty list
-    assert rows(wh, "SELECT gender, age, occupation, zip FROM users WHERE user_id = 196") == [("M", 49, "writer", "55105")]
+    assert rows(wh, "SELECT gender, age, occupation, zip FROM users WHERE user_id = 196") == [
+        ("M", 49, "writer", "55105")
+    ]
     assert rows(wh, "SELECT DISTINCT format FROM ingest_log") == [("ml-100k",)]
 
 
@@ -96,25 +108,47 @@ def test_ml_1m(tmp_path):
     wh = tmp_path / "w.duckdb"
     ingest_ok(wh, str(FIXTURES / "ml-1m"))
     assert (count(wh, "ratings"), count(wh, "items"), count(wh, "users")) == (20, 19, 6)
-    assert rows(wh, "SELECT rating, ts FROM ratings WHERE user_id = 1 AND item_id = 1193") == [(5.0, utc(978300760))]
-    assert rows(wh, "SELECT title, year, genres FROM items WHERE item_id = 3579") == [("Eréndira (1983)", 1983, ["Drama"])]
-    assert rows(wh, "SELECT genres FROM items WHERE item_id = 1") == [(["Animation", "Children's", "Comedy"],)]
+    assert rows(wh, "SELECT rating, ts FROM ratings WHERE user_id = 1 AND item_id = 1193") == [
+        (5.0, utc(978300760))
+    ]
+    assert rows(wh, "SELECT title, year, genres FROM items WHERE item_id = 3579") == [
+        ("Eréndira (1983)", 1983, ["Drama"])
+    ]
+    assert rows(wh, "SELECT genres FROM items WHERE item_id = 1") == [
+        (["Animation", "Children's", "Comedy"],)
+    ]
     # users.dat: UserID::Gender::Age::Occupation::Zip-code, occupation codes named as in the README
     assert rows(wh, "SELECT gender, age, occupation, zip FROM users ORDER BY user_id LIMIT 2") == [
-        ("F", 1, "K-12 student", "48067"), ("M", 56, "self-employed", "70072")]
+        ("F", 1, "K-12 student", "48067"),
+        ("M", 56, "self-employed", "70072"),
+    ]
 
 
 def test_ml_10m(tmp_path):
     wh = tmp_path / "w.duckdb"
     ingest_ok(wh, str(FIXTURES / "ml-10m"))
-    assert (count(wh, "ratings"), count(wh, "items"), count(wh, "tags"), count(wh, "users")) == (16, 15, 10, 0)
-    assert rows(wh, "SELECT rating FROM ratings WHERE user_id = 3 ORDER BY item_id") == [(4.5,), (4.5,), (5.0,), (3.5,)]
+    assert (count(wh, "ratings"), count(wh, "items"), count(wh, "tags"), count(wh, "users")) == (
+        16,
+        15,
+        10,
+        0,
+    )
+    assert rows(wh, "SELECT rating FROM ratings WHERE user_id = 3 ORDER BY item_id") == [
+        (4.5,),
+        (4.5,),
+        (5.0,),
+        (3.5,),
+    ]
     assert rows(wh, "SELECT min(rating) FROM ratings") == [(0.5,)]
-    assert rows(wh, "SELECT title, year, genres FROM items WHERE item_id IN (4973, 8606) ORDER BY item_id") == [
+    assert rows(
+        wh, "SELECT title, year, genres FROM items WHERE item_id IN (4973, 8606) ORDER BY item_id"
+    ) == [
         ("Amelie (Fabuleux destin d'Amélie Poulain, Le) (2001)", 2001, ["Comedy", "Romance"]),
         ("Pull My Daisy (1958)", 1958, []),
     ]
-    assert rows(wh, "SELECT user_id, item_id, tag, ts FROM tags WHERE tag = 'excellent!'") == [(15, 4973, "excellent!", utc(1215184630))]
+    assert rows(wh, "SELECT user_id, item_id, tag, ts FROM tags WHERE tag = 'excellent!'") == [
+        (15, 4973, "excellent!", utc(1215184630))
+    ]
 
 
 def test_ml_csv_layout(tmp_path):
@@ -128,7 +162,9 @@ def test_ml_csv_layout(tmp_path):
     assert items[131260] == ("Rentun Ruusu (2001)", 2001, [])
     tags = {r[0] for r in rows(wh, "SELECT tag FROM tags")}
     assert {"screwball comedy, classic", '"pixar"', "dark hero"} <= tags
-    assert rows(wh, "SELECT rating, ts FROM ratings WHERE user_id = 4 AND item_id = 131262") == [(4.5, utc(1427771112))]
+    assert rows(wh, "SELECT rating, ts FROM ratings WHERE user_id = 4 AND item_id = 131262") == [
+        (4.5, utc(1427771112))
+    ]
 
 
 def test_generic_csv_with_users(tmp_path):
@@ -136,20 +172,25 @@ def test_generic_csv_with_users(tmp_path):
     wh = tmp_path / "w.duckdb"
     ingest_ok(wh, str(FIXTURES / "generic"), "--format", "generic")
     assert (count(wh, "ratings"), count(wh, "items"), count(wh, "users")) == (6, 4, 3)
-    assert rows(wh, "SELECT rating, ts FROM ratings WHERE user_id = 10 AND item_id = 101") == [(2.5, utc(1262390400))]
-    assert rows(wh, "SELECT gender, age, occupation, zip FROM users WHERE user_id = 10") == [("F", 34, "engineer", "10001")]
+    assert rows(wh, "SELECT rating, ts FROM ratings WHERE user_id = 10 AND item_id = 101") == [
+        (2.5, utc(1262390400))
+    ]
+    assert rows(wh, "SELECT gender, age, occupation, zip FROM users WHERE user_id = 10") == [
+        ("F", 34, "engineer", "10001")
+    ]
     assert rows(wh, "SELECT title, year, genres FROM items WHERE item_id IN (102, 103) ORDER BY 1") == [
-        ("Delta (1999)", 1999, []), ("Gamma", None, ["Horror"])]
+        ("Delta (1999)", 1999, []),
+        ("Gamma", None, ["Horror"]),
+    ]
     assert rows(wh, "SELECT DISTINCT format FROM ingest_log") == [("generic",)]
 
 
 def test_generic_column_mapping_iso_timestamps_and_implicit_feedback(tmp_path):
     d = tmp_path / "clicks"
     d.mkdir()
-    (d / "events.csv").write_text("who,what,when\n"
-                                  "1,10,2020-01-02 03:04:05\n"
-                                  "1,11,2020-01-02T03:04:05+02:00\n"
-                                  "2,10,2020-01-03\n")
+    (d / "events.csv").write_text(
+        "who,what,when\n1,10,2020-01-02 03:04:05\n1,11,2020-01-02T03:04:05+02:00\n2,10,2020-01-03\n"
+    )
     wh = tmp_path / "w.duckdb"
     ingest_ok(wh, str(d), "--columns", "user_id=who,item_id=what,ts=when")
     assert rows(wh, "SELECT user_id, item_id, rating, ts FROM ratings ORDER BY ALL") == [
@@ -169,7 +210,10 @@ def test_generic_parquet(tmp_path):
     wh = tmp_path / "w.duckdb"
     ingest_ok(wh, str(d))
     assert rows(wh, "SELECT user_id, item_id, rating, ts FROM ratings ORDER BY ALL") == [
-        (1, 5, 4.0, utc(1262304000)), (2, 5, 3.5, utc(1262390400)), (3, 6, 2.0, utc(1262476800))]
+        (1, 5, 4.0, utc(1262304000)),
+        (2, 5, 3.5, utc(1262390400)),
+        (3, 6, 2.0, utc(1262476800)),
+    ]
 
 
 def test_zip_with_top_folder(tmp_path):
@@ -223,8 +267,9 @@ def test_same_files_twice_change_nothing(tmp_path):
     out = ingest_ok(wh, str(FIXTURES / "ml-20m"))
     assert "skipped" in out
     after = snapshot(wh)
-    assert {t: after[t] for t in ("ratings", "items", "tags", "users")} == \
-           {t: before[t] for t in ("ratings", "items", "tags", "users")}
+    assert {t: after[t] for t in ("ratings", "items", "tags", "users")} == {
+        t: before[t] for t in ("ratings", "items", "tags", "users")
+    }
     second = [r for r in after["ingest_log"] if r not in before["ingest_log"]]
     assert len(second) == 3 and all(r[5:8] == (0, 0, 0) for r in second)  # rows_read, loaded, rejected
 
@@ -238,13 +283,24 @@ def _ratings_dir(tmp_path: Path, name: str, body: str) -> Path:
 
 def test_incremental_append_and_latest_rating_wins(tmp_path):
     wh = tmp_path / "w.duckdb"
-    ingest_ok(wh, str(_ratings_dir(tmp_path, "day1", "1,10,3.0,1000\n1,11,4.0,1000\n2,10,2.0,1000\n3,12,5.0,1000\n")))
-    out = ingest_ok(wh, str(_ratings_dir(tmp_path, "day2",
-                                         "1,10,4.5,2000\n"     # re-rated later: replaces
-                                         "1,11,1.0,500\n"      # older than stored: ignored
-                                         "2,10,3.5,1000\n"     # same ts, other rating: the later file wins
-                                         "3,12,5.0,1000\n"     # identical: untouched
-                                         "4,13,2.5,3000\n")))  # new: appended
+    ingest_ok(
+        wh,
+        str(_ratings_dir(tmp_path, "day1", "1,10,3.0,1000\n1,11,4.0,1000\n2,10,2.0,1000\n3,12,5.0,1000\n")),
+    )
+    out = ingest_ok(
+        wh,
+        str(
+            _ratings_dir(
+                tmp_path,
+                "day2",
+                "1,10,4.5,2000\n"  # re-rated later: replaces
+                "1,11,1.0,500\n"  # older than stored: ignored
+                "2,10,3.5,1000\n"  # same ts, other rating: the later file wins
+                "3,12,5.0,1000\n"  # identical: untouched
+                "4,13,2.5,3000\n",
+            )
+        ),
+    )  # new: appended
     assert "5 read, 3 new or changed" in out
     assert rows(wh, "SELECT user_id, item_id, rating, ts, source FROM ratings_with_source ORDER BY ALL") == [
         (1, 10, 4.5, utc(2000), f"{tmp_path}/day2/ratings.csv"),
@@ -257,23 +313,35 @@ def test_incremental_append_and_latest_rating_wins(tmp_path):
 
 def test_rerating_within_one_file_keeps_the_latest(tmp_path):
     wh = tmp_path / "w.duckdb"
-    ingest_ok(wh, str(_ratings_dir(tmp_path, "d", "1,10,3.0,2000\n1,10,5.0,3000\n1,10,1.0,1000\n2,10,4.0,10\n")))
+    ingest_ok(
+        wh, str(_ratings_dir(tmp_path, "d", "1,10,3.0,2000\n1,10,5.0,3000\n1,10,1.0,1000\n2,10,4.0,10\n"))
+    )
     assert rows(wh, "SELECT user_id, item_id, rating, ts FROM ratings ORDER BY ALL") == [
-        (1, 10, 5.0, utc(3000)), (2, 10, 4.0, utc(10))]
+        (1, 10, 5.0, utc(3000)),
+        (2, 10, 4.0, utc(10)),
+    ]
 
 
 def test_items_upsert_and_tags_dedupe(tmp_path):
     wh = tmp_path / "w.duckdb"
     ingest_ok(wh, str(FIXTURES / "ml-20m"))
     d = copy_fixture("ml-20m", tmp_path)
-    movies = (d / "movies.csv").read_text().replace("Heat (1995),Action|Crime|Thriller", "Heat (1996),Action|Crime")
+    movies = (
+        (d / "movies.csv")
+        .read_text()
+        .replace("Heat (1995),Action|Crime|Thriller", "Heat (1996),Action|Crime")
+    )
     (d / "movies.csv").write_text(movies + "999,New Film (2020),Drama\n")
-    (d / "tags.csv").write_text((d / "tags.csv").read_text() + "65,208,dark hero,1368150078\n"
-                                                               "65,208,dark hero,1368150078\n7,1,new tag,1500000000\n")
+    (d / "tags.csv").write_text(
+        (d / "tags.csv").read_text() + "65,208,dark hero,1368150078\n"
+        "65,208,dark hero,1368150078\n7,1,new tag,1500000000\n"
+    )
     out = ingest_ok(wh, str(d))
     assert "19 read, 2 new or changed" in out  # movie 6 changed, 999 new
     assert "12 read, 1 new or changed" in out  # one new tag; the exact repeats are dropped
-    assert rows(wh, "SELECT title, year, genres FROM items WHERE item_id = 6") == [("Heat (1996)", 1996, ["Action", "Crime"])]
+    assert rows(wh, "SELECT title, year, genres FROM items WHERE item_id = 6") == [
+        ("Heat (1996)", 1996, ["Action", "Crime"])
+    ]
     assert count(wh, "items") == 19
     assert rows(wh, "SELECT count(*) FROM tags WHERE user_id = 65 AND item_id = 208") == [(1,)]
     assert count(wh, "tags") == 10
@@ -282,13 +350,18 @@ def test_items_upsert_and_tags_dedupe(tmp_path):
 def test_repeated_tags_in_a_first_load_are_dropped(tmp_path):
     """A first load reads tags straight into the empty table; exact repeats still go, near ones stay."""
     d = copy_fixture("ml-20m", tmp_path)
-    (d / "tags.csv").write_text((d / "tags.csv").read_text() + "65,208,dark hero,1368150078\n"  # repeats line 3
-                                "65,208,Dark hero,1368150078\n65,208,dark hero,1368150090\n121,1,\"\"\"pixar\"\"\",1300000000\n")
+    (d / "tags.csv").write_text(
+        (d / "tags.csv").read_text() + "65,208,dark hero,1368150078\n"  # repeats line 3
+        '65,208,Dark hero,1368150078\n65,208,dark hero,1368150090\n121,1,"""pixar""",1300000000\n'
+    )
     wh = tmp_path / "w.duckdb"
     assert "13 read, 11 new or changed" in ingest_ok(wh, str(d))
     assert rows(wh, "SELECT user_id, tag, ts FROM tags WHERE item_id IN (1, 208) ORDER BY ALL") == [
-        (65, "Dark hero", utc(1368150078)), (65, "dark hero", utc(1368150078)), (65, "dark hero", utc(1368150090)),
-        (121, '"pixar"', utc(1300000000))]
+        (65, "Dark hero", utc(1368150078)),
+        (65, "dark hero", utc(1368150078)),
+        (65, "dark hero", utc(1368150090)),
+        (121, '"pixar"', utc(1300000000)),
+    ]
 
 
 @pytest.mark.parametrize("layout", ["sorted", "two_runs", "swapped_halves", "chunks_dealt", "shuffled"])
@@ -306,13 +379,18 @@ def test_repeat_check_agrees_with_unique(layout, repeat, jump):
     if repeat:
         keys = np.sort(np.r_[keys, keys[rng.integers(len(keys))]])
     chunks = np.array_split(keys, 16)
-    keys = {"sorted": keys, "two_runs": np.concatenate(chunks[0::2] + chunks[1::2]),
-            "swapped_halves": np.concatenate(chunks[8:] + chunks[:8]),
-            "chunks_dealt": np.concatenate([chunks[i] for i in rng.permutation(16)]),
-            "shuffled": rng.permutation(keys)}[layout]
+    keys = {
+        "sorted": keys,
+        "two_runs": np.concatenate(chunks[0::2] + chunks[1::2]),
+        "swapped_halves": np.concatenate(chunks[8:] + chunks[:8]),
+        "chunks_dealt": np.concatenate([chunks[i] for i in rng.permutation(16)]),
+        "shuffled": rng.permutation(keys),
+    }[layout]
     expected = len(np.unique(keys)) < len(keys)
     assert expected == repeat
     as_read = [keys[:7000], keys[7000:]]  # in chunks, as a read hands them over
     assert _repeats(as_read, jump) == expected
-    fast = not repeat and layout != "shuffled" and (jump is not None or layout in ("sorted", "swapped_halves"))
+    fast = (
+        not repeat and layout != "shuffled" and (jump is not None or layout in ("sorted", "swapped_halves"))
+    )
     assert _disjoint_pieces(as_read, jump) == fast  # decided in one pass, without a sort

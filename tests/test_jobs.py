@@ -64,7 +64,13 @@ def job(tmp_path) -> Path:
 def test_nightly_job_file_is_valid():
     name, steps = load_job(ROOT / "jobs" / "nightly.toml")
     assert name == "nightly"
-    assert [s["kind"] for s in steps] == ["ingest", "features", "train", "evaluate", "score"]  # measure, then publish
+    assert [s["kind"] for s in steps] == [
+        "ingest",
+        "features",
+        "train",
+        "evaluate",
+        "score",
+    ]  # measure, then publish
     assert [s["gate_metric"] for s in steps if s["kind"] == "score"] == ["ndcg@10"]
 
 
@@ -113,8 +119,13 @@ def test_job_runs_end_to_end_then_resumes_incrementally(tmp_path, job):
 
 # Published tables that a kill inside each step must leave as they were: the steps
 # before it did their own atomic work.
-UNTOUCHED = {"ingest": PUBLISHED, "features": PUBLISHED[3:], "train": PUBLISHED[4:], "evaluate": PUBLISHED[5:],
-             "score": PUBLISHED[6:]}
+UNTOUCHED = {
+    "ingest": PUBLISHED,
+    "features": PUBLISHED[3:],
+    "train": PUBLISHED[4:],
+    "evaluate": PUBLISHED[5:],
+    "score": PUBLISHED[6:],
+}
 
 # Where each step's `batchrec run` process is paused, then killed with SIGKILL: inside the step's
 # publishing transaction with all its work done (before COMMIT); for train, after the artifact is
@@ -150,11 +161,14 @@ def _second_night(first_night: Path, tmp_path: Path, job: Path) -> Warehouse:
 
 @pytest.mark.parametrize("step", list(KILL_POINT))
 def test_kill_9_inside_a_step_leaves_published_tables_unchanged_and_the_rerun_resumes(
-        first_night, tmp_path, job, step):
+    first_night, tmp_path, job, step
+):
     wh = _second_night(first_night, tmp_path, job)
     before = _contents(wh)
     fault = tmp_path / "fault"
-    proc = start_batchrec(["--warehouse", str(wh.path), "run", str(job)], env=fault_env(fault, KILL_POINT[step]))
+    proc = start_batchrec(
+        ["--warehouse", str(wh.path), "run", str(job)], env=fault_env(fault, KILL_POINT[step])
+    )
     try:
         wait_until_paused(proc, fault)
     finally:
@@ -184,11 +198,26 @@ def test_ops_commands_on_a_scored_warehouse(tmp_path, job):
     assert "recommendations from run popularity-" in res.output and "recent history" in res.output
     res = runner.invoke(main, ["--warehouse", str(wh_path), "status"])
     assert res.exit_code == 0, res.output
-    for needle in ("recommendations", "latest snapshot: s", "recent model runs", "live recommendations, per run",
-                   "last evaluation", "recent job failures"):
+    for needle in (
+        "recommendations",
+        "latest snapshot: s",
+        "recent model runs",
+        "live recommendations, per run",
+        "last evaluation",
+        "recent job failures",
+    ):
         assert needle in res.output
-    res = runner.invoke(main, ["--warehouse", str(wh_path), "sql", "--format", "csv",
-                               "SELECT user_id, count(*) AS n FROM recommendations GROUP BY 1 ORDER BY 1 LIMIT 2"])
+    res = runner.invoke(
+        main,
+        [
+            "--warehouse",
+            str(wh_path),
+            "sql",
+            "--format",
+            "csv",
+            "SELECT user_id, count(*) AS n FROM recommendations GROUP BY 1 ORDER BY 1 LIMIT 2",
+        ],
+    )
     assert res.exit_code == 0 and res.output.splitlines() == ["user_id,n", "1,5", "2,5"]
     res = runner.invoke(main, ["--warehouse", str(wh_path), "sql", "SELEC nonsense"])
     assert res.exit_code != 0 and res.output.startswith("error: query failed")

@@ -42,12 +42,14 @@ def test_rmse_mae():
 
 
 def test_ranking_metrics_by_hand():
-    topk = np.array([
-        [2, 0, 5],    # user 0: one hit at rank 2 of 2 relevant
-        [3, -1, -1],  # user 1: only one candidate (fewer than K), a hit at rank 1
-        [0, 1, 2],    # user 2: no relevant items -> not counted at all
-        [1, 0, 2],    # user 3: 4 relevant (more than K), hits at ranks 1 and 3
-    ])
+    topk = np.array(
+        [
+            [2, 0, 5],  # user 0: one hit at rank 2 of 2 relevant
+            [3, -1, -1],  # user 1: only one candidate (fewer than K), a hit at rank 1
+            [0, 1, 2],  # user 2: no relevant items -> not counted at all
+            [1, 0, 2],  # user 3: 4 relevant (more than K), hits at ranks 1 and 3
+        ]
+    )
     relevant = _csr([[0, 4], [3], [], [1, 2, 3, 4]], 6)
     m = ranking_metrics(topk, relevant, [1, 3])
     assert m["users"] == 3
@@ -57,7 +59,7 @@ def test_ranking_metrics_by_hand():
     assert m["recall@3"] == pytest.approx((1 / 2 + 1 + 2 / 4) / 3)
     assert m["hit_rate@1"] == pytest.approx(2 / 3)
     assert m["hit_rate@3"] == pytest.approx(1.0)
-    ndcg0 = (1 / L2) / (1 + 1 / L2)              # ideal DCG over min(3, 2) = 2 relevant
+    ndcg0 = (1 / L2) / (1 + 1 / L2)  # ideal DCG over min(3, 2) = 2 relevant
     ndcg3 = (1 + 1 / L3) / (1 + 1 / L2 + 1 / L3)  # ideal DCG over min(3, 4) = 3
     assert m["ndcg@3"] == pytest.approx((ndcg0 + 1 + ndcg3) / 3)
     assert m["ndcg@1"] == pytest.approx((0 + 1 + 1) / 3)
@@ -83,8 +85,8 @@ def test_beyond_accuracy_by_hand():
     topk = np.array([[0, 1, -1], [1, 2, 3]])
     count = np.array([10, 5, 1, 2, 0])
     m = beyond_accuracy_metrics(topk, count, n_users=20, n_candidates=4, ks=[1, 3])
-    assert m["coverage@1"] == pytest.approx(2 / 4)          # items {0, 1}
-    assert m["coverage@3"] == pytest.approx(4 / 4)          # items {0, 1, 2, 3}; the -1 slot is nothing
+    assert m["coverage@1"] == pytest.approx(2 / 4)  # items {0, 1}
+    assert m["coverage@3"] == pytest.approx(4 / 4)  # items {0, 1, 2, 3}; the -1 slot is nothing
     assert m["avg_popularity@1"] == pytest.approx((10 + 5) / 2)
     assert m["avg_popularity@3"] == pytest.approx((10 + 5 + 5 + 1 + 2) / 5)
     info = lambda c: -math.log2(c / 20)  # noqa: E731
@@ -122,19 +124,37 @@ class FixedScores(Recommender):
 def _tiny() -> SnapshotData:
     def part(rows):
         u, i, r = (np.array(c) for c in zip(*rows))
-        return Interactions(u.astype(np.int64), i.astype(np.int64), r.astype(np.float32), np.arange(len(u), dtype=np.int64))
+        return Interactions(
+            u.astype(np.int64), i.astype(np.int64), r.astype(np.float32), np.arange(len(u), dtype=np.int64)
+        )
 
     train = part([(0, 0, 5), (0, 1, 3), (1, 0, 4), (1, 2, 2), (2, 3, 4), (2, 4, 1)])  # catalogue: items 0-4
     valid = part([(0, 2, 4)])
     test = part([(0, 3, 4.5), (0, 4, 2), (0, 5, 5), (1, 1, 4), (1, 3, 3.5), (2, 0, 1)])  # item 5 unknown
-    return SnapshotData("tiny", "hand", 3, 6, train, valid, test, np.arange(3), np.arange(6), (1.0, 5.0),
-                        sp.csr_matrix((6, 0)), [], sp.csr_matrix((6, 0)), [])
+    return SnapshotData(
+        "tiny",
+        "hand",
+        3,
+        6,
+        train,
+        valid,
+        test,
+        np.arange(3),
+        np.arange(6),
+        (1.0, 5.0),
+        sp.csr_matrix((6, 0)),
+        [],
+        sp.csr_matrix((6, 0)),
+        [],
+    )
 
 
 def _fixed_model(data):
-    scores = [[9, 9, 9, 3.0, 6.0, 0],   # user 0: candidates {3, 4} only (0, 1 train; 2 valid)
-              [9, 4.0, 9, 4.0, 1.0, 0],  # user 1: items 1 and 3 tie; candidates {1, 3, 4}
-              [2.0, 0, 0, 0, 0, 0]]
+    scores = [
+        [9, 9, 9, 3.0, 6.0, 0],  # user 0: candidates {3, 4} only (0, 1 train; 2 valid)
+        [9, 4.0, 9, 4.0, 1.0, 0],  # user 1: items 1 and 3 tie; candidates {1, 3, 4}
+        [2.0, 0, 0, 0, 0, 0],
+    ]
     model = FixedScores(scores)
     model.prepare(data, torch.device("cpu"))
     return model
@@ -146,7 +166,7 @@ def test_measure_tiny_snapshot_by_hand():
     m = res.metrics
     # rating part: 5 train-known test pairs; (0, 4) predicted 6 is clipped to 5
     assert m["n_known"] == 5 and m["n_unknown"] == 1
-    assert m["rmse"] == pytest.approx(math.sqrt((1.5 ** 2 + 3 ** 2 + 0 + 0.5 ** 2 + 1) / 5))
+    assert m["rmse"] == pytest.approx(math.sqrt((1.5**2 + 3**2 + 0 + 0.5**2 + 1) / 5))
     assert m["mae"] == pytest.approx((1.5 + 3 + 0 + 0.5 + 1) / 5)
     assert sorted(np.abs(res.residuals).tolist()) == pytest.approx([0, 0.5, 1, 1.5, 3])
     # every known test item has 1 or 2 training ratings: one bucket, holding every known pair
@@ -209,15 +229,20 @@ def test_popularity_like_for_like_on_ml_small(ml_small):
 def _tiny_with_cold_user() -> SnapshotData:
     """`_tiny` plus user 3, who has no training interaction and two test ratings (items 0 and 3)."""
     data = _tiny()
-    test = data.test.concat(Interactions(np.array([3, 3]), np.array([0, 3]), np.array([5.0, 4.0], np.float32),
-                                         np.array([10, 11])))
+    test = data.test.concat(
+        Interactions(np.array([3, 3]), np.array([0, 3]), np.array([5.0, 4.0], np.float32), np.array([10, 11]))
+    )
     return replace(data, n_users=4, test=test, user_ids=np.arange(4))
 
 
 def test_segments_by_hand():
     data = _tiny_with_cold_user()
-    scores = [[9, 9, 9, 3.0, 6.0, 0], [9, 4.0, 9, 4.0, 1.0, 0], [2.0, 0, 0, 0, 0, 0],
-              [5.0, 0, 0, 1.0, 0, 0]]  # user 3 (cold): list [0, 3, 1], both relevant items first
+    scores = [
+        [9, 9, 9, 3.0, 6.0, 0],
+        [9, 4.0, 9, 4.0, 1.0, 0],
+        [2.0, 0, 0, 0, 0, 0],
+        [5.0, 0, 0, 1.0, 0, 0],
+    ]  # user 3 (cold): list [0, 3, 1], both relevant items first
     model = FixedScores(scores)
     model.prepare(data, torch.device("cpu"))
     res = measure(model, data, ks=[1, 3], segments=True)
@@ -235,7 +260,9 @@ def test_segments_by_hand():
     # scored by the fallback (user unknown: the global mean plus the item offset), clipped
     assert m["rmse_users_1-19"] == pytest.approx(m["rmse"]) and m["n_users_1-19"] == 5
     fallback = model.score_fallback(torch.tensor([-1, -1]), torch.tensor([0, 3])).clamp(1.0, 5.0).numpy()
-    assert m["rmse_users_cold"] == pytest.approx(math.sqrt(np.mean((fallback - np.array([5.0, 4.0])) ** 2)), rel=1e-6)
+    assert m["rmse_users_cold"] == pytest.approx(
+        math.sqrt(np.mean((fallback - np.array([5.0, 4.0])) ** 2)), rel=1e-6
+    )
     assert m["n_users_cold"] == 2 and m["n_unknown"] == 3  # and (0, 5): item 5 is unknown
     # the bootstrap's per-user parts give back every averaged figure
     for group in res.per_user:
@@ -272,8 +299,12 @@ def test_ranking_metrics_match_ranx(ml_small):
     rng = np.random.default_rng(0)
     users = np.flatnonzero(np.diff(relevant.indptr) > 0)
     by_user = np.split(test.item_idx, np.cumsum(np.bincount(test.user_idx, minlength=ml_small.n_users))[:-1])
-    topk = np.stack([rng.permutation(np.union1d(by_user[u], rng.choice(ml_small.n_items, 40, replace=False)))[:20]
-                     for u in range(ml_small.n_users)])
+    topk = np.stack(
+        [
+            rng.permutation(np.union1d(by_user[u], rng.choice(ml_small.n_items, 40, replace=False)))[:20]
+            for u in range(ml_small.n_users)
+        ]
+    )
     ks = [1, 5, 10, 20]
     ours_rows, ours = per_user_ranking(topk, relevant, ks)
     assert np.array_equal(ours_rows, users) and len(users) > 500

@@ -23,10 +23,12 @@ from batchrec.training import Trainer
 
 FAMILIES = ("popularity", "mf", "svd", "bpr")
 # Small settings so the interface tests stay fast; the quality tests use the defaults.
-FAST = {"popularity": {}, "mf": {"factors": 8, "epochs": 2, "batch_size": 4096}, "svd": {"factors": 8},
-        "bpr": {"factors": 8, "epochs": 2, "batch_size": 4096}}
-
-
+FAST = {
+    "popularity": {},
+    "mf": {"factors": 8, "epochs": 2, "batch_size": 4096},
+    "svd": {"factors": 8},
+    "bpr": {"factors": 8, "epochs": 2, "batch_size": 4096},
+}
 
 
 class TestPopularity(ModelContract):
@@ -36,8 +38,13 @@ class TestPopularity(ModelContract):
 
 class TestMF(ModelContract):
     family, quick, factor_vectors = "mf", FAST["mf"], True
-    bad_params = [("factors=abc", "not a valid int"), ("factors=0", "out of range"), ("lr=-1", "out of range"),
-                  ("biased=maybe", "not a valid bool"), ("optimizer=rmsprop", "must be one of")]
+    bad_params = [
+        ("factors=abc", "not a valid int"),
+        ("factors=0", "out of range"),
+        ("lr=-1", "out of range"),
+        ("biased=maybe", "not a valid bool"),
+        ("optimizer=rmsprop", "must be one of"),
+    ]
 
 
 class TestSVD(ModelContract):
@@ -76,11 +83,15 @@ def test_popularity_variants(ml_small):
     assert int(top.argmax()) == int(counts.argmax())
     np.testing.assert_array_equal(top.numpy(), counts.astype(np.float32))
     # Bayesian average without pseudo-ratings is the item's mean rating (plus a tiny tie-break).
-    raw = fit_model("popularity", ml_small, {"variant": "bayes", "prior_weight": 0.0})[0].score(torch.tensor([0]))[0]
+    raw = fit_model("popularity", ml_small, {"variant": "bayes", "prior_weight": 0.0})[0].score(
+        torch.tensor([0])
+    )[0]
     means = np.bincount(tr.item_idx, weights=tr.rating, minlength=ml_small.n_items) / np.maximum(counts, 1)
     np.testing.assert_allclose(raw.numpy()[counts > 0], means[counts > 0], atol=2e-3)
     # Many pseudo-ratings pull every item towards the global mean.
-    damped = fit_model("popularity", ml_small, {"variant": "bayes", "prior_weight": 1e6})[0].score(torch.tensor([0]))[0]
+    damped = fit_model("popularity", ml_small, {"variant": "bayes", "prior_weight": 1e6})[0].score(
+        torch.tensor([0])
+    )[0]
     np.testing.assert_allclose(damped.numpy(), tr.rating.mean(), atol=2e-3)
 
 
@@ -93,7 +104,9 @@ def test_popularity_bayes_needs_ratings(ml_small):
 def _held_out_auc(model, data) -> float:
     """Over (a user's test item, a random item that user never rated) pairs, the share the model
     scores in that order (ties count half): 0.5 is chance."""
-    keys = np.concatenate([p.user_idx * data.n_items + p.item_idx for p in (data.train, data.valid, data.test)])
+    keys = np.concatenate(
+        [p.user_idx * data.n_items + p.item_idx for p in (data.train, data.valid, data.test)]
+    )
     test = data.test
     other = np.random.default_rng(0).integers(0, data.n_items, len(test))
     fresh = ~np.isin(test.user_idx * data.n_items + other, keys)
@@ -120,23 +133,29 @@ def test_rating_families_predict_held_out_ratings_from_the_users_history(name, f
     predicted high: per user, the mean prediction follows the mean training rating."""
     train, test, model = ml_small.train, ml_small.test, fitted(name)
     with torch.no_grad():
-        pred = np.clip(model.score(torch.from_numpy(test.user_idx), torch.from_numpy(test.item_idx)).numpy(),
-                       *ml_small.rating_scale)
+        pred = np.clip(
+            model.score(torch.from_numpy(test.user_idx), torch.from_numpy(test.item_idx)).numpy(),
+            *ml_small.rating_scale,
+        )
     baseline = np.sqrt(np.mean((train.rating.mean() - test.rating) ** 2))
     assert np.sqrt(np.mean((pred - test.rating) ** 2)) < baseline - 0.03
 
     def per_user(values, users):
         return np.bincount(users, weights=values, minlength=ml_small.n_users) / np.maximum(
-            np.bincount(users, minlength=ml_small.n_users), 1)
+            np.bincount(users, minlength=ml_small.n_users), 1
+        )
 
     tested = np.unique(test.user_idx)
-    r = np.corrcoef(per_user(pred, test.user_idx)[tested], per_user(train.rating, train.user_idx)[tested])[0, 1]
+    r = np.corrcoef(per_user(pred, test.user_idx)[tested], per_user(train.rating, train.user_idx)[tested])[
+        0, 1
+    ]
     assert r > 0.5
 
 
 def test_mf_early_stopping_keeps_the_best_epoch(ml_small):
-    model, trainer = fit_model("mf", ml_small, {"factors": 8, "epochs": 40, "patience": 2, "lr": 0.05,
-                                                "batch_size": 4096})
+    model, trainer = fit_model(
+        "mf", ml_small, {"factors": 8, "epochs": 40, "patience": 2, "lr": 0.05, "batch_size": 4096}
+    )
     curve = [row["valid_rmse"] for row in trainer.history]
     assert len(curve) < 40  # it stopped early
     best = min(curve)
@@ -156,8 +175,11 @@ def test_funk_svd_has_no_biases(ml_small):
 
 @pytest.mark.parametrize("recency", [0.0, 20.0])
 def test_svd_user_centring_is_the_damped_recency_weighted_user_mean(ml_small, recency):
-    model = fit_model("svd", ml_small, {"centering": "user", "factors": 4, "alpha": 0.0, "user_shrinkage": 5.0,
-                                        "recency": recency})[0]
+    model = fit_model(
+        "svd",
+        ml_small,
+        {"centering": "user", "factors": 4, "alpha": 0.0, "user_shrinkage": 5.0, "recency": recency},
+    )[0]
     tr = ml_small.train
     mu = tr.rating.mean()
     # Weight of each rating: exp(-(number of the same user's later ratings) / recency).
@@ -170,13 +192,16 @@ def test_svd_user_centring_is_the_damped_recency_weighted_user_mean(ml_small, re
         np.maximum.at(last, tr.user_idx, ranks)
         later = last[tr.user_idx] - ranks
     w = np.exp(-later / recency) if recency else np.ones(len(tr))
-    expected = mu + (np.bincount(tr.user_idx, weights=w * (tr.rating - mu), minlength=ml_small.n_users)
-                     / (np.bincount(tr.user_idx, weights=w, minlength=ml_small.n_users) + 5.0))
+    expected = mu + (
+        np.bincount(tr.user_idx, weights=w * (tr.rating - mu), minlength=ml_small.n_users)
+        / (np.bincount(tr.user_idx, weights=w, minlength=ml_small.n_users) + 5.0)
+    )
     got = model.score(torch.arange(ml_small.n_users))[:, 0]
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5)
     if recency:  # it matters: users drift
         plain = mu + np.bincount(tr.user_idx, weights=tr.rating - mu, minlength=ml_small.n_users) / (
-            np.bincount(tr.user_idx, minlength=ml_small.n_users) + 5.0)
+            np.bincount(tr.user_idx, minlength=ml_small.n_users) + 5.0
+        )
         assert np.abs(plain - expected).max() > 0.3
 
 
@@ -199,7 +224,9 @@ def test_negative_sampler_never_returns_a_seen_item(ml_small):
     assert np.isin(tr.user_idx * ml_small.n_items + raw.numpy(), seen_keys).mean() > 0.005
     # Popularity-weighted draws favour popular items.
     weights = torch.bincount(items, minlength=ml_small.n_items).double()
-    pop_neg, _ = NegativeSampler(users, items, ml_small.n_items, weights, Trainer(seed=0).generator()).sample(users)
+    pop_neg, _ = NegativeSampler(users, items, ml_small.n_items, weights, Trainer(seed=0).generator()).sample(
+        users
+    )
     counts = weights.numpy()
     assert counts[pop_neg.numpy()].mean() > 5 * counts[neg.numpy()].mean()
 
@@ -220,9 +247,13 @@ def test_best_rating_model_reaches_rmse_target(default_metrics, ml_small):
     assert min(default_metrics(n)["rmse"] for n in ("mf", "svd")) <= 0.870
 
 
-MF_RANKING = pytest.mark.xfail(strict=True, reason=(
-    "mf's defaults are tuned for RMSE; ranked by predicted rating it favours rare, highly rated items "
-    "(mf as a ranker is mf.RANKING_PARAMS, tested below)"))
+MF_RANKING = pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "mf's defaults are tuned for RMSE; ranked by predicted rating it favours rare, highly rated items "
+        "(mf as a ranker is mf.RANKING_PARAMS, tested below)"
+    ),
+)
 
 
 @pytest.mark.slow

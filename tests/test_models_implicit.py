@@ -38,19 +38,33 @@ FAST = {"ease": {}, "ials": {"factors": 16, "iterations": 3}, "itemknn": {"k": 2
 
 class TestEASE(ModelContract):
     family, quick, seeded = "ease", FAST["ease"], False
-    bad_params = [("lam=0", "out of range"), ("lam=abc", "not a valid float"), ("weighting=log", "must be one of"),
-                  ("recency_floor=2", "out of range"), ("seed=1", "unknown parameter")]
+    bad_params = [
+        ("lam=0", "out of range"),
+        ("lam=abc", "not a valid float"),
+        ("weighting=log", "must be one of"),
+        ("recency_floor=2", "out of range"),
+        ("seed=1", "unknown parameter"),
+    ]
 
 
 class TestIALS(ModelContract):
     family, quick, factor_vectors = "ials", FAST["ials"], True
-    bad_params = [("factors=0", "out of range"), ("iterations=1.5", "not a valid int"), ("alpha=-1", "out of range"),
-                  ("cg_steps=0", "out of range"), ("cg_kernel=cuda", "must be one of")]
+    bad_params = [
+        ("factors=0", "out of range"),
+        ("iterations=1.5", "not a valid int"),
+        ("alpha=-1", "out of range"),
+        ("cg_steps=0", "out of range"),
+        ("cg_kernel=cuda", "must be one of"),
+    ]
 
 
 class TestItemKNN(ModelContract):
     family, quick, seeded = "itemknn", FAST["itemknn"], False
-    bad_params = [("k=0", "out of range"), ("shrink=-1", "out of range"), ("neighbours=5", "unknown parameter")]
+    bad_params = [
+        ("k=0", "out of range"),
+        ("shrink=-1", "out of range"),
+        ("neighbours=5", "unknown parameter"),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +86,10 @@ def _numpy_ease(X: np.ndarray, lam: float) -> np.ndarray:
 
 @pytest.mark.parametrize("n_users", [2, 7])  # 2 users: Woodbury (user) route; 7: Cholesky (item) route
 def test_ease_closed_form_matches_the_formula(n_users):
-    X = np.array([[1, 1, 0, 0], [0, 1, 1, 0], [1, 0, 1, 1], [0, 0, 1, 1], [1, 1, 1, 0], [0, 1, 0, 1],
-                  [2, 0, 0, 1]], np.float32)[:n_users]
+    X = np.array(
+        [[1, 1, 0, 0], [0, 1, 1, 0], [1, 0, 1, 1], [0, 0, 1, 1], [1, 1, 1, 0], [0, 1, 0, 1], [2, 0, 0, 1]],
+        np.float32,
+    )[:n_users]
     B = EASE.closed_form(sp.csr_matrix(X), 0.5, torch.device("cpu")).numpy()
     expected = _numpy_ease(X.astype(np.float64), 0.5)
     np.testing.assert_allclose(B, expected, rtol=1e-4, atol=1e-6)
@@ -90,12 +106,15 @@ def test_itemknn_similarity_by_hand():
     S = cosine_topk(X, k=2, shrink=0.0).toarray()
     # cos(0,1) = 1/2, cos(0,2) = 2/sqrt(6), cos(1,2) = 2/sqrt(6), cos(0,3) = 0, cos(1,3) = 1/sqrt(2), cos(2,3) = 1/sqrt(3)
     c02, c13, c23 = 2 / np.sqrt(6), 1 / np.sqrt(2), 1 / np.sqrt(3)
-    expected = np.array([  # column j: the 2 most similar items of target j (S[i, j] = sim(i, j))
-        [0, 0, c02, 0],
-        [0.5, 0, c02, c13],
-        [c02, c02, 0, c23],
-        [0, c13, 0, 0],
-    ], np.float32)
+    expected = np.array(
+        [  # column j: the 2 most similar items of target j (S[i, j] = sim(i, j))
+            [0, 0, c02, 0],
+            [0.5, 0, c02, c13],
+            [c02, c02, 0, c23],
+            [0, c13, 0, 0],
+        ],
+        np.float32,
+    )
     np.testing.assert_allclose(S, expected, rtol=1e-6)
     shrunk = cosine_topk(X, k=2, shrink=1.0).toarray()
     np.testing.assert_allclose(shrunk[2, 0], 2 / (np.sqrt(6) + 1), rtol=1e-6)
@@ -138,9 +157,13 @@ def test_ials_fused_kernel_matches_the_torch_path(fitted, ml_small):
     assert not torch.equal(fitted("ials").user_vectors(), torch_path.user_vectors())  # really two code paths
 
 
-ONE_THREAD_POOL = pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason=(
-    "numba's thread pool has a single thread on this machine (NUMBA_NUM_THREADS defaults to the CPU count): "
-    "there is no second thread count to compare with"))
+ONE_THREAD_POOL = pytest.mark.skipif(
+    numba.config.NUMBA_NUM_THREADS < 2,
+    reason=(
+        "numba's thread pool has a single thread on this machine (NUMBA_NUM_THREADS defaults to the CPU count): "
+        "there is no second thread count to compare with"
+    ),
+)
 
 
 def _with_threads(n: int, f):
@@ -210,9 +233,12 @@ def test_ials_numba_kernel_refuses_a_non_cpu_device(ml_small):
 
 
 def test_positive_weights_and_recency_order():
-    ev = Interactions(user_idx=np.array([0, 0, 0, 1, 1]), item_idx=np.array([3, 1, 2, 0, 1]),
-                      rating=np.array([5.0, 2.0, 3.5, np.nan, np.nan], np.float32),
-                      ts=np.array([30, 10, 10, 5, 7]))
+    ev = Interactions(
+        user_idx=np.array([0, 0, 0, 1, 1]),
+        item_idx=np.array([3, 1, 2, 0, 1]),
+        rating=np.array([5.0, 2.0, 3.5, np.nan, np.nan], np.float32),
+        ts=np.array([30, 10, 10, 5, 7]),
+    )
     np.testing.assert_array_equal(positive_weights(ev, 3.0, "binary"), [1, 0, 1, 1, 1])
     np.testing.assert_array_equal(positive_weights(ev, 0.0, "rating", 2.0), [3, 0.5, 1.5, 1, 1])
     # user 0 in time order: (10, item 1), (10, item 2), (30, item 3); user 1: item 0 then item 1
@@ -249,17 +275,22 @@ def test_ease_beats_plain_ease_tuned_on_valid(default_metrics, ml_small):
 
 def test_the_reference_ease_is_the_formula():
     X = (np.random.default_rng(2).random((6, 11)) < 0.4).astype(np.float64)
-    np.testing.assert_allclose(ease_scores_by_users(sp.csr_matrix(X), 0.7), X @ ease_direct(X, 0.7), atol=1e-12)
+    np.testing.assert_allclose(
+        ease_scores_by_users(sp.csr_matrix(X), 0.7), X @ ease_direct(X, 0.7), atol=1e-12
+    )
     np.testing.assert_allclose(ease_direct(X, 0.7), _numpy_ease(X, 0.7), atol=1e-12)
 
 
 def test_ease_query_is_signed_around_the_offset():
-    ev = Interactions(user_idx=np.array([0, 0, 0, 1]), item_idx=np.array([0, 1, 2, 0]),
-                      rating=np.array([5.0, 1.5, 2.5, np.nan], np.float32), ts=np.array([1, 2, 3, 4]))
+    ev = Interactions(
+        user_idx=np.array([0, 0, 0, 1]),
+        item_idx=np.array([0, 1, 2, 0]),
+        rating=np.array([5.0, 1.5, 2.5, np.nan], np.float32),
+        ts=np.array([1, 2, 3, 4]),
+    )
     np.testing.assert_allclose(query_weights(ev, 2.5, 0.5), [2.5, -0.5, 0.0, 1.0])
     model = EASE(recency_halflife=0.0)
     model.n_users, model.n_items = 2, 3
     q = model._query(ev).toarray()
     np.testing.assert_allclose(q, [[2.5, -0.5, 0.0], [1.0, 0.0, 0.0]])
     assert model._query(ev).nnz == 3  # a rating at the offset says nothing: not stored
-

@@ -30,7 +30,9 @@ def _step(kind: str) -> dict:
 
 
 def _batchrec(cwd: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BATCHREC), "-q", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [str(BATCHREC), "-q", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +60,11 @@ def test_the_nightly_job_publishes_every_users_top_n_from_the_run_fitted_on_all_
     assert _step("train")["model"] == score["model"]  # the job trains what it ships
     con = duckdb.connect(str(nightly["db"]), read_only=True)
     try:
-        (snapshot,), = con.sql("SELECT snapshot_id FROM feature_snapshots").fetchall()
-        shipped = con.execute("SELECT run_id, snapshot_id FROM model_runs WHERE model = ? AND protocol IS NULL",
-                              [score["model"]]).fetchall()
+        ((snapshot,),) = con.sql("SELECT snapshot_id FROM feature_snapshots").fetchall()
+        shipped = con.execute(
+            "SELECT run_id, snapshot_id FROM model_runs WHERE model = ? AND protocol IS NULL",
+            [score["model"]],
+        ).fetchall()
         assert len(shipped) == 1 and shipped[0][1] == snapshot
         shipped_run = shipped[0][0]
         per_user = con.sql("""
@@ -68,13 +72,21 @@ def test_the_nightly_job_publishes_every_users_top_n_from_the_run_fitted_on_all_
                    min(run_id) AS first_run, max(run_id) AS last_run
             FROM recommendations GROUP BY user_id""").pl()
         raters = {u for (u,) in con.sql("SELECT DISTINCT user_id FROM ratings").fetchall()}
-        snapshot_users = {u for (u,) in con.execute("SELECT user_id FROM user_index WHERE snapshot_id = ?",
-                                                    [snapshot]).fetchall()}
+        snapshot_users = {
+            u
+            for (u,) in con.execute(
+                "SELECT user_id FROM user_index WHERE snapshot_id = ?", [snapshot]
+            ).fetchall()
+        }
         seen = con.sql("""SELECT count(*) FROM recommendations r
-                          JOIN ratings x ON x.user_id = r.user_id AND x.item_id = r.item_id""").fetchall()[0][0]
-        unknown = con.execute("""SELECT count(*) FROM recommendations
+                          JOIN ratings x ON x.user_id = r.user_id AND x.item_id = r.item_id""").fetchall()[0][
+            0
+        ]
+        unknown = con.execute(
+            """SELECT count(*) FROM recommendations
                                  WHERE item_id NOT IN (SELECT item_id FROM item_index WHERE snapshot_id = ?)""",
-                              [snapshot]).fetchall()[0][0]
+            [snapshot],
+        ).fetchall()[0][0]
     finally:
         con.close()
     assert len(raters) == 610 and snapshot_users == raters == set(per_user["user_id"].to_list())
@@ -91,29 +103,37 @@ def test_the_nightly_job_measures_its_families_on_the_protocol(nightly):
     ks = {int(k) for k in evaluate["k"].split(",")}
     con = duckdb.connect(str(nightly["db"]), read_only=True)
     try:
-        (snapshot,), = con.sql("SELECT snapshot_id FROM feature_snapshots").fetchall()
+        ((snapshot,),) = con.sql("SELECT snapshot_id FROM feature_snapshots").fetchall()
         rows = con.sql("""SELECT e.protocol, e.metric, e.k, e.value, r.model, r.protocol AS fitted_on, r.snapshot_id
                           FROM evaluations e JOIN model_runs r USING (run_id)""").pl()
-        orphans = con.sql("SELECT count(*) FROM evaluations WHERE run_id NOT IN (SELECT run_id FROM model_runs)"
-                          ).fetchall()[0][0]
+        orphans = con.sql(
+            "SELECT count(*) FROM evaluations WHERE run_id NOT IN (SELECT run_id FROM model_runs)"
+        ).fetchall()[0][0]
         # the users the protocol ranks for: a test rating >= 4 on an item of the train part
-        users = con.execute("""
+        users = con.execute(
+            """
             SELECT count(DISTINCT user_idx) FROM split_holdout h
             WHERE h.snapshot_id = $s AND h.protocol = $p AND h.part = 'test' AND h.rating >= 4
               AND h.item_idx IN (SELECT x.item_idx FROM interactions x
                                  ANTI JOIN (SELECT user_idx, item_idx FROM split_holdout
                                             WHERE snapshot_id = $s AND protocol = $p) USING (user_idx, item_idx)
                                  WHERE x.snapshot_id = $s)""",
-                            {"s": snapshot, "p": evaluate["protocol"]}).fetchall()[0][0]
+            {"s": snapshot, "p": evaluate["protocol"]},
+        ).fetchall()[0][0]
     finally:
         con.close()
     assert orphans == 0 and set(rows["model"]) == families
     assert set(rows["protocol"]) == set(rows["fitted_on"]) == {evaluate["protocol"]}  # no leakage
     assert set(rows["snapshot_id"]) == {snapshot}
-    ndcg = {(m, k): v for m, metric, k, v in rows.select("model", "metric", "k", "value").iter_rows()
-            if metric == "ndcg"}
+    ndcg = {
+        (m, k): v
+        for m, metric, k, v in rows.select("model", "metric", "k", "value").iter_rows()
+        if metric == "ndcg"
+    }
     assert set(ndcg) == {(m, k) for m in families for k in ks}
-    counted = {m: v for m, metric, v in rows.select("model", "metric", "value").iter_rows() if metric == "users"}
+    counted = {
+        m: v for m, metric, v in rows.select("model", "metric", "value").iter_rows() if metric == "users"
+    }
     assert counted == {m: users for m in families} and users > 500
     if {"ease", "popularity"} <= families:  # the shipped family earns its place over the baseline
         assert all(ndcg[("ease", k)] > ndcg[("popularity", k)] for k in ks)
@@ -130,10 +150,12 @@ def test_scoring_the_shipped_family_again_ignores_its_newer_protocol_runs(nightl
     assert result.returncode == 0, result.stderr
     con = duckdb.connect(str(nightly["db"]), read_only=True)
     try:
-        newest = con.execute("SELECT protocol FROM model_runs WHERE model = ? ORDER BY created_at DESC LIMIT 1",
-                             [model]).fetchall()[0][0]
-        published = con.sql("SELECT DISTINCT r.protocol FROM recommendations JOIN model_runs r USING (run_id)"
-                            ).fetchall()
+        newest = con.execute(
+            "SELECT protocol FROM model_runs WHERE model = ? ORDER BY created_at DESC LIMIT 1", [model]
+        ).fetchall()[0][0]
+        published = con.sql(
+            "SELECT DISTINCT r.protocol FROM recommendations JOIN model_runs r USING (run_id)"
+        ).fetchall()
     finally:
         con.close()
     assert newest is not None and published == [(None,)]
@@ -143,7 +165,9 @@ def test_a_failing_step_exits_1_with_one_error_line_and_changes_nothing(nightly,
     assert nightly["result"].returncode == 0, nightly["result"].stderr
     landing = tmp_path / "landing"
     landing.mkdir()
-    (landing / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,1,4.0,964982703\n1,abc,4.0,964981247\n")
+    (landing / "ratings.csv").write_text(
+        "userId,movieId,rating,timestamp\n1,1,4.0,964982703\n1,abc,4.0,964981247\n"
+    )
     text = JOB.read_text()
     assert 'dataset = "ml-latest-small"' in text
     job = tmp_path / "nightly.toml"  # the nightly job with its ingest pointed at a landing folder
@@ -159,10 +183,19 @@ def test_a_failing_step_exits_1_with_one_error_line_and_changes_nothing(nightly,
 def test_a_second_writer_exits_75_and_changes_nothing(nightly):
     assert nightly["result"].returncode == 0, nightly["result"].stderr
     before = table_checksums(nightly["db"])
-    holder = subprocess.Popen([sys.executable, "-c", (  # another process holds the writer lock
-        "import sys, time; from batchrec.warehouse import Warehouse\n"
-        "with Warehouse(sys.argv[1]).lock('train'):\n    print('held', flush=True); time.sleep(120)"),
-        str(nightly["db"])], stdout=subprocess.PIPE, env=nightly["env"])
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (  # another process holds the writer lock
+                "import sys, time; from batchrec.warehouse import Warehouse\n"
+                "with Warehouse(sys.argv[1]).lock('train'):\n    print('held', flush=True); time.sleep(120)"
+            ),
+            str(nightly["db"]),
+        ],
+        stdout=subprocess.PIPE,
+        env=nightly["env"],
+    )
     try:
         assert holder.stdout.readline() == b"held\n"
         result = _batchrec(nightly["cwd"], nightly["env"], "run", str(JOB))

@@ -18,10 +18,20 @@ from batchrec.warehouse import Warehouse
 
 ML_SMALL = Path(__file__).resolve().parent.parent / "batchrec" / "datasets" / "ml-latest-small"
 CHROMIUM = shutil.which("chromium")
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync")
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)
 
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium is not installed (apt-get install -y chromium)")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="Debian chromium is not installed (apt-get install -y chromium)"
+)
 
 
 class _Dom(HTMLParser):
@@ -73,8 +83,13 @@ class _Dom(HTMLParser):
 
 
 def _chromium(*args: str, tmp: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={tmp / 'profile'}", *args],
-                          capture_output=True, text=True, timeout=180, check=True)
+    return subprocess.run(
+        [CHROMIUM, *FLAGS, f"--user-data-dir={tmp / 'profile'}", *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=True,
+    )
 
 
 def _warehouse(path: Path) -> Warehouse:
@@ -94,8 +109,14 @@ def test_report_in_headless_chromium(tmp_path):
     wh = _warehouse(tmp_path)
     fit_run(wh, "popularity", "latest", None, {}, "cpu")  # the shipped family: popularity
     for _ in range(2):  # two nights of the nightly job's evaluate step
-        out = evaluate_command(wh, models="popularity,svd", protocol="user_temporal", ks="5,10",
-                               report_dir=tmp_path / "reports", compare=True)
+        out = evaluate_command(
+            wh,
+            models="popularity,svd",
+            protocol="user_temporal",
+            ks="5,10",
+            report_dir=tmp_path / "reports",
+            compare=True,
+        )
     index = Path(out.rsplit("report: ", 1)[1].strip())
 
     dom = _Dom()
@@ -108,11 +129,20 @@ def test_report_in_headless_chromium(tmp_path):
     assert "min(k, #relevant)" in dom.text_of["metric-note"]  # the MAP variant, named
     # segments: users by training interactions and NDCG by item popularity
     segments = set(dom.rows["segments"])  # (20,000 ratings: no relevant item has 100+ training ratings)
-    assert {"ndcg_users_1-19@10", "ndcg_users_20-99@10", "recall_users_100+@10", "ndcg_items_20-99@10",
-            "rmse_users_20-99", "rmse_items_1-4"} <= segments
+    assert {
+        "ndcg_users_1-19@10",
+        "ndcg_users_20-99@10",
+        "recall_users_100+@10",
+        "ndcg_items_20-99@10",
+        "rmse_users_20-99",
+        "rmse_items_1-4",
+    } <= segments
     # the shipped family's trend: both evaluations, plotted
     assert dom.text_of["trend"].startswith("Trend: popularity")
-    assert dom.images["trend-plot"] == "trend.png" and (index.parent / "trend.png").read_bytes()[:4] == b"\x89PNG"
+    assert (
+        dom.images["trend-plot"] == "trend.png"
+        and (index.parent / "trend.png").read_bytes()[:4] == b"\x89PNG"
+    )
     assert len(dom.rows["trend-table"]) == 1 + 2  # header and one row per evaluation
 
     shot = tmp_path / "report.png"

@@ -77,10 +77,17 @@ def s3(tmp_path_factory):
     pytest.importorskip("moto.server")
     port = _free_port()
     with open(tmp_path_factory.mktemp("moto") / "moto.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                stdout=log, stderr=subprocess.STDOUT)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1",
+    }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -154,8 +161,13 @@ def _published(wh: Warehouse) -> pl.DataFrame:
 
 
 def _batchrec(wh: Warehouse, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BATCHREC), "--warehouse", str(wh.path), *args], capture_output=True, text=True,
-                          env=env or {**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+    return subprocess.run(
+        [str(BATCHREC), "--warehouse", str(wh.path), *args],
+        capture_output=True,
+        text=True,
+        env=env or {**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=600,
+    )
 
 
 def _objects(s3, prefix: str) -> set[str]:
@@ -173,8 +185,20 @@ def _identical(a: pl.DataFrame, b: pl.DataFrame) -> None:
 def test_three_shards_on_ray_publish_the_unsharded_table(cluster, base, tmp_path):
     address, _ = cluster
     wh = _copy(base, tmp_path)
-    result = _batchrec(wh, "score", "--run", base["run"], "--device", "cpu", "--executor", "ray",
-                       "--ray-address", address, "--shards", "3")
+    result = _batchrec(
+        wh,
+        "score",
+        "--run",
+        base["run"],
+        "--device",
+        "cpu",
+        "--executor",
+        "ray",
+        "--ray-address",
+        address,
+        "--shards",
+        "3",
+    )
     assert result.returncode == 0, result.stderr
     assert "3 shards" in result.stdout and "published 3 shards" in result.stdout
     _identical(_published(wh), base["expected"])
@@ -183,10 +207,25 @@ def test_three_shards_on_ray_publish_the_unsharded_table(cluster, base, tmp_path
     with wh.connect(read_only=True) as con:
         before = con.sql("SELECT * FROM recommendations ORDER BY user_id, rank").pl()
     shutil.rmtree(wh.artifacts_dir / base["run"])
-    result = _batchrec(wh, "-q", "score", "--run", base["run"], "--device", "cpu", "--executor", "ray",
-                       "--ray-address", address, "--shards", "2")
+    result = _batchrec(
+        wh,
+        "-q",
+        "score",
+        "--run",
+        base["run"],
+        "--device",
+        "cpu",
+        "--executor",
+        "ray",
+        "--ray-address",
+        address,
+        "--shards",
+        "2",
+    )
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
-    assert re.match(rf"error: shard [01]/2 of run {base['run']}: artifact of run {base['run']} is missing", result.stderr)
+    assert re.match(
+        rf"error: shard [01]/2 of run {base['run']}: artifact of run {base['run']} is missing", result.stderr
+    )
     with wh.connect(read_only=True) as con:
         assert con.sql("SELECT * FROM recommendations ORDER BY user_id, rank").pl().equals(before)
 
@@ -228,19 +267,31 @@ def test_s3_round_trip_artifact_and_shards_through_ray(cluster, s3, base, tmp_pa
     wh = _copy(base, tmp_path)
     # the artifact goes to S3 (a real child process, settings from the environment) ...
     remote = Warehouse(wh.path, artifacts=f"s3://{BUCKET}/artifacts")
-    result = _batchrec(remote, "--artifacts", f"s3://{BUCKET}/artifacts", "train", "mf", "--device", "cpu",
-                       *[x for k, v in MF.items() for x in ("--param", f"{k}={v}")])
+    result = _batchrec(
+        remote,
+        "--artifacts",
+        f"s3://{BUCKET}/artifacts",
+        "train",
+        "mf",
+        "--device",
+        "cpu",
+        *[x for k, v in MF.items() for x in ("--param", f"{k}={v}")],
+    )
     assert result.returncode == 0, result.stderr
     with wh.connect(read_only=True) as con:
         run = resolve_run(con, None, "mf", shipped=True)
     assert run["artifact_path"].startswith(f"s3://{BUCKET}/artifacts/{run['run_id']}")
-    assert _objects(s3, "artifacts/") == {f"artifacts/{run['run_id']}/model.json", f"artifacts/{run['run_id']}/state.pt"}
+    assert _objects(s3, "artifacts/") == {
+        f"artifacts/{run['run_id']}/model.json",
+        f"artifacts/{run['run_id']}/state.pt",
+    }
     expected, _ = score_run(wh, run, load_model(run, "cpu"), 10, 1 << 30)  # loaded from S3 here
     # ... Ray tasks load it from there and write their shards to S3, the driver publishes them
     with open_executor("ray") as ex:
         results, published = score_sharded(wh, ex, run["run_id"], 2, f"s3://{BUCKET}/shards", device="cpu")
-    assert sorted(r.uri for r in results) == [f"s3://{BUCKET}/shards/run_id={run['run_id']}/shard={i}.parquet"
-                                              for i in range(2)]
+    assert sorted(r.uri for r in results) == [
+        f"s3://{BUCKET}/shards/run_id={run['run_id']}/shard={i}.parquet" for i in range(2)
+    ]
     assert published.published == expected.height
     _identical(_published(wh), expected.select(COLUMNS).sort("user_id", "rank"))
     assert _objects(s3, "shards/") == set()  # removed after the publish
@@ -250,21 +301,40 @@ def test_s3_round_trip_artifact_and_shards_through_ray(cluster, s3, base, tmp_pa
 def test_evaluate_on_ray_measures_what_it_measures_here(cluster, base, tmp_path):
     address, _ = cluster
     wh = _copy(base, tmp_path)
-    runs = [fit_run(wh, m, protocol="user_temporal", params=p, device="cpu")
-            for m, p in (("mf", MF), ("popularity", {}))]
+    runs = [
+        fit_run(wh, m, protocol="user_temporal", params=p, device="cpu")
+        for m, p in (("mf", MF), ("popularity", {}))
+    ]
     here = run_evaluation(wh, runs=",".join(runs), ks="10", report_dir=None, device="cpu")
-    result = _batchrec(wh, "evaluate", "--runs", ",".join(runs), "--k", "10", "--report", str(tmp_path / "r"),
-                       "--executor", "ray", "--ray-address", address)
+    result = _batchrec(
+        wh,
+        "evaluate",
+        "--runs",
+        ",".join(runs),
+        "--k",
+        "10",
+        "--report",
+        str(tmp_path / "r"),
+        "--executor",
+        "ray",
+        "--ray-address",
+        address,
+    )
     assert result.returncode == 0, result.stderr
     with wh.connect(read_only=True) as con:
         latest = con.sql("""SELECT run_id, metric, k, value FROM evaluations
                             WHERE evaluated_at = (SELECT max(evaluated_at) FROM evaluations)""").fetchall()
     measured = {(r, m, k): v for r, m, k, v in latest}
-    local = {(run.run_id, *(name.split("@") if "@" in name else (name, None))): value
-             for run in here.runs for name, value in run.metrics.items()}
+    local = {
+        (run.run_id, *(name.split("@") if "@" in name else (name, None))): value
+        for run in here.runs
+        for name, value in run.metrics.items()
+    }
     assert len(measured) >= 2 * 5
     for (run_id, metric, k), value in measured.items():
-        assert local[(run_id, metric, None if k is None else str(k))] == pytest.approx(value, abs=1e-9, nan_ok=True)
+        assert local[(run_id, metric, None if k is None else str(k))] == pytest.approx(
+            value, abs=1e-9, nan_ok=True
+        )
 
 
 def test_without_ray_the_executor_option_is_one_line_naming_the_extra(tmp_path):
@@ -281,11 +351,17 @@ def test_job_steps_take_the_executor(tmp_path):
     from batchrec.jobs import load_job
 
     job = tmp_path / "job.toml"
-    job.write_text('[[steps]]\nstep = "score"\nexecutor = "ray"\nshards = 4\nshards_uri = "s3://b/p"\ntask_cpus = 2\n'
-                   '[[steps]]\nstep = "evaluate"\nexecutor = "ray"\nray_address = "10.0.0.5:6379"\n')
+    job.write_text(
+        '[[steps]]\nstep = "score"\nexecutor = "ray"\nshards = 4\nshards_uri = "s3://b/p"\ntask_cpus = 2\n'
+        '[[steps]]\nstep = "evaluate"\nexecutor = "ray"\nray_address = "10.0.0.5:6379"\n'
+    )
     _, steps = load_job(job)
-    assert (steps[0]["executor"], steps[0]["shards"], steps[0]["shards_uri"], steps[0]["task_cpus"]) == \
-        ("ray", 4, "s3://b/p", 2)
+    assert (steps[0]["executor"], steps[0]["shards"], steps[0]["shards_uri"], steps[0]["task_cpus"]) == (
+        "ray",
+        4,
+        "s3://b/p",
+        2,
+    )
     assert steps[1]["ray_address"] == "10.0.0.5:6379"
     job.write_text('[[steps]]\nstep = "score"\nexecutor = "spark"\n')
     with pytest.raises(BatchrecError, match=r"job.toml:3: step 1 \(score\): executor = 'spark' is not valid"):
@@ -300,8 +376,10 @@ def test_locations_are_paths_file_uris_or_s3_and_nothing_else(tmp_path):
     assert local.local and uri.local and local.path == uri.path == f"{tmp_path}/a"
     assert (local / "x.parquet").path == f"{tmp_path}/a/x.parquet"
     assert storage.files(local) == []  # a folder that does not exist holds nothing
-    for bad, message in (("gs://bucket/p", r"unsupported storage scheme gs:// \(expected a path, file:// or s3://\)"),
-                         ("s3://", r"no bucket named")):
+    for bad, message in (
+        ("gs://bucket/p", r"unsupported storage scheme gs:// \(expected a path, file:// or s3://\)"),
+        ("s3://", r"no bucket named"),
+    ):
         with pytest.raises(BatchrecError, match=message):
             storage.location(bad)
     assert artifact_root("s3://bucket/models/") == "s3://bucket/models"

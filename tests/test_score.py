@@ -93,17 +93,26 @@ def test_no_seen_item_and_exactly_min_n_unseen_rows_per_user(base):
         snapshot = scalar(con, "SELECT snapshot_id FROM model_runs WHERE run_id = ?", [base["mf"]])
         p = {"s": snapshot}
         # seen: the snapshot's interactions; for users the model does not serve also every raw rating/tag
-        seen_hits = scalar(con, """
+        seen_hits = scalar(
+            con,
+            """
             SELECT count(*) FROM recommendations r
             JOIN user_index u ON u.snapshot_id = $s AND u.user_id = r.user_id
             JOIN item_index i ON i.snapshot_id = $s AND i.item_id = r.item_id
-            JOIN interactions x ON x.snapshot_id = $s AND x.user_idx = u.user_idx AND x.item_idx = i.item_idx""", p)
-        cold_hits = scalar(con, """
+            JOIN interactions x ON x.snapshot_id = $s AND x.user_idx = u.user_idx AND x.item_idx = i.item_idx""",
+            p,
+        )
+        cold_hits = scalar(
+            con,
+            """
             SELECT count(*) FROM recommendations r
             JOIN (SELECT user_id, item_id FROM ratings UNION SELECT user_id, item_id FROM tags) a USING (user_id, item_id)
-            WHERE r.user_id NOT IN (SELECT user_id FROM user_index WHERE snapshot_id = $s)""", p)
+            WHERE r.user_id NOT IN (SELECT user_id FROM user_index WHERE snapshot_id = $s)""",
+            p,
+        )
         # expected rows: min(10, items the model knows that the user has not seen), for EVERY user
-        expected = con.sql("""
+        expected = con.sql(
+            """
             WITH known AS (SELECT DISTINCT item_idx FROM interactions WHERE snapshot_id = $s),
             everyone AS (SELECT user_id FROM ratings UNION SELECT user_id FROM users UNION SELECT user_id FROM tags),
             seen AS (
@@ -115,24 +124,35 @@ def test_no_seen_item_and_exactly_min_n_unseen_rows_per_user(base):
                 WHERE a.user_id NOT IN (SELECT user_id FROM user_index WHERE snapshot_id = $s))
             SELECT e.user_id, least(10, (SELECT count(*) FROM known) - count(k.item_idx)) AS expected
             FROM everyone e LEFT JOIN seen s USING (user_id) LEFT JOIN known k ON k.item_idx = s.item_idx
-            GROUP BY e.user_id""", params=p).pl()
+            GROUP BY e.user_id""",
+            params=p,
+        ).pl()
         got = con.sql("""SELECT user_id, count(*) AS n, count(DISTINCT item_id) AS distinct_items,
                                 min(rank) AS lo, max(rank) AS hi FROM recommendations GROUP BY user_id""").pl()
-        unknown_items = scalar(con, """
+        unknown_items = scalar(
+            con,
+            """
             SELECT count(*) FROM recommendations r
             WHERE r.item_id NOT IN (SELECT i.item_id FROM interactions x JOIN item_index i
-                                    ON i.snapshot_id = x.snapshot_id AND i.item_idx = x.item_idx WHERE x.snapshot_id = $s)""", p)
+                                    ON i.snapshot_id = x.snapshot_id AND i.item_idx = x.item_idx WHERE x.snapshot_id = $s)""",
+            p,
+        )
     assert seen_hits == 0 and cold_hits == 0
     assert unknown_items == 0  # items the model never saw (content-only catalogue items) never appear
     both = expected.join(got, on="user_id", how="left").with_columns(pl.col("n").fill_null(0))
     assert {COLD_RATER, USERS_ONLY, TAG_ONLY} <= set(both["user_id"].to_list())
     assert (both["n"] == both["expected"]).all() and len(got) == len(expected)
-    assert (both["distinct_items"] == both["n"]).all() and (both["lo"] == 1).all() and (both["hi"] == both["n"]).all()
+    assert (
+        (both["distinct_items"] == both["n"]).all()
+        and (both["lo"] == 1).all()
+        and (both["hi"] == both["n"]).all()
+    )
 
 
 def test_model_rows_explain_with_an_item_the_user_liked(base):
     with base["wh"].connect(read_only=True) as con:
-        rows = con.sql("""
+        rows = con.sql(
+            """
             WITH liked AS (
                 SELECT u.user_id, coalesce(t.title, 'item ' || i.item_id) AS title FROM interactions x
                 JOIN user_index u ON u.snapshot_id = x.snapshot_id AND u.user_idx = x.user_idx
@@ -142,13 +162,17 @@ def test_model_rows_explain_with_an_item_the_user_liked(base):
                 QUALIFY x.rating >= avg(x.rating) OVER (PARTITION BY x.user_idx) - 1e-6)
             SELECT r.user_id, r.reason, EXISTS (SELECT 1 FROM liked l WHERE l.user_id = r.user_id
                                                 AND r.reason = 'because you rated ' || l.title) AS ok
-            FROM recommendations r WHERE r.reason LIKE 'because you rated %'""", params={"run": base["mf"]}).pl()
+            FROM recommendations r WHERE r.reason LIKE 'because you rated %'""",
+            params={"run": base["mf"]},
+        ).pl()
         by_model, of_snapshot_users = con.sql("""
             SELECT count(*) FILTER (WHERE reason = 'model:mf' OR reason LIKE 'because you rated %'),
                    count(*) FILTER (WHERE user_id IN (SELECT user_id FROM user_index))
             FROM recommendations""").fetchall()[0]
     assert len(rows) > 5000 and rows["ok"].all()
-    assert by_model == of_snapshot_users  # every snapshot user has training rows, so the model serves them all
+    assert (
+        by_model == of_snapshot_users
+    )  # every snapshot user has training rows, so the model serves them all
 
 
 def test_cold_start_users_are_served_with_the_right_reason(base):
@@ -156,9 +180,15 @@ def test_cold_start_users_are_served_with_the_right_reason(base):
     with base["wh"].connect(read_only=True) as con:
         genres = dict(con.sql("SELECT item_id, genres FROM items").fetchall())
         snapshot = scalar(con, "SELECT snapshot_id FROM model_runs WHERE run_id = ?", [base["mf"]])
-        by_pop = [r[0] for r in con.sql("""
+        by_pop = [
+            r[0]
+            for r in con.sql(
+                """
             SELECT f.item_id FROM item_features f WHERE f.snapshot_id = $s AND f.n_ratings > 0
-            ORDER BY f.pop_rank LIMIT 10""", params={"s": snapshot}).fetchall()]
+            ORDER BY f.pop_rank LIMIT 10""",
+                params={"s": snapshot},
+            ).fetchall()
+        ]
     # a user the snapshot never saw who rated three animated films: their genres, named
     cold = recs.filter(pl.col("user_id") == COLD_RATER)
     assert len(cold) == 10 and cold["reason"].str.starts_with("genre-match: ").all()
@@ -175,8 +205,9 @@ def test_cold_start_users_are_served_with_the_right_reason(base):
     assert len(tagged) == 10 and TOY_STORY not in tagged["item_id"].to_list()
     assert tagged["reason"].str.starts_with("genre-match: ").all()
     # every user in the snapshot with training rows is served by the model
-    served = recs.filter(pl.col("user_id") < 900000).filter(pl.col("user_id").is_in(
-        _snapshot_users(base)))["reason"]
+    served = recs.filter(pl.col("user_id") < 900000).filter(pl.col("user_id").is_in(_snapshot_users(base)))[
+        "reason"
+    ]
     assert (served.str.starts_with("because you rated ") | (served == "model:mf")).all()
 
 
@@ -192,11 +223,19 @@ def test_min_history_sends_short_histories_to_the_fallback(base):
     model = load_run_model(run, "cpu")
     frame, info = score_run(wh, run, model, 10, 1 << 26, min_history=30)
     with wh.connect(read_only=True) as con:
-        short = {r[0] for r in con.sql("""SELECT u.user_id FROM interactions x JOIN user_index u
+        short = {
+            r[0]
+            for r in con.sql(
+                """SELECT u.user_id FROM interactions x JOIN user_index u
                     USING (snapshot_id, user_idx) WHERE snapshot_id = $s GROUP BY ALL HAVING count(*) < 30""",
-                                       params={"s": run["snapshot_id"]}).fetchall()}
-    fallback_users = set(frame.filter(~pl.col("reason").str.starts_with("because") & (pl.col("reason") != "model:mf"))
-                         ["user_id"].to_list())
+                params={"s": run["snapshot_id"]},
+            ).fetchall()
+        }
+    fallback_users = set(
+        frame.filter(~pl.col("reason").str.starts_with("because") & (pl.col("reason") != "model:mf"))[
+            "user_id"
+        ].to_list()
+    )
     assert short and short <= fallback_users
     assert info["model"] == len(_snapshot_users(base)) - len(short)
 
@@ -207,18 +246,29 @@ def test_model_option_and_a_protocol_run_use_only_what_that_model_was_trained_on
     assert result.exit_code == 0, result.output
     with wh.connect(read_only=True) as con:
         runs = con.sql("SELECT DISTINCT run_id FROM recommendations").fetchall()
-        reasons = {r[0] for r in con.sql("SELECT DISTINCT reason FROM recommendations WHERE user_id IN "
-                                         "(SELECT user_id FROM user_index)").fetchall()}
+        reasons = {
+            r[0]
+            for r in con.sql(
+                "SELECT DISTINCT reason FROM recommendations WHERE user_id IN "
+                "(SELECT user_id FROM user_index)"
+            ).fetchall()
+        }
     assert runs == [(base["popularity"],)] and reasons == {"model:popularity"}
     # trained on user_temporal's train part: items seen only in valid/test are unknown to the model
     run_id = fit_run(wh, "popularity", protocol="user_temporal", device="cpu")
     with wh.connect(read_only=True) as con:
         run = resolve_run(con, run_id)
-        train_items = {r[0] for r in con.sql("""
+        train_items = {
+            r[0]
+            for r in con.sql(
+                """
             SELECT DISTINCT i.item_id FROM interactions x JOIN item_index i USING (snapshot_id, item_idx)
             ANTI JOIN (SELECT * FROM split_holdout WHERE protocol = 'user_temporal') h
                  USING (snapshot_id, user_idx, item_idx)
-            WHERE x.snapshot_id = $s""", params={"s": run["snapshot_id"]}).fetchall()}
+            WHERE x.snapshot_id = $s""",
+                params={"s": run["snapshot_id"]},
+            ).fetchall()
+        }
         inputs = load_inputs(con, run)
         all_items = scalar(con, "SELECT count(DISTINCT item_idx) FROM interactions")
     assert set(inputs.item_ids[inputs.candidates].tolist()) == train_items and len(train_items) < all_items
@@ -255,14 +305,18 @@ def test_topn_equals_brute_force_across_block_sizes():
     dense[:, ~cand] = -np.inf
     order = np.argsort(-dense, axis=1, kind="stable")[:, :10]
     for budget in (1 << 20, 1 << 30):  # 131 users per block, then one block
-        items, scores = topn(_Factors(U, V), np.arange(300), 10, exclude=seen, candidates=cand, memory_budget=budget)
+        items, scores = topn(
+            _Factors(U, V), np.arange(300), 10, exclude=seen, candidates=cand, memory_budget=budget
+        )
         ok = np.isfinite(np.take_along_axis(dense, order, 1))
         assert (items == np.where(ok, order, -1)).all()
         assert np.allclose(scores[ok], np.take_along_axis(dense, order, 1)[ok], atol=1e-5)
     assert (items[7] == -1).all() and np.isnan(scores[7]).all()
     # a row's result never depends on the rows blocked with it (shards, --users): bit for bit
     for users in (np.arange(0, 300, 3), np.array([5, 299]), np.array([42])):
-        part, part_scores = topn(_Factors(U, V), users, 10, exclude=seen, candidates=cand, memory_budget=1 << 20)
+        part, part_scores = topn(
+            _Factors(U, V), users, 10, exclude=seen, candidates=cand, memory_budget=1 << 20
+        )
         assert (part == items[users]).all() and np.array_equal(part_scores, scores[users], equal_nan=True)
 
 
@@ -277,8 +331,14 @@ def test_explanation_anchor_is_the_most_similar_liked_item(kind):
     if kind == "item_item":
         model.item_item = lambda: torch.from_numpy(W)
     counts = rng.integers(0, 60, 50)  # histories of very different lengths, some empty
-    liked = sp.csr_matrix((np.ones(counts.sum()), np.concatenate([rng.choice(400, c, replace=False) for c in counts]),
-                           np.concatenate([[0], np.cumsum(counts)])), shape=(50, 400))
+    liked = sp.csr_matrix(
+        (
+            np.ones(counts.sum()),
+            np.concatenate([rng.choice(400, c, replace=False) for c in counts]),
+            np.concatenate([[0], np.cumsum(counts)]),
+        ),
+        shape=(50, 400),
+    )
     recs = rng.integers(0, 400, (50, 10))
     recs[3, 7:] = -1  # a short list
     rows = np.arange(50)[::-1].copy()  # not in index order
@@ -288,7 +348,7 @@ def test_explanation_anchor_is_the_most_similar_liked_item(kind):
     centred = vecs - vecs.mean(0)
     unit = centred / np.linalg.norm(centred, axis=1, keepdims=True)
     for b, r in enumerate(rows):
-        mine = liked.indices[liked.indptr[r]:liked.indptr[r + 1]]
+        mine = liked.indices[liked.indptr[r] : liked.indptr[r + 1]]
         for k, item in enumerate(recs[b].tolist()):
             closeness = W[mine, item] if kind == "item_item" else unit[mine] @ unit[item]
             assert got[b, k] == (-1 if item < 0 or not len(mine) else mine[np.argmax(closeness)])
@@ -299,22 +359,32 @@ def test_anchor_sample_keeps_short_histories_whole_and_caps_long_ones():
 
     rng = np.random.default_rng(8)
     counts = np.r_[np.arange(0, 33), np.full(200, 300)]
-    m = sp.csr_matrix((np.ones(counts.sum(), bool), np.concatenate([rng.choice(5000, c, replace=False) for c in counts]),
-                       np.r_[0, np.cumsum(counts)]), shape=(len(counts), 5000))
+    m = sp.csr_matrix(
+        (
+            np.ones(counts.sum(), bool),
+            np.concatenate([rng.choice(5000, c, replace=False) for c in counts]),
+            np.r_[0, np.cumsum(counts)],
+        ),
+        shape=(len(counts), 5000),
+    )
     a, b = _sample_rows(m, 32), _sample_rows(m.copy(), 32)
     kept = np.diff(a.indptr)
     assert (kept[:33] == counts[:33]).all()  # up to the cap: every liked item
     assert 28 < kept[33:].mean() < 36 and kept[33:].max() < 60  # beyond it: about 32
     assert (a.indices == b.indices).all() and (a.indptr == b.indptr).all()  # fixed, not random per run
-    assert all(set(a.indices[a.indptr[r]:a.indptr[r + 1]]) <= set(m.indices[m.indptr[r]:m.indptr[r + 1]])
-               for r in range(len(counts)))
+    assert all(
+        set(a.indices[a.indptr[r] : a.indptr[r + 1]]) <= set(m.indices[m.indptr[r] : m.indptr[r + 1]])
+        for r in range(len(counts))
+    )
 
 
 def test_shard_partition_is_fixed_and_covers_everyone():
     # splitmix64's published first two outputs from seed 0 are the finaliser of 1 and 2 times its
     # increment 0x9E3779B97F4A7C15 (Vigna's reference implementation)
     assert mix64(np.array([0x9E3779B97F4A7C15, 0x3C6EF372FE94F82A], np.uint64)).tolist() == [
-        0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4]
+        0xE220A8397B1DCDAF,
+        0x6E789E6AA1B965F4,
+    ]
     # by hand (Python integers, the same three xor-shift-multiply rounds): the shards of a few ids
     assert shard_of(np.array([1, 2, 3, 123456789]), 1000).tolist() == [789, 730, 856, 584]
     assert shard_of(np.array([1, 2, 3, 610]), 7).tolist() == [6, 1, 4, 2]
@@ -386,24 +456,31 @@ def test_users_file_replaces_only_those_users(base, tmp_path):
     assert after.filter(chosen)["scored_at"].min() > before["scored_at"].max()
     assert after.filter(chosen)["item_id"].to_list() == before.filter(chosen)["item_id"].to_list()
     with wh.connect(read_only=True) as con:
-        assert sorted(r[0] for r in con.sql("SELECT DISTINCT user_id FROM recommendation_history").fetchall()) == [
-            1, 414, 900002]
+        assert sorted(
+            r[0] for r in con.sql("SELECT DISTINCT user_id FROM recommendation_history").fetchall()
+        ) == [1, 414, 900002]
 
 
 def test_reader_sees_the_old_run_or_the_new_one_never_a_mix(base, tmp_path):
     wh = _copy(base, tmp_path)
     old = _recs(wh)
     new = old.with_columns(pl.lit("next-run").alias("run_id"), pl.col("scored_at") + pl.duration(days=1))
-    staged = write_parquet(pl.concat([new] * 20), tmp_path / "staged.parquet")  # a big swap: more to interleave
+    staged = write_parquet(
+        pl.concat([new] * 20), tmp_path / "staged.parquet"
+    )  # a big swap: more to interleave
     seen_states, stop = set(), threading.Event()
     reader = duckdb.connect(str(wh.path))  # same process: shares the database with the publisher (MVCC)
 
     def poll():
         cur = reader.cursor()
         while not stop.is_set():
-            seen_states.add(tuple(cur.sql("""
+            seen_states.add(
+                tuple(
+                    cur.sql("""
                 SELECT (SELECT count(*) FROM recommendations), (SELECT string_agg(DISTINCT run_id, ',') FROM recommendations),
-                       (SELECT count(*) FROM recommendation_history)""").fetchall()[0]))
+                       (SELECT count(*) FROM recommendation_history)""").fetchall()[0]
+                )
+            )
 
     thread = threading.Thread(target=poll)
     thread.start()
@@ -420,8 +497,9 @@ def test_reader_sees_the_old_run_or_the_new_one_never_a_mix(base, tmp_path):
 
 def _start_scoring(wh: Warehouse, run: str, fault: Path, code: str) -> subprocess.Popen:
     """`batchrec score --run RUN` as a real process, paused where `code` says (see faults.py)."""
-    return start_batchrec(["--warehouse", str(wh.path), "score", "--run", run, "--device", "cpu"],
-                          env=fault_env(fault, code))
+    return start_batchrec(
+        ["--warehouse", str(wh.path), "score", "--run", run, "--device", "cpu"], env=fault_env(fault, code)
+    )
 
 
 PAUSE_BEFORE_PUBLISH = "import batchrec.scoring.run as m\nm.publish = pause_before(m.publish)\n"
@@ -459,7 +537,12 @@ def test_kill_9_inside_the_publish_transaction_leaves_the_previous_run_intact(ba
     before, history = _recs(wh), _history_rows(wh)
     fault = tmp_path / "fault"
     # paused with the old rows moved to history, deleted and the new ones inserted, before COMMIT
-    proc = _start_scoring(wh, base["mf"], fault, "import batchrec.scoring.publishing as m\nm.transaction = pause_in(m.transaction)\n")
+    proc = _start_scoring(
+        wh,
+        base["mf"],
+        fault,
+        "import batchrec.scoring.publishing as m\nm.transaction = pause_in(m.transaction)\n",
+    )
     try:
         wait_until_paused(proc, fault)
         with pytest.raises(BatchrecError, match="busy"):  # it holds the DuckDB file open for writing
@@ -495,8 +578,11 @@ print(json.dumps({"closed": time.time(), "states": sorted(states)}), flush=True)
 
 
 def _start_reader(wh: Warehouse, hold: float, release: Path) -> subprocess.Popen:
-    reader = subprocess.Popen([sys.executable, "-c", READER, str(wh.path), str(hold), str(release)],
-                              stdout=subprocess.PIPE, text=True)
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READER, str(wh.path), str(hold), str(release)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert reader.stdout.readline() == "open\n"
     return reader
 
@@ -510,8 +596,13 @@ def test_a_reader_in_another_process_sees_the_old_run_and_the_publish_waits_for_
     wh = _copy(base, tmp_path)
     before = _recs(wh)
     fault = tmp_path / "fault"
-    proc = _start_scoring(wh, base["mf"], fault, PAUSE_BEFORE_PUBLISH +
-                          "import batchrec.scoring.publishing as p\np._open_for_publish = mark_after(p._open_for_publish, 'OPENED')\n")
+    proc = _start_scoring(
+        wh,
+        base["mf"],
+        fault,
+        PAUSE_BEFORE_PUBLISH
+        + "import batchrec.scoring.publishing as p\np._open_for_publish = mark_after(p._open_for_publish, 'OPENED')\n",
+    )
     try:
         wait_until_paused(proc, fault)
         reader = _start_reader(wh, 3.0, tmp_path / "never")  # open across the publish moment
@@ -531,8 +622,13 @@ def test_a_reader_holding_the_file_past_the_publish_wait_leaves_the_old_run_and_
     wh = _copy(base, tmp_path)
     before = _recs(wh)
     fault, release = tmp_path / "fault", tmp_path / "release"
-    proc = _start_scoring(wh, base["mf"], fault, PAUSE_BEFORE_PUBLISH +
-                          "import batchrec.scoring.publishing as p\np._open_for_publish = functools.partial(p._open_for_publish, wait_s=1.0)\n")
+    proc = _start_scoring(
+        wh,
+        base["mf"],
+        fault,
+        PAUSE_BEFORE_PUBLISH
+        + "import batchrec.scoring.publishing as p\np._open_for_publish = functools.partial(p._open_for_publish, wait_s=1.0)\n",
+    )
     try:
         wait_until_paused(proc, fault)
         reader = _start_reader(wh, 600, release)
@@ -553,8 +649,13 @@ def test_a_reader_holding_the_file_past_the_publish_wait_leaves_the_old_run_and_
 # -- pairs ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("suffix", [".csv", ".parquet"])
 def test_pairs_keep_rows_order_and_columns_and_flag_unknowns(base, tmp_path, suffix):
-    pairs = pl.DataFrame({"user_id": [1, 1, 424242, 1, 424242, 610], "item_id": [1, 999999999, 1, 50, 999999999, 1],
-                          "note": ["a", "b", "c", "d", "e", "f"]})
+    pairs = pl.DataFrame(
+        {
+            "user_id": [1, 1, 424242, 1, 424242, 610],
+            "item_id": [1, 999999999, 1, 50, 999999999, 1],
+            "note": ["a", "b", "c", "d", "e", "f"],
+        }
+    )
     src, out = tmp_path / f"pairs{suffix}", tmp_path / f"scored{suffix}"
     pairs.write_csv(src) if suffix == ".csv" else pairs.write_parquet(src)
     result = _cli(base["wh"], "--run", base["mf"], "--pairs", str(src), "--out", str(out))
@@ -565,14 +666,22 @@ def test_pairs_keep_rows_order_and_columns_and_flag_unknowns(base, tmp_path, suf
     assert scored["fallback"].to_list() == [False, True, True, False, True, False]
     with base["wh"].connect(read_only=True) as con:
         run = resolve_run(con, base["mf"])
-        uidx = dict(con.execute("SELECT user_id, user_idx FROM user_index WHERE snapshot_id = ?",
-                                [run["snapshot_id"]]).fetchall())
-        iidx = dict(con.execute("SELECT item_id, item_idx FROM item_index WHERE snapshot_id = ?",
-                                [run["snapshot_id"]]).fetchall())
+        uidx = dict(
+            con.execute(
+                "SELECT user_id, user_idx FROM user_index WHERE snapshot_id = ?", [run["snapshot_id"]]
+            ).fetchall()
+        )
+        iidx = dict(
+            con.execute(
+                "SELECT item_id, item_idx FROM item_index WHERE snapshot_id = ?", [run["snapshot_id"]]
+            ).fetchall()
+        )
     model = load_run_model(run, "cpu")
     u, i = torch.tensor([uidx[1], uidx[1], uidx[610]]), torch.tensor([iidx[1], iidx[50], iidx[1]])
     expected_known = model.score(u, i).clamp(0.5, 5.0).numpy()
-    expected_fb = model.score_fallback(torch.tensor([uidx[1], -1, -1]), torch.tensor([-1, iidx[1], -1])).numpy()
+    expected_fb = model.score_fallback(
+        torch.tensor([uidx[1], -1, -1]), torch.tensor([-1, iidx[1], -1])
+    ).numpy()
     got = scored["score"].to_numpy()
     assert np.allclose(got[[0, 3, 5]], expected_known, atol=1e-5)
     assert np.allclose(got[[1, 2, 4]], np.clip(expected_fb, 0.5, 5.0), atol=1e-5)
@@ -588,17 +697,20 @@ def test_pairs_with_a_bad_id_name_the_line(base, tmp_path):
 
 
 # -- bad input --------------------------------------------------------------------------------
-@pytest.mark.parametrize("args, message", [
-    (["--run", "no-such-run"], "unknown run 'no-such-run'"),
-    (["--model", "ease"], "no runs of model 'ease'"),
-    (["--top-n", "0"], "Invalid value for '--top-n': 0 is not in the range x>=1"),
-    (["--top-n", "100000"], "larger than the catalogue"),
-    (["--shard", "3/2"], "--shard expects i/N with 0 <= i < N"),
-    (["--shard", "one/two"], "--shard expects i/N with 0 <= i < N"),
-    (["--pairs", __file__], "--pairs needs --out"),
-    (["--memory-budget", "lots"], "not a size like 512MB"),
-    (["--publish", "latest"], "no shards of run"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--run", "no-such-run"], "unknown run 'no-such-run'"),
+        (["--model", "ease"], "no runs of model 'ease'"),
+        (["--top-n", "0"], "Invalid value for '--top-n': 0 is not in the range x>=1"),
+        (["--top-n", "100000"], "larger than the catalogue"),
+        (["--shard", "3/2"], "--shard expects i/N with 0 <= i < N"),
+        (["--shard", "one/two"], "--shard expects i/N with 0 <= i < N"),
+        (["--pairs", __file__], "--pairs needs --out"),
+        (["--memory-budget", "lots"], "not a size like 512MB"),
+        (["--publish", "latest"], "no shards of run"),
+    ],
+)
 def test_bad_input_is_one_line_and_leaves_recommendations_untouched(base, tmp_path, args, message):
     wh = _copy(base, tmp_path)
     before = _recs(wh)
@@ -611,17 +723,27 @@ def test_bad_input_is_one_line_and_leaves_recommendations_untouched(base, tmp_pa
 def test_pruned_snapshot_and_missing_runs_and_busy_warehouse(base, tmp_path):
     wh = _copy(base, tmp_path)
     before = _recs(wh)
-    holder = subprocess.Popen([sys.executable, "-c", (  # another process holds the writer lock
-        "import sys, time; from batchrec.warehouse import Warehouse\n"
-        "with Warehouse(sys.argv[1]).lock('train'):\n    print('held', flush=True); time.sleep(120)"), str(wh.path)],
-        stdout=subprocess.PIPE)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (  # another process holds the writer lock
+                "import sys, time; from batchrec.warehouse import Warehouse\n"
+                "with Warehouse(sys.argv[1]).lock('train'):\n    print('held', flush=True); time.sleep(120)"
+            ),
+            str(wh.path),
+        ],
+        stdout=subprocess.PIPE,
+    )
     try:
         assert holder.stdout.readline() == b"held\n"
         result = _cli(wh, "--run", base["mf"])
     finally:
         holder.kill()
         holder.wait()
-    assert result.exit_code == 75 and "warehouse is busy" in result.output and "batchrec train" in result.output
+    assert (
+        result.exit_code == 75 and "warehouse is busy" in result.output and "batchrec train" in result.output
+    )
     with wh.connect() as con:
         con.execute("DELETE FROM feature_snapshots")
     result = _cli(wh, "--run", base["mf"])

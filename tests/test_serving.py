@@ -117,8 +117,12 @@ def test_job_rescoring_with_a_new_top_n_publishes_the_shipped_run_not_the_evalua
     assert "1:train: skipped" in out and "2:score: skipped" not in out
     with wh.connect(read_only=True) as con:
         kinds = dict(con.execute("SELECT coalesce(protocol, 'all'), run_id FROM model_runs").fetchall())
-        per_user = scalar(con, "SELECT max(n) FROM (SELECT count(*) AS n FROM recommendations GROUP BY user_id)")
-    assert set(kinds) == {"all", "user_temporal"} and kinds["user_temporal"] > kinds["all"]  # evaluation run is newer
+        per_user = scalar(
+            con, "SELECT max(n) FROM (SELECT count(*) AS n FROM recommendations GROUP BY user_id)"
+        )
+    assert (
+        set(kinds) == {"all", "user_temporal"} and kinds["user_temporal"] > kinds["all"]
+    )  # evaluation run is newer
     assert _live(wh.path) == {kinds["all"]} and per_user == 7
 
 
@@ -151,13 +155,22 @@ def _nightly_with_a_reader_held_open(wh: Warehouse, job_file: Path, cwd: Path) -
     """Hold a read-only session on the serving file (a separate process) while `batchrec run
     job_file` runs as another; returns the states the reader saw and the job's wall seconds."""
     stop = cwd / "stop-reading"
-    reader = subprocess.Popen([sys.executable, "-c", READER, str(wh.serving_path), str(stop)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READER, str(wh.serving_path), str(stop)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert reader.stdout.readline() == "open\n", reader.stderr.read()
         t0 = time.perf_counter()
-        job = subprocess.run([str(BATCHREC), "--warehouse", str(wh.path), "run", str(job_file)], cwd=cwd,
-                             capture_output=True, text=True, timeout=900)
+        job = subprocess.run(
+            [str(BATCHREC), "--warehouse", str(wh.path), "run", str(job_file)],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         seconds = time.perf_counter() - t0
         assert job.returncode == 0, job.stderr[-3000:]
         assert "busy" not in job.stderr
@@ -170,8 +183,12 @@ def _nightly_with_a_reader_held_open(wh: Warehouse, job_file: Path, cwd: Path) -
     return states, seconds
 
 
-SMALL_NIGHTLY = (ROOT / "jobs" / "nightly.toml").read_text().replace('"ease"', '"popularity"').replace(
-    '"ease,popularity"', '"popularity"')
+SMALL_NIGHTLY = (
+    (ROOT / "jobs" / "nightly.toml")
+    .read_text()
+    .replace('"ease"', '"popularity"')
+    .replace('"ease,popularity"', '"popularity"')
+)
 
 
 def test_a_reader_holding_the_serving_file_through_the_nightly_job_keeps_the_old_run(prepared, tmp_path):
@@ -198,8 +215,12 @@ def test_the_real_nightly_job_with_a_reader_held_open(prepared, tmp_path):
     assert [s[0] for s in states] == [old]
     new = _live(wh.serving_path)
     with duckdb.connect(str(wh.serving_path), read_only=True) as con:
-        shipped = {r[0] for r in con.execute("SELECT run_id FROM model_runs WHERE model = 'ease' "
-                                             "AND protocol IS NULL").fetchall()}
+        shipped = {
+            r[0]
+            for r in con.execute(
+                "SELECT run_id FROM model_runs WHERE model = 'ease' AND protocol IS NULL"
+            ).fetchall()
+        }
     assert new == shipped and len(new) == 1
     print(f"nightly.toml with a reader held open: exit 0 in {seconds:.1f} s")
 
@@ -211,8 +232,16 @@ def test_readers_use_the_serving_file_and_fall_back_to_the_warehouse_without_one
     query = "SELECT DISTINCT run_id FROM recommendations_with_titles"
     assert _cli(wh, "sql", "--format", "csv", query).output.splitlines() == ["run_id", run]
     # a writer's session on the warehouse does not stop the readers (they never open it)
-    holder = subprocess.Popen([sys.executable, "-c", f"import duckdb,time; c=duckdb.connect({str(wh.path)!r}); "
-                               "print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import duckdb,time; c=duckdb.connect({str(wh.path)!r}); "
+            "print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline() == "held\n"
         for args in (["sql", query], ["status"], ["recommend", "1"]):
@@ -239,9 +268,14 @@ def test_export_writes_parquet_and_csv_of_the_serving_tables(prepared, tmp_path)
         assert got.columns == expected.columns and len(got) == len(expected)
         assert got["user_id"].to_list() == expected["user_id"].to_list()
         assert got["item_id"].to_list() == expected["item_id"].to_list()
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["recs.csv", "recs.parquet"]  # no temp left
-    for args, message in ((["--to", str(tmp_path / "r.json")], "unknown file type .json (expected .parquet or .csv)"),
-                          (["--table", "nope", "--to", str(tmp_path / "r.csv")], "--table nope: no such table")):
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "recs.csv",
+        "recs.parquet",
+    ]  # no temp left
+    for args, message in (
+        (["--to", str(tmp_path / "r.json")], "unknown file type .json (expected .parquet or .csv)"),
+        (["--table", "nope", "--to", str(tmp_path / "r.csv")], "--table nope: no such table"),
+    ):
         result = _cli(wh, "export", *args)
         assert result.exit_code == 1 and result.output.startswith("error: ") and message in result.output
         assert result.output.count("\n") == 1
@@ -261,29 +295,77 @@ def test_the_wheel_ships_the_sql_folder_and_runs_from_another_directory(tmp_path
         shutil.copy(ROOT / name, src / name)
     for name in ("batchrec", "sql"):
         shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(src),
-                    "-w", str(tmp_path / "dist")], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            str(src),
+            "-w",
+            str(tmp_path / "dist"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     wheel = next((tmp_path / "dist").glob("batchrec-*.whl"))
     shipped = {n for n in zipfile.ZipFile(wheel).namelist() if n.startswith("batchrec/sql/")}
-    assert shipped == {f"batchrec/sql/{p.relative_to(ROOT / 'sql').as_posix()}" for p in (ROOT / "sql").rglob("*.sql")}
+    assert shipped == {
+        f"batchrec/sql/{p.relative_to(ROOT / 'sql').as_posix()}" for p in (ROOT / "sql").rglob("*.sql")
+    }
     venv = tmp_path / "venv"
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "BATCHREC_WAREHOUSE")}  # no checkout
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "BATCHREC_WAREHOUSE")
+    }  # no checkout
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q",
-                    "--no-deps", str(wheel)], check=True, capture_output=True, timeout=300, env=env)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(venv / "bin" / "python"),
+            "install",
+            "-q",
+            "--no-deps",
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+        env=env,
+    )
     deps = [p for p in sys.path if p.endswith("site-packages")]
-    code = ("import sys; sys.path += sys.argv[1:]\n"
-            "import batchrec, batchrec.warehouse as w\n"
-            "from batchrec.cli import main\n"
-            "print(batchrec.__file__, w.SQL_DIR, flush=True)\n"
-            "main(['ingest', '--dataset', 'ml-latest-small'], standalone_mode=False)\n"
-            "main(['features', '--protocols', 'user_temporal'], standalone_mode=False)\n")
+    code = (
+        "import sys; sys.path += sys.argv[1:]\n"
+        "import batchrec, batchrec.warehouse as w\n"
+        "from batchrec.cli import main\n"
+        "print(batchrec.__file__, w.SQL_DIR, flush=True)\n"
+        "main(['ingest', '--dataset', 'ml-latest-small'], standalone_mode=False)\n"
+        "main(['features', '--protocols', 'user_temporal'], standalone_mode=False)\n"
+    )
     work = tmp_path / "elsewhere"
     work.mkdir()
-    run = subprocess.run([str(venv / "bin" / "python"), "-c", code, *deps], cwd=work, env=env, capture_output=True,
-                         text=True, timeout=300)
+    run = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", code, *deps],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
-    package = venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages" / "batchrec"
+    package = (
+        venv
+        / "lib"
+        / f"python{sys.version_info.major}.{sys.version_info.minor}"
+        / "site-packages"
+        / "batchrec"
+    )
     assert run.stdout.splitlines()[0] == f"{package / '__init__.py'} {package / 'sql'}"
     with Warehouse(work / "warehouse" / "batchrec.duckdb").connect(read_only=True) as con:
         assert scalar(con, "SELECT count(*) FROM user_index") == 610
@@ -307,8 +389,10 @@ def test_a_warehouse_moved_to_another_folder_scores_with_its_artifacts(prepared,
 def test_artifacts_option_puts_them_elsewhere_and_they_stay_found(prepared, tmp_path):
     wh = _copy(prepared, tmp_path / "wh")
     models = tmp_path / "models"
-    result = CliRunner().invoke(main, ["--warehouse", str(wh.path), "--artifacts", str(models), "train", "popularity",
-                                       "--device", "cpu"])
+    result = CliRunner().invoke(
+        main,
+        ["--warehouse", str(wh.path), "--artifacts", str(models), "train", "popularity", "--device", "cpu"],
+    )
     assert result.exit_code == 0, result.output
     with wh.connect(read_only=True) as con:
         run_id, stored = con.execute("SELECT run_id, artifact_path FROM model_runs").fetchall()[0]
@@ -334,7 +418,10 @@ def test_two_warehouses_in_one_folder_never_touch_each_others_partials(prepared,
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # an owner killed mid-save: its pid is free
     try:
-        live_partial, dead_partial = _partial(a, "popularity-live", writer.pid), _partial(a, "popularity-dead", gone.pid)
+        live_partial, dead_partial = (
+            _partial(a, "popularity-live", writer.pid),
+            _partial(a, "popularity-dead", gone.pid),
+        )
         result = _cli(b, "train", "popularity", "--device", "cpu")
         assert result.exit_code == 0, result.output
         assert live_partial.exists() and dead_partial.exists()  # b trains in b.artifacts only
@@ -345,7 +432,10 @@ def test_two_warehouses_in_one_folder_never_touch_each_others_partials(prepared,
     finally:
         writer.kill()
         writer.wait()
-    assert sorted(p.name for p in (tmp_path / "both").iterdir() if p.is_dir()) == ["a.artifacts", "b.artifacts"]
+    assert sorted(p.name for p in (tmp_path / "both").iterdir() if p.is_dir()) == [
+        "a.artifacts",
+        "b.artifacts",
+    ]
 
 
 def test_migration_005_makes_artifact_paths_under_the_warehouse_relative(tmp_path, monkeypatch):
@@ -354,16 +444,23 @@ def test_migration_005_makes_artifact_paths_under_the_warehouse_relative(tmp_pat
     path = tmp_path / "wh" / "batchrec.duckdb"
     monkeypatch.setattr(w, "migrations", lambda: [m for m in migrations() if m[0] < 5])
     with Warehouse(path).connect() as con:  # a warehouse as the previous release wrote it: absolute paths
-        for run_id, where in (("mf-1", f"{path.parent.resolve()}/artifacts/mf-1"), ("mf-2", "/mnt/models/mf-2")):
-            con.execute("INSERT INTO model_runs VALUES (?, 'mf', '{}', 's', NULL, '{}', ?, 'cpu', 1, now()::TIMESTAMP)",
-                        [run_id, where])
+        for run_id, where in (
+            ("mf-1", f"{path.parent.resolve()}/artifacts/mf-1"),
+            ("mf-2", "/mnt/models/mf-2"),
+        ):
+            con.execute(
+                "INSERT INTO model_runs VALUES (?, 'mf', '{}', 's', NULL, '{}', ?, 'cpu', 1, now()::TIMESTAMP)",
+                [run_id, where],
+            )
     monkeypatch.undo()
     with Warehouse(path).connect() as con:  # the upgrade applies 005
         stored = dict(con.execute("SELECT run_id, artifact_path FROM model_runs").fetchall())
     assert stored == {"mf-1": "artifacts/mf-1", "mf-2": "/mnt/models/mf-2"}
     shutil.move(tmp_path / "wh", tmp_path / "moved")  # from now on the warehouse's folder can move
     with Warehouse(tmp_path / "moved" / "batchrec.duckdb").connect(read_only=True) as con:
-        assert resolve_run(con, "mf-1")["artifact_path"] == str((tmp_path / "moved").resolve() / "artifacts" / "mf-1")
+        assert resolve_run(con, "mf-1")["artifact_path"] == str(
+            (tmp_path / "moved").resolve() / "artifacts" / "mf-1"
+        )
         assert resolve_run(con, "mf-2")["artifact_path"] == "/mnt/models/mf-2"
 
 
@@ -378,13 +475,19 @@ def test_after_a_partial_run_status_and_recommend_show_each_run_with_its_counts(
     assert result.exit_code == 0, result.output
     with wh.connect(read_only=True) as con:
         n_users = scalar(con, "SELECT count(DISTINCT user_id) FROM ratings")
-        first_at, second_at = (scalar(con, "SELECT max(scored_at) FROM recommendations WHERE run_id = ?", [r])
-                               for r in (first, second))
+        first_at, second_at = (
+            scalar(con, "SELECT max(scored_at) FROM recommendations WHERE run_id = ?", [r])
+            for r in (first, second)
+        )
     status = _cli(wh, "status").output
-    assert (f"run {second} (popularity, trained on every interaction): 3 users, 30 rows, scored at {second_at}"
-            in status)
-    assert (f"run {first} (popularity, trained on every interaction): {n_users - 3} users, {10 * (n_users - 3)} rows, "
-            f"scored at {first_at}" in status)
+    assert (
+        f"run {second} (popularity, trained on every interaction): 3 users, 30 rows, scored at {second_at}"
+        in status
+    )
+    assert (
+        f"run {first} (popularity, trained on every interaction): {n_users - 3} users, {10 * (n_users - 3)} rows, "
+        f"scored at {first_at}" in status
+    )
     assert status.index(f"run {second} (") < status.index(f"run {first} (")  # newest first
     one, ten = _cli(wh, "recommend", "1").output, _cli(wh, "recommend", "10").output
     assert one.startswith(f"user 1: recommendations from run {second} scored at {second_at}\n")
@@ -393,15 +496,20 @@ def test_after_a_partial_run_status_and_recommend_show_each_run_with_its_counts(
 
 
 # -- 6. progress bars on a terminal, key=value lines under cron --------------------------------
-KV_LINE = r"ts=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z level=(debug|info|warning|error) logger=batchrec[\w.]* \S"
+KV_LINE = (
+    r"ts=\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z level=(debug|info|warning|error) logger=batchrec[\w.]* \S"
+)
 
 
 def _batchrec(wh: Warehouse, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BATCHREC), "--warehouse", str(wh.path), *args], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [str(BATCHREC), "--warehouse", str(wh.path), *args], capture_output=True, text=True, timeout=300
+    )
 
 
-def test_without_a_terminal_log_lines_are_key_value_or_json_and_q_v_work_after_the_subcommand(prepared, tmp_path):
+def test_without_a_terminal_log_lines_are_key_value_or_json_and_q_v_work_after_the_subcommand(
+    prepared, tmp_path
+):
     import re
 
     wh = _copy(prepared, tmp_path / "wh")
@@ -413,7 +521,9 @@ def test_without_a_terminal_log_lines_are_key_value_or_json_and_q_v_work_after_t
         lines = proc.stderr.splitlines()
         assert lines and all(re.match(KV_LINE, line) for line in lines), proc.stderr
         assert "Sparse CSR" not in proc.stderr and "\r" not in proc.stderr
-    assert any('logger=batchrec.score msg="published 6100 rows in ' in line for line in score.stderr.splitlines())
+    assert any(
+        'logger=batchrec.score msg="published 6100 rows in ' in line for line in score.stderr.splitlines()
+    )
     as_json = _batchrec(wh, "score", "--model", "ease", "--device", "cpu", "--log-format", "json")
     records = [json.loads(line) for line in as_json.stderr.splitlines()]
     assert records and {"ts", "level", "logger", "msg"} <= set(records[0])
@@ -424,13 +534,21 @@ def test_without_a_terminal_log_lines_are_key_value_or_json_and_q_v_work_after_t
 
 
 # -- 7. help -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("command, listed", [
-    ("train", ["popularity", "ease", "multvae"]), ("score", ["popularity", "ease", "two_tower"]),
-    ("evaluate", ["popularity", "ease", "user_temporal", "leave-last-5-positive-events"]),
-    ("features", ["random", "user_random", "user_temporal", "global_temporal", "leave_last_n_positive", "as_of"]),
-    ("run", ["[[steps]]", "ingest: path", "score: model = (unset), top_n = 10", "evaluate: models"]),
-    ("export", []), ("status", []),
-])
+@pytest.mark.parametrize(
+    "command, listed",
+    [
+        ("train", ["popularity", "ease", "multvae"]),
+        ("score", ["popularity", "ease", "two_tower"]),
+        ("evaluate", ["popularity", "ease", "user_temporal", "leave-last-5-positive-events"]),
+        (
+            "features",
+            ["random", "user_random", "user_temporal", "global_temporal", "leave_last_n_positive", "as_of"],
+        ),
+        ("run", ["[[steps]]", "ingest: path", "score: model = (unset), top_n = 10", "evaluate: models"]),
+        ("export", []),
+        ("status", []),
+    ],
+)
 def test_help_lists_what_the_command_takes_and_one_example(command, listed):
     result = CliRunner().invoke(main, [command, "--help"])
     assert result.exit_code == 0, result.output
@@ -448,8 +566,9 @@ def _on_a_terminal(wh: Warehouse, *args: str) -> str:
 
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-    proc = subprocess.Popen([str(BATCHREC), "--warehouse", str(wh.path), *args], stdout=subprocess.DEVNULL,
-                            stderr=slave)
+    proc = subprocess.Popen(
+        [str(BATCHREC), "--warehouse", str(wh.path), *args], stdout=subprocess.DEVNULL, stderr=slave
+    )
     os.close(slave)
     received = bytearray()
     while True:
@@ -469,12 +588,26 @@ def test_on_a_terminal_bars_show_and_log_lines_stay_whole(prepared, tmp_path):
     import re
 
     wh = _copy(prepared, tmp_path / "wh")
-    shown = _on_a_terminal(wh, "train", "mf", "--protocol", "user_temporal", "--device", "cpu",
-                           "--param", "epochs=3", "--param", "factors=8")
+    shown = _on_a_terminal(
+        wh,
+        "train",
+        "mf",
+        "--protocol",
+        "user_temporal",
+        "--device",
+        "cpu",
+        "--param",
+        "epochs=3",
+        "--param",
+        "factors=8",
+    )
     pieces = [p.strip() for p in re.split(r"[\r\n]", shown) if p.strip()]
     epochs = [p for p in pieces if " INFO epoch=" in p]
     assert len(epochs) == 3  # each epoch's log line whole, on its own line, between redraws of the bar
-    assert all(re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO epoch=\d .* seconds=[\d.e-]+", p) for p in epochs)
+    assert all(
+        re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO epoch=\d .* seconds=[\d.e-]+", p)
+        for p in epochs
+    )
     assert any(re.match(r"mf:\s+\d+%\|", p) for p in pieces)  # the epoch bar
     run = fit_run(wh, "popularity", device="cpu")
     shown = _on_a_terminal(wh, "score", "--run", run, "--device", "cpu")

@@ -51,18 +51,29 @@ def test_same_seed_same_bytes_other_seed_other_data(tmp_path, data):
 
 def test_headers_are_exactly_movielens(data):
     heads = {name: (data / name).read_text(encoding="utf-8").split("\n", 1)[0] for name in FILES[:3]}
-    assert heads == {"ratings.csv": "userId,movieId,rating,timestamp", "movies.csv": "movieId,title,genres",
-                     "tags.csv": "userId,movieId,tag,timestamp"}
+    assert heads == {
+        "ratings.csv": "userId,movieId,rating,timestamp",
+        "movies.csv": "movieId,title,genres",
+        "tags.csv": "userId,movieId,tag,timestamp",
+    }
     assert "SYNTHETIC" in (data / "README.txt").read_text(encoding="utf-8")
 
 
 def test_exact_counts_and_every_user_rates(data):
-    [(n_ratings, n_users, min_user, max_user, n_movies, n_movie_ids, n_tags, unknown_movies)] = _rows(data, """
+    [(n_ratings, n_users, min_user, max_user, n_movies, n_movie_ids, n_tags, unknown_movies)] = _rows(
+        data,
+        """
         SELECT (SELECT count(*) FROM r), (SELECT count(DISTINCT userId) FROM r), (SELECT min(userId) FROM r),
                (SELECT max(userId) FROM r), (SELECT count(*) FROM m), (SELECT count(DISTINCT movieId) FROM m),
                (SELECT count(*) FROM t),
-               (SELECT count(*) FROM r WHERE movieId NOT IN (SELECT movieId FROM m))""")
-    assert (n_ratings, n_users, min_user, max_user) == (SIZES["n_ratings"], SIZES["n_users"], 1, SIZES["n_users"])
+               (SELECT count(*) FROM r WHERE movieId NOT IN (SELECT movieId FROM m))""",
+    )
+    assert (n_ratings, n_users, min_user, max_user) == (
+        SIZES["n_ratings"],
+        SIZES["n_users"],
+        1,
+        SIZES["n_users"],
+    )
     assert n_movies == n_movie_ids == SIZES["n_items"]
     assert n_tags == SIZES["n_tags"]
     assert unknown_movies == 0
@@ -96,11 +107,14 @@ def test_popularity_and_user_activity_are_heavy_tailed(data):
 
 
 def test_item_means_replicate_across_halves_of_the_users(data):
-    [(corr, items)] = _rows(data, """
+    [(corr, items)] = _rows(
+        data,
+        """
         SELECT corr(a, b), count(*) FROM (
             SELECT avg(rating) FILTER (userId % 2 = 0) a, avg(rating) FILTER (userId % 2 = 1) b,
                    count(*) FILTER (userId % 2 = 0) na, count(*) FILTER (userId % 2 = 1) nb
-            FROM r GROUP BY movieId) WHERE na >= 5 AND nb >= 5""")
+            FROM r GROUP BY movieId) WHERE na >= 5 AND nb >= 5""",
+    )
     assert items >= 100 and corr > 0.5
 
 
@@ -142,17 +156,24 @@ def test_movies_have_movielens_titles_and_genres(data):
 
 
 def test_tags_follow_ratings_and_genres(data):
-    [(unrated, not_after, repeats, phrases)] = _rows(data, """
+    [(unrated, not_after, repeats, phrases)] = _rows(
+        data,
+        """
         SELECT count(*) FILTER (r.timestamp IS NULL), count(*) FILTER (t.timestamp <= r.timestamp),
                count(*) - count(DISTINCT (t.userId, t.movieId, t.tag)), count(*) FILTER (t.tag LIKE '% %')
-        FROM t LEFT JOIN r USING (userId, movieId)""")
+        FROM t LEFT JOIN r USING (userId, movieId)""",
+    )
     assert (unrated, not_after, repeats) == (0, 0, 0)
     t = duckdb.connect().execute(f"SELECT * FROM read_csv('{data / 'tags.csv'}')").fetchnumpy()
     assert np.all(np.diff(t["userId"].astype(np.int64) * 10**9 + t["movieId"]) >= 0)  # MovieLens order
     assert phrases > 0
     # A tag that belongs to one genre's vocabulary lands on movies of that genre.
-    own = {t: g for g, ts in synth.GENRE_TAGS.items() for t in ts
-           if sum(t in other for other in synth.GENRE_TAGS.values()) == 1}
+    own = {
+        t: g
+        for g, ts in synth.GENRE_TAGS.items()
+        for t in ts
+        if sum(t in other for other in synth.GENRE_TAGS.values()) == 1
+    }
     tagged = _rows(data, "SELECT t.tag, m.genres FROM t JOIN m USING (movieId)")
     genre_tags = [(t, gs) for t, gs in tagged if t in own]
     assert len(genre_tags) > 300
@@ -164,29 +185,39 @@ def test_many_blocks_keep_one_header_and_exact_counts(tmp_path, monkeypatch):
     synth.write_synthetic(tmp_path, n_users=300, n_items=200, n_ratings=20_000, n_tags=500, seed=1)
     for name in ("ratings.csv", "tags.csv"):
         assert (tmp_path / name).read_text().count("userId") == 1
-    [(n, pairs, users, tags)] = _rows(tmp_path, """
-        SELECT count(*), count(DISTINCT (userId, movieId)), count(DISTINCT userId), (SELECT count(*) FROM t) FROM r""")
+    [(n, pairs, users, tags)] = _rows(
+        tmp_path,
+        """
+        SELECT count(*), count(DISTINCT (userId, movieId)), count(DISTINCT userId), (SELECT count(*) FROM t) FROM r""",
+    )
     assert (n, pairs, users, tags) == (20_000, 20_000, 300, 500)
 
 
 @pytest.mark.parametrize("users, items, ratings", [(1, 1, 1), (5, 4, 20), (50, 30, 1_400)])
 def test_tiny_and_dense_sizes_are_exact(tmp_path, users, items, ratings):
     synth.write_synthetic(tmp_path, n_users=users, n_items=items, n_ratings=ratings, seed=0)
-    [(n, pairs, n_users, max_per_user)] = _rows(tmp_path, """
+    [(n, pairs, n_users, max_per_user)] = _rows(
+        tmp_path,
+        """
         SELECT count(*), count(DISTINCT (userId, movieId)), count(DISTINCT userId),
-               (SELECT max(c) FROM (SELECT count(*) c FROM r GROUP BY userId)) FROM r""")
+               (SELECT max(c) FROM (SELECT count(*) c FROM r GROUP BY userId)) FROM r""",
+    )
     assert (n, pairs, n_users) == (ratings, ratings, users)
     assert max_per_user <= items
 
 
 def test_cli_writes_dataset_and_rejects_impossible_sizes(tmp_path):
     runner = CliRunner()
-    ok = runner.invoke(main, ["synth", str(tmp_path / "d"), "--users", "30", "--items", "50", "--ratings", "900",
-                              "--seed", "2"])
+    ok = runner.invoke(
+        main,
+        ["synth", str(tmp_path / "d"), "--users", "30", "--items", "50", "--ratings", "900", "--seed", "2"],
+    )
     assert ok.exit_code == 0, ok.output
     assert "900 ratings" in ok.output and all((tmp_path / "d" / f).exists() for f in FILES)
     assert not list((tmp_path / "d").glob(".*partial"))
-    bad = runner.invoke(main, ["synth", str(tmp_path / "e"), "--users", "10", "--items", "5", "--ratings", "51"])
+    bad = runner.invoke(
+        main, ["synth", str(tmp_path / "e"), "--users", "10", "--items", "5", "--ratings", "51"]
+    )
     assert bad.exit_code != 0 and "error: --ratings 51 exceeds" in bad.output
     with pytest.raises(BatchrecError, match="--ratings must be >= --users"):
         synth.write_synthetic(tmp_path / "f", n_users=10, n_items=5, n_ratings=9)

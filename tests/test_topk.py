@@ -20,9 +20,13 @@ def test_matches_torch_topk_on_distinct_scores(k):
 
 def test_ties_go_to_the_lower_column_and_masked_items_only_fill_up():
     inf = float("inf")
-    scores = torch.tensor([[1.0, 3.0, 3.0, -inf, 2.0, 3.0],
-                           [-inf, 0.5, -inf, -inf, 5.0, 0.5],
-                           [-inf, -inf, 7.0, -inf, -inf, -inf]])
+    scores = torch.tensor(
+        [
+            [1.0, 3.0, 3.0, -inf, 2.0, 3.0],
+            [-inf, 0.5, -inf, -inf, 5.0, 0.5],
+            [-inf, -inf, 7.0, -inf, -inf, -inf],
+        ]
+    )
     val, idx = row_topk(scores, 3)
     assert idx.tolist() == [[1, 2, 5], [4, 1, 5], [2, 0, 1]]
     assert val.tolist() == [[3.0, 3.0, 3.0], [5.0, 0.5, 0.5], [7.0, -inf, -inf]]
@@ -72,7 +76,9 @@ def test_one_thread_chooses_the_serial_kernel(monkeypatch):
     calls = []
     for name in ("_topk_rows_serial", "_topk_rows_parallel"):
         real = getattr(topk, name)
-        monkeypatch.setattr(topk, name, lambda *args, _real=real, _name=name: (calls.append(_name), _real(*args)))
+        monkeypatch.setattr(
+            topk, name, lambda *args, _real=real, _name=name: (calls.append(_name), _real(*args))
+        )
     scores = torch.from_numpy(np.random.default_rng(2).standard_normal((50, 300)).astype(np.float32))
     before = torch.get_num_threads()
     try:

@@ -33,12 +33,16 @@ def _env(store: Path, **extra: str) -> dict[str, str]:
 
 
 def _batchrec(args: list[str], env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", CLI, *args], capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-c", CLI, *args], capture_output=True, text=True, env=env, timeout=600
+    )
 
 
 def _runs_tagged(client: MlflowClient, run_id: str) -> list:
     experiment = client.get_experiment_by_name("batchrec")
-    return client.search_runs([experiment.experiment_id], filter_string=f"tags.`batchrec.run_id` = '{run_id}'")
+    return client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`batchrec.run_id` = '{run_id}'"
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -57,8 +61,21 @@ def test_train_and_evaluate_log_to_mlflow(warehouse, tmp_path):
     store = tmp_path / "mlruns"
     env = _env(store)
     wh = ["-q", "--warehouse", str(warehouse.path)]
-    trained = _batchrec([*wh, "train", "mf", "--protocol", "user_temporal", "--param", "epochs=2", "--param",
-                         "factors=8", "--mlflow"], env)
+    trained = _batchrec(
+        [
+            *wh,
+            "train",
+            "mf",
+            "--protocol",
+            "user_temporal",
+            "--param",
+            "epochs=2",
+            "--param",
+            "factors=8",
+            "--mlflow",
+        ],
+        env,
+    )
     assert trained.returncode == 0, trained.stderr
     run = warehouse.run("latest", family="mf")
     assert trained.stdout.startswith(f"run {run.run_id}: mf") and "; mlflow run " in trained.stdout
@@ -68,7 +85,9 @@ def test_train_and_evaluate_log_to_mlflow(warehouse, tmp_path):
     assert trained.stdout.rstrip().endswith(f"; mlflow run {logged.info.run_id}")
     params = logged.data.params
     assert params["family"] == "mf" and params["protocol"] == "user_temporal" and params["factors"] == "8"
-    assert params["epochs"] == "2" and params["snapshot_id"] == run.snapshot_id and "lr" in params  # defaults too
+    assert (
+        params["epochs"] == "2" and params["snapshot_id"] == run.snapshot_id and "lr" in params
+    )  # defaults too
     # the per-epoch history, each epoch at its step, exactly what model_runs recorded
     history = run.history
     assert history["epoch"].to_list() == [1, 2]
@@ -81,16 +100,34 @@ def test_train_and_evaluate_log_to_mlflow(warehouse, tmp_path):
     assert logged.data.metrics["fit_seconds"] > 0
     artifacts = {a.path for a in client.list_artifacts(logged.info.run_id, "model")}
     assert artifacts == {"model/model.json", "model/state.pt"}
-    assert Path(client.download_artifacts(logged.info.run_id, "model/model.json")).read_bytes() == \
-        (Path(run.artifact_path) / "model.json").read_bytes()
+    assert (
+        Path(client.download_artifacts(logged.info.run_id, "model/model.json")).read_bytes()
+        == (Path(run.artifact_path) / "model.json").read_bytes()
+    )
 
-    evaluated = _batchrec([*wh, "evaluate", "--runs", run.run_id, "--protocol", "user_temporal", "--k", "10",
-                           "--report", "", "--mlflow"], env)
+    evaluated = _batchrec(
+        [
+            *wh,
+            "evaluate",
+            "--runs",
+            run.run_id,
+            "--protocol",
+            "user_temporal",
+            "--k",
+            "10",
+            "--report",
+            "",
+            "--mlflow",
+        ],
+        env,
+    )
     assert evaluated.returncode == 0, evaluated.stderr
     assert f"mlflow: 1 of 1 run(s) logged ({run.run_id} -> {logged.info.run_id})" in evaluated.stdout
     [after] = _runs_tagged(client, run.run_id)  # the same MLflow run, not a second one
-    table = warehouse.sql("SELECT metric, k, value FROM evaluations WHERE run_id = $r AND protocol = 'user_temporal'",
-                          {"r": run.run_id})
+    table = warehouse.sql(
+        "SELECT metric, k, value FROM evaluations WHERE run_id = $r AND protocol = 'user_temporal'",
+        {"r": run.run_id},
+    )
     assert len(table) >= 5
     for metric, k, value in table.iter_rows():
         name = metric_key(f"user_temporal/{metric}" + (f"@{k}" if k is not None else ""))
@@ -111,17 +148,35 @@ def test_the_environment_variable_alone_turns_tracking_on(warehouse, tmp_path, m
     assert untracked.mlflow_run_id is None and _runs_tagged(client, untracked.run_id) == []
 
 
-@pytest.mark.parametrize("args, uri, installed, message", [
-    (["train", "popularity", "--mlflow"], None, False,
-     "error: MLflow tracking was asked for (--mlflow was given) but mlflow is not installed "
-     "(expected `pip install 'batchrec[mlflow]'`, or unset MLFLOW_TRACKING_URI / drop --mlflow)"),
-    (["evaluate", "--models", "popularity", "--report", ""], "file:///tmp/mlruns", False,
-     "error: MLflow tracking was asked for (MLFLOW_TRACKING_URI is set) but mlflow is not installed "
-     "(expected `pip install 'batchrec[mlflow]'`, or unset MLFLOW_TRACKING_URI / drop --mlflow)"),
-    (["train", "popularity"], "nosuchscheme://store", True,
-     "error: MLflow tracking store nosuchscheme://store cannot be used (MLFLOW_TRACKING_URI is set): "),
-], ids=["no mlflow, --mlflow", "no mlflow, environment", "unusable store"])
-def test_tracking_that_cannot_work_stops_before_any_work(warehouse, monkeypatch, args, uri, installed, message):
+@pytest.mark.parametrize(
+    "args, uri, installed, message",
+    [
+        (
+            ["train", "popularity", "--mlflow"],
+            None,
+            False,
+            "error: MLflow tracking was asked for (--mlflow was given) but mlflow is not installed "
+            "(expected `pip install 'batchrec[mlflow]'`, or unset MLFLOW_TRACKING_URI / drop --mlflow)",
+        ),
+        (
+            ["evaluate", "--models", "popularity", "--report", ""],
+            "file:///tmp/mlruns",
+            False,
+            "error: MLflow tracking was asked for (MLFLOW_TRACKING_URI is set) but mlflow is not installed "
+            "(expected `pip install 'batchrec[mlflow]'`, or unset MLFLOW_TRACKING_URI / drop --mlflow)",
+        ),
+        (
+            ["train", "popularity"],
+            "nosuchscheme://store",
+            True,
+            "error: MLflow tracking store nosuchscheme://store cannot be used (MLFLOW_TRACKING_URI is set): ",
+        ),
+    ],
+    ids=["no mlflow, --mlflow", "no mlflow, environment", "unusable store"],
+)
+def test_tracking_that_cannot_work_stops_before_any_work(
+    warehouse, monkeypatch, args, uri, installed, message
+):
     if not installed:
         monkeypatch.setitem(sys.modules, "mlflow", None)  # `import mlflow` fails as if it were not installed
     if uri:

@@ -35,7 +35,9 @@ def warehouse_template(tmp_path_factory) -> Warehouse:
     root = tmp_path_factory.mktemp("wh")
     source = root / "ml-small-cut"
     source.mkdir()
-    pl.read_csv(ML_SMALL / "ratings.csv").filter(pl.col("userId") <= N_USERS).write_csv(source / "ratings.csv")
+    pl.read_csv(ML_SMALL / "ratings.csv").filter(pl.col("userId") <= N_USERS).write_csv(
+        source / "ratings.csv"
+    )
     shutil.copy(ML_SMALL / "movies.csv", source / "movies.csv")
     wh = Warehouse(root / "batchrec.duckdb")
     ingest_path(wh, path=str(source))
@@ -91,8 +93,10 @@ def test_without_protocol_trains_on_every_interaction(wh):
     with wh.connect(read_only=True) as con:
         run = resolve_run(con, run_id)
         n_all = scalar(con, "SELECT count(*) FROM interactions")
-        counts = np.bincount(con.sql("SELECT item_idx FROM interactions").fetchnumpy()["item_idx"],
-                             minlength=scalar(con, "SELECT count(*) FROM item_index"))
+        counts = np.bincount(
+            con.sql("SELECT item_idx FROM interactions").fetchnumpy()["item_idx"],
+            minlength=scalar(con, "SELECT count(*) FROM item_index"),
+        )
     assert run["protocol"] is None and run["metrics"]["n_train"] == n_all and run["metrics"]["valid"] == {}
     scores = load_run_model(run, "cpu").score(torch.tensor([0]))[0].numpy()
     np.testing.assert_array_equal(scores, counts.astype(np.float32))
@@ -130,9 +134,16 @@ def test_missing_artifact_is_a_clear_error(wh):
 
 
 def test_diverging_fit_records_nothing(wh):
-    with pytest.raises(BatchrecError, match=r"^mf: training diverged \(loss is nan at epoch \d+\); lower the learning"):
-        train_model(wh, "mf", protocol="user_temporal",
-                    params=("optimizer=sgd", "lr=10", "init_std=1", "factors=8", "epochs=20"), device="cpu")
+    with pytest.raises(
+        BatchrecError, match=r"^mf: training diverged \(loss is nan at epoch \d+\); lower the learning"
+    ):
+        train_model(
+            wh,
+            "mf",
+            protocol="user_temporal",
+            params=("optimizer=sgd", "lr=10", "init_std=1", "factors=8", "epochs=20"),
+            device="cpu",
+        )
     assert _runs(wh) == 0 and _artifacts(wh) == []
 
 
@@ -148,14 +159,17 @@ def test_failed_save_leaves_no_half_artifact(wh, monkeypatch):
     assert _runs(wh) == 0 and _artifacts(wh) == []
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["train", "nosuch"], "unknown model 'nosuch'; valid: popularity"),
-    (["train", "mf", "--param", "factorz=8"], "unknown parameter 'factorz'; valid: factors (int"),
-    (["train", "mf", "--param", "factors=many"], "factors='many' is not a valid int"),
-    (["train", "mf", "--param", "reg=-1"], "reg=-1.0 is out of range"),
-    (["train", "mf", "--snapshot", "s1999"], "unknown feature snapshot 's1999'"),
-    (["train", "mf", "--protocol", "random"], "has no split for protocol 'random'"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["train", "nosuch"], "unknown model 'nosuch'; valid: popularity"),
+        (["train", "mf", "--param", "factorz=8"], "unknown parameter 'factorz'; valid: factors (int"),
+        (["train", "mf", "--param", "factors=many"], "factors='many' is not a valid int"),
+        (["train", "mf", "--param", "reg=-1"], "reg=-1.0 is out of range"),
+        (["train", "mf", "--snapshot", "s1999"], "unknown feature snapshot 's1999'"),
+        (["train", "mf", "--protocol", "random"], "has no split for protocol 'random'"),
+    ],
+)
 def test_bad_input_is_one_line_and_records_nothing(wh, args, expected):
     result = CliRunner().invoke(main, ["--warehouse", str(wh.path), *args])
     assert result.exit_code != 0
@@ -166,14 +180,29 @@ def test_bad_input_is_one_line_and_records_nothing(wh, args, expected):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_cuda_is_a_clear_error(wh):
-    result = CliRunner().invoke(main, ["--warehouse", str(wh.path), "train", "popularity", "--device", "cuda"])
+    result = CliRunner().invoke(
+        main, ["--warehouse", str(wh.path), "train", "popularity", "--device", "cuda"]
+    )
     assert result.exit_code != 0 and "no CUDA device is available" in result.output
     assert _runs(wh) == 0
 
 
 def test_cli_train_and_models(wh):
-    result = CliRunner().invoke(main, ["--warehouse", str(wh.path), "train", "svd", "--protocol", "user_temporal",
-                                       "--param", "factors=4", "--device", "cpu"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "--warehouse",
+            str(wh.path),
+            "train",
+            "svd",
+            "--protocol",
+            "user_temporal",
+            "--param",
+            "factors=4",
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     with wh.connect(read_only=True) as con:
         row = resolve_run(con, model="svd")

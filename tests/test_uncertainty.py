@@ -18,8 +18,11 @@ def _population(seed: int = 0, n: int = 300) -> PerUser:
     pairs = rng.integers(1, 10, n).astype(np.float64)
     sq = rng.gamma(2.0, 0.4, n) * pairs
     seg = (rng.random(n) < 1 / 3).astype(np.float64)
-    return PerUser(np.arange(n) * 7, {"ndcg@10": (value, np.ones(n)), "rmse": (sq, pairs),
-                                      "ndcg_users_1-19@10": (value * seg, seg)}, {"rmse"})
+    return PerUser(
+        np.arange(n) * 7,
+        {"ndcg@10": (value, np.ones(n)), "rmse": (sq, pairs), "ndcg_users_1-19@10": (value * seg, seg)},
+        {"rmse"},
+    )
 
 
 def test_replicates_equal_resampling_the_users_one_by_one():
@@ -58,7 +61,9 @@ def test_interval_covers_the_true_mean_about_95_percent_of_the_time():
         lo, hi = interval(reps)
         assert lo <= values.mean() <= hi
         covered += lo <= 0.1 <= hi
-    assert 0.92 <= covered / trials <= 0.97, covered  # percentile intervals of a skewed mean: a little under 95%
+    assert 0.92 <= covered / trials <= 0.97, (
+        covered
+    )  # percentile intervals of a skewed mean: a little under 95%
 
 
 def test_interval_narrows_with_more_users():

@@ -76,8 +76,15 @@ def test_duckdb_file_held_by_another_process_is_reported_busy(tmp_path):
     path = tmp_path / "w.duckdb"
     with Warehouse(path).connect():
         pass
-    holder = subprocess.Popen([sys.executable, "-c", f"import duckdb,time; c=duckdb.connect({str(path)!r}); "
-                               "print('held', flush=True); time.sleep(30)"], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import duckdb,time; c=duckdb.connect({str(path)!r}); print('held', flush=True); time.sleep(30)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(WarehouseBusy, match="warehouse is busy"):

@@ -17,8 +17,12 @@ def table_checksums(db: str | Path) -> dict[str, str]:
         return {}
     con = duckdb.connect(str(db), read_only=True)
     try:
-        tables = [t for (t,) in con.execute(
-            "SELECT table_name FROM information_schema.tables WHERE table_type = 'BASE TABLE' ORDER BY 1").fetchall()]
+        tables = [
+            t
+            for (t,) in con.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_type = 'BASE TABLE' ORDER BY 1"
+            ).fetchall()
+        ]
         out = {}
         for t in tables:
             digest = hashlib.sha256()

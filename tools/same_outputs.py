@@ -24,18 +24,29 @@ import polars as pl
 
 # Short schedules: every iterative family still runs its whole fit path, only fewer epochs.
 QUICK = {
-    "popularity": [], "svd": [], "ease": [], "itemknn": [],
-    "mf": ["epochs=3"], "bpr": ["epochs=3"], "ials": ["iterations=3"],
-    "neumf": ["epochs=2"], "autorec": ["epochs=5"], "content_dnn": ["epochs=2"],
-    "two_tower": ["epochs=2", "ensemble=1"], "multvae": ["epochs=4", "ensemble=1"],
+    "popularity": [],
+    "svd": [],
+    "ease": [],
+    "itemknn": [],
+    "mf": ["epochs=3"],
+    "bpr": ["epochs=3"],
+    "ials": ["iterations=3"],
+    "neumf": ["epochs=2"],
+    "autorec": ["epochs=5"],
+    "content_dnn": ["epochs=2"],
+    "two_tower": ["epochs=2", "ensemble=1"],
+    "multvae": ["epochs=4", "ensemble=1"],
 }
 
 
 def batchrec(wh: Path, *args: str, may_refuse: bool = False) -> str | None:
     """Run one CLI command; None when `may_refuse` and the command refused (its error line is an
     output too: a short fit can give lists the publish checks refuse, and that must not change)."""
-    done = subprocess.run([sys.executable, "-c", "from batchrec.cli import main; main()", "--warehouse", str(wh), *args],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", "from batchrec.cli import main; main()", "--warehouse", str(wh), *args],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         if may_refuse and done.stderr.strip().splitlines()[-1].startswith("error: "):
             return None
@@ -63,13 +74,28 @@ def capture(out: Path) -> None:
         if batchrec(wh, "score", "--model", family, "--top-n", "10", "--force", may_refuse=True) is None:
             pl.DataFrame({"family": [family]}).write_parquet(out / f"{family}.refused.parquet")
         else:
-            query(wh, "SELECT user_id, rank, item_id, score, reason FROM recommendations ORDER BY user_id, rank"
-                  ).write_parquet(out / f"{family}.recommendations.parquet")
-        runs = query(wh, f"SELECT run_id FROM model_runs WHERE model = '{family}' AND protocol = 'user_temporal'")["run_id"]
-        batchrec(wh, "evaluate", "--runs", runs[-1], "--protocol", "user_temporal", "--report", str(wh.parent / "reports"))
+            query(
+                wh, "SELECT user_id, rank, item_id, score, reason FROM recommendations ORDER BY user_id, rank"
+            ).write_parquet(out / f"{family}.recommendations.parquet")
+        runs = query(
+            wh, f"SELECT run_id FROM model_runs WHERE model = '{family}' AND protocol = 'user_temporal'"
+        )["run_id"]
+        batchrec(
+            wh,
+            "evaluate",
+            "--runs",
+            runs[-1],
+            "--protocol",
+            "user_temporal",
+            "--report",
+            str(wh.parent / "reports"),
+        )
         print(f"captured {family}", flush=True)
-    query(wh, "SELECT m.model, e.metric, e.k, e.value FROM evaluations e JOIN model_runs m USING (run_id) "
-              "ORDER BY ALL").write_parquet(out / "evaluations.parquet")
+    query(
+        wh,
+        "SELECT m.model, e.metric, e.k, e.value FROM evaluations e JOIN model_runs m USING (run_id) "
+        "ORDER BY ALL",
+    ).write_parquet(out / "evaluations.parquet")
 
 
 def compare(a: Path, b: Path) -> int:

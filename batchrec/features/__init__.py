@@ -14,5 +14,12 @@ from batchrec.features.snapshots import (
     resolve_snapshot,
 )
 
-__all__ = ["PROTOCOLS", "Snapshot", "build_snapshot", "latest_snapshot_id", "list_snapshots", "make_snapshot",
-           "resolve_snapshot"]
+__all__ = [
+    "PROTOCOLS",
+    "Snapshot",
+    "build_snapshot",
+    "latest_snapshot_id",
+    "list_snapshots",
+    "make_snapshot",
+    "resolve_snapshot",
+]

@@ -7,8 +7,8 @@ parameters can be passed back verbatim to rebuild it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Callable
 
 from batchrec.errors import BatchrecError
 from batchrec.options import RELEVANCE_THRESHOLD, SEED_MAX, SEED_MIN
@@ -45,6 +45,7 @@ def _int_at_least(low: int) -> Callable[[str], int]:
         if value < low:
             raise ValueError
         return value
+
     return parse
 
 
@@ -91,7 +92,11 @@ SPEC: dict[str, tuple[object, Callable[[str], object], str]] = {
     "leave_last_n_positive.n": (5, _int_at_least(1), "an integer >= 1"),
     "leave_last_n_positive.n_valid": (1, _int_at_least(0), "an integer >= 0"),
     "leave_last_n_positive.positive_threshold": (RELEVANCE_THRESHOLD, _number, "a finite number"),
-    "as_of.cutoff": (None, _timestamp, "a timestamp, e.g. 2018-01-31 (default: the latest tenth of the interactions is test)"),
+    "as_of.cutoff": (
+        None,
+        _timestamp,
+        "a timestamp, e.g. 2018-01-31 (default: the latest tenth of the interactions is test)",
+    ),
     "as_of.valid_frac": (0.1, *FRACTION),
 }
 
@@ -136,7 +141,7 @@ def parse_params(items: tuple[str, ...] | list[str]) -> dict[str, object]:
 def protocol_params(values: dict[str, object], protocol: str) -> dict[str, object]:
     """One protocol's parameters without the prefix (plus the seed where the rule is random)."""
     prefix = f"{protocol}."
-    own = {key[len(prefix):]: value for key, value in values.items() if key.startswith(prefix)}
+    own = {key[len(prefix) :]: value for key, value in values.items() if key.startswith(prefix)}
     if protocol in SEEDED:
         own["seed"] = values["seed"]
     return own

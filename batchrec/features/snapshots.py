@@ -17,10 +17,10 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Iterator
 
 import duckdb
 
@@ -35,8 +35,17 @@ from batchrec.warehouse import SQL_DIR, Warehouse, run_sql_file, scalar, transac
 FEATURES_SQL = SQL_DIR / "features"
 
 # Every table that holds rows of a snapshot (besides feature_snapshots itself).
-SNAPSHOT_TABLES = ("user_index", "item_index", "interactions", "user_features", "item_features",
-                   "item_genres", "item_tag_tfidf", "split_holdout", "split_protocols")
+SNAPSHOT_TABLES = (
+    "user_index",
+    "item_index",
+    "interactions",
+    "user_features",
+    "item_features",
+    "item_genres",
+    "item_tag_tfidf",
+    "split_holdout",
+    "split_protocols",
+)
 _TEMP_TABLES = ("snap_user_index", "snap_item_index", "snap_interactions", "snap_tags")
 _TEMP_MACROS = ("time_key", "shuffle_key")
 
@@ -55,7 +64,9 @@ def new_snapshot_id(created: datetime) -> str:
 
 
 def latest_snapshot_id(con: duckdb.DuckDBPyConnection) -> str:
-    snapshot_id = scalar(con, "SELECT snapshot_id FROM feature_snapshots ORDER BY created_at DESC, snapshot_id DESC LIMIT 1")
+    snapshot_id = scalar(
+        con, "SELECT snapshot_id FROM feature_snapshots ORDER BY created_at DESC, snapshot_id DESC LIMIT 1"
+    )
     if snapshot_id is None:
         raise BatchrecError("no feature snapshots in the warehouse: run `batchrec features` first")
     return snapshot_id
@@ -84,11 +95,18 @@ def _check_data(con: duckdb.DuckDBPyConnection, as_of: datetime) -> None:
 def _timed(step: str) -> Iterator[None]:
     wall, cpu = time.perf_counter(), time.process_time()
     yield
-    log.info("features: %s in %.1f s (cpu %.1f s)", step, time.perf_counter() - wall, time.process_time() - cpu)
+    log.info(
+        "features: %s in %.1f s (cpu %.1f s)", step, time.perf_counter() - wall, time.process_time() - cpu
+    )
 
 
-def _build(con: duckdb.DuckDBPyConnection, snapshot_id: str, as_of: datetime, protocols: tuple[str, ...],
-           values: dict) -> dict[str, dict[str, int]]:
+def _build(
+    con: duckdb.DuckDBPyConnection,
+    snapshot_id: str,
+    as_of: datetime,
+    protocols: tuple[str, ...],
+    values: dict,
+) -> dict[str, dict[str, int]]:
     """Write every table of the snapshot; returns the split sizes per protocol."""
     bind = {"snapshot_id": snapshot_id, "as_of": as_of, "bayes_c": values["bayes_c"]}
     split_sql = split_files(FEATURES_SQL)
@@ -97,12 +115,16 @@ def _build(con: duckdb.DuckDBPyConnection, snapshot_id: str, as_of: datetime, pr
             with _timed(path.name):
                 run_sql_file(con, path, bind)
     with _timed("tf-idf"):
-        build_item_tag_tfidf(con, snapshot_id, min_df=values["tfidf.min_df"], max_terms=values["tfidf.max_terms"])
+        build_item_tag_tfidf(
+            con, snapshot_id, min_df=values["tfidf.min_df"], max_terms=values["tfidf.max_terms"]
+        )
     n_interactions = scalar(con, "SELECT count(*) FROM snap_interactions")
     sizes = {}
     for protocol in protocols:
         with _timed(f"split {protocol}"):
-            sizes[protocol] = build_split(con, split_sql[protocol], protocol, snapshot_id, as_of, values, n_interactions)
+            sizes[protocol] = build_split(
+                con, split_sql[protocol], protocol, snapshot_id, as_of, values, n_interactions
+            )
     for table in _TEMP_TABLES:
         con.execute(f"DROP TABLE {table}")
     for macro in _TEMP_MACROS:
@@ -111,15 +133,21 @@ def _build(con: duckdb.DuckDBPyConnection, snapshot_id: str, as_of: datetime, pr
 
 
 def _row_counts(con: duckdb.DuckDBPyConnection, snapshot_id: str) -> dict[str, int]:
-    return {table: scalar(con, f"SELECT count(*) FROM {table} WHERE snapshot_id = ?", [snapshot_id])
-            for table in SNAPSHOT_TABLES}
+    return {
+        table: scalar(con, f"SELECT count(*) FROM {table} WHERE snapshot_id = ?", [snapshot_id])
+        for table in SNAPSHOT_TABLES
+    }
 
 
 def _prune(con: duckdb.DuckDBPyConnection, keep: int) -> list[str]:
     """Delete every snapshot beyond the newest `keep`, from every table; returns their ids."""
-    old = [row[0] for row in con.execute(
-        "SELECT snapshot_id FROM feature_snapshots ORDER BY created_at DESC, snapshot_id DESC OFFSET ?", [keep]
-    ).fetchall()]
+    old = [
+        row[0]
+        for row in con.execute(
+            "SELECT snapshot_id FROM feature_snapshots ORDER BY created_at DESC, snapshot_id DESC OFFSET ?",
+            [keep],
+        ).fetchall()
+    ]
     if old:
         for table in (*SNAPSHOT_TABLES, "feature_snapshots"):
             con.execute(f"DELETE FROM {table} WHERE list_contains(?, snapshot_id)", [old])
@@ -137,14 +165,24 @@ class Snapshot:
         return self.summary
 
 
-def build_snapshot(wh: Warehouse, as_of: str | None = None, protocols: str = options.FEATURES_PROTOCOLS.default,
-                   params: tuple[str, ...] = (), keep: int = options.FEATURES_KEEP.default) -> str:
+def build_snapshot(
+    wh: Warehouse,
+    as_of: str | None = None,
+    protocols: str = options.FEATURES_PROTOCOLS.default,
+    params: tuple[str, ...] = (),
+    keep: int = options.FEATURES_KEEP.default,
+) -> str:
     """Build one feature snapshot (nothing at or after `as_of`, default now); returns a summary line."""
     return make_snapshot(wh, as_of, protocols, params, keep).summary
 
 
-def make_snapshot(wh: Warehouse, as_of: str | None = None, protocols: str = options.FEATURES_PROTOCOLS.default,
-                  params: tuple[str, ...] = (), keep: int = options.FEATURES_KEEP.default) -> Snapshot:
+def make_snapshot(
+    wh: Warehouse,
+    as_of: str | None = None,
+    protocols: str = options.FEATURES_PROTOCOLS.default,
+    params: tuple[str, ...] = (),
+    keep: int = options.FEATURES_KEEP.default,
+) -> Snapshot:
     """`build_snapshot`, returning the new snapshot's id beside its summary (the Python API's)."""
     chosen = parse_protocols(protocols)
     values = parse_params(params)
@@ -166,15 +204,19 @@ def make_snapshot(wh: Warehouse, as_of: str | None = None, protocols: str = opti
             sizes = _build(con, snapshot_id, cutoff, chosen, values)
             with _timed("row counts, record, prune"):
                 counts = _row_counts(con, snapshot_id)
-                con.execute("INSERT INTO feature_snapshots VALUES (?, ?, ?, ?, ?)",
-                            [snapshot_id, cutoff, created, json.dumps(recorded), json.dumps(counts)])
+                con.execute(
+                    "INSERT INTO feature_snapshots VALUES (?, ?, ?, ?, ?)",
+                    [snapshot_id, cutoff, created, json.dumps(recorded), json.dumps(counts)],
+                )
                 pruned = _prune(con, keep)
         refresh_serving(wh, con)
     splits = ", ".join(f"{p} {s['train']}/{s['valid']}/{s['test']}" for p, s in sizes.items())
-    summary = (f"snapshot {snapshot_id} as of {_stamp(cutoff)}: {counts['user_index']} users, "
-               f"{counts['item_index']} items, {counts['interactions']} interactions, "
-               f"{counts['item_tag_tfidf']} tf-idf weights; splits train/valid/test: {splits or 'none'}; "
-               f"{time.perf_counter() - started:.1f} s")
+    summary = (
+        f"snapshot {snapshot_id} as of {_stamp(cutoff)}: {counts['user_index']} users, "
+        f"{counts['item_index']} items, {counts['interactions']} interactions, "
+        f"{counts['item_tag_tfidf']} tf-idf weights; splits train/valid/test: {splits or 'none'}; "
+        f"{time.perf_counter() - started:.1f} s"
+    )
     if pruned:
         summary += f"; pruned {len(pruned)} older snapshot(s) beyond --keep {keep}: {', '.join(pruned)}"
     return Snapshot(snapshot_id, summary)
@@ -190,15 +232,37 @@ def list_snapshots(wh: Warehouse) -> str:
             GROUP BY ALL ORDER BY s.created_at DESC, s.snapshot_id DESC""").fetchall()
     if not rows:
         return "no feature snapshots yet: run `batchrec features`"
-    header = ("snapshot_id", "as_of", "created_at", "users", "items", "interactions", "tfidf", "holdout", "protocols")
+    header = (
+        "snapshot_id",
+        "as_of",
+        "created_at",
+        "users",
+        "items",
+        "interactions",
+        "tfidf",
+        "holdout",
+        "protocols",
+    )
     table = [header]
     for snapshot_id, snap_as_of, created_at, row_counts, names in rows:
         counts = json.loads(row_counts)
-        table.append((snapshot_id, _stamp(snap_as_of), _stamp(created_at), *(str(counts[t]) for t in (
-            "user_index", "item_index", "interactions", "item_tag_tfidf", "split_holdout")), names))
+        table.append(
+            (
+                snapshot_id,
+                _stamp(snap_as_of),
+                _stamp(created_at),
+                *(
+                    str(counts[t])
+                    for t in ("user_index", "item_index", "interactions", "item_tag_tfidf", "split_holdout")
+                ),
+                names,
+            )
+        )
     widths = [max(len(row[c]) for row in table) for c in range(len(header))]
     numeric = range(3, 8)
     return "\n".join(
-        "  ".join(cell.rjust(w) if c in numeric else cell.ljust(w) for c, (cell, w) in enumerate(zip(row, widths))).rstrip()
+        "  ".join(
+            cell.rjust(w) if c in numeric else cell.ljust(w) for c, (cell, w) in enumerate(zip(row, widths))
+        ).rstrip()
         for row in table
     )

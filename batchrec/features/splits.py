@@ -49,12 +49,19 @@ def _latest_from(con: duckdb.DuckDBPyConnection, k: int, before: datetime | None
     An exact order statistic without a sort: DuckDB's quantile_disc is the nearest-rank quantile
     (the ceil(q*n)-th smallest), and q in the middle of rank n-k+1's interval selects it exactly.
     """
-    n = scalar(con, "SELECT count(*) FROM snap_interactions WHERE $before IS NULL OR ts < $before", {"before": before})
+    n = scalar(
+        con,
+        "SELECT count(*) FROM snap_interactions WHERE $before IS NULL OR ts < $before",
+        {"before": before},
+    )
     if k <= 0 or n == 0:
         return None
     q = (n - min(k, n) + 0.5) / n
-    return scalar(con, "SELECT quantile_disc(ts, $q) FROM snap_interactions WHERE $before IS NULL OR ts < $before",
-                  {"q": q, "before": before})
+    return scalar(
+        con,
+        "SELECT quantile_disc(ts, $q) FROM snap_interactions WHERE $before IS NULL OR ts < $before",
+        {"q": q, "before": before},
+    )
 
 
 def _time_cuts(con: duckdb.DuckDBPyConnection, protocol: str, own: dict, n: int, as_of: datetime) -> dict:
@@ -75,8 +82,15 @@ def _time_cuts(con: duckdb.DuckDBPyConnection, protocol: str, own: dict, n: int,
     return {"test_from": test_from, "valid_from": valid_from}
 
 
-def build_split(con: duckdb.DuckDBPyConnection, path: Path, protocol: str, snapshot_id: str, as_of: datetime,
-                values: dict, n_interactions: int) -> dict[str, int]:
+def build_split(
+    con: duckdb.DuckDBPyConnection,
+    path: Path,
+    protocol: str,
+    snapshot_id: str,
+    as_of: datetime,
+    values: dict,
+    n_interactions: int,
+) -> dict[str, int]:
     """Insert one protocol's held-out rows and its `split_protocols` row; returns the part sizes.
 
     Reads the build's temp table `snap_interactions` (see 010_snapshot_scope.sql).
@@ -88,13 +102,26 @@ def build_split(con: duckdb.DuckDBPyConnection, path: Path, protocol: str, snaps
         bind.update(cuts)
         own.update({k: v and v.isoformat(sep=" ") for k, v in cuts.items()})
     run_sql_file(con, path, {**bind, "snapshot_id": snapshot_id})
-    held = dict(con.execute(
-        "SELECT part, count(*) FROM split_holdout WHERE snapshot_id = ? AND protocol = ? GROUP BY part",
-        [snapshot_id, protocol],
-    ).fetchall())
-    sizes = {"train": n_interactions - sum(held.values()), "valid": held.get("valid", 0), "test": held.get("test", 0)}
+    held = dict(
+        con.execute(
+            "SELECT part, count(*) FROM split_holdout WHERE snapshot_id = ? AND protocol = ? GROUP BY part",
+            [snapshot_id, protocol],
+        ).fetchall()
+    )
+    sizes = {
+        "train": n_interactions - sum(held.values()),
+        "valid": held.get("valid", 0),
+        "test": held.get("test", 0),
+    }
     con.execute(
         "INSERT INTO split_protocols VALUES (?, ?, ?, ?, ?, ?)",
-        [snapshot_id, protocol, json.dumps(own, sort_keys=True), sizes["train"], sizes["valid"], sizes["test"]],
+        [
+            snapshot_id,
+            protocol,
+            json.dumps(own, sort_keys=True),
+            sizes["train"],
+            sizes["valid"],
+            sizes["test"],
+        ],
     )
     return sizes

@@ -38,16 +38,73 @@ from batchrec.ingest.spec import (
 FORMATS = ("ml-100k", "ml-1m", "ml-10m", "ml-csv", "generic")
 ALIASES = {name: "ml-csv" for name in ("ml-20m", "ml-25m", "ml-32m", "ml-latest", "ml-latest-small")}
 
-ML100K_GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
-                 "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
-                 "War", "Western")
-ML100K_OCCUPATIONS = ("administrator", "artist", "doctor", "educator", "engineer", "entertainment", "executive",
-                      "healthcare", "homemaker", "lawyer", "librarian", "marketing", "none", "other", "programmer",
-                      "retired", "salesman", "scientist", "student", "technician", "writer")
-ML1M_OCCUPATIONS = ("other", "academic/educator", "artist", "clerical/admin", "college/grad student",
-                    "customer service", "doctor/health care", "executive/managerial", "farmer", "homemaker",
-                    "K-12 student", "lawyer", "programmer", "retired", "sales/marketing", "scientist",
-                    "self-employed", "technician/engineer", "tradesman/craftsman", "unemployed", "writer")
+ML100K_GENRES = (
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
+)
+ML100K_OCCUPATIONS = (
+    "administrator",
+    "artist",
+    "doctor",
+    "educator",
+    "engineer",
+    "entertainment",
+    "executive",
+    "healthcare",
+    "homemaker",
+    "lawyer",
+    "librarian",
+    "marketing",
+    "none",
+    "other",
+    "programmer",
+    "retired",
+    "salesman",
+    "scientist",
+    "student",
+    "technician",
+    "writer",
+)
+ML1M_OCCUPATIONS = (
+    "other",
+    "academic/educator",
+    "artist",
+    "clerical/admin",
+    "college/grad student",
+    "customer service",
+    "doctor/health care",
+    "executive/managerial",
+    "farmer",
+    "homemaker",
+    "K-12 student",
+    "lawyer",
+    "programmer",
+    "retired",
+    "sales/marketing",
+    "scientist",
+    "self-employed",
+    "technician/engineer",
+    "tradesman/craftsman",
+    "unemployed",
+    "writer",
+)
 ML1M_AGES = ("1", "18", "25", "35", "45", "50", "56")
 GENDER = OneOf(("M", "F"), "M or F")
 
@@ -94,8 +151,14 @@ def _ml_spec(fmt: str, kind: str, path: Path, label: str, limits: Limits) -> Fil
 
     if fmt == "ml-100k" and kind == "items":  # u.item: genres as 19 flags
         flag = OneOf(("0", "1"), "a genre flag 0 or 1")
-        columns = (Column("movie id", checks["item_id"]), Column("movie title"), Column("release date"),
-                   Column("video release date"), Column("IMDb URL"), *(Column(g, flag) for g in ML100K_GENRES))
+        columns = (
+            Column("movie id", checks["item_id"]),
+            Column("movie title"),
+            Column("release date"),
+            Column("video release date"),
+            Column("IMDb URL"),
+            *(Column(g, flag) for g in ML100K_GENRES),
+        )
         names = ", ".join(lit(g) for g in ML100K_GENRES[1:])  # the 'unknown' flag is the empty list
         flags = ", ".join(f"{q(g)} = '1'" for g in ML100K_GENRES[1:])
         genres = f"list_filter([{names}], lambda g, k: [{flags}][k])"
@@ -104,30 +167,46 @@ def _ml_spec(fmt: str, kind: str, path: Path, label: str, limits: Limits) -> Fil
     if kind in ROLES:
         names = header or (ML100K_RATINGS if fmt == "ml-100k" else ML_DAT_NAMES[kind])
         roles = dict(zip(ROLES[kind], names))
-        columns = tuple(Column(name, checks[role]) if role in checks else Column(name)
-                        for role, name in roles.items())
+        columns = tuple(
+            Column(name, checks[role]) if role in checks else Column(name) for role, name in roles.items()
+        )
         return spec(columns, select_sql(kind, roles), scale if kind == "ratings" else None)
 
     if fmt == "ml-100k":  # users
-        columns = (Column("user id", checks["user_id"]), Column("age", checks["age"]),
-                   Column("gender", GENDER), Column("occupation", OneOf(ML100K_OCCUPATIONS, "an occupation of "
-                                                                        "u.occupation")), Column("zip code"))
-        roles = {"user_id": "user id", "age": "age", "gender": "gender", "occupation": "occupation", "zip": "zip code"}
+        columns = (
+            Column("user id", checks["user_id"]),
+            Column("age", checks["age"]),
+            Column("gender", GENDER),
+            Column("occupation", OneOf(ML100K_OCCUPATIONS, "an occupation of u.occupation")),
+            Column("zip code"),
+        )
+        roles = {
+            "user_id": "user id",
+            "age": "age",
+            "gender": "gender",
+            "occupation": "occupation",
+            "zip": "zip code",
+        }
         return spec(columns, select_sql(kind, roles))
 
-    columns = (Column("UserID", checks["user_id"]), Column("Gender", GENDER),
-               Column("Age", OneOf(ML1M_AGES, "an age group (1, 18, 25, 35, 45, 50 or 56)", "INTEGER")),
-               Column("Occupation", OneOf(tuple(map(str, range(21))), "an occupation code 0..20", "INTEGER")),
-               Column("Zip-code"))
+    columns = (
+        Column("UserID", checks["user_id"]),
+        Column("Gender", GENDER),
+        Column("Age", OneOf(ML1M_AGES, "an age group (1, 18, 25, 35, 45, 50 or 56)", "INTEGER")),
+        Column("Occupation", OneOf(tuple(map(str, range(21))), "an occupation code 0..20", "INTEGER")),
+        Column("Zip-code"),
+    )
     names = ", ".join(lit(o) for o in ML1M_OCCUPATIONS)
     roles = {"user_id": "UserID", "gender": "Gender", "age": "Age", "zip": "Zip-code"}
     return spec(columns, select_sql(kind, roles, occupation=f'[{names}]["Occupation" + 1]'))
 
 
 # -- detection ---------------------------------------------------------------------------------
-LOOKED_FOR = ("u.data (ml-100k), ratings.dat (ml-1m, ml-10m), ratings.csv with header "
-              "userId,movieId,rating,timestamp (ml-20m/25m/32m/latest), or a CSV/Parquet file with a header "
-              "naming user and item columns (generic)")
+LOOKED_FOR = (
+    "u.data (ml-100k), ratings.dat (ml-1m, ml-10m), ratings.csv with header "
+    "userId,movieId,rating,timestamp (ml-20m/25m/32m/latest), or a CSV/Parquet file with a header "
+    "naming user and item columns (generic)"
+)
 
 
 def _by_name(source: Source) -> dict[str, list[Path]]:
@@ -160,8 +239,10 @@ def _check_header(spec: FileSpec) -> None:
     roles = ROLES[spec.kind]
     names = got if len(got) == len(roles) else ("COLUMN",) * len(roles)
     mapping = ",".join(f"{role}={name}" for role, name in zip(roles, names))
-    raise BatchrecError(f"{spec.label}:1: header '{','.join(got)}' is not the {spec.format} header (expected "
-                        f"'{','.join(spec.header)}'; to load this file as it is: --format generic --columns {mapping})")
+    raise BatchrecError(
+        f"{spec.label}:1: header '{','.join(got)}' is not the {spec.format} header (expected "
+        f"'{','.join(spec.header)}'; to load this file as it is: --format generic --columns {mapping})"
+    )
 
 
 def ml_layout(source: Source, fmt: str, limits: Limits) -> tuple[FileSpec, ...]:
@@ -172,8 +253,10 @@ def ml_layout(source: Source, fmt: str, limits: Limits) -> tuple[FileSpec, ...]:
     if ratings_name not in names:
         present = sorted(n for n in wanted.values() if n in names)
         have = f"found {', '.join(present)} but " if present else ""
-        raise BatchrecError(f"{source.label}: {fmt} layout: {have}no {ratings_name} (expected {ratings_name} "
-                            f"with the interactions)")
+        raise BatchrecError(
+            f"{source.label}: {fmt} layout: {have}no {ratings_name} (expected {ratings_name} "
+            f"with the interactions)"
+        )
     folder = min(names[ratings_name], key=lambda p: len(p.parts)).parent
     present = {rel for found in names.values() for rel in found}
     specs = []
@@ -189,12 +272,16 @@ def ml_layout(source: Source, fmt: str, limits: Limits) -> tuple[FileSpec, ...]:
     return tuple(specs)
 
 
-def detect(con, source: Source, fmt: str, mapping: dict[str, str], limits: Limits) -> tuple[str, tuple[FileSpec, ...]]:
+def detect(
+    con, source: Source, fmt: str, mapping: dict[str, str], limits: Limits
+) -> tuple[str, tuple[FileSpec, ...]]:
     """Pick the format (unless given) and describe every file to read: (format, specs)."""
     fmt = ALIASES.get(fmt, fmt)
     if fmt != "auto" and fmt not in FORMATS:
-        raise BatchrecError(f"--format {fmt!r} is unknown (expected auto, {', '.join(FORMATS)}, "
-                            f"or ml-20m/25m/32m/latest for ml-csv)")
+        raise BatchrecError(
+            f"--format {fmt!r} is unknown (expected auto, {', '.join(FORMATS)}, "
+            f"or ml-20m/25m/32m/latest for ml-csv)"
+        )
     if fmt == "auto":
         fmt = "generic" if mapping else (_guess_format(_by_name(source)) or "generic")
     if fmt == "generic":

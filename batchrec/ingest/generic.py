@@ -64,8 +64,10 @@ def parse_columns(text: str | None) -> dict[str, str]:
         role, sep, name = part.partition("=")
         role, name = role.strip(), name.strip()
         if not sep or not name:
-            raise BatchrecError(f"--columns: {part.strip()!r} is not FIELD=COLUMN (expected e.g. "
-                                f"'user_id=UserID,item_id=MovieID,rating=Rating,ts=Timestamp')")
+            raise BatchrecError(
+                f"--columns: {part.strip()!r} is not FIELD=COLUMN (expected e.g. "
+                f"'user_id=UserID,item_id=MovieID,rating=Rating,ts=Timestamp')"
+            )
         if role not in ROLES:
             raise BatchrecError(f"--columns: unknown field {role!r} (expected some of {', '.join(ROLES)})")
         mapping[role] = name
@@ -112,14 +114,20 @@ def _describe(con, path: Path, label: str) -> tuple[dict | None, list[tuple[str,
         try:
             rows = con.execute(f"DESCRIBE SELECT * FROM read_parquet({lit(str(path))})").fetchall()
         except duckdb.Error as exc:
-            raise BatchrecError(f"{label}: not a readable Parquet file ({str(exc).splitlines()[0]}) (expected an "
-                                f"intact Parquet file)") from None
+            raise BatchrecError(
+                f"{label}: not a readable Parquet file ({str(exc).splitlines()[0]}) (expected an "
+                f"intact Parquet file)"
+            ) from None
         return None, [(r[0], r[1]) for r in rows]
-    sniff = query_pl(con, f"SELECT Delimiter, Quote, Escape, HasHeader, Columns FROM sniff_csv({lit(str(path))})").row(0, named=True)
+    sniff = query_pl(
+        con, f"SELECT Delimiter, Quote, Escape, HasHeader, Columns FROM sniff_csv({lit(str(path))})"
+    ).row(0, named=True)
     if not sniff["HasHeader"]:
         return {}, []
     unquote = lambda s: "" if s == "(empty)" else s  # noqa: E731 - sniff_csv spells "none" this way
-    read_as = dialect(sniff["Delimiter"], header=True, quote=unquote(sniff["Quote"]), escape=unquote(sniff["Escape"]))
+    read_as = dialect(
+        sniff["Delimiter"], header=True, quote=unquote(sniff["Quote"]), escape=unquote(sniff["Escape"])
+    )
     return read_as, [(c["name"], TEXT) for c in sniff["Columns"]]
 
 
@@ -131,8 +139,15 @@ STORED = {  # the roles each kind stores; other recognised columns are kept as t
 }
 
 
-def _spec(path: Path, label: str, read_as: dict | None, described: list[tuple[str, str]], roles: dict[str, str],
-          kind: str, limits: Limits) -> FileSpec:
+def _spec(
+    path: Path,
+    label: str,
+    read_as: dict | None,
+    described: list[tuple[str, str]],
+    roles: dict[str, str],
+    kind: str,
+    limits: Limits,
+) -> FileSpec:
     checks = role_checks(limits.latest, limits.scale, iso=True)
     stored = {role: column for role, column in roles.items() if role in STORED[kind]}
     check_of = {column: checks[role] for role, column in stored.items() if role in checks}
@@ -161,16 +176,22 @@ def layout(con, source: Source, mapping: dict[str, str], limits: Limits) -> tupl
         if kind is None:
             continue
         if kind in ("ratings", "tags") and "ts" not in roles:
-            raise BatchrecError(f"{label}:1: no timestamp column among {', '.join(c for c, _ in described)} (expected "
-                                f"one named timestamp/ts/time/datetime or --columns ts=NAME)")
+            raise BatchrecError(
+                f"{label}:1: no timestamp column among {', '.join(c for c, _ in described)} (expected "
+                f"one named timestamp/ts/time/datetime or --columns ts=NAME)"
+            )
         used.update(roles.values())
         specs.append(_spec(path, label, read_as, described, roles, kind, limits))
     unmatched = [f"{role}={name}" for role, name in mapping.items() if name not in used]
     if unmatched:
-        raise BatchrecError(f"--columns: {', '.join(unmatched)} matches no column of the files in {source.label} "
-                            f"(expected column names from their headers)")
+        raise BatchrecError(
+            f"--columns: {', '.join(unmatched)} matches no column of the files in {source.label} "
+            f"(expected column names from their headers)"
+        )
     if specs and not any(s.kind == "ratings" for s in specs):
         found = ", ".join(f"{s.label} ({s.kind})" for s in specs)
-        raise BatchrecError(f"{source.label}: found {found} but no ratings file (expected a CSV/Parquet file "
-                            f"with user, item and timestamp columns)")
+        raise BatchrecError(
+            f"{source.label}: found {found} but no ratings file (expected a CSV/Parquet file "
+            f"with user, item and timestamp columns)"
+        )
     return tuple(sorted(specs, key=lambda s: (KINDS.index(s.kind), s.label)))

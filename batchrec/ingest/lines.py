@@ -27,7 +27,7 @@ def empty_lines(path: Path, quote: str) -> tuple[np.ndarray, int]:
     quote_byte = quote.encode()
     ends, quotes = [], []
     for a in range(0, len(data), _CHUNK):
-        chunk = data[a:a + _CHUNK]
+        chunk = data[a : a + _CHUNK]
         ends.append(np.flatnonzero(chunk == 10) + a)
         if len(quote_byte) == 1:
             quotes.append(np.flatnonzero(chunk == quote_byte[0]) + a)

@@ -42,13 +42,17 @@ def _replace(con, target: str, staged: Staged, keys: tuple, values: tuple, wins:
     cols = ", ".join((*keys, *values))
     source = {"source_id": staged.source_id}
     if not scalar(con, f"SELECT count(*) FROM (SELECT 1 FROM {target} LIMIT 1)"):  # first load: plain append
-        return con.execute(f"INSERT INTO {target} SELECT {cols}, $source_id FROM {staged.table}", source).fetchall()[0][0]
+        return con.execute(
+            f"INSERT INTO {target} SELECT {cols}, $source_id FROM {staged.table}", source
+        ).fetchall()[0][0]
     on = " AND ".join(f"s.{k} = x.{k}" for k in keys)
     changed = f"{staged.table}_changed"
     con.execute(f"""CREATE TEMP TABLE {changed} AS SELECT s.* FROM {staged.table} s LEFT JOIN {target} x ON {on}
                     WHERE x.{keys[0]} IS NULL OR {wins}""")
     con.execute(f"DELETE FROM {target} x USING {changed} s WHERE {on}").fetchall()
-    loaded = con.execute(f"INSERT INTO {target} SELECT {cols}, $source_id FROM {changed}", source).fetchall()[0][0]
+    loaded = con.execute(f"INSERT INTO {target} SELECT {cols}, $source_id FROM {changed}", source).fetchall()[
+        0
+    ][0]
     con.execute(f"DROP TABLE {changed}")
     return loaded
 
@@ -67,13 +71,18 @@ def _has_duplicate_pairs(con, table: str) -> bool:
     """Exact check on packed int64 keys in numpy (~5x faster than DuckDB's 20M-group hash
     aggregate; much more for files that come sorted)."""
     lo_u, hi_u, lo_i, hi_i, n = con.execute(
-        f"SELECT min(user_id), max(user_id), min(item_id), max(item_id), count(*) FROM {table}").fetchall()[0]
+        f"SELECT min(user_id), max(user_id), min(item_id), max(item_id), count(*) FROM {table}"
+    ).fetchall()[0]
     if n < 2:
         return False
     if min(lo_u, lo_i) >= 0 and max(hi_u, hi_i) < _KEY_LIMIT:
         keys = con.sql(f"SELECT (user_id << 32) | item_id AS k FROM {table}").to_arrow_table().column("k")
         return _repeats([chunk.to_numpy() for chunk in keys.chunks], jump=2 << 32)  # zero-copy views
-    return bool(scalar(con, f"SELECT count(*) FROM (SELECT 1 FROM {table} GROUP BY user_id, item_id HAVING count(*) > 1)"))
+    return bool(
+        scalar(
+            con, f"SELECT count(*) FROM (SELECT 1 FROM {table} GROUP BY user_id, item_id HAVING count(*) > 1)"
+        )
+    )
 
 
 def _repeats(chunks: list[np.ndarray], jump: int | None = None) -> bool:
@@ -100,7 +109,7 @@ def _disjoint_pieces(chunks: list[np.ndarray], jump: int | None) -> bool:
     firsts, lasts, n = [], [], 0
     for chunk in chunks:
         for a in range(0, len(chunk), _BLOCK):  # cache-sized blocks: no long temporaries
-            block = chunk[a:a + _BLOCK]
+            block = chunk[a : a + _BLOCK]
             step = np.diff(block)
             cut = step <= 0
             if jump is not None:
@@ -119,7 +128,7 @@ def _disjoint_pieces(chunks: list[np.ndarray], jump: int | None) -> bool:
 def _one_row_per_key(con, table: str, keys: tuple, values: tuple) -> None:
     """Items and users are small: keep one deterministic row per id."""
     con.execute(f"""CREATE OR REPLACE TEMP TABLE {table} AS SELECT * FROM {table}
-                    QUALIFY row_number() OVER (PARTITION BY {', '.join(keys)} ORDER BY {', '.join(values)}) = 1""")
+                    QUALIFY row_number() OVER (PARTITION BY {", ".join(keys)} ORDER BY {", ".join(values)}) = 1""")
 
 
 def _drop_repeated_tags(con, table: str) -> None:
@@ -134,8 +143,14 @@ def _drop_repeated_tags(con, table: str) -> None:
 
 
 def _insert_new_tags(con, staged: Staged) -> int:
-    new = "" if not scalar(con, "SELECT count(*) FROM (SELECT 1 FROM tags LIMIT 1)") else """
+    new = (
+        ""
+        if not scalar(con, "SELECT count(*) FROM (SELECT 1 FROM tags LIMIT 1)")
+        else """
         WHERE NOT EXISTS (SELECT 1 FROM tags x WHERE x.user_id = s.user_id AND x.item_id = s.item_id
                                                  AND x.tag = s.tag AND x.ts = s.ts)"""
-    return con.execute(f"INSERT INTO tags SELECT s.user_id, s.item_id, s.tag, s.ts, $source_id "
-                       f"FROM {staged.table} s {new}", {"source_id": staged.source_id}).fetchall()[0][0]
+    )
+    return con.execute(
+        f"INSERT INTO tags SELECT s.user_id, s.item_id, s.tag, s.ts, $source_id FROM {staged.table} s {new}",
+        {"source_id": staged.source_id},
+    ).fetchall()[0][0]

@@ -29,10 +29,10 @@ NO_SPACE = "No space left on device"
 @dataclass(frozen=True)
 class Staged:
     spec: FileSpec
-    table: str       # temp table of the good rows (STAGE_COLUMNS[kind], plus _valid)
-    source_id: int   # the file's id in `sources`, which every row it adds carries
-    bad: str         # temp table (line, reason, raw) of the bad lines
-    rows_read: int   # data lines (or rows) in the file
+    table: str  # temp table of the good rows (STAGE_COLUMNS[kind], plus _valid)
+    source_id: int  # the file's id in `sources`, which every row it adds carries
+    bad: str  # temp table (line, reason, raw) of the bad lines
+    rows_read: int  # data lines (or rows) in the file
     n_bad: int
 
 
@@ -50,11 +50,15 @@ def stage(con: duckdb.DuckDBPyConnection, spec: FileSpec, n: int, source_id: int
             _stage_parquet(con, spec, table, bad)
         else:
             _stage_csv(con, spec, table, bad)
-    except duckdb.Error as exc:  # a file the reader cannot even start on (I/O, encoding setup, corrupt Parquet)
+    except (
+        duckdb.Error
+    ) as exc:  # a file the reader cannot even start on (I/O, encoding setup, corrupt Parquet)
         if NO_SPACE in str(exc):
             raise
-        raise BatchrecError(f"{spec.label}: cannot read ({str(exc).splitlines()[0]}) (expected a {spec.format} "
-                            f"{spec.kind} file)") from None
+        raise BatchrecError(
+            f"{spec.label}: cannot read ({str(exc).splitlines()[0]}) (expected a {spec.format} "
+            f"{spec.kind} file)"
+        ) from None
     good = scalar(con, f"SELECT count(*) FROM {table}")
     n_bad = scalar(con, f"SELECT count(*) FROM {bad}")
     if good + n_bad == 0:
@@ -65,15 +69,19 @@ def stage(con: duckdb.DuckDBPyConnection, spec: FileSpec, n: int, source_id: int
 
 def _typed_into(con, spec: FileSpec, table: str, source: str) -> int:
     """Stage the typed rows of `source`; returns how many are bad."""
-    con.execute(f"CREATE TEMP TABLE {table} AS SELECT {spec.select}, {valid_sql(spec)} AS _valid "
-                f"FROM (SELECT {typed_sql(spec)} FROM {source})")
+    con.execute(
+        f"CREATE TEMP TABLE {table} AS SELECT {spec.select}, {valid_sql(spec)} AS _valid "
+        f"FROM (SELECT {typed_sql(spec)} FROM {source})"
+    )
     return scalar(con, f"SELECT count(*) FROM {table} WHERE NOT _valid")
 
 
 def _find_bad_rows(con, spec: FileSpec, numbered: str, number: str, found: str) -> None:
     """Temp table `found` (n, reason, raw): the bad rows of `numbered`, n being column `number`."""
-    con.execute(f"CREATE TEMP TABLE {found} AS SELECT n, reason, {raw_sql(spec)} AS raw "
-                f"FROM (SELECT {number} AS n, *, {reason_sql(spec)} AS reason FROM {numbered}) WHERE reason <> ''")
+    con.execute(
+        f"CREATE TEMP TABLE {found} AS SELECT n, reason, {raw_sql(spec)} AS raw "
+        f"FROM (SELECT {number} AS n, *, {reason_sql(spec)} AS reason FROM {numbered}) WHERE reason <> ''"
+    )
 
 
 # -- CSV and friends -----------------------------------------------------------------------------
@@ -81,10 +89,12 @@ def _read_csv(spec: FileSpec, rejects: str) -> str:
     """The read_csv call: explicit dialect, every field as text; bad lines go to table `rejects`."""
     columns = ", ".join(f"{lit(c.name)}: {lit(TEXT)}" for c in spec.columns)
     d = spec.csv
-    return (f"read_csv({lit(str(spec.path))}, auto_detect=false, delim={lit(d['delim'])}, quote={lit(d['quote'])}, "
-            f"escape={lit(d['escape'])}, header={str(d['header']).lower()}, encoding={lit(d['encoding'])}, "
-            f"nullstr={lit(NEVER_NULL)}, columns={{{columns}}}, store_rejects=true, rejects_table={lit(rejects)}, "
-            f"rejects_scan={lit(rejects + '_scan')})")
+    return (
+        f"read_csv({lit(str(spec.path))}, auto_detect=false, delim={lit(d['delim'])}, quote={lit(d['quote'])}, "
+        f"escape={lit(d['escape'])}, header={str(d['header']).lower()}, encoding={lit(d['encoding'])}, "
+        f"nullstr={lit(NEVER_NULL)}, columns={{{columns}}}, store_rejects=true, rejects_table={lit(rejects)}, "
+        f"rejects_scan={lit(rejects + '_scan')})"
+    )
 
 
 def _stage_csv(con, spec: FileSpec, table: str, bad: str) -> None:
@@ -116,12 +126,16 @@ def _locate_bad_csv_rows(con, spec: FileSpec, bad: str, emitted: int) -> None:
         if accounted + len(empty) == n_lines:
             break
     else:
-        raise BatchrecError(f"{spec.label}: has bad rows but its lines cannot be numbered ({n_lines:,} lines, "
-                            f"{accounted:,} of them read or rejected) (expected a CSV file whose quotes are "
-                            f"RFC 4180's)")
-    con.execute(f"CREATE TEMP TABLE {skipped} AS SELECT s, row_number() OVER (ORDER BY s) AS j "
-                f"FROM (SELECT DISTINCT line AS s FROM {rejects} UNION SELECT unnest($others::BIGINT[]))",
-                {"others": [*header, *empty.tolist()]})
+        raise BatchrecError(
+            f"{spec.label}: has bad rows but its lines cannot be numbered ({n_lines:,} lines, "
+            f"{accounted:,} of them read or rejected) (expected a CSV file whose quotes are "
+            f"RFC 4180's)"
+        )
+    con.execute(
+        f"CREATE TEMP TABLE {skipped} AS SELECT s, row_number() OVER (ORDER BY s) AS j "
+        f"FROM (SELECT DISTINCT line AS s FROM {rejects} UNION SELECT unnest($others::BIGINT[]))",
+        {"others": [*header, *empty.tolist()]},
+    )
     # The k-th row is on the k-th line not skipped: k plus the skipped lines before it, which are
     # those whose count of unskipped lines before them (s - j) is below k.
     con.execute(f"""

@@ -18,18 +18,18 @@ import hashlib
 import re
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterator
 
 from batchrec.errors import BatchrecError
 
 DATASETS_DIR = Path(__file__).resolve().parent.parent / "datasets"
 EMBEDDED = ("ml-latest-small",)
 
-ZIP_MAX_SIZE = "8GB"    # the largest member `batchrec ingest` unzips (ml-32m's ratings.csv is 0.9 GB)
-ZIP_MAX_RATIO = 100.0   # MovieLens CSVs compress 4-6x; a zip bomb 1000x and more
+ZIP_MAX_SIZE = "8GB"  # the largest member `batchrec ingest` unzips (ml-32m's ratings.csv is 0.9 GB)
+ZIP_MAX_RATIO = 100.0  # MovieLens CSVs compress 4-6x; a zip bomb 1000x and more
 _RATIO_FLOOR = 1 << 20  # members up to this size are not held to the ratio
 _CHUNK = 1 << 20
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", re.IGNORECASE)
@@ -37,8 +37,8 @@ _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", re.IGNORECASE)
 
 @dataclass(frozen=True)
 class ZipLimits:
-    max_size: int      # bytes one member may unzip to
-    max_ratio: float   # times its compressed size
+    max_size: int  # bytes one member may unzip to
+    max_ratio: float  # times its compressed size
 
     @classmethod
     def parse(cls, max_size: str | int, max_ratio: str | float) -> ZipLimits:
@@ -57,9 +57,9 @@ class ZipLimits:
 
 @dataclass
 class Source:
-    root: Path                     # directory holding the files (a zip's: where members are extracted)
-    label: str                     # how the user named it
-    only: Path | None = None       # a single file given directly
+    root: Path  # directory holding the files (a zip's: where members are extracted)
+    label: str  # how the user named it
+    only: Path | None = None  # a single file given directly
     archive: zipfile.ZipFile | None = None
     limits: ZipLimits | None = None
 
@@ -71,8 +71,11 @@ class Source:
             names = [_member_path(info.filename) for info in self.archive.infolist() if not info.is_dir()]
         else:
             names = [p.relative_to(self.root) for p in self.root.rglob("*") if p.is_file()]
-        return sorted(rel for rel in names if rel.parts and not any(part.startswith((".", "__MACOSX"))
-                                                                   for part in rel.parts))
+        return sorted(
+            rel
+            for rel in names
+            if rel.parts and not any(part.startswith((".", "__MACOSX")) for part in rel.parts)
+        )
 
     def path(self, rel: Path) -> Path:
         """Where file `rel` is on disk (a zip member is extracted on first use)."""
@@ -110,22 +113,28 @@ def _open_zip(archive: Path, label: str) -> Iterator[zipfile.ZipFile]:
     try:
         zf = zipfile.ZipFile(archive)
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
-        raise BatchrecError(f"{label}: not a zip archive ({exc}) (expected a .zip file or a directory)") from None
+        raise BatchrecError(
+            f"{label}: not a zip archive ({exc}) (expected a .zip file or a directory)"
+        ) from None
     with zf:
         yield zf
 
 
 def _member_path(name: str) -> Path:
     """A member's path below the extraction folder: no absolute paths, no '..' (as zipfile.extract)."""
-    return Path(*[part for part in PurePosixPath(name.replace("\\", "/")).parts if part not in ("/", "..", ".")])
+    return Path(
+        *[part for part in PurePosixPath(name.replace("\\", "/")).parts if part not in ("/", "..", ".")]
+    )
 
 
 def _extract(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, label: str, limits: ZipLimits) -> None:
     """Stream one member to `dest`, stopping at the limits; a CRC mismatch raises BadZipFile."""
     allowed = min(limits.max_size, max(limits.max_ratio * info.compress_size, _RATIO_FLOOR))
-    too_big = (f"{label}: unzips to more than {_size(allowed)} from {_size(info.compress_size)} compressed "
-               f"(expected at most --zip-max-size {_size(limits.max_size)} and --zip-max-ratio "
-               f"{limits.max_ratio:g}x; raise them to load it on purpose)")
+    too_big = (
+        f"{label}: unzips to more than {_size(allowed)} from {_size(info.compress_size)} compressed "
+        f"(expected at most --zip-max-size {_size(limits.max_size)} and --zip-max-ratio "
+        f"{limits.max_ratio:g}x; raise them to load it on purpose)"
+    )
     if info.file_size > allowed:
         raise BatchrecError(too_big)
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -137,9 +146,16 @@ def _extract(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, label: str,
                 if written > allowed:
                     raise BatchrecError(too_big)
                 out.write(chunk)
-    except (zipfile.BadZipFile, EOFError, NotImplementedError, RuntimeError) as exc:  # RuntimeError: encrypted
+    except (
+        zipfile.BadZipFile,
+        EOFError,
+        NotImplementedError,
+        RuntimeError,
+    ) as exc:  # RuntimeError: encrypted
         dest.unlink(missing_ok=True)
-        raise BatchrecError(f"{label}: unreadable zip member ({exc}) (expected an intact .zip file)") from None
+        raise BatchrecError(
+            f"{label}: unreadable zip member ({exc}) (expected an intact .zip file)"
+        ) from None
     except OSError as exc:
         dest.unlink(missing_ok=True)
         if exc.errno == errno.ENOSPC:
@@ -153,7 +169,7 @@ def _extract(zf: zipfile.ZipFile, info: zipfile.ZipInfo, dest: Path, label: str,
 def _size(n: float) -> str:
     """Bytes for people: '812 B', '6.1 KiB', '8.0 GiB'."""
     unit = next(u for u in range(4) if n < 1024 ** (u + 1) or u == 3)
-    return f"{n:.0f} B" if unit == 0 else f"{n / 1024 ** unit:.1f} {'KMG'[unit - 1]}iB"
+    return f"{n:.0f} B" if unit == 0 else f"{n / 1024**unit:.1f} {'KMG'[unit - 1]}iB"
 
 
 def no_space(path: Path | str) -> BatchrecError:

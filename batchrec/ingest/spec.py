@@ -33,14 +33,29 @@ STAGE_COLUMNS = {  # what a file of each kind gives, in the warehouse's types
     "ratings": {"user_id": "BIGINT", "item_id": "BIGINT", "rating": "FLOAT", "ts": "TIMESTAMP"},
     "items": {"item_id": "BIGINT", "title": "VARCHAR", "year": "INTEGER", "genres": "VARCHAR[]"},
     "tags": {"user_id": "BIGINT", "item_id": "BIGINT", "tag": "VARCHAR", "ts": "TIMESTAMP"},
-    "users": {"user_id": "BIGINT", "gender": "VARCHAR", "age": "INTEGER", "occupation": "VARCHAR",
-              "zip": "VARCHAR"},
+    "users": {
+        "user_id": "BIGINT",
+        "gender": "VARCHAR",
+        "age": "INTEGER",
+        "occupation": "VARCHAR",
+        "zip": "VARCHAR",
+    },
 }
 TEXT = "VARCHAR"  # how a CSV reader hands over every field
 NEVER_NULL = "\x01"  # CSV nullstr: an empty field stays '' (a bad id, not a NULL found later)
 
-_INTEGER_TYPES = {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT", "UINTEGER",
-                  "UBIGINT", "UHUGEINT"}
+_INTEGER_TYPES = {
+    "TINYINT",
+    "SMALLINT",
+    "INTEGER",
+    "BIGINT",
+    "HUGEINT",
+    "UTINYINT",
+    "USMALLINT",
+    "UINTEGER",
+    "UBIGINT",
+    "UHUGEINT",
+}
 _TIME_TYPES = {"DATE", "TIMESTAMP", "TIMESTAMP_S", "TIMESTAMP_MS", "TIMESTAMP_NS", "TIMESTAMP WITH TIME ZONE"}
 
 
@@ -86,17 +101,23 @@ class Scale:
         try:
             low, high, step = float(m[1]), float(m[2]), float(m[3]) if m[3] else None
         except (TypeError, ValueError):
-            raise BatchrecError(f"--rating-scale {text!r} is not MIN..MAX[:STEP] (expected e.g. 0.5..5:0.5 or "
-                                f"1..10)") from None
+            raise BatchrecError(
+                f"--rating-scale {text!r} is not MIN..MAX[:STEP] (expected e.g. 0.5..5:0.5 or 1..10)"
+            ) from None
         if not low < high or (step is not None and not 0 < step <= high - low):
-            raise BatchrecError(f"--rating-scale {text!r} is empty or its step does not fit (expected MIN < MAX "
-                                f"and 0 < STEP <= MAX - MIN)")
+            raise BatchrecError(
+                f"--rating-scale {text!r} is empty or its step does not fit (expected MIN < MAX "
+                f"and 0 < STEP <= MAX - MIN)"
+            )
         return cls(low, high, step)
 
     def ok(self, n: str) -> str:
         """SQL: number `n` is on the scale (never true for NaN or ±inf)."""
-        on_step = f" AND abs(({n} - {self.low!r}) / {self.step!r} - round(({n} - {self.low!r}) / {self.step!r})) < 1e-6" \
-            if self.step else ""
+        on_step = (
+            f" AND abs(({n} - {self.low!r}) / {self.step!r} - round(({n} - {self.low!r}) / {self.step!r})) < 1e-6"
+            if self.step
+            else ""
+        )
         return f"(isfinite({n}) AND {n} BETWEEN {self.low!r} AND {self.high!r}{on_step})"
 
     def __str__(self) -> str:
@@ -107,7 +128,7 @@ class Scale:
         return f"{self.low:g}..{self.high:g}" + (f" in steps of {self.step:g}" if self.step else "")
 
 
-WHOLE_STARS = Scale(1, 5, 1)     # ml-100k, ml-1m
+WHOLE_STARS = Scale(1, 5, 1)  # ml-100k, ml-1m
 HALF_STARS = Scale(0.5, 5, 0.5)  # ml-10m and every later release; generic files in a new warehouse
 
 
@@ -203,7 +224,9 @@ class Timestamp(Check):
         late = f"is after {self.latest:%Y-%m-%d %H:%M:%S} UTC, the ingest time + --max-future"
         family = _family(sql_type)
         if family == "text":
-            parsed = f"regexp_full_match({x}, '[0-9]+')" + (f" OR {self._iso(x)} IS NOT NULL" if self.iso else "")
+            parsed = f"regexp_full_match({x}, '[0-9]+')" + (
+                f" OR {self._iso(x)} IS NOT NULL" if self.iso else ""
+            )
             return [(parsed, late)]
         if family == "integer":
             return [(f"{x} > 0", late)]
@@ -234,8 +257,10 @@ class Rating(Check):
         return f"CASE WHEN {self.scale.ok(n)} THEN {n}::FLOAT END"
 
     def problems(self, x: str, sql_type: str) -> list[tuple[str, str]]:
-        return super().problems(x, sql_type) or [(f"{self._number(x, sql_type)} IS NOT NULL", "is outside the scale"),
-                                                 ("true", "is not a number")]
+        return super().problems(x, sql_type) or [
+            (f"{self._number(x, sql_type)} IS NOT NULL", "is outside the scale"),
+            ("true", "is not a number"),
+        ]
 
 
 @dataclass(frozen=True)
@@ -263,16 +288,22 @@ class NonBlank(Check):
 def role_checks(latest: datetime, scale: Scale, iso: bool = False) -> dict[str, Check]:
     """The check of each role's column (e.g. 'user_id' -> Integer); roles not named are text.
     `iso`: timestamps may be ISO date-times too (generic files)."""
-    return {"user_id": Integer(), "item_id": Integer(), "rating": Rating(scale), "ts": Timestamp(latest, iso),
-            "tag": NonBlank("a tag"), "age": Integer("an integer age", "INTEGER")}
+    return {
+        "user_id": Integer(),
+        "item_id": Integer(),
+        "rating": Rating(scale),
+        "ts": Timestamp(latest, iso),
+        "tag": NonBlank("a tag"),
+        "age": Integer("an integer age", "INTEGER"),
+    }
 
 
 # -- what one file is ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Column:
-    name: str                     # header name, or the README's name for files without a header
+    name: str  # header name, or the README's name for files without a header
     check: Check = field(default_factory=Text)
-    type: str = TEXT              # how the reader hands the field over (Parquet: the column's type)
+    type: str = TEXT  # how the reader hands the field over (Parquet: the column's type)
 
 
 @dataclass(frozen=True)
@@ -282,10 +313,10 @@ class FileSpec:
     label: str
     format: str
     columns: tuple[Column, ...]
-    select: str                          # SQL over the checked columns giving STAGE_COLUMNS[kind]
-    csv: dict | None = None              # read_csv dialect; None for Parquet
-    header: tuple[str, ...] = ()         # the expected header line, when the format has one
-    scale: Scale | None = None           # the scale its ratings are checked against (None: no ratings)
+    select: str  # SQL over the checked columns giving STAGE_COLUMNS[kind]
+    csv: dict | None = None  # read_csv dialect; None for Parquet
+    header: tuple[str, ...] = ()  # the expected header line, when the format has one
+    scale: Scale | None = None  # the scale its ratings are checked against (None: no ratings)
 
 
 MAX_FUTURE = "1d"  # how much later than the ingest time a timestamp may be (clocks differ)
@@ -304,13 +335,20 @@ def parse_duration(text: str) -> timedelta:
 class Limits:
     """What the values of one ingest are checked against."""
 
-    latest: datetime   # the ingest time + --max-future: later timestamps are bad rows
-    scale: Scale       # generic ratings (MovieLens releases have their published scale)
+    latest: datetime  # the ingest time + --max-future: later timestamps are bad rows
+    scale: Scale  # generic ratings (MovieLens releases have their published scale)
 
 
-def dialect(delim: str, encoding: str = "utf-8", header: bool = False, quote: str = "", escape: str | None = None) -> dict:
-    return {"delim": delim, "header": header, "quote": quote, "escape": quote if escape is None else escape,
-            "encoding": encoding}
+def dialect(
+    delim: str, encoding: str = "utf-8", header: bool = False, quote: str = "", escape: str | None = None
+) -> dict:
+    return {
+        "delim": delim,
+        "header": header,
+        "quote": quote,
+        "escape": quote if escape is None else escape,
+        "encoding": encoding,
+    }
 
 
 # -- SQL over a spec ---------------------------------------------------------------------------------
@@ -338,10 +376,14 @@ def reason_sql(spec: FileSpec) -> str:
         x = q(c.name)
         cases = "".join(f"WHEN {cond} THEN {lit(what)} " for cond, what in c.check.problems(x, c.type))
         problem = f"CASE {cases}ELSE 'is not valid' END" if cases else "'is not valid'"
-        what = (f"CASE WHEN {x} IS NULL OR {x}::VARCHAR = '' THEN 'is empty' "
-                f"ELSE '''' || {x}::VARCHAR || ''' ' || {problem} END")
-        reasons.append(f"CASE WHEN ({c.check.value(x, c.type)}) IS NULL THEN {lit(c.name + ' ')} || {what} || "
-                       f"{lit(f' (expected {c.check.expected})')} END")
+        what = (
+            f"CASE WHEN {x} IS NULL OR {x}::VARCHAR = '' THEN 'is empty' "
+            f"ELSE '''' || {x}::VARCHAR || ''' ' || {problem} END"
+        )
+        reasons.append(
+            f"CASE WHEN ({c.check.value(x, c.type)}) IS NULL THEN {lit(c.name + ' ')} || {what} || "
+            f"{lit(f' (expected {c.check.expected})')} END"
+        )
     return f"concat_ws('; ', {', '.join(reasons)})" if reasons else "''"
 
 
@@ -358,8 +400,10 @@ def year_sql(col: str) -> str:
 
 def genres_sql(col: str) -> str:
     """'A|B' -> ['A', 'B']; '' and '(no genres listed)' -> []."""
-    return (f"CASE WHEN coalesce({q(col)}, '') IN ('', '(no genres listed)') THEN []::VARCHAR[] "
-            f"ELSE string_split({q(col)}, '|') END")
+    return (
+        f"CASE WHEN coalesce({q(col)}, '') IN ('', '(no genres listed)') THEN []::VARCHAR[] "
+        f"ELSE string_split({q(col)}, '|') END"
+    )
 
 
 def select_sql(kind: str, roles: dict[str, str], **exprs: str) -> str:
@@ -369,7 +413,12 @@ def select_sql(kind: str, roles: dict[str, str], **exprs: str) -> str:
     sql = {role: q(column) for role, column in roles.items()}
     if kind == "items":
         title = roles.get("title")
-        sql.update(title=f"trim({q(title)})" if title else "NULL", year=year_sql(title) if title else "NULL",
-                   genres=genres_sql(roles["genres"]) if "genres" in roles else "[]")
+        sql.update(
+            title=f"trim({q(title)})" if title else "NULL",
+            year=year_sql(title) if title else "NULL",
+            genres=genres_sql(roles["genres"]) if "genres" in roles else "[]",
+        )
     sql.update(exprs)
-    return ", ".join(f"{sql.get(name, 'NULL')}::{sql_type} AS {name}" for name, sql_type in STAGE_COLUMNS[kind].items())
+    return ", ".join(
+        f"{sql.get(name, 'NULL')}::{sql_type} AS {name}" for name, sql_type in STAGE_COLUMNS[kind].items()
+    )

@@ -58,8 +58,9 @@ def parse_params(name: str, pairs: tuple[str, ...] | list[str]) -> dict:
         if not sep:
             raise BatchrecError(f"{name}: parameter {pair!r} is not KEY=VALUE")
         if key not in spec:
-            raise BatchrecError(f"{name}: unknown parameter {key!r}; valid: "
-                                + "; ".join(p.describe() for p in spec.values()))
+            raise BatchrecError(
+                f"{name}: unknown parameter {key!r}; valid: " + "; ".join(p.describe() for p in spec.values())
+            )
         out[key] = spec[key].parse(value, name)
     return out
 
@@ -74,5 +75,13 @@ def describe_models() -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Param", "Recommender", "REGISTRY", "available", "get_model_class", "create_model", "parse_params",
-           "describe_models"]
+__all__ = [
+    "Param",
+    "Recommender",
+    "REGISTRY",
+    "available",
+    "get_model_class",
+    "create_model",
+    "parse_params",
+    "describe_models",
+]

@@ -13,8 +13,16 @@ from batchrec.models.base import Param
 
 # The ranking families average independently seeded fits: on ml-latest-small one seed's NDCG@10
 # moves by +-0.005, and the mean of four fits ranked clearly better than any one (see their TUNING).
-ENSEMBLE = Param("ensemble", int, 4, "independently seeded fits, each stopped early on its own, whose scores are "
-                 "averaged (K x the training time)", min=1, max=64)
+ENSEMBLE = Param(
+    "ensemble",
+    int,
+    4,
+    "independently seeded fits, each stopped early on its own, whose scores are "
+    "averaged (K x the training time)",
+    min=1,
+    max=64,
+)
+
 
 def fixed_epochs(default: int) -> Param:
     """The epochs of a fit that has no validation part to stop on (`batchrec train` without
@@ -22,8 +30,15 @@ def fixed_epochs(default: int) -> Param:
     and running to `epochs` (a cap for early stopping) overfits and costs several times the
     validated fit, so it runs this many: about where early stopping ended on ml-latest-small
     user_temporal (each family's TUNING)."""
-    return Param("fixed_epochs", int, default, "epochs of a fit without a validation part to stop on (at most "
-                 "`epochs`); with one, early stopping picks the epoch", min=1, max=100000)
+    return Param(
+        "fixed_epochs",
+        int,
+        default,
+        "epochs of a fit without a validation part to stop on (at most "
+        "`epochs`); with one, early stopping picks the epoch",
+        min=1,
+        max=100000,
+    )
 
 
 def epochs_to_run(params: dict, validate) -> int:
@@ -62,8 +77,10 @@ def scale_grad(x: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
 def require_ratings(data, model: str) -> tuple[float, float]:
     """Rating models need explicit ratings; returns the rating scale."""
     if data.train.implicit or data.rating_scale is None:
-        raise BatchrecError(f"{model}: the training part has no explicit ratings (a rating model needs them; "
-                            f"use a ranking family such as two_tower or multvae)")
+        raise BatchrecError(
+            f"{model}: the training part has no explicit ratings (a rating model needs them; "
+            f"use a ranking family such as two_tower or multvae)"
+        )
     return data.rating_scale
 
 

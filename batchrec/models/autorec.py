@@ -36,7 +36,7 @@ class _AutoRecNet(nn.Module):
         self.decoder = nn.Embedding(n_cols, hidden)  # V: one row per output column
         self.dec_bias = nn.Embedding(n_cols, 1)
         for w in (self.encoder.weight, self.decoder.weight):
-            nn.init.normal_(w, std=1.0 / hidden ** 0.5)
+            nn.init.normal_(w, std=1.0 / hidden**0.5)
         nn.init.zeros_(self.dec_bias.weight)
         self.act, self.dropout = ACTIVATIONS[activation], dropout
 
@@ -53,7 +53,7 @@ class _AutoRecNet(nn.Module):
         # index_select, not h[row_of]: the backward of advanced indexing accumulates with atomic
         # adds on CPU (run-to-run noise); index_select's index_add is deterministic.
         pred = (self.decoder(cols) * h.index_select(0, row_of)).sum(1) + self.dec_bias(cols)[:, 0]
-        l2 = (self.encoder.weight ** 2).sum() + (self.decoder.weight ** 2).sum()
+        l2 = (self.encoder.weight**2).sum() + (self.decoder.weight**2).sum()
         return (torch.sum((pred - target) ** 2) + reg_scale * l2) / max(len(target), 1)
 
 
@@ -67,16 +67,33 @@ class AutoRec(FactorModel):
     name = "autorec"
     task = "rating"
     params_spec = (
-        Param("variant", str, "item", "item (I-AutoRec: encode each item's ratings) or user (U-AutoRec)",
-              choices=("item", "user")),
+        Param(
+            "variant",
+            str,
+            "item",
+            "item (I-AutoRec: encode each item's ratings) or user (U-AutoRec)",
+            choices=("item", "user"),
+        ),
         Param("hidden", int, 100, "code size", min=1, max=8192),
-        Param("activation", str, "sigmoid", "encoder activation (the decoder is linear)",
-              choices=tuple(ACTIVATIONS)),
+        Param(
+            "activation",
+            str,
+            "sigmoid",
+            "encoder activation (the decoder is linear)",
+            choices=tuple(ACTIVATIONS),
+        ),
         Param("dropout", float, 0.2, "dropout on observed input ratings", min=0.0, max=0.95),
-        Param("reg", float, 30.0, "L2 on both weight matrices (lambda of the paper, whole-data scale)", min=0.0),
+        Param(
+            "reg", float, 30.0, "L2 on both weight matrices (lambda of the paper, whole-data scale)", min=0.0
+        ),
         Param("lr", float, 1e-2, "Adam learning rate", min=1e-6, max=1.0),
-        Param("lr_schedule", str, "plateau", "learning-rate schedule (plateau: halve when validation stalls)",
-              choices=("none", "cosine", "plateau")),
+        Param(
+            "lr_schedule",
+            str,
+            "plateau",
+            "learning-rate schedule (plateau: halve when validation stalls)",
+            choices=("none", "cosine", "plateau"),
+        ),
         Param("batch_size", int, 256, "rows (items or users) per batch", min=1),
         Param("epochs", int, 200, "maximum epochs", min=1, max=100000),
         Param("patience", int, 5, "epochs without validation improvement before stopping", min=1),
@@ -89,10 +106,15 @@ class AutoRec(FactorModel):
         torch.manual_seed(p["seed"])
         # Inputs and targets are centred on the damped baseline predictor (mean + user and item
         # offsets, from `prepare`): the autoencoder learns what the baseline misses.
-        mu, b_user, b_item = (self.priors[k].cpu().numpy() for k in ("global_mean", "user_offset", "item_offset"))
+        mu, b_user, b_item = (
+            self.priors[k].cpu().numpy() for k in ("global_mean", "user_offset", "item_offset")
+        )
         tr = data.train
-        m = sp.csr_matrix((tr.rating - (mu + b_user[tr.user_idx] + b_item[tr.item_idx]), (tr.user_idx, tr.item_idx)),
-                          shape=(self.n_users, self.n_items), dtype=np.float32)
+        m = sp.csr_matrix(
+            (tr.rating - (mu + b_user[tr.user_idx] + b_item[tr.item_idx]), (tr.user_idx, tr.item_idx)),
+            shape=(self.n_users, self.n_items),
+            dtype=np.float32,
+        )
         item_based = p["variant"] == "item"
         rows = SparseRows.from_scipy(m.T.tocsr() if item_based else m, self.device)
         net = _AutoRecNet(rows.n_cols, p["hidden"], p["activation"], p["dropout"]).to(self.device)
@@ -105,9 +127,19 @@ class AutoRec(FactorModel):
             self._export(net, rows, item_based)
             return validate()
 
-        trainer.fit(net, lambda batch: net.loss(rows, batch, reg_scale), (present,), epochs=epochs_to_run(p, validate),
-                    batch_size=p["batch_size"], lr=p["lr"], validate=validate and export_and_validate,
-                    patience=p["patience"], lr_schedule=p["lr_schedule"], metric_name="valid_rmse", name=self.name)
+        trainer.fit(
+            net,
+            lambda batch: net.loss(rows, batch, reg_scale),
+            (present,),
+            epochs=epochs_to_run(p, validate),
+            batch_size=p["batch_size"],
+            lr=p["lr"],
+            validate=validate and export_and_validate,
+            patience=p["patience"],
+            lr_schedule=p["lr_schedule"],
+            metric_name="valid_rmse",
+            name=self.name,
+        )
         self._export(net, rows, item_based)
         return self
 
@@ -119,7 +151,11 @@ class AutoRec(FactorModel):
             seen = (torch.bincount(rows.indices, minlength=rows.n_cols) > 0)[:, None]
             dec = torch.where(seen, net.decoder.weight, 0.0)
             dec_bias = torch.where(seen, net.dec_bias.weight, 0.0)
-            mu, b_user, b_item = self.priors["global_mean"], self.priors["user_offset"][:, None], self.priors["item_offset"][:, None]
+            mu, b_user, b_item = (
+                self.priors["global_mean"],
+                self.priors["user_offset"][:, None],
+                self.priors["item_offset"][:, None],
+            )
             if item_based:  # mu + b_u + c_u + V_u . h_i + b_i
                 self.U = torch.cat([dec, mu + b_user + dec_bias, torch.ones_like(b_user)], 1)
                 self.V = torch.cat([codes, torch.ones_like(b_item), b_item], 1)

@@ -68,11 +68,15 @@ class Param:
                 if self.type is int and isinstance(value, float) and value != int(value):
                     raise ValueError
         except (TypeError, ValueError, OverflowError):
-            raise BatchrecError(f"{model}: parameter {self.name}={value!r} is not a valid {self.type.__name__}") from None
+            raise BatchrecError(
+                f"{model}: parameter {self.name}={value!r} is not a valid {self.type.__name__}"
+            ) from None
         if self.type is float and self.finite and not math.isfinite(v):
             raise BatchrecError(f"{model}: parameter {self.name}={value!r} is not a finite number")
         if self.choices is not None and v not in self.choices:
-            raise BatchrecError(f"{model}: parameter {self.name}={v!r} must be one of {', '.join(map(str, self.choices))}")
+            raise BatchrecError(
+                f"{model}: parameter {self.name}={v!r} must be one of {', '.join(map(str, self.choices))}"
+            )
         if (self.min is not None and v < self.min) or (self.max is not None and v > self.max):
             lo = "-inf" if self.min is None else self.min
             hi = "inf" if self.max is None else self.max
@@ -84,7 +88,9 @@ class Param:
         if self.choices:
             rng = f" one of {{{', '.join(map(str, self.choices))}}}"
         elif self.min is not None or self.max is not None:
-            rng = f" in [{'-inf' if self.min is None else self.min}, {'inf' if self.max is None else self.max}]"
+            rng = (
+                f" in [{'-inf' if self.min is None else self.min}, {'inf' if self.max is None else self.max}]"
+            )
         tune = f" [tune: {self.search.describe()}]" if self.search is not None else ""
         return f"{self.name} ({self.type.__name__}, default {self.default!r}{rng}): {self.help}{tune}"
 
@@ -105,7 +111,9 @@ class Recommender:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        for param in cls.params_spec:  # a space that does not fit its parameter fails at import, in every test
+        for (
+            param
+        ) in cls.params_spec:  # a space that does not fit its parameter fails at import, in every test
             if param.search is not None:
                 check_space(param.search, param)
 
@@ -115,9 +123,11 @@ class Recommender:
         if unknown:
             raise BatchrecError(
                 f"{self.name}: unknown parameter {unknown[0]!r}; valid: "
-                + "; ".join(p.describe() for p in spec.values()))
-        self.params: dict[str, Any] = {n: p.parse(params[n], self.name) if n in params else p.default
-                                       for n, p in spec.items()}
+                + "; ".join(p.describe() for p in spec.values())
+            )
+        self.params: dict[str, Any] = {
+            n: p.parse(params[n], self.name) if n in params else p.default for n, p in spec.items()
+        }
         self.device = torch.device("cpu")
         self.n_users = 0
         self.n_items = 0
@@ -176,8 +186,11 @@ class Recommender:
             resid = resid - item_off[tr.item_idx]
             user_cnt = np.bincount(tr.user_idx, minlength=data.n_users)
             user_off = np.bincount(tr.user_idx, weights=resid, minlength=data.n_users) / (user_cnt + 5.0)
-            priors |= {"global_mean": torch.tensor(mu), "item_offset": torch.from_numpy(item_off.astype(np.float32)),
-                       "user_offset": torch.from_numpy(user_off.astype(np.float32))}
+            priors |= {
+                "global_mean": torch.tensor(mu),
+                "item_offset": torch.from_numpy(item_off.astype(np.float32)),
+                "user_offset": torch.from_numpy(user_off.astype(np.float32)),
+            }
         self.priors = {k: v.to(device) for k, v in priors.items()}
 
     def score_fallback(self, user_idx: torch.Tensor, item_idx: torch.Tensor) -> torch.Tensor:
@@ -192,7 +205,9 @@ class Recommender:
 
     def to(self, device: torch.device | str) -> Recommender:
         device = torch.device(device)
-        self.load_state({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.state().items()})
+        self.load_state(
+            {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.state().items()}
+        )
         self.priors = {k: v.to(device) for k, v in self.priors.items()}
         self.device = device
         return self
@@ -201,13 +216,17 @@ class Recommender:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in self.state().items()}
-        torch.save({"state": state, "priors": {k: v.cpu() for k, v in self.priors.items()}}, d / ARTIFACT_STATE)
+        torch.save(
+            {"state": state, "priors": {k: v.cpu() for k, v in self.priors.items()}}, d / ARTIFACT_STATE
+        )
         meta = {"model": self.name, "params": self.params, "n_users": self.n_users, "n_items": self.n_items}
         (d / ARTIFACT_META).write_text(json.dumps(meta, indent=2))
         return d
 
     @staticmethod
-    def load(directory: str | Path, device: torch.device | str = "cpu", family: str | None = None) -> Recommender:
+    def load(
+        directory: str | Path, device: torch.device | str = "cpu", family: str | None = None
+    ) -> Recommender:
         """The model saved in `directory`, checked: an artifact that cannot be read, that is not of
         `family` (when given), or whose state does not fit what model.json says (keys, shapes)
         raises `CorruptArtifact` saying what."""
@@ -224,10 +243,16 @@ class Recommender:
             raise CorruptArtifact(d, f"{ARTIFACT_META} lacks model, params, n_users or n_items", family)
         sizes = meta["n_users"], meta["n_items"]
         if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sizes):
-            raise CorruptArtifact(d, f"{ARTIFACT_META} has n_users {sizes[0]!r}, n_items {sizes[1]!r} "
-                                     "(expected positive integers)", family or meta["model"])
+            raise CorruptArtifact(
+                d,
+                f"{ARTIFACT_META} has n_users {sizes[0]!r}, n_items {sizes[1]!r} "
+                "(expected positive integers)",
+                family or meta["model"],
+            )
         if family is not None and meta["model"] != family:
-            raise CorruptArtifact(d, f"{ARTIFACT_META} names model {meta['model']!r}, the run is {family}", family)
+            raise CorruptArtifact(
+                d, f"{ARTIFACT_META} names model {meta['model']!r}, the run is {family}", family
+            )
         try:
             model = get_model_class(meta["model"])(**meta["params"])
         except (BatchrecError, TypeError) as exc:
@@ -237,7 +262,9 @@ class Recommender:
         except FileNotFoundError:
             raise
         except Exception as exc:  # truncated or foreign bytes: torch raises several kinds
-            raise CorruptArtifact(d, f"{ARTIFACT_STATE} cannot be read: {_first_sentence(exc)}", model.name) from None
+            raise CorruptArtifact(
+                d, f"{ARTIFACT_STATE} cannot be read: {_first_sentence(exc)}", model.name
+            ) from None
         model.n_users, model.n_items, model.device = meta["n_users"], meta["n_items"], torch.device(device)
         try:
             model.priors = blob["priors"]
@@ -247,16 +274,20 @@ class Recommender:
         except KeyError as exc:
             raise CorruptArtifact(d, f"{ARTIFACT_STATE} has no {exc}", model.name) from None
         except Exception as exc:  # a tensor of the wrong shape fails wherever it is first used
-            raise CorruptArtifact(d, f"{ARTIFACT_STATE} does not fit {ARTIFACT_META}: {_first_sentence(exc)}",
-                                  model.name) from None
+            raise CorruptArtifact(
+                d, f"{ARTIFACT_STATE} does not fit {ARTIFACT_META}: {_first_sentence(exc)}", model.name
+            ) from None
         if tuple(probe.shape) != (2, model.n_items):
-            raise CorruptArtifact(d, f"its scores have shape {tuple(probe.shape)}, model.json says "
-                                     f"{model.n_items} items", model.name)
+            raise CorruptArtifact(
+                d,
+                f"its scores have shape {tuple(probe.shape)}, model.json says {model.n_items} items",
+                model.name,
+            )
         return model
 
     def score_blocks(self, user_idx: torch.Tensor, block: int = 1024) -> torch.Tensor:
         """All-item scores for many users, computed in blocks (for small data and tests)."""
-        return torch.cat([self.score(user_idx[i:i + block]) for i in range(0, len(user_idx), block)])
+        return torch.cat([self.score(user_idx[i : i + block]) for i in range(0, len(user_idx), block)])
 
 
 class FactorModel(Recommender):

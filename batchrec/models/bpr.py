@@ -73,18 +73,39 @@ class BPRMF(Recommender):
     task = "ranking"
     params_spec = (
         Param("factors", int, 64, "latent dimensions", min=1, max=4096),
-        Param("positive_threshold", float, 4.0, "ratings >= this are positives (0: every interaction)", min=0.0),
+        Param(
+            "positive_threshold", float, 4.0, "ratings >= this are positives (0: every interaction)", min=0.0
+        ),
         Param("item_bias", bool, True, "learn an item bias"),
         Param("negatives", int, 4, "negatives sampled per positive and epoch", min=1, max=100),
-        Param("neg_alpha", float, 0.0, "negatives drawn in proportion to item count^neg_alpha (0: uniform)",
-              min=0.0, max=2.0),
-        Param("recency", float, 100.0, "user rows learn from an interaction with weight exp(-k/recency), k = the "
-              "user's later interactions (0: all alike)", min=0.0),
+        Param(
+            "neg_alpha",
+            float,
+            0.0,
+            "negatives drawn in proportion to item count^neg_alpha (0: uniform)",
+            min=0.0,
+            max=2.0,
+        ),
+        Param(
+            "recency",
+            float,
+            100.0,
+            "user rows learn from an interaction with weight exp(-k/recency), k = the "
+            "user's later interactions (0: all alike)",
+            min=0.0,
+        ),
         Param("lr", float, 5e-3, "learning rate (Adam)", min=1e-7, max=10.0),
         Param("reg", float, 1e-2, "L2 on the factor rows of each batch", min=0.0),
         Param("bias_reg", float, 1e-3, "L2 on the item bias entries of each batch", min=0.0),
         Param("init_std", float, 0.1, "standard deviation of the initial factors", min=0.0, max=1.0),
-        Param("epochs", int, 30, "maximum epochs (all of them when there is no validation part)", min=1, max=10_000),
+        Param(
+            "epochs",
+            int,
+            30,
+            "maximum epochs (all of them when there is no validation part)",
+            min=1,
+            max=10_000,
+        ),
         Param("batch_size", int, 1024, "triples per mini-batch", min=1),
         Param("patience", int, 4, "epochs without validation improvement before stopping", min=1),
     )
@@ -93,11 +114,15 @@ class BPRMF(Recommender):
         p = self.params
         tr = data.train
         dev = self.device
-        positive = np.ones(len(tr), bool) if tr.implicit or p["positive_threshold"] <= 0 else (
-            ~np.isnan(tr.rating) & (tr.rating >= p["positive_threshold"]))
+        positive = (
+            np.ones(len(tr), bool)
+            if tr.implicit or p["positive_threshold"] <= 0
+            else (~np.isnan(tr.rating) & (tr.rating >= p["positive_threshold"]))
+        )
         if not positive.any():
-            raise BatchrecError(f"bpr: no training interaction has rating >= positive_threshold="
-                                f"{p['positive_threshold']}")
+            raise BatchrecError(
+                f"bpr: no training interaction has rating >= positive_threshold={p['positive_threshold']}"
+            )
         users, items, _ = tr.tensors(dev)
         keep = torch.from_numpy(positive).to(dev)
         pos_u, pos_i = users[keep], items[keep]
@@ -108,8 +133,9 @@ class BPRMF(Recommender):
         if p["neg_alpha"] > 0:
             weights = torch.bincount(items, minlength=self.n_items).double().pow(p["neg_alpha"])
         sampler = NegativeSampler(users, items, self.n_items, weights, trainer.generator(offset=2))
-        self.module = _BPRModule(self.n_users, self.n_items, p["factors"], p["init_std"],
-                                 trainer.generator(offset=1)).to(dev)
+        self.module = _BPRModule(
+            self.n_users, self.n_items, p["factors"], p["init_std"], trainer.generator(offset=1)
+        ).to(dev)
         self.module.b.weight.requires_grad_(p["item_bias"])
         u_rep, i_rep, w_rep = (t.repeat(p["negatives"]) for t in (pos_u, pos_i, pos_w))
 
@@ -122,12 +148,24 @@ class BPRMF(Recommender):
 
         validate = None
         if data.valid is not None and len(data.valid):
+
             def validate() -> float:
                 return validation_metrics(self, data)["ndcg@10"]
 
-        trainer.fit(self.module, loss_fn, epoch_data, epochs=p["epochs"], batch_size=p["batch_size"], lr=p["lr"],
-                    optimizer="sparse_adam", validate=validate, higher_is_better=True, patience=p["patience"],
-                    metric_name="valid_ndcg@10", name=self.name)
+        trainer.fit(
+            self.module,
+            loss_fn,
+            epoch_data,
+            epochs=p["epochs"],
+            batch_size=p["batch_size"],
+            lr=p["lr"],
+            optimizer="sparse_adam",
+            validate=validate,
+            higher_is_better=True,
+            patience=p["patience"],
+            metric_name="valid_ndcg@10",
+            name=self.name,
+        )
         return self
 
     def score(self, user_idx: torch.Tensor, item_idx: torch.Tensor | None = None) -> torch.Tensor:

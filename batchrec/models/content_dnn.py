@@ -46,15 +46,23 @@ Defaults: recency=100, lr=2e-3, factors=64 (hidden 64, dropout 0.2, id_dropout 0
 
 
 class _ContentNet(nn.Module):
-    def __init__(self, n_users: int, n_items: int, n_features: int, factors: int, hidden: int, dropout: float):
+    def __init__(
+        self, n_users: int, n_items: int, n_features: int, factors: int, hidden: int, dropout: float
+    ):
         super().__init__()
         self.user, self.item = nn.Embedding(n_users, factors), nn.Embedding(n_items, factors)
         self.user_bias, self.item_bias = nn.Embedding(n_users, 1), nn.Embedding(n_items, 1)
         self.first_user = nn.Linear(factors, hidden, bias=False)
         self.first_item = nn.Linear(factors, hidden)
         self.first_content = nn.EmbeddingBag(max(n_features, 1), hidden, mode="sum")
-        self.tail = nn.Sequential(nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, hidden // 2 or 1), nn.ReLU(),
-                                  nn.Dropout(dropout), nn.Linear(hidden // 2 or 1, 1))
+        self.tail = nn.Sequential(
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, hidden // 2 or 1),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden // 2 or 1, 1),
+        )
         for e in (self.user, self.item):
             nn.init.normal_(e.weight, std=0.05)
         nn.init.normal_(self.first_content.weight, std=0.01)
@@ -62,7 +70,9 @@ class _ContentNet(nn.Module):
             nn.init.zeros_(e.weight)
         self.register_buffer("scale", torch.tensor([0.0, 1.0]))  # (lo, hi - lo)
 
-    def item_part(self, content: SparseRows, i: torch.Tensor, keep_id: torch.Tensor | None = None) -> torch.Tensor:
+    def item_part(
+        self, content: SparseRows, i: torch.Tensor, keep_id: torch.Tensor | None = None
+    ) -> torch.Tensor:
         _, cols, vals, offsets = content.entries(i)
         q = self.item(i) if keep_id is None else self.item(i) * keep_id[:, None]
         return self.first_item(q) + self.first_content(cols, offsets, per_sample_weights=vals)
@@ -70,21 +80,29 @@ class _ContentNet(nn.Module):
     def rating(self, logit: torch.Tensor) -> torch.Tensor:
         return self.scale[0] + self.scale[1] * torch.sigmoid(logit)
 
-    def forward(self, content: SparseRows, u: torch.Tensor, i: torch.Tensor, keep_id: torch.Tensor | None = None,
-                user_grad: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        content: SparseRows,
+        u: torch.Tensor,
+        i: torch.Tensor,
+        keep_id: torch.Tensor | None = None,
+        user_grad: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(predicted ratings, summed squares of the embedding rows used, for L2); `user_grad` scales
         the gradient reaching each example's user rows."""
         pu, bu = scale_grad(self.user(u), user_grad), scale_grad(self.user_bias(u)[:, 0], user_grad)
         bi = self.item_bias(i)[:, 0]
         h = self.first_user(pu) + self.item_part(content, i, keep_id)
-        sq = (pu ** 2).sum() + (self.item(i) ** 2).sum() + (bu ** 2).sum() + (bi ** 2).sum()
+        sq = (pu**2).sum() + (self.item(i) ** 2).sum() + (bu**2).sum() + (bi**2).sum()
         return self.rating(self.tail(h)[:, 0] + bu + bi), sq
 
     def all_items(self, content: SparseRows, u: torch.Tensor) -> torch.Tensor:
         items = self.item_part(content, torch.arange(self.item.num_embeddings, device=u.device))
         users = self.first_user(self.user(u))
         step = pair_blocks(len(u), items.shape[0], items.shape[1])
-        logit = torch.cat([self.tail(users[s:s + step, None, :] + items[None])[..., 0] for s in range(0, len(u), step)])
+        logit = torch.cat(
+            [self.tail(users[s : s + step, None, :] + items[None])[..., 0] for s in range(0, len(u), step)]
+        )
         return self.rating(logit + self.user_bias(u) + self.item_bias.weight.T)
 
 
@@ -101,11 +119,23 @@ class ContentDNN(Recommender):
         Param("factors", int, 64, "user and item embedding size", min=1, max=4096),
         Param("hidden", int, 64, "width of the first MLP layer (the second is half)", min=2, max=8192),
         Param("dropout", float, 0.2, "dropout in the MLP", min=0.0, max=0.95),
-        Param("id_dropout", float, 0.1, "probability of dropping the item id embedding of a training example",
-              min=0.0, max=1.0),
+        Param(
+            "id_dropout",
+            float,
+            0.1,
+            "probability of dropping the item id embedding of a training example",
+            min=0.0,
+            max=1.0,
+        ),
         Param("reg", float, 0.05, "L2 on the embeddings and biases of each batch (per example)", min=0.0),
-        Param("recency", float, 100.0, "user parameters learn from a rating with weight exp(-k/recency), k = the "
-              "user's later ratings (0: all alike)", min=0.0),
+        Param(
+            "recency",
+            float,
+            100.0,
+            "user parameters learn from a rating with weight exp(-k/recency), k = the "
+            "user's later ratings (0: all alike)",
+            min=0.0,
+        ),
         Param("lr", float, 2e-3, "Adam learning rate", min=1e-6, max=1.0),
         Param("batch_size", int, 1024, "ratings per batch", min=1),
         Param("epochs", int, 30, "maximum epochs", min=1, max=10000),
@@ -115,7 +145,9 @@ class ContentDNN(Recommender):
 
     def _net(self, n_features: int, device: torch.device) -> _ContentNet:
         p = self.params
-        return _ContentNet(self.n_users, self.n_items, n_features, p["factors"], p["hidden"], p["dropout"]).to(device)
+        return _ContentNet(
+            self.n_users, self.n_items, n_features, p["factors"], p["hidden"], p["dropout"]
+        ).to(device)
 
     def fit(self, data, trainer) -> ContentDNN:
         lo, hi = require_ratings(data, self.name)
@@ -137,9 +169,18 @@ class ContentDNN(Recommender):
             return torch.mean((pred - r) ** 2) + p["reg"] * sq / len(u)
 
         validate = rating_validator(self.score, data, self.device)
-        trainer.fit(self.net, loss, (u, i, r, w), epochs=epochs_to_run(p, validate), batch_size=p["batch_size"],
-                    lr=p["lr"], validate=validate, patience=p["patience"], metric_name="valid_rmse",
-                    name=self.name)
+        trainer.fit(
+            self.net,
+            loss,
+            (u, i, r, w),
+            epochs=epochs_to_run(p, validate),
+            batch_size=p["batch_size"],
+            lr=p["lr"],
+            validate=validate,
+            patience=p["patience"],
+            metric_name="valid_rmse",
+            name=self.name,
+        )
         return self
 
     def score(self, user_idx: torch.Tensor, item_idx: torch.Tensor | None = None) -> torch.Tensor:

@@ -69,7 +69,9 @@ def gram(X: sp.csr_matrix, max_block_products: int = 200_000_000) -> np.ndarray:
     n = X.shape[1]
     G = np.empty((n, n), np.float32)
     products = np.cumsum(Xt @ np.diff(X.indptr).astype(np.float64))
-    cuts = np.searchsorted(products, np.arange(1, products[-1] // max_block_products + 1) * max_block_products)
+    cuts = np.searchsorted(
+        products, np.arange(1, products[-1] // max_block_products + 1) * max_block_products
+    )
     bounds = np.unique(np.concatenate([[0], cuts, [n]]))
 
     def block(a: int, b: int) -> None:
@@ -80,8 +82,9 @@ def gram(X: sp.csr_matrix, max_block_products: int = 200_000_000) -> np.ndarray:
     return G
 
 
-def query_scores(query: sp.csr_matrix, weights: torch.Tensor, user_idx: torch.Tensor,
-                 item_idx: torch.Tensor | None) -> torch.Tensor:
+def query_scores(
+    query: sp.csr_matrix, weights: torch.Tensor, user_idx: torch.Tensor, item_idx: torch.Tensor | None
+) -> torch.Tensor:
     """Scores of item-item models: query[u] @ weights for all items, or for (u, i) pairs.
 
     For pairs, each stored (u, j, q) of the users' query rows adds q * weights[j, i]."""
@@ -89,7 +92,11 @@ def query_scores(query: sp.csr_matrix, weights: torch.Tensor, user_idx: torch.Te
     rows = query[user_idx.cpu().numpy()]
     if item_idx is None:
         block = csr_to_torch(rows, dev)
-        return torch.sparse.mm(block, weights) if rows.nnz else torch.zeros(rows.shape[0], weights.shape[1], device=dev)
+        return (
+            torch.sparse.mm(block, weights)
+            if rows.nnz
+            else torch.zeros(rows.shape[0], weights.shape[1], device=dev)
+        )
     pair = torch.from_numpy(np.repeat(np.arange(rows.shape[0]), np.diff(rows.indptr))).to(dev)
     j = torch.from_numpy(rows.indices.astype(np.int64)).to(dev)
     q = torch.from_numpy(rows.data).to(dev)
@@ -104,29 +111,82 @@ class EASE(Recommender):
     task = "ranking"
     seed_param = False
     params_spec = (
-        Param("lam", float, 500.0, "L2 regularisation (added to the Gram matrix diagonal)", min=1e-6,
-              search=LogUniform(20.0, 5000.0)),
-        Param("min_rating", float, 0.0, "ratings below this are not positives (0: every interaction)", min=0.0,
-              search=Choice((0.0, 3.0, 3.5, 4.0))),
-        Param("weighting", str, "rating", "weight of a positive: binary (1) or rating (max(r - rating_offset, 0.5))",
-              choices=("binary", "rating"), search=Choice(("binary", "rating"))),
-        Param("rating_offset", float, 2.0, "subtracted from the rating with weighting=rating",
-              search=Uniform(0.0, 3.0)),
-        Param("query_offset", float, 2.5, "query weight of a rated item = rating - query_offset (below: disliked)",
-              search=Uniform(0.0, 3.5)),
-        Param("dislike_weight", float, 0.5, "factor on the (negative) query weight of disliked items (0: ignore them)",
-              min=0.0, search=Uniform(0.0, 1.0)),
-        Param("recency_halflife", float, 5.0, "query weight halves every this many later events of the user "
-              "(0: no recency weighting)", min=0.0, search=Choice((0.0, 2.0, 5.0, 10.0, 20.0, 50.0))),
-        Param("recency_floor", float, 0.1, "query weight of a user's oldest events with recency weighting", min=0.0, max=1.0,
-              search=Uniform(0.0, 1.0)),
-        Param("max_memory_gb", float, 12.0, "refuse catalogues whose dense fit would need more memory", min=0.01),
+        Param(
+            "lam",
+            float,
+            500.0,
+            "L2 regularisation (added to the Gram matrix diagonal)",
+            min=1e-6,
+            search=LogUniform(20.0, 5000.0),
+        ),
+        Param(
+            "min_rating",
+            float,
+            0.0,
+            "ratings below this are not positives (0: every interaction)",
+            min=0.0,
+            search=Choice((0.0, 3.0, 3.5, 4.0)),
+        ),
+        Param(
+            "weighting",
+            str,
+            "rating",
+            "weight of a positive: binary (1) or rating (max(r - rating_offset, 0.5))",
+            choices=("binary", "rating"),
+            search=Choice(("binary", "rating")),
+        ),
+        Param(
+            "rating_offset",
+            float,
+            2.0,
+            "subtracted from the rating with weighting=rating",
+            search=Uniform(0.0, 3.0),
+        ),
+        Param(
+            "query_offset",
+            float,
+            2.5,
+            "query weight of a rated item = rating - query_offset (below: disliked)",
+            search=Uniform(0.0, 3.5),
+        ),
+        Param(
+            "dislike_weight",
+            float,
+            0.5,
+            "factor on the (negative) query weight of disliked items (0: ignore them)",
+            min=0.0,
+            search=Uniform(0.0, 1.0),
+        ),
+        Param(
+            "recency_halflife",
+            float,
+            5.0,
+            "query weight halves every this many later events of the user (0: no recency weighting)",
+            min=0.0,
+            search=Choice((0.0, 2.0, 5.0, 10.0, 20.0, 50.0)),
+        ),
+        Param(
+            "recency_floor",
+            float,
+            0.1,
+            "query weight of a user's oldest events with recency weighting",
+            min=0.0,
+            max=1.0,
+            search=Uniform(0.0, 1.0),
+        ),
+        Param(
+            "max_memory_gb", float, 12.0, "refuse catalogues whose dense fit would need more memory", min=0.01
+        ),
     )
 
     def _query(self, events) -> sp.csr_matrix:
         p = self.params
-        w = query_weights(events, p["query_offset"], p["dislike_weight"], p["recency_halflife"], p["recency_floor"])
-        m = sp.csr_matrix((w, (events.user_idx, events.item_idx)), shape=(self.n_users, self.n_items), dtype=np.float32)
+        w = query_weights(
+            events, p["query_offset"], p["dislike_weight"], p["recency_halflife"], p["recency_floor"]
+        )
+        m = sp.csr_matrix(
+            (w, (events.user_idx, events.item_idx)), shape=(self.n_users, self.n_items), dtype=np.float32
+        )
         m.sum_duplicates()
         m.eliminate_zeros()  # ratings at the offset say nothing
         return m
@@ -136,8 +196,10 @@ class EASE(Recommender):
         n = data.n_items
         need_gb = 3 * n * n * 4 / 2**30
         if need_gb > p["max_memory_gb"]:
-            raise BatchrecError(f"ease: {n} items need about {need_gb:.1f} GB for the dense fit, over "
-                                f"max_memory_gb={p['max_memory_gb']:g}; raise max_memory_gb or use ials/itemknn")
+            raise BatchrecError(
+                f"ease: {n} items need about {need_gb:.1f} GB for the dense fit, over "
+                f"max_memory_gb={p['max_memory_gb']:g}; raise max_memory_gb or use ials/itemknn"
+            )
         X = positive_matrix(data.train, self.n_users, n, p["min_rating"], p["weighting"], p["rating_offset"])
         self.B = self.closed_form(X, p["lam"], self.device)
         self.query = self._query(data.train)

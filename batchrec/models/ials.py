@@ -21,7 +21,7 @@ Defaults tuned once on the validation part of ml-latest-small / user_temporal (s
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numba
 import numpy as np
@@ -63,18 +63,30 @@ class ObservedPairs:
         self.by_user = csr_to_torch(X, device)
         pos = sp.csr_matrix((np.arange(X.nnz, dtype=np.int64), X.indices, X.indptr), shape=X.shape).T.tocsr()
         self.item_major = torch.from_numpy(pos.data).to(device)  # user-major position of each item-major pair
-        self.user_layout = (self.by_user.crow_indices()[:-1], self.by_user.col_indices(), self.by_user.values())
-        self.item_layout = (torch.from_numpy(pos.indptr[:-1].astype(np.int64)).to(device),
-                            torch.from_numpy(pos.indices.astype(np.int64)).to(device),
-                            self.by_user.values()[self.item_major])
+        self.user_layout = (
+            self.by_user.crow_indices()[:-1],
+            self.by_user.col_indices(),
+            self.by_user.values(),
+        )
+        self.item_layout = (
+            torch.from_numpy(pos.indptr[:-1].astype(np.int64)).to(device),
+            torch.from_numpy(pos.indices.astype(np.int64)).to(device),
+            self.by_user.values()[self.item_major],
+        )
 
     def dots(self, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
         """U[u] . V[i] on every pair, user-major order."""
         return torch.sparse.sampled_addmm(self.by_user, U, V.T, beta=0.0).values()
 
 
-def conjugate_gradient(x: torch.Tensor, Y: torch.Tensor, layout: tuple, dots: Callable[[torch.Tensor], torch.Tensor],
-                       reg: float, steps: int) -> torch.Tensor:
+def conjugate_gradient(
+    x: torch.Tensor,
+    Y: torch.Tensor,
+    layout: tuple,
+    dots: Callable[[torch.Tensor], torch.Tensor],
+    reg: float,
+    steps: int,
+) -> torch.Tensor:
     """A few CG steps on every row's system A_u x_u = b_u at once, from `x` (updated in place).
 
     `layout` = (offsets, col, e): the observed pairs of each row of x (CSR order) and their
@@ -111,7 +123,9 @@ def gram_matrix(Y: torch.Tensor, reg: float) -> torch.Tensor:
     return gram
 
 
-def conjugate_gradient_fused(x: torch.Tensor, Y: torch.Tensor, pairs: sp.csr_matrix, reg: float, steps: int) -> torch.Tensor:
+def conjugate_gradient_fused(
+    x: torch.Tensor, Y: torch.Tensor, pairs: sp.csr_matrix, reg: float, steps: int
+) -> torch.Tensor:
     """`conjugate_gradient` on CPU as one fused numba kernel, from `x` (updated in place).
 
     `pairs` is the CSR of e = c - 1 with one row per row of x (user-major for the user half-step,
@@ -123,8 +137,16 @@ def conjugate_gradient_fused(x: torch.Tensor, Y: torch.Tensor, pairs: sp.csr_mat
     numba.set_num_threads(threads)
     gram = gram_matrix_fixed_order(Y, reg)
     indptr = pairs.indptr.astype(np.int64, copy=False)  # one compiled signature
-    _cg_rows(x.numpy(), Y.numpy(), indptr, pairs.indices.astype(np.int32, copy=False),
-             pairs.data.astype(np.float32, copy=False), gram, steps, balanced_spans(indptr, x.shape[1], threads))
+    _cg_rows(
+        x.numpy(),
+        Y.numpy(),
+        indptr,
+        pairs.indices.astype(np.int32, copy=False),
+        pairs.data.astype(np.float32, copy=False),
+        gram,
+        steps,
+        balanced_spans(indptr, x.shape[1], threads),
+    )
     return x
 
 
@@ -142,7 +164,9 @@ def balanced_spans(indptr: np.ndarray, k: int, threads: int) -> np.ndarray:
     cost = np.diff(indptr) + k // 2
     total = np.concatenate([[0], np.cumsum(cost)])
     n_spans = max(1, SPANS_PER_THREAD * threads)
-    return np.unique(np.searchsorted(total, np.linspace(0, total[-1], n_spans + 1), side="left")).astype(np.int64)
+    return np.unique(np.searchsorted(total, np.linspace(0, total[-1], n_spans + 1), side="left")).astype(
+        np.int64
+    )
 
 
 GRAM_BLOCK = 64  # rows of Y summed in float32 before each addition to the float64 total
@@ -190,14 +214,18 @@ def _gram_rows(Y, reg, block, out):
 @intrinsic
 def _prefetch(typingctx, array, row, col):
     """Ask the CPU to start loading the cache line of array[row, col] (no wait, no fault)."""
+
     def codegen(context, builder, sig, args):
         ary = context.make_array(sig.args[0])(context, builder, args[0])
         idx = [context.cast(builder, v, t, numba.types.intp) for v, t in zip(args[1:], sig.args[1:])]
         ptr = cgutils.get_item_pointer(context, builder, sig.args[0], ary, idx, wraparound=False)
         i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
-                                            "llvm.prefetch")
-        builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])  # read, keep in all levels, data
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch"
+        )
+        builder.call(
+            fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)]
+        )  # read, keep in all levels, data
         return context.get_dummy_value()
 
     return numba.types.void(array, row, col), codegen
@@ -268,7 +296,9 @@ def _cg_group(x, Y, indptr, indices, e, gram, steps, lo, hi):
         _gram_times_rows(Ap, gram, p, np.float32(1.0), n)
         for i in range(n):
             a, b = indptr[lo + i], indptr[lo + i + 1]
-            _add_pairs(Ap[i], Y, indices[a:b], e[a:b], p[i], np.float32(1.0), np.float32(0.0))  # Ap = gram p + sum_i e_i (y_i . p) y_i
+            _add_pairs(
+                Ap[i], Y, indices[a:b], e[a:b], p[i], np.float32(1.0), np.float32(0.0)
+            )  # Ap = gram p + sum_i e_i (y_i . p) y_i
             step = rs[i] / max(_dot(p[i], Ap[i]), tiny)
             for j in range(k):
                 xs[i, j] += step * p[i, j]
@@ -296,34 +326,88 @@ class ImplicitALS(FactorModel):
     task = "ranking"
     params_spec = (
         Param("factors", int, 128, "latent dimensions", min=1, max=4096, search=IntRange(64, 256, log=True)),
-        Param("reg", float, 10.0, "L2 regularisation of user and item factors", min=0.0,
-              search=LogUniform(2.0, 50.0)),
-        Param("alpha", float, 1.0, "confidence c = 1 + alpha * w of an observed pair", min=0.0,
-              search=LogUniform(0.3, 10.0)),
+        Param(
+            "reg",
+            float,
+            10.0,
+            "L2 regularisation of user and item factors",
+            min=0.0,
+            search=LogUniform(2.0, 50.0),
+        ),
+        Param(
+            "alpha",
+            float,
+            1.0,
+            "confidence c = 1 + alpha * w of an observed pair",
+            min=0.0,
+            search=LogUniform(0.3, 10.0),
+        ),
         Param("iterations", int, 15, "alternating user/item half-steps pairs", min=1, max=1000),
         Param("cg_steps", int, 3, "conjugate-gradient steps per half-step", min=1, max=256),
-        Param("min_rating", float, 4.0, "ratings below this are not positives (0: every interaction)", min=0.0,
-              search=Choice((0.0, 3.0, 3.5, 4.0))),
-        Param("weighting", str, "binary", "w of a positive: binary (1) or rating (max(r - rating_offset, 0.5))",
-              choices=("binary", "rating"), search=Choice(("binary", "rating"))),
+        Param(
+            "min_rating",
+            float,
+            4.0,
+            "ratings below this are not positives (0: every interaction)",
+            min=0.0,
+            search=Choice((0.0, 3.0, 3.5, 4.0)),
+        ),
+        Param(
+            "weighting",
+            str,
+            "binary",
+            "w of a positive: binary (1) or rating (max(r - rating_offset, 0.5))",
+            choices=("binary", "rating"),
+            search=Choice(("binary", "rating")),
+        ),
         Param("rating_offset", float, 2.0, "subtracted from the rating with weighting=rating"),
-        Param("recency_halflife", float, 10.0, "confidence weight halves every this many later events of the user "
-              "(0: no recency weighting)", min=0.0, search=Choice((0.0, 2.0, 5.0, 10.0, 20.0, 50.0))),
-        Param("recency_floor", float, 0.1, "weight of a user's oldest events with recency weighting", min=0.0, max=1.0,
-              search=Uniform(0.0, 1.0)),
+        Param(
+            "recency_halflife",
+            float,
+            10.0,
+            "confidence weight halves every this many later events of the user (0: no recency weighting)",
+            min=0.0,
+            search=Choice((0.0, 2.0, 5.0, 10.0, 20.0, 50.0)),
+        ),
+        Param(
+            "recency_floor",
+            float,
+            0.1,
+            "weight of a user's oldest events with recency weighting",
+            min=0.0,
+            max=1.0,
+            search=Uniform(0.0, 1.0),
+        ),
         Param("init_std", float, 0.01, "standard deviation of the random initial factors", min=0.0),
-        Param("cg_kernel", str, "auto", "conjugate-gradient implementation: numba (fused per row, CPU only), "
-              "torch (batched sparse ops, any device) or auto (numba on CPU)", choices=("auto", "numba", "torch")),
+        Param(
+            "cg_kernel",
+            str,
+            "auto",
+            "conjugate-gradient implementation: numba (fused per row, CPU only), "
+            "torch (batched sparse ops, any device) or auto (numba on CPU)",
+            choices=("auto", "numba", "torch"),
+        ),
     )
 
     def fit(self, data, trainer) -> ImplicitALS:
         p = self.params
-        X = positive_matrix(data.train, data.n_users, data.n_items, p["min_rating"], p["weighting"], p["rating_offset"],
-                            query_recency_factor(data.train, p["recency_halflife"], p["recency_floor"]))
+        X = positive_matrix(
+            data.train,
+            data.n_users,
+            data.n_items,
+            p["min_rating"],
+            p["weighting"],
+            p["rating_offset"],
+            query_recency_factor(data.train, p["recency_halflife"], p["recency_floor"]),
+        )
         X.data *= p["alpha"]  # e = c - 1 = alpha * w
-        kernel = p["cg_kernel"] if p["cg_kernel"] != "auto" else "numba" if self.device.type == "cpu" else "torch"
+        kernel = (
+            p["cg_kernel"] if p["cg_kernel"] != "auto" else "numba" if self.device.type == "cpu" else "torch"
+        )
         if kernel == "numba" and self.device.type != "cpu":
-            raise BatchrecError(f"ials: parameter cg_kernel=numba runs on the CPU only (device is {self.device})")
+            raise BatchrecError(
+                f"ials: parameter cg_kernel=numba runs on the CPU only (device is {self.device})"
+            )
         g = trainer.generator()
         d = p["factors"]
         self.U = torch.randn(data.n_users, d, generator=g, device=self.device) * p["init_std"]
@@ -339,9 +423,18 @@ class ImplicitALS(FactorModel):
             pairs = ObservedPairs(X, self.device)
 
             def iterate():
-                conjugate_gradient(self.U, self.V, pairs.user_layout, lambda v: pairs.dots(v, self.V), reg, steps)
-                conjugate_gradient(self.V, self.U, pairs.item_layout,
-                                   lambda v: pairs.dots(self.U, v).index_select(0, pairs.item_major), reg, steps)
+                conjugate_gradient(
+                    self.U, self.V, pairs.user_layout, lambda v: pairs.dots(v, self.V), reg, steps
+                )
+                conjugate_gradient(
+                    self.V,
+                    self.U,
+                    pairs.item_layout,
+                    lambda v: pairs.dots(self.U, v).index_select(0, pairs.item_major),
+                    reg,
+                    steps,
+                )
+
         for it in range(1, p["iterations"] + 1):
             t0 = time.perf_counter()
             iterate()

@@ -66,21 +66,49 @@ class ItemKNN(Recommender):
     params_spec = (
         Param("k", int, 200, "neighbours kept per target item", min=1),
         Param("shrink", float, 20.0, "added to the cosine denominator (damps rare co-occurrences)", min=0.0),
-        Param("min_rating", float, 4.0, "ratings below this are not positives (0: every interaction)", min=0.0),
-        Param("weighting", str, "binary", "weight of a positive: binary (1) or rating (max(r - rating_offset, 0.5))",
-              choices=("binary", "rating")),
+        Param(
+            "min_rating", float, 4.0, "ratings below this are not positives (0: every interaction)", min=0.0
+        ),
+        Param(
+            "weighting",
+            str,
+            "binary",
+            "weight of a positive: binary (1) or rating (max(r - rating_offset, 0.5))",
+            choices=("binary", "rating"),
+        ),
         Param("rating_offset", float, 2.0, "subtracted from the rating with weighting=rating"),
-        Param("recency_halflife", float, 5.0, "query weight halves every this many later events of the user "
-              "(0: no recency weighting)", min=0.0),
-        Param("recency_floor", float, 0.1, "query weight of a user's oldest events with recency weighting", min=0.0, max=1.0),
+        Param(
+            "recency_halflife",
+            float,
+            5.0,
+            "query weight halves every this many later events of the user (0: no recency weighting)",
+            min=0.0,
+        ),
+        Param(
+            "recency_floor",
+            float,
+            0.1,
+            "query weight of a user's oldest events with recency weighting",
+            min=0.0,
+            max=1.0,
+        ),
     )
 
     def fit(self, data, trainer) -> ItemKNN:
         p = self.params
-        X = positive_matrix(data.train, self.n_users, self.n_items, p["min_rating"], p["weighting"], p["rating_offset"])
+        X = positive_matrix(
+            data.train, self.n_users, self.n_items, p["min_rating"], p["weighting"], p["rating_offset"]
+        )
         self.S = cosine_topk(X, p["k"], p["shrink"])
-        self.query = positive_matrix(data.train, self.n_users, self.n_items, p["min_rating"], p["weighting"],
-                                     p["rating_offset"], query_recency_factor(data.train, p["recency_halflife"], p["recency_floor"]))
+        self.query = positive_matrix(
+            data.train,
+            self.n_users,
+            self.n_items,
+            p["min_rating"],
+            p["weighting"],
+            p["rating_offset"],
+            query_recency_factor(data.train, p["recency_halflife"], p["recency_floor"]),
+        )
         trainer.log_epoch(epoch=1, positives=int(X.nnz), neighbours=int(self.S.nnz))
         return self
 

@@ -68,8 +68,16 @@ RANKING_PARAMS = {"missing_weight": 1.0, "missing_rating": 0.0, "patience": 10, 
 class _MFModule(nn.Module):
     """Sparse embedding tables, so an optimiser step touches only the rows of its batch."""
 
-    def __init__(self, n_users: int, n_items: int, factors: int, mu: float, biased: bool, init_std: float,
-                 generator: torch.Generator):
+    def __init__(
+        self,
+        n_users: int,
+        n_items: int,
+        factors: int,
+        mu: float,
+        biased: bool,
+        init_std: float,
+        generator: torch.Generator,
+    ):
         super().__init__()
         self.P = nn.Embedding(n_users, factors, sparse=True)
         self.Q = nn.Embedding(n_items, factors, sparse=True)
@@ -87,8 +95,17 @@ class _MFModule(nn.Module):
     def forward(self, u: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
         return self.mu + self.bu(u)[:, 0] + self.bi(i)[:, 0] + (self.P(u) * self.Q(i)).sum(-1)
 
-    def loss(self, u: torch.Tensor, i: torch.Tensor, r: torch.Tensor, w: torch.Tensor, uw: torch.Tensor,
-             ru: torch.Tensor, ri: torch.Tensor, bias_reg: float) -> torch.Tensor:
+    def loss(
+        self,
+        u: torch.Tensor,
+        i: torch.Tensor,
+        r: torch.Tensor,
+        w: torch.Tensor,
+        uw: torch.Tensor,
+        ru: torch.Tensor,
+        ri: torch.Tensor,
+        bias_reg: float,
+    ) -> torch.Tensor:
         """Weighted squared error plus L2 on the embedding rows of this batch. w: weight of each
         sample; uw: weight of its gradient on the user's row only (recency); ru, ri: the L2 weight
         of its user and item row (biases get `bias_reg` times as much)."""
@@ -116,51 +133,118 @@ class BiasedMF(Recommender):
         Param("factors", int, 64, "latent dimensions", min=1, max=4096, search=IntRange(16, 128, log=True)),
         Param("biased", bool, True, "learn global mean and user/item biases (false: plain Funk-SVD)"),
         Param("lr", float, 5e-3, "learning rate", min=1e-7, max=10.0, search=LogUniform(1e-3, 2e-2)),
-        Param("reg", float, 1.0, "L2 on the factor rows of each batch (see reg_exponent)", min=0.0,
-              search=LogUniform(0.05, 10.0)),
-        Param("bias_reg", float, 0.2, "L2 on the biases, relative to reg", min=0.0, search=LogUniform(0.02, 2.0)),
-        Param("reg_exponent", float, 0.5, "a row seen n times is penalised reg/n^reg_exponent per occurrence: "
-              "0 = per rating (SGD style), 1 = once per row", min=0.0, max=1.0, search=Uniform(0.0, 1.0)),
+        Param(
+            "reg",
+            float,
+            1.0,
+            "L2 on the factor rows of each batch (see reg_exponent)",
+            min=0.0,
+            search=LogUniform(0.05, 10.0),
+        ),
+        Param(
+            "bias_reg", float, 0.2, "L2 on the biases, relative to reg", min=0.0, search=LogUniform(0.02, 2.0)
+        ),
+        Param(
+            "reg_exponent",
+            float,
+            0.5,
+            "a row seen n times is penalised reg/n^reg_exponent per occurrence: "
+            "0 = per rating (SGD style), 1 = once per row",
+            min=0.0,
+            max=1.0,
+            search=Uniform(0.0, 1.0),
+        ),
         Param("init_std", float, 0.01, "standard deviation of the initial factors", min=0.0, max=1.0),
-        Param("recency", float, 100.0, "user rows learn from a rating with weight exp(-k/recency), k = the "
-              "user's later ratings (0: all alike)", min=0.0, search=Choice((0.0, 25.0, 50.0, 100.0, 200.0, 400.0))),
-        Param("missing_weight", float, 0.0, "weight of sampled unrated pairs pulled towards missing_rating "
-              "(0: off)", min=0.0, max=1.0, search=Uniform(0.0, 1.0)),
-        Param("missing_rating", float, 1.0, "target rating of the sampled unrated pairs", search=Uniform(0.0, 3.0)),
-        Param("epochs", int, 30, "maximum epochs (all of them when there is no validation part)", min=1, max=10_000),
+        Param(
+            "recency",
+            float,
+            100.0,
+            "user rows learn from a rating with weight exp(-k/recency), k = the "
+            "user's later ratings (0: all alike)",
+            min=0.0,
+            search=Choice((0.0, 25.0, 50.0, 100.0, 200.0, 400.0)),
+        ),
+        Param(
+            "missing_weight",
+            float,
+            0.0,
+            "weight of sampled unrated pairs pulled towards missing_rating (0: off)",
+            min=0.0,
+            max=1.0,
+            search=Uniform(0.0, 1.0),
+        ),
+        Param(
+            "missing_rating",
+            float,
+            1.0,
+            "target rating of the sampled unrated pairs",
+            search=Uniform(0.0, 3.0),
+        ),
+        Param(
+            "epochs",
+            int,
+            30,
+            "maximum epochs (all of them when there is no validation part)",
+            min=1,
+            max=10_000,
+        ),
         Param("batch_size", int, 1024, "interactions per mini-batch", min=1),
         Param("optimizer", str, "adam", "adam or sgd (momentum 0.9)", choices=("adam", "sgd")),
-        Param("patience", int, 3, "epochs without validation improvement before stopping", min=1,
-              search=IntRange(3, 10)),
+        Param(
+            "patience",
+            int,
+            3,
+            "epochs without validation improvement before stopping",
+            min=1,
+            search=IntRange(3, 10),
+        ),
     )
 
     def fit(self, data, trainer) -> BiasedMF:
         tr = data.train
         if tr.implicit:
-            raise BatchrecError("mf: needs explicit ratings; this snapshot is implicit (use bpr, ials or ease)")
+            raise BatchrecError(
+                "mf: needs explicit ratings; this snapshot is implicit (use bpr, ials or ease)"
+            )
         p = self.params
         explicit = ~np.isnan(tr.rating)
         mu = float(tr.rating[explicit].mean())
-        self.module = _MFModule(self.n_users, self.n_items, p["factors"], mu, p["biased"], p["init_std"],
-                                trainer.generator(offset=1)).to(self.device)
+        self.module = _MFModule(
+            self.n_users,
+            self.n_items,
+            p["factors"],
+            mu,
+            p["biased"],
+            p["init_std"],
+            trainer.generator(offset=1),
+        ).to(self.device)
         u, i, r = (t[torch.from_numpy(explicit).to(self.device)] for t in tr.tensors(self.device))
         w = torch.ones_like(r)
         uw = torch.ones_like(r)
         if p["recency"] > 0:
-            uw = torch.from_numpy(later_ratings_decay(tr.select(explicit), p["recency"]).astype(np.float32)).to(self.device)
+            uw = torch.from_numpy(
+                later_ratings_decay(tr.select(explicit), p["recency"]).astype(np.float32)
+            ).to(self.device)
         data_fn = (u, i, r, w, uw)
         if p["missing_weight"] > 0:
             # Ratings are missing not at random: users rate what they chose to watch. Pulling a
             # sample of unrated pairs towards a low rating, with a small weight, teaches the
             # factors which items a user would pick at all, which top-N ranking needs (Steck 2010).
-            sampler = NegativeSampler(*tr.tensors(self.device)[:2], self.n_items, None, trainer.generator(offset=2))
+            sampler = NegativeSampler(
+                *tr.tensors(self.device)[:2], self.n_items, None, trainer.generator(offset=2)
+            )
             r_miss = torch.full_like(r, p["missing_rating"])
             w_miss = torch.full_like(r, p["missing_weight"])
 
             def data_fn(epoch: int):
                 j, ok = sampler.sample(u)
-                return (torch.cat([u, u[ok]]), torch.cat([i, j[ok]]), torch.cat([r, r_miss[ok]]),
-                        torch.cat([w, w_miss[ok]]), torch.cat([uw, w[ok]]))
+                return (
+                    torch.cat([u, u[ok]]),
+                    torch.cat([i, j[ok]]),
+                    torch.cat([r, r_miss[ok]]),
+                    torch.cat([w, w_miss[ok]]),
+                    torch.cat([uw, w[ok]]),
+                )
 
         # Per-occurrence L2 weight of each row: reg / n^reg_exponent (n = its training ratings).
         n_u = torch.bincount(u, minlength=self.n_users).clamp(min=1).float()
@@ -173,11 +257,23 @@ class BiasedMF(Recommender):
 
         # Trained for ranking (unrated pairs sampled), the model keeps its best epoch by valid NDCG@10.
         ranking = p["missing_weight"] > 0
-        validate = ranking_validator(self, data) if ranking else rating_validator(self.module, data, self.device)
-        trainer.fit(self.module, loss_fn, data_fn, epochs=p["epochs"], batch_size=p["batch_size"], lr=p["lr"],
-                    optimizer="sparse_adam" if p["optimizer"] == "adam" else "sgd", validate=validate,
-                    higher_is_better=ranking, patience=p["patience"],
-                    metric_name="valid_ndcg@10" if ranking else "valid_rmse", name=self.name)
+        validate = (
+            ranking_validator(self, data) if ranking else rating_validator(self.module, data, self.device)
+        )
+        trainer.fit(
+            self.module,
+            loss_fn,
+            data_fn,
+            epochs=p["epochs"],
+            batch_size=p["batch_size"],
+            lr=p["lr"],
+            optimizer="sparse_adam" if p["optimizer"] == "adam" else "sgd",
+            validate=validate,
+            higher_is_better=ranking,
+            patience=p["patience"],
+            metric_name="valid_ndcg@10" if ranking else "valid_rmse",
+            name=self.name,
+        )
         return self
 
     def score(self, user_idx: torch.Tensor, item_idx: torch.Tensor | None = None) -> torch.Tensor:

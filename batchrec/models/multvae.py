@@ -87,28 +87,45 @@ fixed_epochs 104 per member.
 
 
 class _MultVAENet(nn.Module):
-    def __init__(self, n_items: int, hidden: int, latent: int, dropout: float, encoder_layers: int = 1,
-                 decoder_hidden: bool = True):
+    def __init__(
+        self,
+        n_items: int,
+        hidden: int,
+        latent: int,
+        dropout: float,
+        encoder_layers: int = 1,
+        decoder_hidden: bool = True,
+    ):
         super().__init__()
         self.encoder_in = nn.EmbeddingBag(n_items, hidden, mode="sum")
         self.encoder_bias = nn.Parameter(torch.zeros(hidden))
         # RecVAE's encoder (encoder_layers > 1): each layer sees the sum of all earlier ones, swish
         # and layer norm; one layer is Mult-VAE's tanh encoder.
         self.encoder_dense = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(encoder_layers - 1))
-        self.encoder_norms = nn.ModuleList(nn.LayerNorm(hidden, eps=0.1) for _ in range(encoder_layers)) \
-            if encoder_layers > 1 else nn.ModuleList()
+        self.encoder_norms = (
+            nn.ModuleList(nn.LayerNorm(hidden, eps=0.1) for _ in range(encoder_layers))
+            if encoder_layers > 1
+            else nn.ModuleList()
+        )
         self.encoder_out = nn.Linear(hidden, 2 * latent)
         self.decoder_in = nn.Linear(latent, hidden) if decoder_hidden else None
         self.decoder_out = nn.Linear(hidden if decoder_hidden else latent, n_items)
-        for w in (self.encoder_in.weight, self.encoder_out.weight, self.decoder_out.weight,
-                  *(layer.weight for layer in self.encoder_dense),
-                  *((self.decoder_in.weight,) if decoder_hidden else ())):
+        for w in (
+            self.encoder_in.weight,
+            self.encoder_out.weight,
+            self.decoder_out.weight,
+            *(layer.weight for layer in self.encoder_dense),
+            *((self.decoder_in.weight,) if decoder_hidden else ()),
+        ):
             nn.init.xavier_uniform_(w)
         self.latent, self.dropout = latent, dropout
         self.steps = 0  # optimiser steps taken (for the KL annealing)
 
     def decoder_parameters(self) -> list[nn.Parameter]:
-        return [*(self.decoder_in.parameters() if self.decoder_in is not None else ()), *self.decoder_out.parameters()]
+        return [
+            *(self.decoder_in.parameters() if self.decoder_in is not None else ()),
+            *self.decoder_out.parameters(),
+        ]
 
     def encoder_parameters(self) -> list[nn.Parameter]:
         decoder = {id(param) for param in self.decoder_parameters()}
@@ -119,10 +136,21 @@ class _MultVAENet(nn.Module):
         entries = rows.entries(users)
         return *self.encode_entries(*entries), entries
 
-    def encode_entries(self, row_of: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, offsets: torch.Tensor,
-                       dropout: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_entries(
+        self,
+        row_of: torch.Tensor,
+        cols: torch.Tensor,
+        vals: torch.Tensor,
+        offsets: torch.Tensor,
+        dropout: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, log-variance) of q(z | x) for rows given as entries (`SparseRows.entries` layout)."""
-        norm = torch.zeros(len(offsets), device=vals.device).index_add_(0, row_of, vals ** 2).sqrt().clamp(min=1e-12)
+        norm = (
+            torch.zeros(len(offsets), device=vals.device)
+            .index_add_(0, row_of, vals**2)
+            .sqrt()
+            .clamp(min=1e-12)
+        )
         x = vals / norm[row_of]  # the row, L2-normalised
         if self.training and dropout and self.dropout > 0:
             x = x * (torch.rand_like(x) >= self.dropout) / (1.0 - self.dropout)
@@ -146,28 +174,59 @@ class _MultVAENet(nn.Module):
     def decode_hidden(self, z: torch.Tensor) -> torch.Tensor:
         return z if self.decoder_in is None else torch.tanh(self.decoder_in(z))
 
-    def loss(self, rows: SparseRows, targets: SparseRows, users: torch.Tensor, beta: float, per_mass: bool = False,
-             prior_net: _MultVAENet | None = None, dropout: bool = True) -> torch.Tensor:
+    def loss(
+        self,
+        rows: SparseRows,
+        targets: SparseRows,
+        users: torch.Tensor,
+        beta: float,
+        per_mass: bool = False,
+        prior_net: _MultVAENet | None = None,
+        dropout: bool = True,
+    ) -> torch.Tensor:
         """`targets` has the sparsity of `rows`; its values weigh the reconstruction of each entry."""
         entries = rows.entries(users)
         mean, logvar = self.encode_entries(*entries, dropout=dropout)
         prior = None if prior_net is None else prior_net.posterior(*entries)
-        return self.elbo_loss(mean, logvar, prior, entries[0], entries[1], targets.entries(users)[2], beta, per_mass)
+        return self.elbo_loss(
+            mean, logvar, prior, entries[0], entries[1], targets.entries(users)[2], beta, per_mass
+        )
 
-    def future_loss(self, timeline: SparseRows, query_line: SparseRows, users: torch.Tensor, beta: float,
-                    per_mass: bool, cut_min: float, halflife: float, floor: float,
-                    prior_net: _MultVAENet | None = None, dropout: bool = True) -> torch.Tensor:
+    def future_loss(
+        self,
+        timeline: SparseRows,
+        query_line: SparseRows,
+        users: torch.Tensor,
+        beta: float,
+        per_mass: bool,
+        cut_min: float,
+        halflife: float,
+        floor: float,
+        prior_net: _MultVAENet | None = None,
+        dropout: bool = True,
+    ) -> torch.Tensor:
         """The task scoring poses: each user's time line (`timeline`, valued as targets) cut at a
         random point; the prefix, weighted as a scoring-time query (`query_line`, same layout) is
         from the cut's point of view, is encoded, and the items after the cut are the targets."""
-        row_of, cols, target, offsets, before, recency = timeline.cut_at_random(users, cut_min, halflife, floor)
+        row_of, cols, target, offsets, before, recency = timeline.cut_at_random(
+            users, cut_min, halflife, floor
+        )
         query = query_line.entries(users)[2] * recency * before
         mean, logvar = self.encode_entries(row_of, cols, query, offsets, dropout=dropout)
         prior = None if prior_net is None else prior_net.posterior(row_of, cols, query, offsets)
         return self.elbo_loss(mean, logvar, prior, row_of, cols, target * ~before, beta, per_mass)
 
-    def elbo_loss(self, mean: torch.Tensor, logvar: torch.Tensor, prior: tuple | None, row_of: torch.Tensor,
-                  cols: torch.Tensor, weight: torch.Tensor, beta: float, per_mass: bool = False) -> torch.Tensor:
+    def elbo_loss(
+        self,
+        mean: torch.Tensor,
+        logvar: torch.Tensor,
+        prior: tuple | None,
+        row_of: torch.Tensor,
+        cols: torch.Tensor,
+        weight: torch.Tensor,
+        beta: float,
+        per_mass: bool = False,
+    ) -> torch.Tensor:
         """Multinomial NLL of the weighted entries under a sample of q(z | x), + beta * KL, per user.
 
         `per_mass`: each user's KL weighs beta x their target mass (sum of `weight`), as in RecVAE,
@@ -179,7 +238,7 @@ class _MultVAENet(nn.Module):
         log_p = torch.log_softmax(self.decoder_out(self.decode_hidden(z)), dim=1)
         nll = -(log_p[row_of, cols] * weight).sum() / len(mean)
         if prior is None:
-            kl = -0.5 * (1 + logvar - mean ** 2 - logvar.exp()).sum(1)
+            kl = -0.5 * (1 + logvar - mean**2 - logvar.exp()).sum(1)
         else:
             kl = (_log_normal(z, mean, logvar) - _composite_prior(z, *prior)).sum(1)
         if per_mass:
@@ -196,16 +255,22 @@ def _log_normal(z: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> to
 
 def _composite_prior(z: torch.Tensor, old_mean: torch.Tensor, old_logvar: torch.Tensor) -> torch.Tensor:
     zeros = torch.zeros_like(z)
-    parts = torch.stack([_log_normal(z, zeros, zeros) + np.log(3 / 20),
-                         _log_normal(z, old_mean, old_logvar) + np.log(15 / 20),
-                         _log_normal(z, zeros, zeros + 10.0) + np.log(2 / 20)], dim=-1)
+    parts = torch.stack(
+        [
+            _log_normal(z, zeros, zeros) + np.log(3 / 20),
+            _log_normal(z, old_mean, old_logvar) + np.log(15 / 20),
+            _log_normal(z, zeros, zeros + 10.0) + np.log(2 / 20),
+        ],
+        dim=-1,
+    )
     return torch.logsumexp(parts, dim=-1)
 
 
 # The family as the Mult-VAE paper (Liang et al. 2018) defines it: one tanh layer each side of
 # the latent, N(0, I) prior, beta annealed, joint updates. The defaults add RecVAE's changes.
-MULT_VAE = dict(encoder_layers=1, decoder_hidden=True, prior="standard", kl_gamma=0.0, alternate=0, lr=1e-3,
-                patience=10)
+MULT_VAE = dict(
+    encoder_layers=1, decoder_hidden=True, prior="standard", kl_gamma=0.0, alternate=0, lr=1e-3, patience=10
+)
 
 # A fit without a validation part runs this many epochs per member: about where early stopping
 # ended on ml-latest-small user_temporal (members 0-3 of the defaults: epochs 109, 118, 103, 82),
@@ -225,42 +290,141 @@ class MultVAE(Recommender):
     name = "multvae"
     task = "ranking"
     params_spec = (
-        Param("hidden", int, 600, "width of the encoder's and decoder's hidden layer", min=1, max=16384,
-              search=IntRange(200, 1000, step=100)),
+        Param(
+            "hidden",
+            int,
+            600,
+            "width of the encoder's and decoder's hidden layer",
+            min=1,
+            max=16384,
+            search=IntRange(200, 1000, step=100),
+        ),
         Param("latent", int, 200, "latent dimensions", min=1, max=4096, search=IntRange(50, 400, step=50)),
-        Param("dropout", float, 0.5, "dropout on the input entries", min=0.0, max=0.95, search=Uniform(0.1, 0.8)),
-        Param("beta_max", float, 0.2, "final weight of the KL term, annealed (with kl_gamma 0)", min=0.0, max=10.0),
-        Param("anneal_steps", int, 0, "optimiser steps to anneal beta from 0 to beta_max (0: the whole run)",
-              min=0),
-        Param("min_rating", float, 0.0, "ratings below this are left out of the rows (0: every interaction)",
-              min=0.0),
-        Param("weighting", str, "rating", "row entries: binary (1) or rating (max(rating - rating_offset, 0.5))",
-              choices=("binary", "rating"), search=Choice(("binary", "rating"))),
+        Param(
+            "dropout", float, 0.5, "dropout on the input entries", min=0.0, max=0.95, search=Uniform(0.1, 0.8)
+        ),
+        Param(
+            "beta_max",
+            float,
+            0.2,
+            "final weight of the KL term, annealed (with kl_gamma 0)",
+            min=0.0,
+            max=10.0,
+        ),
+        Param(
+            "anneal_steps",
+            int,
+            0,
+            "optimiser steps to anneal beta from 0 to beta_max (0: the whole run)",
+            min=0,
+        ),
+        Param(
+            "min_rating",
+            float,
+            0.0,
+            "ratings below this are left out of the rows (0: every interaction)",
+            min=0.0,
+        ),
+        Param(
+            "weighting",
+            str,
+            "rating",
+            "row entries: binary (1) or rating (max(rating - rating_offset, 0.5))",
+            choices=("binary", "rating"),
+            search=Choice(("binary", "rating")),
+        ),
         Param("rating_offset", float, 2.0, "subtracted from the rating with weighting=rating"),
-        Param("query_offset", float, 2.75, "scoring query: a rated item weighs rating - query_offset (items rated "
-              "at or below it are left out)", search=Uniform(0.0, 3.5)),
-        Param("recency_halflife", float, 3.0, "in the query (and the cut history of the future term), an entry's "
-              "weight halves every this many later events of the user (0: no recency weighting)", min=0.0,
-              search=Choice((0.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0))),
-        Param("recency_floor", float, 0.1, "weight factor of a user's oldest events with recency weighting",
-              min=0.0, max=1.0, search=Uniform(0.0, 1.0)),
-        Param("target_halflife", float, 0.0, "in training, the reconstruction weight of an entry halves every "
-              "this many later events of the user (0: every entry alike)", min=0.0),
+        Param(
+            "query_offset",
+            float,
+            2.75,
+            "scoring query: a rated item weighs rating - query_offset (items rated "
+            "at or below it are left out)",
+            search=Uniform(0.0, 3.5),
+        ),
+        Param(
+            "recency_halflife",
+            float,
+            3.0,
+            "in the query (and the cut history of the future term), an entry's "
+            "weight halves every this many later events of the user (0: no recency weighting)",
+            min=0.0,
+            search=Choice((0.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0)),
+        ),
+        Param(
+            "recency_floor",
+            float,
+            0.1,
+            "weight factor of a user's oldest events with recency weighting",
+            min=0.0,
+            max=1.0,
+            search=Uniform(0.0, 1.0),
+        ),
+        Param(
+            "target_halflife",
+            float,
+            0.0,
+            "in training, the reconstruction weight of an entry halves every "
+            "this many later events of the user (0: every entry alike)",
+            min=0.0,
+        ),
         ENSEMBLE,
-        Param("future_weight", float, 0.0, "weight of a second loss term in which the user's history, cut at a "
-              "random point in their past and weighted as a scoring-time query from there, predicts all their "
-              "later training items (0: off)", min=0.0),
-        Param("future_cut_min", float, 0.5, "the random cut falls after at least this fraction of the history",
-              min=0.0, max=0.99),
-        Param("encoder_layers", int, 5, "1: Mult-VAE's encoder (one tanh layer); more: RecVAE's (that many densely "
-              "connected swish layers with layer norm)", min=1, max=16),
-        Param("decoder_hidden", bool, False, "a tanh hidden layer in the decoder (Mult-VAE); false: linear (RecVAE)"),
-        Param("prior", str, "composite", "standard: N(0, I); composite: RecVAE's mixture with the previous encoder's "
-              "posterior", choices=("standard", "composite")),
-        Param("kl_gamma", float, 0.005, "if > 0, each user's KL weighs kl_gamma x their reconstruction mass (RecVAE) "
-              "instead of the annealed beta", min=0.0, search=LogUniform(1e-3, 5e-2)),
-        Param("alternate", int, 3, "if > 0, RecVAE's alternating updates: this many epochs of the encoder, then one "
-              "of the decoder without input dropout", min=0),
+        Param(
+            "future_weight",
+            float,
+            0.0,
+            "weight of a second loss term in which the user's history, cut at a "
+            "random point in their past and weighted as a scoring-time query from there, predicts all their "
+            "later training items (0: off)",
+            min=0.0,
+        ),
+        Param(
+            "future_cut_min",
+            float,
+            0.5,
+            "the random cut falls after at least this fraction of the history",
+            min=0.0,
+            max=0.99,
+        ),
+        Param(
+            "encoder_layers",
+            int,
+            5,
+            "1: Mult-VAE's encoder (one tanh layer); more: RecVAE's (that many densely "
+            "connected swish layers with layer norm)",
+            min=1,
+            max=16,
+        ),
+        Param(
+            "decoder_hidden",
+            bool,
+            False,
+            "a tanh hidden layer in the decoder (Mult-VAE); false: linear (RecVAE)",
+        ),
+        Param(
+            "prior",
+            str,
+            "composite",
+            "standard: N(0, I); composite: RecVAE's mixture with the previous encoder's posterior",
+            choices=("standard", "composite"),
+        ),
+        Param(
+            "kl_gamma",
+            float,
+            0.005,
+            "if > 0, each user's KL weighs kl_gamma x their reconstruction mass (RecVAE) "
+            "instead of the annealed beta",
+            min=0.0,
+            search=LogUniform(1e-3, 5e-2),
+        ),
+        Param(
+            "alternate",
+            int,
+            3,
+            "if > 0, RecVAE's alternating updates: this many epochs of the encoder, then one "
+            "of the decoder without input dropout",
+            min=0,
+        ),
         Param("lr", float, 5e-4, "Adam learning rate", min=1e-6, max=1.0, search=LogUniform(1e-4, 3e-3)),
         Param("batch_size", int, 128, "users per batch", min=1),
         Param("epochs", int, 200, "maximum epochs", min=1, max=100000),
@@ -274,15 +438,25 @@ class MultVAE(Recommender):
         tr = data.train
 
         def rows(w: np.ndarray, keep: np.ndarray | None = None) -> SparseRows:
-            return SparseRows.from_events(tr, w, w > 0 if keep is None else keep, self.n_users, self.n_items,
-                                          self.device)
+            return SparseRows.from_events(
+                tr, w, w > 0 if keep is None else keep, self.n_users, self.n_items, self.device
+            )
 
         # The network learns from the plain rows; the query at scoring time is centred at
         # query_offset and recency-weighted.
         plain = history_weights(tr, p["min_rating"], p["weighting"], p["rating_offset"])
         query = query_weights(tr, p["query_offset"], 0.0, p["recency_halflife"], p["recency_floor"])
-        target_rows = rows(history_weights(tr, p["min_rating"], p["weighting"], p["rating_offset"],
-                                           p["target_halflife"], p["recency_floor"]), plain > 0)
+        target_rows = rows(
+            history_weights(
+                tr,
+                p["min_rating"],
+                p["weighting"],
+                p["rating_offset"],
+                p["target_halflife"],
+                p["recency_floor"],
+            ),
+            plain > 0,
+        )
         train_rows = rows(plain)
         self.rows = rows(query)
         users = torch.nonzero(torch.diff(train_rows.indptr) > 0)[:, 0]
@@ -295,7 +469,9 @@ class MultVAE(Recommender):
             query_base = np.maximum(query_weights(tr, p["query_offset"], 0.0), 0.0)
             in_line = (plain > 0) | (query_base > 0)
             timeline = SparseRows.in_time_order(tr, plain, in_line, self.n_users, self.n_items, self.device)
-            query_line = SparseRows.in_time_order(tr, query_base, in_line, self.n_users, self.n_items, self.device)
+            query_line = SparseRows.in_time_order(
+                tr, query_base, in_line, self.n_users, self.n_items, self.device
+            )
 
         def loss(batch: torch.Tensor) -> torch.Tensor:  # of the member being fitted, `net`
             # RecVAE's schedule: a cycle is `alternate` epochs of encoder updates, then one of
@@ -306,17 +482,30 @@ class MultVAE(Recommender):
                 prior_net.load_state_dict(net.state_dict())
             decoder_phase = p["alternate"] > 0 and epoch % cycle == p["alternate"]
             if p["alternate"] > 0:
-                for part, trained in ((net.encoder_parameters(), not decoder_phase),
-                                      (net.decoder_parameters(), decoder_phase)):
+                for part, trained in (
+                    (net.encoder_parameters(), not decoder_phase),
+                    (net.decoder_parameters(), decoder_phase),
+                ):
                     for param in part:
                         param.requires_grad_(trained)
             net.steps += 1
             beta = p["kl_gamma"] or p["beta_max"] * min(1.0, net.steps / total)
-            out = net.loss(train_rows, target_rows, batch, beta, per_mass, prior_net, dropout=not decoder_phase)
+            out = net.loss(
+                train_rows, target_rows, batch, beta, per_mass, prior_net, dropout=not decoder_phase
+            )
             if p["future_weight"] > 0:
                 out = out + p["future_weight"] * net.future_loss(
-                    timeline, query_line, batch, beta, per_mass, p["future_cut_min"], p["recency_halflife"],
-                    p["recency_floor"], prior_net, dropout=not decoder_phase)
+                    timeline,
+                    query_line,
+                    batch,
+                    beta,
+                    per_mass,
+                    p["future_cut_min"],
+                    p["recency_halflife"],
+                    p["recency_floor"],
+                    prior_net,
+                    dropout=not decoder_phase,
+                )
             return out
 
         nets = []
@@ -326,9 +515,19 @@ class MultVAE(Recommender):
             net = self._new_net(self.device)
             prior_net = self._new_net(self.device).eval() if p["prior"] == "composite" else None
             self.nets = [net]  # each member stops early on its own scores
-            member.fit(net, loss, (users,), epochs=epochs, batch_size=p["batch_size"], lr=p["lr"],
-                       validate=validate, higher_is_better=True, patience=p["patience"], metric_name="valid_ndcg",
-                       name=self.name)
+            member.fit(
+                net,
+                loss,
+                (users,),
+                epochs=epochs,
+                batch_size=p["batch_size"],
+                lr=p["lr"],
+                validate=validate,
+                higher_is_better=True,
+                patience=p["patience"],
+                metric_name="valid_ndcg",
+                name=self.name,
+            )
             net.requires_grad_(True)
             nets.append(net)
         self.nets = nets
@@ -336,8 +535,9 @@ class MultVAE(Recommender):
 
     def _new_net(self, device: torch.device) -> _MultVAENet:
         p = self.params
-        return _MultVAENet(self.n_items, p["hidden"], p["latent"], p["dropout"], p["encoder_layers"],
-                           p["decoder_hidden"]).to(device)
+        return _MultVAENet(
+            self.n_items, p["hidden"], p["latent"], p["dropout"], p["encoder_layers"], p["decoder_hidden"]
+        ).to(device)
 
     def score(self, user_idx: torch.Tensor, item_idx: torch.Tensor | None = None) -> torch.Tensor:
         """The members' mean logit: it ranks as their mean log-likelihood does (per user, each
@@ -347,11 +547,15 @@ class MultVAE(Recommender):
             for net in self.nets:
                 h = net.decode_hidden(net.encode(self.rows, user_idx)[0])
                 out = net.decoder_out
-                total = total + (out(h) if item_idx is None else (h * out.weight[item_idx]).sum(1) + out.bias[item_idx])
+                total = total + (
+                    out(h) if item_idx is None else (h * out.weight[item_idx]).sum(1) + out.bias[item_idx]
+                )
             return total / len(self.nets)
 
     def state(self) -> dict:
-        nets = {f"member{k}.{name}": v for k, net in enumerate(self.nets) for name, v in net.state_dict().items()}
+        nets = {
+            f"member{k}.{name}": v for k, net in enumerate(self.nets) for name, v in net.state_dict().items()
+        }
         return nets | self.rows.state("train")
 
     def load_state(self, state: dict) -> None:
@@ -359,5 +563,7 @@ class MultVAE(Recommender):
         self.nets = [self._new_net(state_device(state)) for _ in range(self.params["ensemble"])]
         for k, net in enumerate(self.nets):
             prefix = f"member{k}."
-            net.load_state_dict({name[len(prefix):]: v for name, v in state.items() if name.startswith(prefix)})
+            net.load_state_dict(
+                {name[len(prefix) :]: v for name, v in state.items() if name.startswith(prefix)}
+            )
             net.eval()

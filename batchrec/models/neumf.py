@@ -47,8 +47,9 @@ class _ResBlock(nn.Module):
 
 
 class _NeuMFNet(nn.Module):
-    def __init__(self, n_users: int, n_items: int, factors: int, hidden: int, blocks: int, dropout: float,
-                 gmf: bool):
+    def __init__(
+        self, n_users: int, n_items: int, factors: int, hidden: int, blocks: int, dropout: float, gmf: bool
+    ):
         super().__init__()
         self.gmf, self.factors = gmf, factors
         self.user_mlp, self.item_mlp = nn.Embedding(n_users, factors), nn.Embedding(n_items, factors)
@@ -70,34 +71,40 @@ class _NeuMFNet(nn.Module):
     def dense_sq(self) -> torch.Tensor:
         """Summed squares of the MLP weight matrices (their L2; without it they could scale up
         whatever the embedding L2 shrinks)."""
-        return sum((m.weight ** 2).sum() for m in self.modules() if isinstance(m, nn.Linear))
+        return sum((m.weight**2).sum() for m in self.modules() if isinstance(m, nn.Linear))
 
     def mlp_tail(self, h: torch.Tensor) -> torch.Tensor:
         return self.out(self.blocks(self.drop(torch.relu(h)))).squeeze(-1)
 
-    def forward(self, u: torch.Tensor, i: torch.Tensor, user_grad: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, u: torch.Tensor, i: torch.Tensor, user_grad: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(predicted ratings, summed squares of the embeddings used, for L2); `user_grad` scales
         the gradient reaching each example's user rows."""
         pu, qi = scale_grad(self.user_mlp(u), user_grad), self.item_mlp(i)
         pred = self.mu + self.mlp_tail(self.first(torch.cat([pu, qi], 1)))
-        sq = (pu ** 2).sum() + (qi ** 2).sum()
+        sq = (pu**2).sum() + (qi**2).sum()
         if self.gmf:
             gu, gi = scale_grad(self.user_gmf(u), user_grad), self.item_gmf(i)
             bu, bi = scale_grad(self.user_bias(u).squeeze(1), user_grad), self.item_bias(i).squeeze(1)
             pred = pred + (gu * gi).sum(1) + bu + bi
-            sq = sq + (gu ** 2).sum() + (gi ** 2).sum() + (bu ** 2).sum() + (bi ** 2).sum()
+            sq = sq + (gu**2).sum() + (gi**2).sum() + (bu**2).sum() + (bi**2).sum()
         return pred, sq
 
     def all_items(self, u: torch.Tensor) -> torch.Tensor:
         """[len(u), n_items] predictions; the first layer is split into a user part and an item part
         so the concatenation is never materialised, and users go in chunks to bound memory."""
-        w_user, w_item = self.first.weight[:, :self.factors], self.first.weight[:, self.factors:]
+        w_user, w_item = self.first.weight[:, : self.factors], self.first.weight[:, self.factors :]
         item_part = self.item_mlp.weight @ w_item.T + self.first.bias
         user_part = self.user_mlp(u) @ w_user.T
         n_items = item_part.shape[0]
         step = pair_blocks(len(u), n_items, item_part.shape[1])
-        out = torch.cat([self.mlp_tail(user_part[s:s + step, None, :] + item_part[None]) for s in range(0, len(u), step)])
+        out = torch.cat(
+            [
+                self.mlp_tail(user_part[s : s + step, None, :] + item_part[None])
+                for s in range(0, len(u), step)
+            ]
+        )
         out = out + self.mu
         if self.gmf:
             out = out + self.user_gmf(u) @ self.item_gmf.weight.T
@@ -115,16 +122,27 @@ class NeuMF(Recommender):
     name = "neumf"
     task = "rating"
     params_spec = (
-        Param("variant", str, "neumf", "neumf (mean + biases + GMF + MLP) or mlp (MLP over embeddings only)",
-              choices=("neumf", "mlp")),
+        Param(
+            "variant",
+            str,
+            "neumf",
+            "neumf (mean + biases + GMF + MLP) or mlp (MLP over embeddings only)",
+            choices=("neumf", "mlp"),
+        ),
         Param("factors", int, 64, "embedding size of each path", min=1, max=4096),
         Param("hidden", int, 64, "width of the MLP", min=1, max=8192),
         Param("blocks", int, 2, "residual blocks in the MLP", min=0, max=32),
         Param("dropout", float, 0.5, "dropout in the MLP", min=0.0, max=0.95),
         Param("reg", float, 0.05, "L2 on the embeddings and biases of each batch (per example)", min=0.0),
         Param("dense_reg", float, 1e-4, "L2 on the MLP weight matrices (per batch)", min=0.0),
-        Param("recency", float, 100.0, "user parameters learn from a rating with weight exp(-k/recency), k = the "
-              "user's later ratings (0: all alike)", min=0.0),
+        Param(
+            "recency",
+            float,
+            100.0,
+            "user parameters learn from a rating with weight exp(-k/recency), k = the "
+            "user's later ratings (0: all alike)",
+            min=0.0,
+        ),
         Param("lr", float, 2e-3, "Adam learning rate", min=1e-6, max=1.0),
         Param("batch_size", int, 1024, "ratings per batch", min=1),
         Param("epochs", int, 30, "maximum epochs", min=1, max=10000),
@@ -134,8 +152,15 @@ class NeuMF(Recommender):
 
     def _net(self, device: torch.device) -> _NeuMFNet:
         p = self.params
-        return _NeuMFNet(self.n_users, self.n_items, p["factors"], p["hidden"], p["blocks"], p["dropout"],
-                         gmf=p["variant"] == "neumf").to(device)
+        return _NeuMFNet(
+            self.n_users,
+            self.n_items,
+            p["factors"],
+            p["hidden"],
+            p["blocks"],
+            p["dropout"],
+            gmf=p["variant"] == "neumf",
+        ).to(device)
 
     def fit(self, data, trainer) -> NeuMF:
         require_ratings(data, self.name)
@@ -155,9 +180,18 @@ class NeuMF(Recommender):
             return torch.mean((pred - r) ** 2) + p["reg"] * sq / len(u) + p["dense_reg"] * self.net.dense_sq()
 
         validate = rating_validator(self.score, data, self.device)
-        trainer.fit(self.net, loss, (u, i, r, w), epochs=epochs_to_run(p, validate), batch_size=p["batch_size"],
-                    lr=p["lr"], validate=validate, patience=p["patience"], metric_name="valid_rmse",
-                    name=self.name)
+        trainer.fit(
+            self.net,
+            loss,
+            (u, i, r, w),
+            epochs=epochs_to_run(p, validate),
+            batch_size=p["batch_size"],
+            lr=p["lr"],
+            validate=validate,
+            patience=p["patience"],
+            metric_name="valid_rmse",
+            name=self.name,
+        )
         return self
 
     def score(self, user_idx: torch.Tensor, item_idx: torch.Tensor | None = None) -> torch.Tensor:

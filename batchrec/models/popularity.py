@@ -29,9 +29,20 @@ class Popularity(Recommender):
     seed_param = False
     personalised = False
     params_spec = (
-        Param("variant", str, "count", "count: number of interactions; bayes: Bayesian-average rating",
-              choices=("count", "bayes")),
-        Param("prior_weight", float, 10.0, "bayes: pseudo-ratings at the global mean added to every item", min=0.0),
+        Param(
+            "variant",
+            str,
+            "count",
+            "count: number of interactions; bayes: Bayesian-average rating",
+            choices=("count", "bayes"),
+        ),
+        Param(
+            "prior_weight",
+            float,
+            10.0,
+            "bayes: pseudo-ratings at the global mean added to every item",
+            min=0.0,
+        ),
     )
 
     def fit(self, data, trainer) -> Popularity:
@@ -41,8 +52,10 @@ class Popularity(Recommender):
             pop = counts
         else:
             if tr.implicit:
-                raise BatchrecError("popularity: variant=bayes needs explicit ratings; this snapshot is implicit "
-                                    "(use variant=count)")
+                raise BatchrecError(
+                    "popularity: variant=bayes needs explicit ratings; this snapshot is implicit "
+                    "(use variant=count)"
+                )
             explicit = ~np.isnan(tr.rating)
             sums = np.bincount(tr.item_idx[explicit], weights=tr.rating[explicit], minlength=self.n_items)
             n = np.bincount(tr.item_idx[explicit], minlength=self.n_items)

@@ -11,8 +11,14 @@ _REJECT_ROUNDS = 8
 class NegativeSampler:
     """Draws items a user has not interacted with, vectorised (sorted keys + binary search)."""
 
-    def __init__(self, seen_users: torch.Tensor, seen_items: torch.Tensor, n_items: int,
-                 weights: torch.Tensor | None, generator: torch.Generator):
+    def __init__(
+        self,
+        seen_users: torch.Tensor,
+        seen_items: torch.Tensor,
+        n_items: int,
+        weights: torch.Tensor | None,
+        generator: torch.Generator,
+    ):
         self.n_items = n_items
         self.keys = torch.sort(seen_users * n_items + seen_items).values
         self.weights = weights

@@ -36,7 +36,9 @@ class Uniform:
         return (self.low, self.high)
 
     def contains(self, value: Any) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and self.low <= value <= self.high
+        return (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and self.low <= value <= self.high
+        )
 
     def describe(self) -> str:
         return f"{'log-' if self.log else ''}uniform [{self.low:g}, {self.high:g}]"
@@ -69,8 +71,12 @@ class IntRange:
         return (self.low, self.high)
 
     def contains(self, value: Any) -> bool:
-        return (isinstance(value, int) and not isinstance(value, bool) and self.low <= value <= self.high
-                and (value - self.low) % self.step == 0)
+        return (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and self.low <= value <= self.high
+            and (value - self.low) % self.step == 0
+        )
 
     def describe(self) -> str:
         step = f" step {self.step}" if self.step != 1 else ""
@@ -122,4 +128,6 @@ def check_space(space: SearchSpace, param) -> None:
     if problem is None and not space.contains(param.default):
         problem = f"the default {param.default!r} lies outside it"
     if problem is not None:
-        raise BatchrecError(f"{where}: {problem} (expected a space inside the parameter's bounds that holds its default)")
+        raise BatchrecError(
+            f"{where}: {problem} (expected a space inside the parameter's bounds that holds its default)"
+        )

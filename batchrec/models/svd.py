@@ -55,24 +55,40 @@ class TruncatedSVD(Recommender):
     task = "rating"
     params_spec = (
         Param("factors", int, 20, "rank of the decomposition", min=1, max=2048),
-        Param("centering", str, "baseline", "user: user mean; baseline: mu + b_u + b_i (both damped)",
-              choices=("user", "baseline")),
-        Param("item_shrinkage", float, 25.0, "baseline: pseudo-ratings damping item offsets towards 0", min=0.0),
+        Param(
+            "centering",
+            str,
+            "baseline",
+            "user: user mean; baseline: mu + b_u + b_i (both damped)",
+            choices=("user", "baseline"),
+        ),
+        Param(
+            "item_shrinkage", float, 25.0, "baseline: pseudo-ratings damping item offsets towards 0", min=0.0
+        ),
         Param("user_shrinkage", float, 3.0, "pseudo-ratings damping user means/offsets towards 0", min=0.0),
         Param("alpha", float, 1.0, "scale of the low-rank correction", min=0.0, max=100.0),
-        Param("recency", float, 50.0, "weight a user's ratings by exp(-k/recency), k = the user's later "
-              "ratings (0: all equal)", min=0.0),
+        Param(
+            "recency",
+            float,
+            50.0,
+            "weight a user's ratings by exp(-k/recency), k = the user's later ratings (0: all equal)",
+            min=0.0,
+        ),
     )
 
     def fit(self, data, trainer) -> TruncatedSVD:
         tr = data.train
         if tr.implicit:
-            raise BatchrecError("svd: needs explicit ratings; this snapshot is implicit (use ease, ials or bpr)")
+            raise BatchrecError(
+                "svd: needs explicit ratings; this snapshot is implicit (use ease, ials or bpr)"
+            )
         p = self.params
         k = p["factors"]
         if k >= min(self.n_users, self.n_items):
-            raise BatchrecError(f"svd: parameter factors={k} must be below min(users, items) = "
-                                f"{min(self.n_users, self.n_items)} for this snapshot")
+            raise BatchrecError(
+                f"svd: parameter factors={k} must be below min(users, items) = "
+                f"{min(self.n_users, self.n_items)} for this snapshot"
+            )
         keep = ~np.isnan(tr.rating)
         u, i, r = tr.user_idx[keep], tr.item_idx[keep], tr.rating[keep].astype(np.float64)
         w = later_ratings_decay(tr.select(keep), p["recency"])
@@ -93,7 +109,9 @@ class TruncatedSVD(Recommender):
         trainer.log_epoch(**row, **({"valid_rmse": check()} if check else {}))
         return self
 
-    def _centring(self, u: np.ndarray, i: np.ndarray, r: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _centring(
+        self, u: np.ndarray, i: np.ndarray, r: np.ndarray, w: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(per-user part, per-item part) of the centring, damped by the shrinkages; the user
         part averages with weights `w` (recency)."""
         mu = r.mean()
@@ -107,20 +125,34 @@ class TruncatedSVD(Recommender):
 
     def score(self, user_idx: torch.Tensor, item_idx: torch.Tensor | None = None) -> torch.Tensor:
         if item_idx is None:
-            return (self.user_base[user_idx, None] + self.item_base[None, :]
-                    + self.user_factors[user_idx] @ self.item_factors.T)
-        return (self.user_base[user_idx] + self.item_base[item_idx]
-                + (self.user_factors[user_idx] * self.item_factors[item_idx]).sum(-1))
+            return (
+                self.user_base[user_idx, None]
+                + self.item_base[None, :]
+                + self.user_factors[user_idx] @ self.item_factors.T
+            )
+        return (
+            self.user_base[user_idx]
+            + self.item_base[item_idx]
+            + (self.user_factors[user_idx] * self.item_factors[item_idx]).sum(-1)
+        )
 
     def user_vectors(self) -> torch.Tensor:
-        return torch.cat([self.user_factors, self.user_base[:, None], torch.ones_like(self.user_base)[:, None]], 1)
+        return torch.cat(
+            [self.user_factors, self.user_base[:, None], torch.ones_like(self.user_base)[:, None]], 1
+        )
 
     def item_vectors(self) -> torch.Tensor:
-        return torch.cat([self.item_factors, torch.ones_like(self.item_base)[:, None], self.item_base[:, None]], 1)
+        return torch.cat(
+            [self.item_factors, torch.ones_like(self.item_base)[:, None], self.item_base[:, None]], 1
+        )
 
     def state(self) -> dict[str, Any]:
-        return {"user_factors": self.user_factors, "item_factors": self.item_factors,
-                "user_base": self.user_base, "item_base": self.item_base}
+        return {
+            "user_factors": self.user_factors,
+            "item_factors": self.item_factors,
+            "user_base": self.user_base,
+            "item_base": self.item_base,
+        }
 
     def load_state(self, state: dict[str, Any]) -> None:
         for key in ("user_factors", "item_factors", "user_base", "item_base"):

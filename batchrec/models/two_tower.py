@@ -77,8 +77,16 @@ choice): 0.0807 (seed 0), 0.0827 (seed 1); 0.9 x EASE is 0.0805.
 
 
 class _TwoTowerNet(nn.Module):
-    def __init__(self, n_users: int, n_items: int, n_features: int, dim: int, hidden: int, history: bool,
-                 user_id: bool = True):
+    def __init__(
+        self,
+        n_users: int,
+        n_items: int,
+        n_features: int,
+        dim: int,
+        hidden: int,
+        history: bool,
+        user_id: bool = True,
+    ):
         super().__init__()
         self.user_id = nn.Embedding(n_users, dim)
         # Off: frozen and unread (the optimiser skips it); still created, so that a seed draws the
@@ -93,12 +101,22 @@ class _TwoTowerNet(nn.Module):
         for e in (self.user_id, self.item_id) + ((self.history,) if history else ()):
             nn.init.normal_(e.weight, std=0.05)
 
-    def users(self, u: torch.Tensor, rows: SparseRows | None, leave_out: torch.Tensor | None = None,
-              leave_out_weight: torch.Tensor | None = None, drop: float = 0.0) -> torch.Tensor:
+    def users(
+        self,
+        u: torch.Tensor,
+        rows: SparseRows | None,
+        leave_out: torch.Tensor | None = None,
+        leave_out_weight: torch.Tensor | None = None,
+        drop: float = 0.0,
+    ) -> torch.Tensor:
         """User vectors [len(u), dim + 1]: id embedding (+ the weighted mean of the history item
         embeddings of the user's row in `rows`, without `leave_out` — a training positive must
         not predict itself — and with each entry dropped with probability `drop`)."""
-        e = self.user_id(u) if self.use_user_id else torch.zeros(len(u), self.user_id.embedding_dim, device=u.device)
+        e = (
+            self.user_id(u)
+            if self.use_user_id
+            else torch.zeros(len(u), self.user_id.embedding_dim, device=u.device)
+        )
         if self.history is not None:
             users, inverse = torch.unique(u, return_inverse=True)
             row_of, cols, vals, offsets = rows.entries(users)
@@ -131,28 +149,72 @@ class TwoTower(FactorModel):
     name = "two_tower"
     task = "ranking"
     params_spec = (
-        Param("loss", str, "multinomial", "bpr (one uniform negative per positive), softmax (in-batch negatives, "
-              "log-popularity corrected) or multinomial (per user, one softmax over the whole training catalogue)",
-              choices=("bpr", "softmax", "multinomial")),
-        Param("history_dropout", float, 0.5, "with loss=multinomial, probability of dropping a history entry in "
-              "training (the user's positives are the targets, so the input is denoised)", min=0.0, max=0.95),
+        Param(
+            "loss",
+            str,
+            "multinomial",
+            "bpr (one uniform negative per positive), softmax (in-batch negatives, "
+            "log-popularity corrected) or multinomial (per user, one softmax over the whole training catalogue)",
+            choices=("bpr", "softmax", "multinomial"),
+        ),
+        Param(
+            "history_dropout",
+            float,
+            0.5,
+            "with loss=multinomial, probability of dropping a history entry in "
+            "training (the user's positives are the targets, so the input is denoised)",
+            min=0.0,
+            max=0.95,
+        ),
         ENSEMBLE,
         Param("dim", int, 128, "embedding size of both towers", min=1, max=4096),
         Param("hidden", int, 128, "hidden width of the item content MLP", min=1, max=8192),
-        Param("id_dropout", float, 0.1, "probability of dropping an item's id embedding in training", min=0.0,
-              max=1.0),
-        Param("history", bool, True, "the user tower adds the weighted mean of embeddings of the user's "
-              "training positives"),
-        Param("user_id", bool, False, "the user tower has a user id embedding (off: users are their history)"),
+        Param(
+            "id_dropout",
+            float,
+            0.1,
+            "probability of dropping an item's id embedding in training",
+            min=0.0,
+            max=1.0,
+        ),
+        Param(
+            "history",
+            bool,
+            True,
+            "the user tower adds the weighted mean of embeddings of the user's training positives",
+        ),
+        Param(
+            "user_id", bool, False, "the user tower has a user id embedding (off: users are their history)"
+        ),
         Param("history_max", int, 200, "most recent positives of a user that the history reads", min=1),
-        Param("min_rating", float, 0.0, "ratings below this are not positives (0: every interaction)", min=0.0),
-        Param("weighting", str, "rating", "weight of a positive (in the loss and the history): binary (1) or "
-              "rating (max(rating - rating_offset, 0.5))", choices=("binary", "rating")),
+        Param(
+            "min_rating", float, 0.0, "ratings below this are not positives (0: every interaction)", min=0.0
+        ),
+        Param(
+            "weighting",
+            str,
+            "rating",
+            "weight of a positive (in the loss and the history): binary (1) or "
+            "rating (max(rating - rating_offset, 0.5))",
+            choices=("binary", "rating"),
+        ),
         Param("rating_offset", float, 2.0, "subtracted from the rating with weighting=rating"),
-        Param("recency_halflife", float, 3.0, "at scoring time a history entry's weight halves every this many "
-              "later events of the user (0: no recency weighting)", min=0.0),
-        Param("recency_floor", float, 0.1, "weight factor of a user's oldest events with recency weighting",
-              min=0.0, max=1.0),
+        Param(
+            "recency_halflife",
+            float,
+            3.0,
+            "at scoring time a history entry's weight halves every this many "
+            "later events of the user (0: no recency weighting)",
+            min=0.0,
+        ),
+        Param(
+            "recency_floor",
+            float,
+            0.1,
+            "weight factor of a user's oldest events with recency weighting",
+            min=0.0,
+            max=1.0,
+        ),
         Param("reg", float, 1e-4, "L2 on the embedding rows of each batch", min=0.0),
         Param("lr", float, 3e-3, "Adam learning rate", min=1e-6, max=1.0),
         Param("batch_size", int, 4096, "positive interactions per batch", min=2),
@@ -164,8 +226,9 @@ class TwoTower(FactorModel):
     def fit(self, data, trainer) -> TwoTower:
         p = self.params
         if not (p["history"] or p["user_id"]):
-            raise BatchrecError("two_tower: history=false with user_id=false leaves the user tower empty; "
-                                "turn one of them on")
+            raise BatchrecError(
+                "two_tower: history=false with user_id=false leaves the user tower empty; turn one of them on"
+            )
         tr = data.train
         counts = np.bincount(tr.item_idx, minlength=self.n_items)
         self.content = SparseRows.from_scipy(item_content(data, counts > 0), self.device)
@@ -175,13 +238,24 @@ class TwoTower(FactorModel):
         weights = history_weights(tr, p["min_rating"], p["weighting"], p["rating_offset"])
         keep = weights > 0
         if not keep.any():
-            raise BatchrecError(f"two_tower: no training interaction has rating >= min_rating={p['min_rating']}")
+            raise BatchrecError(
+                f"two_tower: no training interaction has rating >= min_rating={p['min_rating']}"
+            )
         u, i, w = (torch.from_numpy(a[keep]).to(self.device) for a in (tr.user_idx, tr.item_idx, weights))
         recent = events_from_end(tr) < p["history_max"]
 
         def history_rows(recency_halflife: float) -> SparseRows:
-            hw = history_weights(tr, p["min_rating"], p["weighting"], p["rating_offset"], recency_halflife,
-                                 p["recency_floor"]) * recent
+            hw = (
+                history_weights(
+                    tr,
+                    p["min_rating"],
+                    p["weighting"],
+                    p["rating_offset"],
+                    recency_halflife,
+                    p["recency_floor"],
+                )
+                * recent
+            )
             return SparseRows.from_events(tr, hw, hw > 0, self.n_users, self.n_items, self.device)
 
         train_rows = history_rows(0.0)
@@ -193,11 +267,13 @@ class TwoTower(FactorModel):
             keep_id = torch.rand(items.shape, device=items.device) >= p["id_dropout"]
             return net.items(self.content, items, keep_id)
 
-        def user_vectors(bu: torch.Tensor, bi: torch.Tensor, bw: torch.Tensor, bh: torch.Tensor) -> torch.Tensor:
+        def user_vectors(
+            bu: torch.Tensor, bi: torch.Tensor, bw: torch.Tensor, bh: torch.Tensor
+        ) -> torch.Tensor:
             return net.users(bu, train_rows, bi, bw * bh)
 
         def l2(*rows: torch.Tensor) -> torch.Tensor:
-            return p["reg"] * sum((r ** 2).sum() for r in rows) / len(rows[0])
+            return p["reg"] * sum((r**2).sum() for r in rows) / len(rows[0])
 
         batch_size = p["batch_size"]
         catalogue = torch.nonzero(self.warm)[:, 0]  # the items with training interactions
@@ -211,7 +287,9 @@ class TwoTower(FactorModel):
             def loss(bu, bi, bw, bh, lw, bj) -> torch.Tensor:
                 uv, vi, vj = user_vectors(bu, bi, bw, bh), item_vectors(bi), item_vectors(bj)
                 diff = (uv * (vi - vj)).sum(1)
-                return -(lw * F.logsigmoid(diff)).mean() + l2(net.user_id(bu), net.item_id(bi), net.item_id(bj))
+                return -(lw * F.logsigmoid(diff)).mean() + l2(
+                    net.user_id(bu), net.item_id(bi), net.item_id(bj)
+                )
 
             data_fn = batches
         elif p["loss"] == "multinomial":
@@ -229,7 +307,9 @@ class TwoTower(FactorModel):
                 return -(log_p[row_of, position[cols]] * vals).sum() / vals.sum() + l2(net.user_id(bu))
 
             data_fn = (users,)
-            batch_size = max(1, round(p["batch_size"] * len(users) / len(u)))  # the users of ~batch_size positives
+            batch_size = max(
+                1, round(p["batch_size"] * len(users) / len(u))
+            )  # the users of ~batch_size positives
         else:
             pos_counts = torch.bincount(i, minlength=self.n_items).float()
             log_q = torch.log((pos_counts / pos_counts.sum()).clamp(min=1e-12))
@@ -240,7 +320,9 @@ class TwoTower(FactorModel):
                 # the popularity bias of in-batch sampling.
                 logits = uv @ vi.T - log_q[bi][None, :]
                 same = bi[None, :] == bi[:, None]
-                logits = logits.masked_fill(same & ~torch.eye(len(bi), dtype=torch.bool, device=bi.device), -torch.inf)
+                logits = logits.masked_fill(
+                    same & ~torch.eye(len(bi), dtype=torch.bool, device=bi.device), -torch.inf
+                )
                 ce = F.cross_entropy(logits, torch.arange(len(bu), device=bu.device), reduction="none")
                 return (lw * ce).mean() + l2(net.user_id(bu), net.item_id(bi))
 
@@ -257,11 +339,28 @@ class TwoTower(FactorModel):
             member = trainer.for_member(k)
             torch.manual_seed(member.seed)
             # the loss functions above read the current member's `net` (and `member`'s generator)
-            net = _TwoTowerNet(self.n_users, self.n_items, self.content.n_cols, p["dim"], p["hidden"],
-                               p["history"], p["user_id"]).to(self.device)
-            member.fit(net, loss, data_fn, epochs=epochs_to_run(p, validate), batch_size=batch_size, lr=p["lr"],
-                       validate=validate and export_and_validate, higher_is_better=True, patience=p["patience"],
-                       metric_name="valid_ndcg", name=self.name)
+            net = _TwoTowerNet(
+                self.n_users,
+                self.n_items,
+                self.content.n_cols,
+                p["dim"],
+                p["hidden"],
+                p["history"],
+                p["user_id"],
+            ).to(self.device)
+            member.fit(
+                net,
+                loss,
+                data_fn,
+                epochs=epochs_to_run(p, validate),
+                batch_size=batch_size,
+                lr=p["lr"],
+                validate=validate and export_and_validate,
+                higher_is_better=True,
+                patience=p["patience"],
+                metric_name="valid_ndcg",
+                name=self.name,
+            )
             self._export(net)
             vectors.append((self.U, self.V))
         # The mean of the members' scores is itself a dot product: of the concatenated vectors.
@@ -288,10 +387,17 @@ class TwoTower(FactorModel):
             self.V = net.items(self.content, torch.arange(self.n_items, device=self.device), self.warm)
 
 
-def _negatives(users: torch.Tensor, catalogue: torch.Tensor, pos_keys: torch.Tensor, n_items: int,
-               gen: torch.Generator, rounds: int = 10) -> torch.Tensor:
+def _negatives(
+    users: torch.Tensor,
+    catalogue: torch.Tensor,
+    pos_keys: torch.Tensor,
+    n_items: int,
+    gen: torch.Generator,
+    rounds: int = 10,
+) -> torch.Tensor:
     """One negative per positive, uniform over `catalogue`; draws that hit one of the user's
     positives (sorted keys user * n_items + item) are re-drawn, all at once, for a few rounds."""
+
     def draw(n: int) -> torch.Tensor:
         return catalogue[torch.randint(len(catalogue), (n,), generator=gen, device=catalogue.device)]
 

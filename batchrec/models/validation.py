@@ -5,7 +5,7 @@ rank gets the same figure and takes the same early-stopping decision."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -24,8 +24,11 @@ def rating_validator(predict, data, device: torch.device) -> Callable[[], float]
     if valid is None or len(valid) == 0 or valid.implicit:
         return None
     tr = data.train
-    known = ((np.bincount(tr.user_idx, minlength=data.n_users) > 0)[valid.user_idx]
-             & (np.bincount(tr.item_idx, minlength=data.n_items) > 0)[valid.item_idx] & ~np.isnan(valid.rating))
+    known = (
+        (np.bincount(tr.user_idx, minlength=data.n_users) > 0)[valid.user_idx]
+        & (np.bincount(tr.item_idx, minlength=data.n_items) > 0)[valid.item_idx]
+        & ~np.isnan(valid.rating)
+    )
     if not known.any():
         return None
     u, i, r = (t[torch.from_numpy(known).to(device)] for t in valid.tensors(device))
@@ -35,12 +38,16 @@ def rating_validator(predict, data, device: torch.device) -> Callable[[], float]
         mu, mi, mr = distributed.my_part(u), distributed.my_part(i), distributed.my_part(r)
         mse = ((predict(mu, mi).clamp(lo, hi) - mr) ** 2).mean() if len(mu) else r.new_zeros(())
         # back to the tensor's dtype before the root: alone, exactly the figure of one process
-        return float(torch.sqrt(torch.tensor(distributed.mean_of_parts(float(mse), len(mu)), dtype=mse.dtype)))
+        return float(
+            torch.sqrt(torch.tensor(distributed.mean_of_parts(float(mse), len(mu)), dtype=mse.dtype))
+        )
 
     return valid_rmse
 
 
-def ranking_validator(model, data, k: int = 10, threshold: float = RELEVANCE_THRESHOLD) -> Callable[[], float] | None:
+def ranking_validator(
+    model, data, k: int = 10, threshold: float = RELEVANCE_THRESHOLD
+) -> Callable[[], float] | None:
     """Validation NDCG@k: relevant = valid items rated >= threshold (all, when implicit) that are in
     the train catalogue; candidates = that catalogue minus the user's train items. None without a
     validation part."""

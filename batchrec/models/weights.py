@@ -51,8 +51,13 @@ def positive_weights(events, min_rating: float, weighting: str, rating_offset: f
     return w
 
 
-def query_weights(events, query_offset: float, dislike_weight: float, recency_halflife: float = 0.0,
-                  recency_floor: float = 0.1) -> np.ndarray:
+def query_weights(
+    events,
+    query_offset: float,
+    dislike_weight: float,
+    recency_halflife: float = 0.0,
+    recency_floor: float = 0.1,
+) -> np.ndarray:
     """Signed query weight of each event (float32): rating - query_offset, times `dislike_weight`
     where negative (a disliked item); implicit events (NaN rating) weigh 1; times the recency
     factor of `query_recency_factor` (halflife 0: none)."""
@@ -62,8 +67,14 @@ def query_weights(events, query_offset: float, dislike_weight: float, recency_ha
     return w if recency is None else w * recency.astype(np.float32)
 
 
-def history_weights(events, min_rating: float = 0.0, weighting: str = "binary", rating_offset: float = 2.0,
-                    recency_halflife: float = 0.0, recency_floor: float = 0.1) -> np.ndarray:
+def history_weights(
+    events,
+    min_rating: float = 0.0,
+    weighting: str = "binary",
+    rating_offset: float = 2.0,
+    recency_halflife: float = 0.0,
+    recency_floor: float = 0.1,
+) -> np.ndarray:
     """Weight of each event in a user's history (0: left out), float32.
 
     Explicit ratings below `min_rating` weigh 0; the others 1 (`binary`) or
@@ -75,14 +86,22 @@ def history_weights(events, min_rating: float = 0.0, weighting: str = "binary", 
     return (w if recency is None else w * recency).astype(np.float32)
 
 
-def positive_matrix(events, n_users: int, n_items: int, min_rating: float = 0.0, weighting: str = "binary",
-                    rating_offset: float = 0.0, extra: np.ndarray | None = None) -> sp.csr_matrix:
+def positive_matrix(
+    events,
+    n_users: int,
+    n_items: int,
+    min_rating: float = 0.0,
+    weighting: str = "binary",
+    rating_offset: float = 0.0,
+    extra: np.ndarray | None = None,
+) -> sp.csr_matrix:
     """User x item CSR (float32) of positive weights, optionally times a per-event factor."""
     w = positive_weights(events, min_rating, weighting, rating_offset)
     if extra is not None:
         w = w * extra.astype(np.float32)
     keep = w > 0
-    m = sp.csr_matrix((w[keep], (events.user_idx[keep], events.item_idx[keep])), shape=(n_users, n_items),
-                      dtype=np.float32)
+    m = sp.csr_matrix(
+        (w[keep], (events.user_idx[keep], events.item_idx[keep])), shape=(n_users, n_items), dtype=np.float32
+    )
     m.sum_duplicates()
     return m

@@ -25,15 +25,28 @@ from batchrec.serving import refresh as refresh_serving
 from batchrec.warehouse import Warehouse
 
 
-def score_command(wh: Warehouse, run_id: str | None = None, model: str | None = None,
-                  top_n: int = options.TOP_N.default, shard: str | None = None, publish_run: str | None = None,
-                  users_file: str | None = None, pairs: str | None = None, out: str | None = None,
-                  memory_budget: str = options.MEMORY_BUDGET.default,
-                  retention_days: int = options.RETENTION_DAYS.default, device: str = options.DEVICE.default,
-                  min_history: int = 1, gate: GateSettings | None = DEFAULT_GATE,
-                  executor: str = options.EXECUTOR.default, ray_address: str | None = None,
-                  shards: int | None = None, shards_uri: str | None = None,
-                  task_cpus: float = options.TASK_CPUS.default, task_gpus: float = options.TASK_GPUS.default) -> str:
+def score_command(
+    wh: Warehouse,
+    run_id: str | None = None,
+    model: str | None = None,
+    top_n: int = options.TOP_N.default,
+    shard: str | None = None,
+    publish_run: str | None = None,
+    users_file: str | None = None,
+    pairs: str | None = None,
+    out: str | None = None,
+    memory_budget: str = options.MEMORY_BUDGET.default,
+    retention_days: int = options.RETENTION_DAYS.default,
+    device: str = options.DEVICE.default,
+    min_history: int = 1,
+    gate: GateSettings | None = DEFAULT_GATE,
+    executor: str = options.EXECUTOR.default,
+    ray_address: str | None = None,
+    shards: int | None = None,
+    shards_uri: str | None = None,
+    task_cpus: float = options.TASK_CPUS.default,
+    task_gpus: float = options.TASK_GPUS.default,
+) -> str:
     """`batchrec score`: see the module docstring; returns a one-line summary. Full publishes (not
     `--users`) go through the publish `gate` (None: the list sanity checks only)."""
     budget = parse_memory_budget(memory_budget)
@@ -49,7 +62,9 @@ def score_command(wh: Warehouse, run_id: str | None = None, model: str | None = 
         if out is None:
             raise BatchrecError("--pairs needs --out FILE for the scored pairs")
         if shard or publish_run or users_file or distributed:
-            raise BatchrecError("--pairs cannot be combined with --shard, --publish, --users, --shards or --executor")
+            raise BatchrecError(
+                "--pairs cannot be combined with --shard, --publish, --users, --shards or --executor"
+            )
         with wh.connect(read_only=True) as con:
             run = resolve_shipped(con, run_id, model)
             return score_pairs(load_model(run, device), run, con, Path(pairs), Path(out))
@@ -63,10 +78,21 @@ def score_command(wh: Warehouse, run_id: str | None = None, model: str | None = 
         spec = parse_shard(shard)
         if users_file or distributed:
             raise BatchrecError("--shard cannot be combined with --users, --shards or --executor")
-        result = score_shard(wh, run_id, spec, shards_uri, model=model, top_n=top_n, memory_budget=memory_budget,
-                             device=device, min_history=min_history)
-        return (f"{result.summary()}; when all {result.n_shards} are written: "
-                f"`batchrec score --publish {result.run_id}`")
+        result = score_shard(
+            wh,
+            run_id,
+            spec,
+            shards_uri,
+            model=model,
+            top_n=top_n,
+            memory_budget=memory_budget,
+            device=device,
+            min_history=min_history,
+        )
+        return (
+            f"{result.summary()}; when all {result.n_shards} are written: "
+            f"`batchrec score --publish {result.run_id}`"
+        )
     if distributed:
         if users_file:
             raise BatchrecError("--users cannot be combined with --shards or --executor")
@@ -74,13 +100,26 @@ def score_command(wh: Warehouse, run_id: str | None = None, model: str | None = 
         t0 = time.perf_counter()
         with open_executor(executor, ray_address, cpus=task_cpus, gpus=task_gpus) as ex:
             results, published = score_sharded(
-                wh, ex, run_id, n, shards_uri, model=model, top_n=top_n, memory_budget=memory_budget, device=device,
-                min_history=min_history, retention_days=retention_days, gate=gate)
+                wh,
+                ex,
+                run_id,
+                n,
+                shards_uri,
+                model=model,
+                top_n=top_n,
+                memory_budget=memory_budget,
+                device=device,
+                min_history=min_history,
+                retention_days=retention_days,
+                gate=gate,
+            )
         slowest = max(r.seconds for r in results)
         peak = max(r.peak_rss_mb for r in results)
-        return (f"run {published.run_id} top-{top_n} on {executor}: {n} shards ({sum(r.users for r in results)} users, "
-                f"slowest shard {slowest:.1f} s, peak RSS per worker {peak:.0f} MB); {published.summary()}; "
-                f"{time.perf_counter() - t0:.1f} s in all")
+        return (
+            f"run {published.run_id} top-{top_n} on {executor}: {n} shards ({sum(r.users for r in results)} users, "
+            f"slowest shard {slowest:.1f} s, peak RSS per worker {peak:.0f} MB); {published.summary()}; "
+            f"{time.perf_counter() - t0:.1f} s in all"
+        )
     users = read_users(users_file) if users_file else None
     if shards_uri is not None:
         raise BatchrecError("--shards-uri is only for --shard, --publish and --shards")
@@ -89,16 +128,27 @@ def score_command(wh: Warehouse, run_id: str | None = None, model: str | None = 
         with wh.connect(read_only=True) as con:
             run = resolve_shipped(con, run_id, model)
         try:
-            info = score_and_publish(wh, run, load_model(run, device), top_n, budget, retention_days, users=users,
-                                     min_history=min_history, gate=gate)
+            info = score_and_publish(
+                wh,
+                run,
+                load_model(run, device),
+                top_n,
+                budget,
+                retention_days,
+                users=users,
+                min_history=min_history,
+                gate=gate,
+            )
         except Gated:
             refresh_serving(wh)  # readers (`batchrec status`) see the refusal in publish_log
             raise
         refresh_serving(wh)
-    summary = (f"run {run['run_id']} ({run['model']}) top-{top_n}: {info['users']} users (model {info['model']}, "
-               f"genre/tag {info['profile']}, popular {info['popular']}), {info['published']} rows published to "
-               f"recommendations; {info['moved']} earlier rows moved to recommendation_history, {info['expired']} "
-               f"expired (retention {retention_days} days); {time.perf_counter() - t0:.1f} s")
+    summary = (
+        f"run {run['run_id']} ({run['model']}) top-{top_n}: {info['users']} users (model {info['model']}, "
+        f"genre/tag {info['profile']}, popular {info['popular']}), {info['published']} rows published to "
+        f"recommendations; {info['moved']} earlier rows moved to recommendation_history, {info['expired']} "
+        f"expired (retention {retention_days} days); {time.perf_counter() - t0:.1f} s"
+    )
     if info.get("unknown_users"):
         summary += f"; {info['unknown_users']} listed users are not in the warehouse and were skipped"
     if info["gate"] is not None:

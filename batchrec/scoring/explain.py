@@ -3,7 +3,7 @@ user closest to it, found in the same blocked pass as the top-N (see `explanatio
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import scipy.sparse as sp
@@ -18,8 +18,9 @@ EXPLAIN_DIMS = 32  # item vectors for explanations are reduced to this many dime
 Similarity = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
-def explain_anchors(similarity: Similarity, pad: int, recs: np.ndarray, liked: sp.csr_matrix,
-                    rows: np.ndarray) -> np.ndarray:
+def explain_anchors(
+    similarity: Similarity, pad: int, recs: np.ndarray, liked: sp.csr_matrix, rows: np.ndarray
+) -> np.ndarray:
     """For each recommended item recs[b, k] (-1: none), the item of liked[rows[b]] most similar to
     it by `similarity(recs [g, k], liked items [g, w]) -> [g, k, w]`; -1 when the user liked
     nothing. Short histories are padded with item `pad`, which `similarity` scores lowest.
@@ -76,7 +77,9 @@ def explanation_similarity(model: Recommender, inputs: ScoringInputs) -> tuple[S
         if V.shape[1] < 2:
             return None
         V = V.float() - V.float().mean(0)
-        if V.shape[1] > EXPLAIN_DIMS:  # d x d eigenproblem, in float64 on the CPU (tiny; float32 LAPACK is slow)
+        if (
+            V.shape[1] > EXPLAIN_DIMS
+        ):  # d x d eigenproblem, in float64 on the CPU (tiny; float32 LAPACK is slow)
             _, vecs = np.linalg.eigh((V.T @ V).double().cpu().numpy())  # ascending eigenvalues
             V = V @ torch.from_numpy(vecs[:, -EXPLAIN_DIMS:].astype(np.float32)).to(V.device)
     else:
@@ -86,7 +89,9 @@ def explanation_similarity(model: Recommender, inputs: ScoringInputs) -> tuple[S
         if content.shape[1] > EXPLAIN_DIMS:  # Johnson-Lindenstrauss: cosines survive a random projection
             g = np.random.default_rng(0).standard_normal((content.shape[1], EXPLAIN_DIMS)).astype(np.float32)
             content = content @ g
-        V = torch.from_numpy(np.asarray(content.todense() if sp.issparse(content) else content)).to(model.device)
+        V = torch.from_numpy(np.asarray(content.todense() if sp.issparse(content) else content)).to(
+            model.device
+        )
     # Liked items are looked up with an extra 0 column and a padding row (0, ..., 0, -4);
     # recommendations with that column set to 1: a padding slot scores -4, below any cosine.
     # Small gathers and matmuls: numpy on the CPU (half torch's cost here), whatever the device.

@@ -92,7 +92,8 @@ def check_snapshot_kept(con, run: dict) -> None:
     if not scalar(con, "SELECT count(*) FROM feature_snapshots WHERE snapshot_id = ?", [run["snapshot_id"]]):
         raise BatchrecError(
             f"run {run['run_id']} was trained on feature snapshot {run['snapshot_id']}, which has been pruned; "
-            f"train a new run (`batchrec train {run['model']}`) or keep more snapshots (`batchrec features --keep`)")
+            f"train a new run (`batchrec train {run['model']}`) or keep more snapshots (`batchrec features --keep`)"
+        )
 
 
 def load_inputs(con, run: dict, min_history: int = 1) -> ScoringInputs:
@@ -101,18 +102,25 @@ def load_inputs(con, run: dict, min_history: int = 1) -> ScoringInputs:
     s = run["snapshot_id"]
     user_ids, _ = snapshot_ids(con, s)
     # every indexed item has an item_features row (sql/features/040), so pop_rank is never NULL
-    items = con.sql("""
+    items = con.sql(
+        """
         SELECT ii.item_id, f.n_ratings, f.pop_rank, coalesce(t.title, 'item ' || ii.item_id) AS title
         FROM item_index ii
         JOIN item_features f ON f.snapshot_id = ii.snapshot_id AND f.item_idx = ii.item_idx
         LEFT JOIN (SELECT item_id, min(title) AS title FROM items GROUP BY item_id) t ON t.item_id = ii.item_id
-        WHERE ii.snapshot_id = $s ORDER BY ii.item_idx""", params={"s": s}).pl()
+        WHERE ii.snapshot_id = $s ORDER BY ii.item_idx""",
+        params={"s": s},
+    ).pl()
     n_users, n_items = len(user_ids), len(items)
     # users of the raw tables that the snapshot does not have: cold rows after the snapshot's
-    cold = query_columns(con, """
+    cold = query_columns(
+        con,
+        """
         SELECT DISTINCT user_id AS id FROM (
             SELECT user_id FROM ratings UNION ALL SELECT user_id FROM users UNION ALL SELECT user_id FROM tags)
-        ANTI JOIN (SELECT user_id FROM user_index WHERE snapshot_id = $s) USING (user_id) ORDER BY 1""", {"s": s})["id"]
+        ANTI JOIN (SELECT user_id FROM user_index WHERE snapshot_id = $s) USING (user_id) ORDER BY 1""",
+        {"s": s},
+    )["id"]
     all_ids = np.concatenate([user_ids, cold.astype(np.int64)])
     n_rows = len(all_ids)
 
@@ -124,31 +132,52 @@ def load_inputs(con, run: dict, min_history: int = 1) -> ScoringInputs:
     x = snapshot_read(con, "seen_and_liked", s=s)
     seen = _pattern(x["user_idx"], x["item_idx"], (n_rows, n_items))
     like = x["liked"]
-    liked = _sample_rows(_pattern(x["user_idx"][like], x["item_idx"][like], (n_rows, n_items)), EXPLAIN_ANCHORS)
+    liked = _sample_rows(
+        _pattern(x["user_idx"][like], x["item_idx"][like], (n_rows, n_items)), EXPLAIN_ANCHORS
+    )
     del x, like
 
     fallback = pl.DataFrame({"user_id": all_ids[~served], "row": np.flatnonzero(~served)})
     acts = {"row": np.zeros(0, np.int64), "item_idx": np.zeros(0, np.int64)}
     if len(fallback):
         con.register("scoring_fallback", fallback.to_arrow())
-        acts = query_columns(con, """
+        acts = query_columns(
+            con,
+            """
             WITH acts AS (
                 SELECT user_id, item_id FROM ratings WHERE user_id IN (SELECT user_id FROM scoring_fallback)
                 UNION SELECT user_id, item_id FROM tags WHERE user_id IN (SELECT user_id FROM scoring_fallback))
             SELECT f.row, ii.item_idx FROM acts
             JOIN scoring_fallback f USING (user_id)
-            JOIN item_index ii ON ii.snapshot_id = $s AND ii.item_id = acts.item_id""", {"s": s})
+            JOIN item_index ii ON ii.snapshot_id = $s AND ii.item_id = acts.item_id""",
+            {"s": s},
+        )
         con.unregister("scoring_fallback")
     profile = _pattern(acts["row"], acts["item_idx"], (n_rows, n_items))
 
     genres, genre_names, tags, tag_terms = content_matrices(con, s, n_items)
     return ScoringInputs(
-        run_id=run["run_id"], family=run["model"], snapshot_id=s, user_ids=all_ids, n_model_users=n_users,
-        item_ids=items["item_id"].to_numpy().astype(np.int64), titles=items["title"],
-        n_ratings=items["n_ratings"].to_numpy().astype(np.float32), pop_rank=items["pop_rank"].to_numpy().astype(np.int64),
-        seen=seen, liked=liked, user_train=user_train, item_train=item_train, served=served, profile=profile,
-        genres=genres, genre_names=genre_names, tags=tags, tag_terms=tag_terms,
-        rating_scale=rating_range(con, s))
+        run_id=run["run_id"],
+        family=run["model"],
+        snapshot_id=s,
+        user_ids=all_ids,
+        n_model_users=n_users,
+        item_ids=items["item_id"].to_numpy().astype(np.int64),
+        titles=items["title"],
+        n_ratings=items["n_ratings"].to_numpy().astype(np.float32),
+        pop_rank=items["pop_rank"].to_numpy().astype(np.int64),
+        seen=seen,
+        liked=liked,
+        user_train=user_train,
+        item_train=item_train,
+        served=served,
+        profile=profile,
+        genres=genres,
+        genre_names=genre_names,
+        tags=tags,
+        tag_terms=tag_terms,
+        rating_scale=rating_range(con, s),
+    )
 
 
 def with_unknown_users(inputs: ScoringInputs, user_ids: np.ndarray) -> ScoringInputs:
@@ -162,15 +191,23 @@ def with_unknown_users(inputs: ScoringInputs, user_ids: np.ndarray) -> ScoringIn
     def grow(m: sp.csr_matrix) -> sp.csr_matrix:
         return sp.vstack([m, sp.csr_matrix((len(new), m.shape[1]), dtype=m.dtype)], format="csr")
 
-    return replace(inputs, user_ids=np.concatenate([inputs.user_ids, new]), seen=grow(inputs.seen),
-                   liked=grow(inputs.liked), profile=grow(inputs.profile),
-                   user_train=np.concatenate([inputs.user_train, np.zeros(len(new), inputs.user_train.dtype)]),
-                   served=np.concatenate([inputs.served, np.zeros(len(new), bool)]))
+    return replace(
+        inputs,
+        user_ids=np.concatenate([inputs.user_ids, new]),
+        seen=grow(inputs.seen),
+        liked=grow(inputs.liked),
+        profile=grow(inputs.profile),
+        user_train=np.concatenate([inputs.user_train, np.zeros(len(new), inputs.user_train.dtype)]),
+        served=np.concatenate([inputs.served, np.zeros(len(new), bool)]),
+    )
 
 
 def check_fits_snapshot(model: Recommender, run: dict, n_users: int, n_items: int) -> None:
     """The artifact was fitted on the run's snapshot: its user and item counts are the snapshot's."""
     if (model.n_users, model.n_items) != (n_users, n_items):
-        raise CorruptArtifact(run["artifact_path"], f"{model.n_users} users and {model.n_items} items, but its "
-                                                    f"snapshot {run['snapshot_id']} has {n_users} and {n_items}",
-                              run["model"])
+        raise CorruptArtifact(
+            run["artifact_path"],
+            f"{model.n_users} users and {model.n_items} items, but its "
+            f"snapshot {run['snapshot_id']} has {n_users} and {n_items}",
+            run["model"],
+        )

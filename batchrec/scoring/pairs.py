@@ -35,8 +35,10 @@ def _int_column(df: pl.DataFrame, column: str, path: Path | str, csv: bool) -> n
         at = int(bad.arg_max())
         where = f"line {at + 2}" if csv else f"row {at + 1}"
         value = df[column][at]
-        raise BatchrecError(f"{path}, {where}, column {column}: "
-                            f"{'an empty value' if value is None else repr(value)} is not an integer id")
+        raise BatchrecError(
+            f"{path}, {where}, column {column}: "
+            f"{'an empty value' if value is None else repr(value)} is not an integer id"
+        )
     return values.to_numpy()
 
 
@@ -67,8 +69,9 @@ def _lookup(ids: np.ndarray, query: np.ndarray) -> np.ndarray:
     return np.where(ids[order][pos] == query, order[pos], -1)
 
 
-def score_pair_frame(model: Recommender, run: dict, con, frame: pl.DataFrame, what: str | Path = "pairs",
-                     csv: bool = False) -> pl.DataFrame:
+def score_pair_frame(
+    model: Recommender, run: dict, con, frame: pl.DataFrame, what: str | Path = "pairs", csv: bool = False
+) -> pl.DataFrame:
     """`frame` (user_id, item_id, any other columns) with `score` and `fallback` columns added,
     rows in order: the run's model where it knows both ids, its fallback otherwise (an unknown
     user or item), rating models clipped to the snapshot's scale. `what` names the input in errors."""
@@ -80,22 +83,24 @@ def score_pair_frame(model: Recommender, run: dict, con, frame: pl.DataFrame, wh
     user_train, item_train = train_counts(con, s, run.get("protocol"), len(user_ids), len(item_ids))
     scale = rating_range(con, s)
     uidx, iidx = _lookup(user_ids, users), _lookup(item_ids, items)
-    uidx = np.where((uidx >= 0) & (user_train[np.maximum(uidx, 0)] > 0), uidx, -1)  # the model learned nothing else
+    uidx = np.where(
+        (uidx >= 0) & (user_train[np.maximum(uidx, 0)] > 0), uidx, -1
+    )  # the model learned nothing else
     iidx = np.where((iidx >= 0) & (item_train[np.maximum(iidx, 0)] > 0), iidx, -1)
     known = (uidx >= 0) & (iidx >= 0)
     scores = np.empty(len(frame), np.float32)
     step = 1 << 20
     with torch.no_grad():
         for a in range(0, len(frame), step):
-            ut = torch.from_numpy(uidx[a:a + step]).to(model.device)
-            it = torch.from_numpy(iidx[a:a + step]).to(model.device)
-            k = torch.from_numpy(known[a:a + step]).to(model.device)
+            ut = torch.from_numpy(uidx[a : a + step]).to(model.device)
+            it = torch.from_numpy(iidx[a : a + step]).to(model.device)
+            k = torch.from_numpy(known[a : a + step]).to(model.device)
             chunk = torch.empty(len(ut), device=model.device)
             if k.any():
                 chunk[k] = model.score(ut[k], it[k]).float()
             if (~k).any():
                 chunk[~k] = model.score_fallback(ut[~k], it[~k]).float()
-            scores[a:a + step] = chunk.cpu().numpy()
+            scores[a : a + step] = chunk.cpu().numpy()
     if model.task == "rating" and scale is not None:
         np.clip(scores, *scale, out=scores)
     return frame.with_columns(pl.Series("score", scores), pl.Series("fallback", ~known))
@@ -112,5 +117,7 @@ def score_pairs(model: Recommender, run: dict, con, pairs: Path, out: Path) -> s
     else:
         result.write_csv(tmp)
     os.replace(tmp, out)
-    return (f"scored {len(frame)} pairs from {pairs} with run {run['run_id']} ({run['model']}): "
-            f"{int(result['fallback'].sum())} by the fallback (unknown user or item) -> {out}")
+    return (
+        f"scored {len(frame)} pairs from {pairs} with run {run['run_id']} ({run['model']}): "
+        f"{int(result['fallback'].sum())} by the fallback (unknown user or item) -> {out}"
+    )

@@ -79,8 +79,10 @@ def check_lists(frame: pl.DataFrame, run: dict, users: int | None, personalised:
     """Raise one line naming every failed `list_sanity` check; nothing is published then."""
     problems = list_sanity(frame, users, personalised)
     if problems:
-        raise BatchrecError(f"refusing to publish run {run['run_id']} ({run['model']}): {'; '.join(problems)}; "
-                            "the previous recommendations stay: check the run's parameters and data, and retrain")
+        raise BatchrecError(
+            f"refusing to publish run {run['run_id']} ({run['model']}): {'; '.join(problems)}; "
+            "the previous recommendations stay: check the run's parameters and data, and retrain"
+        )
 
 
 # -- publishing -------------------------------------------------------------------------------
@@ -90,7 +92,9 @@ def write_parquet(frame: pl.DataFrame, path: Path, metadata: dict | None = None)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     table = frame.to_arrow()
     if metadata is not None:
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"batchrec": json.dumps(metadata).encode()})
+        table = table.replace_schema_metadata(
+            {**(table.schema.metadata or {}), b"batchrec": json.dumps(metadata).encode()}
+        )
     pq.write_table(table, tmp)
     os.replace(tmp, path)
     return path
@@ -109,8 +113,13 @@ def _open_for_publish(wh: Warehouse, stack: ExitStack, wait_s: float = PUBLISH_W
             time.sleep(0.5)
 
 
-def publish(wh: Warehouse, rows: pl.DataFrame | list[Path], retention_days: int,
-            scope_users: np.ndarray | None = None, gate: Gate | None = None) -> tuple[int, int, int]:
+def publish(
+    wh: Warehouse,
+    rows: pl.DataFrame | list[Path],
+    retention_days: int,
+    scope_users: np.ndarray | None = None,
+    gate: Gate | None = None,
+) -> tuple[int, int, int]:
     """Swap `rows` (a frame in the `recommendations` layout, or Parquet files of them) into
     `recommendations` in ONE transaction (the caller holds the writer lock): current rows (of
     `scope_users` only, when given) move to `recommendation_history` with run_date =
@@ -133,15 +142,21 @@ def publish(wh: Warehouse, rows: pl.DataFrame | list[Path], retention_days: int,
         if gate is not None:
             gate.check(con)
         with transaction(con, "the new recommendations"):
-            moved = con.execute(f"INSERT INTO recommendation_history SELECT {cols}, CAST(scored_at AS DATE) "
-                                f"FROM recommendations {scope}").fetchall()[0][0]
+            moved = con.execute(
+                f"INSERT INTO recommendation_history SELECT {cols}, CAST(scored_at AS DATE) "
+                f"FROM recommendations {scope}"
+            ).fetchall()[0][0]
             con.execute(f"DELETE FROM recommendations {scope}").fetchall()
-            published = con.execute(f"INSERT INTO recommendations SELECT {cols} FROM publish_rows").fetchall()[0][0]
+            published = con.execute(
+                f"INSERT INTO recommendations SELECT {cols} FROM publish_rows"
+            ).fetchall()[0][0]
             newest = con.execute("SELECT CAST(max(scored_at) AS DATE) FROM publish_rows").fetchall()[0][0]
             expired = 0
             if newest is not None:
-                expired = con.execute("DELETE FROM recommendation_history WHERE run_date < ?",
-                                      [newest - timedelta(days=retention_days)]).fetchall()[0][0]
+                expired = con.execute(
+                    "DELETE FROM recommendation_history WHERE run_date < ?",
+                    [newest - timedelta(days=retention_days)],
+                ).fetchall()[0][0]
             if gate is not None:
                 gate.record(con)
     return published, moved, expired

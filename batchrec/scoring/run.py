@@ -59,9 +59,17 @@ def load_model(run: dict, device: str) -> Recommender:
     return load_run_model(run, choose_device(device))
 
 
-def score_run(wh: Warehouse, run: dict, model: Recommender, top_n: int, memory_budget: int,
-              users: np.ndarray | None = None, shard: tuple[int, int] | None = None,
-              min_history: int = 1, explain: bool = True) -> tuple[pl.DataFrame, dict]:
+def score_run(
+    wh: Warehouse,
+    run: dict,
+    model: Recommender,
+    top_n: int,
+    memory_budget: int,
+    users: np.ndarray | None = None,
+    shard: tuple[int, int] | None = None,
+    min_history: int = 1,
+    explain: bool = True,
+) -> tuple[pl.DataFrame, dict]:
     """Read the inputs (one short read-only session) and score the chosen users; writes nothing."""
     t0 = time.perf_counter()
     with wh.connect(read_only=True) as con:
@@ -69,9 +77,17 @@ def score_run(wh: Warehouse, run: dict, model: Recommender, top_n: int, memory_b
     check_fits_snapshot(model, run, inputs.n_model_users, len(inputs.item_ids))
     n_known = int(inputs.candidates.sum())
     if top_n > n_known:
-        raise BatchrecError(f"--top-n {top_n} is larger than the catalogue: run {run['run_id']} knows {n_known} items")
-    log.info("read inputs of run %s (snapshot %s): %d users, %d items in %.2f s", run["run_id"], inputs.snapshot_id,
-             len(inputs.user_ids), len(inputs.item_ids), time.perf_counter() - t0)
+        raise BatchrecError(
+            f"--top-n {top_n} is larger than the catalogue: run {run['run_id']} knows {n_known} items"
+        )
+    log.info(
+        "read inputs of run %s (snapshot %s): %d users, %d items in %.2f s",
+        run["run_id"],
+        inputs.snapshot_id,
+        len(inputs.user_ids),
+        len(inputs.item_ids),
+        time.perf_counter() - t0,
+    )
     rows = np.arange(len(inputs.user_ids))
     info: dict = {}
     if users is not None:
@@ -80,18 +96,30 @@ def score_run(wh: Warehouse, run: dict, model: Recommender, top_n: int, memory_b
         rows = np.sort(pos[pos >= 0])
     if shard is not None:
         rows = rows[shard_of(inputs.user_ids[rows], shard[1]) == shard[0]]
-    frame, counts = recommend(model, inputs, rows, top_n, memory_budget, run["run_id"], utcnow(), explain=explain)
+    frame, counts = recommend(
+        model, inputs, rows, top_n, memory_budget, run["run_id"], utcnow(), explain=explain
+    )
     return frame, info | counts | {"users": len(rows)}
 
 
-def score_and_publish(wh: Warehouse, run: dict, model: Recommender, top_n: int = 10, memory_budget: int = 1 << 30,
-                      retention_days: int = 30, users: np.ndarray | None = None, min_history: int = 1,
-                      explain: bool = True, gate: GateSettings | None = None) -> dict:
+def score_and_publish(
+    wh: Warehouse,
+    run: dict,
+    model: Recommender,
+    top_n: int = 10,
+    memory_budget: int = 1 << 30,
+    retention_days: int = 30,
+    users: np.ndarray | None = None,
+    min_history: int = 1,
+    explain: bool = True,
+    gate: GateSettings | None = None,
+) -> dict:
     """Score, then publish: the body of `batchrec score` (the caller holds `wh.lock`). With `gate`
     settings a full publish goes through the publish gate (batchrec.gate); `info["gate"]` is it."""
     started = time.perf_counter()
-    frame, info = score_run(wh, run, model, top_n, memory_budget, users=users, min_history=min_history,
-                            explain=explain)
+    frame, info = score_run(
+        wh, run, model, top_n, memory_budget, users=users, min_history=min_history, explain=explain
+    )
     checked = None
     if gate is not None and users is None:
         checked = Gate(gate, run, model.task, list_sanity(frame, info["users"], model.personalised), started)

@@ -45,8 +45,15 @@ from batchrec.warehouse import Warehouse
 log = logging.getLogger("batchrec.score")
 
 # The columns of a shard file, as a `recommend` frame writes them
-SHARD_SCHEMA = {"user_id": pl.Int64, "rank": pl.Int32, "item_id": pl.Int64, "score": pl.Float32,
-                "run_id": pl.String, "scored_at": pl.Datetime("us"), "reason": pl.String}
+SHARD_SCHEMA = {
+    "user_id": pl.Int64,
+    "rank": pl.Int32,
+    "item_id": pl.Int64,
+    "score": pl.Float32,
+    "run_id": pl.String,
+    "scored_at": pl.Datetime("us"),
+    "reason": pl.String,
+}
 _META_KEYS = {"run_id", "shard", "n_shards", "top_n", "users"}
 
 
@@ -68,8 +75,10 @@ class ShardResult:
 
     def summary(self) -> str:
         where = f"-> {self.uri}" if self.uri else "(not written)"
-        return (f"shard {self.shard}/{self.n_shards} of run {self.run_id} ({self.model}): {self.users} users, "
-                f"{self.rows} rows {where} in {self.seconds:.1f} s")
+        return (
+            f"shard {self.shard}/{self.n_shards} of run {self.run_id} ({self.model}): {self.users} users, "
+            f"{self.rows} rows {where} in {self.seconds:.1f} s"
+        )
 
 
 @dataclass(frozen=True)
@@ -86,9 +95,12 @@ class PublishResult:
     gate: Gate | None = None
 
     def summary(self) -> str:
-        return (f"published {self.shards} shards of run {self.run_id}: {self.published} rows in recommendations; "
-                f"{self.moved} earlier rows moved to recommendation_history, {self.expired} expired (retention "
-                f"{self.retention_days} days); {self.seconds:.1f} s" + (f"; {self.gate.summary()}" if self.gate else ""))
+        return (
+            f"published {self.shards} shards of run {self.run_id}: {self.published} rows in recommendations; "
+            f"{self.moved} earlier rows moved to recommendation_history, {self.expired} expired (retention "
+            f"{self.retention_days} days); {self.seconds:.1f} s"
+            + (f"; {self.gate.summary()}" if self.gate else "")
+        )
 
 
 def as_warehouse(warehouse: Warehouse | str | os.PathLike) -> Warehouse:
@@ -114,10 +126,19 @@ def _check_shard(shard: tuple[int, int]) -> tuple[int, int]:
     return i, n
 
 
-def score_shard(warehouse: Warehouse | str | os.PathLike, run: str | None = None, shard: tuple[int, int] = (0, 1),
-                out: str | os.PathLike | Location | None = None, *, model: str | None = None,
-                top_n: int = options.TOP_N.default, memory_budget: str = options.MEMORY_BUDGET.default,
-                device: str = options.DEVICE.default, min_history: int = 1, write: bool = True) -> ShardResult:
+def score_shard(
+    warehouse: Warehouse | str | os.PathLike,
+    run: str | None = None,
+    shard: tuple[int, int] = (0, 1),
+    out: str | os.PathLike | Location | None = None,
+    *,
+    model: str | None = None,
+    top_n: int = options.TOP_N.default,
+    memory_budget: str = options.MEMORY_BUDGET.default,
+    device: str = options.DEVICE.default,
+    min_history: int = 1,
+    write: bool = True,
+) -> ShardResult:
     """Score shard `shard` = (i, n) of run `run` (an id; None or 'latest': the latest shipped run
     of `model`, or of any family) and write it under `out` (a path or URI; default the
     warehouse's shards folder). Opens the warehouse read-only and takes no lock. With
@@ -130,35 +151,54 @@ def score_shard(warehouse: Warehouse | str | os.PathLike, run: str | None = None
     budget = parse_memory_budget(memory_budget)
     with wh.connect(read_only=True) as con:
         run_row = resolve_shipped(con, run, model)
-    frame, info = score_run(wh, run_row, load_model(run_row, device), top_n, budget, shard=(i, n),
-                            min_history=min_history)
+    frame, info = score_run(
+        wh, run_row, load_model(run_row, device), top_n, budget, shard=(i, n), min_history=min_history
+    )
     table = frame.to_arrow()
     meta = {"run_id": run_row["run_id"], "shard": i, "n_shards": n, "top_n": top_n, "users": info["users"]}
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"batchrec": json.dumps(meta).encode()})
+    table = table.replace_schema_metadata(
+        {**(table.schema.metadata or {}), b"batchrec": json.dumps(meta).encode()}
+    )
     uri = None
     if write:
         uri = storage.write_table(table, shard_location(shards_root(wh, out), run_row["run_id"], i)).uri
         table = None
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
-    return ShardResult(run_row["run_id"], run_row["model"], i, n, info["users"], len(frame),
-                       time.perf_counter() - t0, rss, uri, table)
+    return ShardResult(
+        run_row["run_id"],
+        run_row["model"],
+        i,
+        n,
+        info["users"],
+        len(frame),
+        time.perf_counter() - t0,
+        rss,
+        uri,
+        table,
+    )
 
 
 def _shard_metadata(loc: Location, run_id: str) -> dict:
     """A shard's batchrec metadata, after checking that the file is a whole shard of the
     `recommendations` layout; a one-line error naming the file and how to rewrite it."""
+
     def corrupt(what: str) -> BatchrecError:
         shard = re.search(r"shard=(\d+)", loc.name)
-        return BatchrecError(f"shard {loc.uri} is corrupt ({what}): rescore it with `batchrec score --run {run_id} "
-                             f"--shard {shard.group(1) if shard else 'i'}/N` and publish again")
+        return BatchrecError(
+            f"shard {loc.uri} is corrupt ({what}): rescore it with `batchrec score --run {run_id} "
+            f"--shard {shard.group(1) if shard else 'i'}/N` and publish again"
+        )
 
     try:
         schema = storage.read_schema(loc)
         columns = dict(pl.from_arrow(schema.empty_table()).schema)
     except (OSError, ValueError, pl.exceptions.PolarsError) as exc:  # pyarrow's ArrowInvalid is a ValueError
         raise corrupt(f"not a readable Parquet file: {str(exc).splitlines()[0]}") from None
-    wrong = [f"column {name} is {columns[name]} (expected {kind})" if name in columns else f"no column {name}"
-             for name, kind in SHARD_SCHEMA.items() if columns.get(name) != kind]
+    wrong = [
+        f"column {name} is {columns[name]} (expected {kind})" if name in columns else f"no column {name}"
+        for name, kind in SHARD_SCHEMA.items()
+        if columns.get(name) != kind
+    ]
     wrong += [f"unexpected column {name}" for name in columns if name not in SHARD_SCHEMA]
     if wrong:
         raise corrupt("; ".join(wrong))
@@ -177,19 +217,25 @@ def find_shards(root: Location, run_id: str) -> tuple[list[Location], list[dict]
     folder = root / f"run_id={run_id}"
     found = storage.files(folder, "shard=", ".parquet")
     if not found:
-        raise BatchrecError(f"no shards of run {run_id} in {folder}: run `batchrec score --run {run_id} --shard i/N` first")
+        raise BatchrecError(
+            f"no shards of run {run_id} in {folder}: run `batchrec score --run {run_id} --shard i/N` first"
+        )
     meta = [_shard_metadata(f, run_id) for f in found]
     n_shards = {m["n_shards"] for m in meta}
     top_n = {m["top_n"] for m in meta}
     if len(n_shards) > 1 or len(top_n) > 1 or {m["run_id"] for m in meta} != {run_id}:
-        raise BatchrecError(f"shards in {folder} mix different settings (N {sorted(n_shards)}, top-n {sorted(top_n)}); "
-                            f"delete the folder and rescore")
+        raise BatchrecError(
+            f"shards in {folder} mix different settings (N {sorted(n_shards)}, top-n {sorted(top_n)}); "
+            f"delete the folder and rescore"
+        )
     n = n_shards.pop()
     by_shard = {m["shard"]: (f, m) for f, m in zip(found, meta)}
     missing = sorted(set(range(n)) - set(by_shard))
     if missing:
-        raise BatchrecError(f"run {run_id}: shard {missing[0]}/{n} is missing in {folder} ({len(missing)} of {n} "
-                            f"missing); run `batchrec score --run {run_id} --shard {missing[0]}/{n}`")
+        raise BatchrecError(
+            f"run {run_id}: shard {missing[0]}/{n} is missing in {folder} ({len(missing)} of {n} "
+            f"missing); run `batchrec score --run {run_id} --shard {missing[0]}/{n}`"
+        )
     return [by_shard[i][0] for i in range(n)], [by_shard[i][1] for i in range(n)]
 
 
@@ -197,13 +243,20 @@ def _read_shards(files: list[Location], run_id: str) -> pl.DataFrame:
     try:
         return pl.from_arrow(storage.read_tables(files, list(SHARD_SCHEMA)))
     except (OSError, ValueError, pl.exceptions.PolarsError) as exc:
-        raise BatchrecError(f"the shards of run {run_id} cannot be read ({str(exc).splitlines()[0]}): "
-                            f"rescore them with `batchrec score --run {run_id} --shard i/N`") from None
+        raise BatchrecError(
+            f"the shards of run {run_id} cannot be read ({str(exc).splitlines()[0]}): "
+            f"rescore them with `batchrec score --run {run_id} --shard i/N`"
+        ) from None
 
 
-def publish_shards(warehouse: Warehouse | str | os.PathLike, run: str, shards: str | os.PathLike | Location | None = None,
-                   *, retention_days: int = options.RETENTION_DAYS.default,
-                   gate: GateSettings | None = DEFAULT_GATE) -> PublishResult:
+def publish_shards(
+    warehouse: Warehouse | str | os.PathLike,
+    run: str,
+    shards: str | os.PathLike | Location | None = None,
+    *,
+    retention_days: int = options.RETENTION_DAYS.default,
+    gate: GateSettings | None = DEFAULT_GATE,
+) -> PublishResult:
     """Publish the union of run `run`'s shards under `shards` (path or URI; default the
     warehouse's shards folder) in ONE transaction, exactly as a single-machine run publishes,
     through the publish `gate` (None: the list sanity checks only). Nothing is published when a
@@ -233,16 +286,33 @@ def publish_shards(warehouse: Warehouse | str | os.PathLike, run: str, shards: s
         for f in files:
             storage.delete(f)
         refresh_serving(wh)
-    return PublishResult(run_row["run_id"], len(files), published, moved, expired, retention_days,
-                         time.perf_counter() - t0, checked)
+    return PublishResult(
+        run_row["run_id"],
+        len(files),
+        published,
+        moved,
+        expired,
+        retention_days,
+        time.perf_counter() - t0,
+        checked,
+    )
 
 
-def score_sharded(warehouse: Warehouse | str | os.PathLike, executor, run: str | None = None, n_shards: int = 1,
-                  shards: str | os.PathLike | None = None, *, model: str | None = None,
-                  top_n: int = options.TOP_N.default, memory_budget: str = options.MEMORY_BUDGET.default,
-                  device: str = options.DEVICE.default, min_history: int = 1,
-                  retention_days: int = options.RETENTION_DAYS.default,
-                  gate: GateSettings | None = DEFAULT_GATE) -> tuple[list[ShardResult], PublishResult]:
+def score_sharded(
+    warehouse: Warehouse | str | os.PathLike,
+    executor,
+    run: str | None = None,
+    n_shards: int = 1,
+    shards: str | os.PathLike | None = None,
+    *,
+    model: str | None = None,
+    top_n: int = options.TOP_N.default,
+    memory_budget: str = options.MEMORY_BUDGET.default,
+    device: str = options.DEVICE.default,
+    min_history: int = 1,
+    retention_days: int = options.RETENTION_DAYS.default,
+    gate: GateSettings | None = DEFAULT_GATE,
+) -> tuple[list[ShardResult], PublishResult]:
     """Score every shard of `n_shards` as a task on `executor` (`batchrec.executors`), then, when
     all are in, publish them once. Holds the writer lock throughout, so the run is pinned and no
     other publish interleaves; a failed task publishes nothing."""
@@ -260,9 +330,18 @@ def score_sharded(warehouse: Warehouse | str | os.PathLike, executor, run: str |
         for stale in storage.files(root / f"run_id={run_id}", "shard=", ".parquet"):
             storage.delete(stale)  # an earlier attempt's files, possibly of another N
         # Absolute locations: a task may run in another folder or on another machine.
-        calls = [((str(wh.path.resolve()), run_id, (i, n_shards), root.uri),
-                  {"top_n": top_n, "memory_budget": memory_budget, "device": device, "min_history": min_history})
-                 for i in range(n_shards)]
+        calls = [
+            (
+                (str(wh.path.resolve()), run_id, (i, n_shards), root.uri),
+                {
+                    "top_n": top_n,
+                    "memory_budget": memory_budget,
+                    "device": device,
+                    "min_history": min_history,
+                },
+            )
+            for i in range(n_shards)
+        ]
         labels = [f"shard {i}/{n_shards} of run {run_id}" for i in range(n_shards)]
         results: list[ShardResult | None] = [None] * n_shards
         t0 = time.perf_counter()
@@ -270,7 +349,12 @@ def score_sharded(warehouse: Warehouse | str | os.PathLike, executor, run: str |
             for index, result in executor.map(score_shard, calls, labels):
                 results[index] = result
                 bar.update(1)
-                log.info("%s (%d of %d shards in, %.1f s)", result.summary(), sum(r is not None for r in results),
-                         n_shards, time.perf_counter() - t0)
+                log.info(
+                    "%s (%d of %d shards in, %.1f s)",
+                    result.summary(),
+                    sum(r is not None for r in results),
+                    n_shards,
+                    time.perf_counter() - t0,
+                )
         published = publish_shards(wh, run_id, root, retention_days=retention_days, gate=gate)
     return [r for r in results if r is not None], published

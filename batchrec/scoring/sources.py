@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Callable
 
 import numpy as np
 import polars as pl
@@ -41,24 +41,42 @@ class Ranked:
     arg2: np.ndarray  # second genre
 
 
-def serve_model(model: Recommender, inputs: ScoringInputs, rows: np.ndarray, n: int, memory_budget: int,
-                explain: bool = True, progress: Callable[[int], object] | None = None) -> Ranked:
+def serve_model(
+    model: Recommender,
+    inputs: ScoringInputs,
+    rows: np.ndarray,
+    n: int,
+    memory_budget: int,
+    explain: bool = True,
+    progress: Callable[[int], object] | None = None,
+) -> Ranked:
     """Model-served rows: blocked top-N over the model's items, seen items removed, and each row's
     anchor (the liked item most similar to the recommendation) from the same block. Candidates
     are the items the model was trained on, plus those it scores from content alone."""
     from_content = model.content_scored_items()
-    cand, col_of = candidate_columns(inputs.candidates if from_content is None else inputs.candidates | from_content,
-                            model.n_items)
+    cand, col_of = candidate_columns(
+        inputs.candidates if from_content is None else inputs.candidates | from_content, model.n_items
+    )
     how = explanation_similarity(model, inputs) if explain else None
     anchors = np.full((len(rows), n), -1, np.int64)
 
     def anchor(span: slice, block: np.ndarray, cols: np.ndarray) -> None:
-        anchors[span, :cols.shape[1]] = explain_anchors(*how, items_of(cols, cand), inputs.liked, block)
+        anchors[span, : cols.shape[1]] = explain_anchors(*how, items_of(cols, cand), inputs.liked, block)
 
     n_cols = model.n_items if cand is None else len(cand)
     score, rescore = model_scorer(model, cand)
-    cols, scores = blocked_topk(score, rows, n, n_cols, exclude=(inputs.seen,), col_of=col_of, memory_budget=memory_budget,
-                                on_block=None if how is None else anchor, rescore=rescore, progress=progress)
+    cols, scores = blocked_topk(
+        score,
+        rows,
+        n,
+        n_cols,
+        exclude=(inputs.seen,),
+        col_of=col_of,
+        memory_budget=memory_budget,
+        on_block=None if how is None else anchor,
+        rescore=rescore,
+        progress=progress,
+    )
     if model.task == "rating" and inputs.rating_scale is not None:
         np.clip(scores, *inputs.rating_scale, out=scores)
     kind = np.where(anchors >= 0, BECAUSE, MODEL).astype(np.int8)
@@ -66,7 +84,9 @@ def serve_model(model: Recommender, inputs: ScoringInputs, rows: np.ndarray, n: 
 
 
 def _log_popularity(inputs: ScoringInputs) -> np.ndarray:
-    return (np.log1p(inputs.n_ratings) / np.log1p(max(inputs.n_ratings.max(initial=0.0), 1.0))).astype(np.float32)
+    return (np.log1p(inputs.n_ratings) / np.log1p(max(inputs.n_ratings.max(initial=0.0), 1.0))).astype(
+        np.float32
+    )
 
 
 def _row_normalise(m: sp.csr_matrix) -> tuple[sp.csr_matrix, np.ndarray]:
@@ -74,8 +94,14 @@ def _row_normalise(m: sp.csr_matrix) -> tuple[sp.csr_matrix, np.ndarray]:
     return sp.csr_matrix(sp.diags(1.0 / np.maximum(norms, 1e-12)) @ m, dtype=np.float32), norms
 
 
-def serve_profile(inputs: ScoringInputs, rows: np.ndarray, n: int, memory_budget: int, device: torch.device,
-                  progress: Callable[[int], object] | None = None) -> Ranked:
+def serve_profile(
+    inputs: ScoringInputs,
+    rows: np.ndarray,
+    n: int,
+    memory_budget: int,
+    device: torch.device,
+    progress: Callable[[int], object] | None = None,
+) -> Ranked:
     """Cold start with a profile: the cosine of the user's genre and TF-IDF profiles (sums over
     the items they rated or tagged) with each item's, blended with log popularity. The reason
     names the item's genres the user weighs most (up to two), else its best shared tag term."""
@@ -96,11 +122,21 @@ def serve_profile(inputs: ScoringInputs, rows: np.ndarray, n: int, memory_budget
         p = position[block]
         by_genre = torch.from_numpy((genre_profile[p] @ item_genres).toarray()).to(device)
         by_tag = torch.from_numpy((tag_profile[p] @ item_terms).toarray()).to(device)
-        content = torch.where(has_tags[torch.from_numpy(p).to(device)][:, None], (by_genre + by_tag) / 2, by_genre)
+        content = torch.where(
+            has_tags[torch.from_numpy(p).to(device)][:, None], (by_genre + by_tag) / 2, by_genre
+        )
         return CONTENT_WEIGHT * content + (1 - CONTENT_WEIGHT) * pop
 
-    cols, scores = blocked_topk(score, rows, n, len(cand), exclude=(inputs.seen, inputs.profile), col_of=col_of,
-                                memory_budget=memory_budget, progress=progress)
+    cols, scores = blocked_topk(
+        score,
+        rows,
+        n,
+        len(cand),
+        exclude=(inputs.seen, inputs.profile),
+        col_of=col_of,
+        memory_budget=memory_budget,
+        progress=progress,
+    )
     items = items_of(cols, cand)
     flat = np.maximum(items, 0).ravel()
     # genres: the item's genres weighted by the user's profile; the top two with weight > 0
@@ -119,23 +155,44 @@ def serve_profile(inputs: ScoringInputs, rows: np.ndarray, n: int, memory_budget
     return Ranked(rows, items, scores, kind, arg1, np.where(kind == GENRE, top[..., 1], -1))
 
 
-def serve_popular(inputs: ScoringInputs, rows: np.ndarray, n: int, memory_budget: int, device: torch.device,
-                  progress: Callable[[int], object] | None = None) -> Ranked:
+def serve_popular(
+    inputs: ScoringInputs,
+    rows: np.ndarray,
+    n: int,
+    memory_budget: int,
+    device: torch.device,
+    progress: Callable[[int], object] | None = None,
+) -> Ranked:
     """Nothing known about the user: the model's items by popularity (snapshot pop_rank), unseen."""
     cand, col_of = candidate_columns(inputs.candidates, len(inputs.item_ids))
     cand = np.arange(len(inputs.item_ids)) if cand is None else cand
     order = torch.from_numpy(-inputs.pop_rank[cand].astype(np.float32)).to(device)  # distinct: no ties
-    cols, _ = blocked_topk(lambda block: order.expand(len(block), -1).clone(), rows, n, len(cand),
-                           exclude=(inputs.seen, inputs.profile), col_of=col_of, memory_budget=memory_budget,
-                           progress=progress)
+    cols, _ = blocked_topk(
+        lambda block: order.expand(len(block), -1).clone(),
+        rows,
+        n,
+        len(cand),
+        exclude=(inputs.seen, inputs.profile),
+        col_of=col_of,
+        memory_budget=memory_budget,
+        progress=progress,
+    )
     items = items_of(cols, cand)
     scores = np.where(items >= 0, inputs.n_ratings[np.maximum(items, 0)], np.nan).astype(np.float32)
     none = np.full(items.shape, -1)
     return Ranked(rows, items, scores, np.full(items.shape, POPULAR, np.int8), none, none)
 
 
-def recommend(model: Recommender, inputs: ScoringInputs, rows: np.ndarray, n: int, memory_budget: int,
-              run_id: str, scored_at: datetime, explain: bool = True) -> tuple[pl.DataFrame, dict[str, int]]:
+def recommend(
+    model: Recommender,
+    inputs: ScoringInputs,
+    rows: np.ndarray,
+    n: int,
+    memory_budget: int,
+    run_id: str,
+    scored_at: datetime,
+    explain: bool = True,
+) -> tuple[pl.DataFrame, dict[str, int]]:
     """Top-`n` rows of `recommendations` for the given input rows, and users per source."""
     rows = np.asarray(rows, np.int64)
     served = inputs.served[rows]
@@ -144,21 +201,38 @@ def recommend(model: Recommender, inputs: ScoringInputs, rows: np.ndarray, n: in
     t0 = time.perf_counter()
     with progress_bar(len(rows), "scoring", unit="users") as bar:
         if served.any():
-            parts.append(serve_model(model, inputs, rows[served], n, memory_budget, explain, progress=bar.update))
+            parts.append(
+                serve_model(model, inputs, rows[served], n, memory_budget, explain, progress=bar.update)
+            )
         if (~served & has_profile).any():
-            parts.append(serve_profile(inputs, rows[~served & has_profile], n, memory_budget, model.device,
-                                       progress=bar.update))
+            parts.append(
+                serve_profile(
+                    inputs, rows[~served & has_profile], n, memory_budget, model.device, progress=bar.update
+                )
+            )
         if (~served & ~has_profile).any():
-            parts.append(serve_popular(inputs, rows[~served & ~has_profile], n, memory_budget, model.device,
-                                       progress=bar.update))
-    counts = {"model": int(served.sum()), "profile": int((~served & has_profile).sum()),
-              "popular": int((~served & ~has_profile).sum())}
-    log.info("scored %d users (%s) in %.2f s", len(rows), ", ".join(f"{k} {v}" for k, v in counts.items()),
-             time.perf_counter() - t0)
+            parts.append(
+                serve_popular(
+                    inputs, rows[~served & ~has_profile], n, memory_budget, model.device, progress=bar.update
+                )
+            )
+    counts = {
+        "model": int(served.sum()),
+        "profile": int((~served & has_profile).sum()),
+        "popular": int((~served & ~has_profile).sum()),
+    }
+    log.info(
+        "scored %d users (%s) in %.2f s",
+        len(rows),
+        ", ".join(f"{k} {v}" for k, v in counts.items()),
+        time.perf_counter() - t0,
+    )
     return _frame(parts, inputs, n, run_id, scored_at), counts
 
 
-def _frame(parts: list[Ranked], inputs: ScoringInputs, n: int, run_id: str, scored_at: datetime) -> pl.DataFrame:
+def _frame(
+    parts: list[Ranked], inputs: ScoringInputs, n: int, run_id: str, scored_at: datetime
+) -> pl.DataFrame:
     """Long format with raw ids and reason texts, built column-wise; padding dropped."""
     fields = ("items", "scores", "kind", "arg1", "arg2")
     cat = {f: np.concatenate([getattr(p, f) for p in parts]) if parts else np.zeros((0, n)) for f in fields}
@@ -171,27 +245,39 @@ def _frame(parts: list[Ranked], inputs: ScoringInputs, n: int, run_id: str, scor
     kind = cat["kind"].ravel()[keep]
     genres = pl.Series(inputs.genre_names + [""], dtype=pl.Utf8)
     terms = pl.Series(inputs.tag_terms + [""], dtype=pl.Utf8)
-    df = pl.DataFrame({
-        "user_id": inputs.user_ids[rows],
-        "rank": np.tile(np.arange(1, n + 1, dtype=np.int32), len(cat["rows"]))[keep],
-        "item_id": inputs.item_ids[items],
-        "score": cat["scores"].ravel()[keep].astype(np.float32),
-        "kind": kind,
-        "title": inputs.titles.gather(np.where(kind == BECAUSE, a1, 0)),
-        "g1": genres.gather(np.where((kind == GENRE) & (a1 >= 0), a1, len(genres) - 1)),
-        "g2": genres.gather(np.where((kind == GENRE) & (a2 >= 0), a2, len(genres) - 1)),
-        "term": terms.gather(np.where((kind == TAG) & (a1 >= 0), a1, len(terms) - 1)),
-    })
+    df = pl.DataFrame(
+        {
+            "user_id": inputs.user_ids[rows],
+            "rank": np.tile(np.arange(1, n + 1, dtype=np.int32), len(cat["rows"]))[keep],
+            "item_id": inputs.item_ids[items],
+            "score": cat["scores"].ravel()[keep].astype(np.float32),
+            "kind": kind,
+            "title": inputs.titles.gather(np.where(kind == BECAUSE, a1, 0)),
+            "g1": genres.gather(np.where((kind == GENRE) & (a1 >= 0), a1, len(genres) - 1)),
+            "g2": genres.gather(np.where((kind == GENRE) & (a2 >= 0), a2, len(genres) - 1)),
+            "term": terms.gather(np.where((kind == TAG) & (a1 >= 0), a1, len(terms) - 1)),
+        }
+    )
     reason = (
-        pl.when(pl.col("kind") == BECAUSE).then(pl.lit("because you rated ") + pl.col("title"))
-        .when(pl.col("kind") == GENRE).then(
-            pl.lit("genre-match: ") + pl.col("g1") + pl.when(pl.col("g2") != "").then(", " + pl.col("g2")).otherwise(pl.lit("")))
-        .when(pl.col("kind") == TAG).then(pl.lit("tag-match: ") + pl.col("term"))
-        .when(pl.col("kind") == POPULAR).then(pl.lit("popular"))
+        pl.when(pl.col("kind") == BECAUSE)
+        .then(pl.lit("because you rated ") + pl.col("title"))
+        .when(pl.col("kind") == GENRE)
+        .then(
+            pl.lit("genre-match: ")
+            + pl.col("g1")
+            + pl.when(pl.col("g2") != "").then(", " + pl.col("g2")).otherwise(pl.lit(""))
+        )
+        .when(pl.col("kind") == TAG)
+        .then(pl.lit("tag-match: ") + pl.col("term"))
+        .when(pl.col("kind") == POPULAR)
+        .then(pl.lit("popular"))
         .otherwise(pl.lit(f"model:{inputs.family}"))
     )
     return df.select(
-        "user_id", "rank", "item_id", "score",
+        "user_id",
+        "rank",
+        "item_id",
+        "score",
         pl.lit(run_id, pl.Utf8).alias("run_id"),
         pl.lit(scored_at, pl.Datetime("us")).alias("scored_at"),
         reason.alias("reason"),
