@@ -821,45 +821,10 @@ def run_evaluation(
     return Evaluation(spec, split, cutoffs, threshold, results, notes, len(rows), at, report, tracked, rows)
 
 
-def evaluate_command(
-    wh: Warehouse,
-    runs: str | None = None,
-    models: str | None = None,
-    protocol: str = "user_temporal",
-    ks: str = "5,10,20",
-    report_dir: str | Path | None = "reports",
-    compare: bool = False,
-    threshold: float = RELEVANCE_THRESHOLD,
-    metrics: str | None = None,
-    device: str = "auto",
-    bootstrap: int = BOOTSTRAP_SAMPLES,
-    seed: int = BOOTSTRAP_SEED,
-    executor: str = EXECUTOR.default,
-    ray_address: str | None = None,
-    task_cpus: float = TASK_CPUS.default,
-    task_gpus: float = TASK_GPUS.default,
-    mlflow: bool | None = None,
-) -> str:
-    """`batchrec evaluate`: `run_evaluation`, summarised as text (table, published numbers, report path)."""
-    ev = run_evaluation(
-        wh,
-        runs=runs,
-        models=models,
-        protocol=protocol,
-        ks=ks,
-        report_dir=report_dir,
-        compare=compare,
-        threshold=threshold,
-        metrics=metrics,
-        device=device,
-        bootstrap=bootstrap,
-        seed=seed,
-        executor=executor,
-        ray_address=ray_address,
-        task_cpus=task_cpus,
-        task_gpus=task_gpus,
-        mlflow=mlflow,
-    )
+def evaluate_command(wh: Warehouse, **settings) -> str:
+    """`batchrec evaluate`: `run_evaluation` (same keywords), summarised as text (table, published
+    numbers, report path)."""
+    ev = run_evaluation(wh, **settings)
     spec, split = ev.spec, ev.split
     out = [
         f"{spec.name}: snapshot {split['snapshot_id']}, split {spec.split} {json.dumps(split['params'], sort_keys=True)} "
@@ -868,7 +833,7 @@ def evaluate_command(
         f"{', one query per positive test event' if spec.eventwise else ''}",
         *ev.notes,
         "",
-        summary_table(ev.runs, compare),
+        summary_table(ev.runs, settings.get("compare", False)),
         "",
         f"wrote {ev.rows_written} rows to evaluations ({len(ev.runs)} run(s), evaluated_at "
         f"{ev.evaluated_at:%Y-%m-%d %H:%M:%S} UTC)",
