@@ -21,7 +21,7 @@ def pid_exists(pid: int) -> bool:
     return True
 
 
-def process_start(pid: int) -> str | None:
+def start_ticks(pid: int) -> str | None:
     """When process `pid` started (clock ticks since boot, field 22 of /proc/<pid>/stat): with the
     pid it names one process, even after the pid is reused. None where there is no such entry."""
     try:
@@ -33,7 +33,7 @@ def process_start(pid: int) -> str | None:
 
 def this_process() -> dict[str, Any]:
     """The job_runs columns that name the running process."""
-    return {"pid": os.getpid(), "host": socket.gethostname(), "process_start": process_start(os.getpid())}
+    return {"pid": os.getpid(), "host": socket.gethostname(), "process_start": start_ticks(os.getpid())}
 
 
 def process_gone(pid: int | None, host: str | None, process_start: str | None) -> bool:
@@ -42,6 +42,6 @@ def process_gone(pid: int | None, host: str | None, process_start: str | None) -
     if pid is None or host != socket.gethostname():
         return False
     if Path("/proc/self/stat").exists():
-        now = process_start(pid)
+        now = start_ticks(pid)
         return now is None or (process_start is not None and now != process_start)
     return not pid_exists(pid)  # no /proc: ask the kernel whether the pid exists at all

@@ -443,7 +443,7 @@ CASES: dict[str, Case] = {
         ["run", "{dir}/job.toml"],
         1,
         r"error: \S+/job.toml:4: step 1 \(train\) has unknown option 'epochz' "
-        r"\(expected one of: model, protocol, params, device\)",
+        r"\(expected one of: model, protocol, params, device, nproc\)",
         setup=lambda db, r: _write_job(db, '[[steps]]\nstep = "train"\nmodel = "mf"\nepochz = 3\n'),
     ),
     "job: train without a model": Case(
