@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from batchrec import options, serving, warehouse as store
+from batchrec import _API, options, serving, warehouse as store
 from batchrec.errors import BatchrecError
 from batchrec.evaluate import EVALUATION_COLUMNS, run_evaluation
 from batchrec.features import Snapshot, make_snapshot
@@ -36,18 +36,7 @@ from batchrec.scoring.pairs import _lookup, score_pair_frame
 from batchrec.train import load_run_model, run_summary, train_run
 from batchrec.warehouse import query_pl, utcnow
 
-__all__ = [
-    "BatchrecError",
-    "Run",
-    "Snapshot",
-    "Warehouse",
-    "build_features",
-    "evaluate",
-    "ingest",
-    "score",
-    "train",
-    "tune",
-]
+__all__ = list(_API)  # the names `import batchrec` exposes, listed once in batchrec/__init__.py
 
 RECOMMENDATION_COLUMNS = ("user_id", "rank", "item_id", "score", "reason")
 # `evaluations` columns (batchrec.evaluate.EVALUATION_COLUMNS) as polars types
