@@ -116,13 +116,14 @@ def test_job_rescoring_with_a_new_top_n_publishes_the_shipped_run_not_the_evalua
     out = run_job(wh, job)
     assert "1:train: skipped" in out and "2:score: skipped" not in out
     with wh.connect(read_only=True) as con:
-        kinds = dict(con.execute("SELECT coalesce(protocol, 'all'), run_id FROM model_runs").fetchall())
+        rows = con.execute("SELECT coalesce(protocol, 'all'), run_id, created_at FROM model_runs").fetchall()
+        kinds, created = {k: r for k, r, _ in rows}, {k: c for k, _, c in rows}
         per_user = scalar(
             con, "SELECT max(n) FROM (SELECT count(*) AS n FROM recommendations GROUP BY user_id)"
         )
     assert (
-        set(kinds) == {"all", "user_temporal"} and kinds["user_temporal"] > kinds["all"]
-    )  # evaluation run is newer
+        set(kinds) == {"all", "user_temporal"} and created["user_temporal"] > created["all"]
+    )  # evaluation run is newer (by time: two fits in one second have ids ordered by their random suffix)
     assert _live(wh.path) == {kinds["all"]} and per_user == 7
 
 
